@@ -1,0 +1,10 @@
+"""Model adapters behind small interfaces: anomalib vision experts (and later CLIP and VLM backends).
+
+The core (``fiftyone_anomaly_vlm``) only talks to :class:`VisionExpert`; everything that knows about a
+particular library lives here.
+"""
+
+from .base import ExpertOutput, VisionExpert
+from .anomalib_expert import AnomalibExpert, available_models
+
+__all__ = ["AnomalibExpert", "ExpertOutput", "VisionExpert", "available_models"]

@@ -1,0 +1,43 @@
+"""The interface every vision expert implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class ExpertOutput:
+    """Predictions of a vision expert for a batch of ``N`` images.
+
+    Attributes:
+        raw_score: ``(N,)`` image scores as the model produced them.
+        score: ``(N,)`` normalised image scores in ``[0, 1]``; ``> threshold`` means anomalous.
+        label: ``(N,)`` bool, True where the image is predicted anomalous.
+        anomaly_map: ``(N, H, W)`` normalised pixel scores in ``[0, 1]`` (same scale for every image).
+        mask: ``(N, H, W)`` bool, the thresholded anomaly map.
+    """
+
+    raw_score: torch.Tensor
+    score: torch.Tensor
+    label: torch.Tensor
+    anomaly_map: torch.Tensor
+    mask: torch.Tensor
+
+
+@runtime_checkable
+class VisionExpert(Protocol):
+    """A model that scores images for anomalies.
+
+    Implementations take float images ``(N, 3, H, W)`` in ``[0, 1]`` at :attr:`image_size` and apply their
+    own normalisation.
+    """
+
+    image_size: tuple[int, int]
+    device: torch.device
+
+    def predict(self, images: torch.Tensor) -> ExpertOutput:
+        """Score a batch of images."""
+        ...

@@ -1,0 +1,91 @@
+"""Robust image decoding for scoring and fitting.
+
+Every image becomes a float tensor ``(3, H, W)`` in ``[0, 1]`` at the expert's input size, whatever its
+storage: 8/16-bit, grayscale, palette, RGBA (alpha dropped), CMYK, or very large. Decoding problems raise
+:class:`ImageLoadError` with a short message that the caller stores in the sample's ``<key>_error`` field.
+
+Resizing uses torchvision's antialiased bilinear resize, exactly as anomalib's default ``PreProcessor``
+does, so scores match anomalib's own loop on the same images.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from torchvision.transforms.v2 import functional as TF
+
+# Decoding an image larger than this many pixels first shrinks it with PIL's cheap ``reduce`` (box filter
+# by an integer factor), so an 8000x8000 photo does not become a 768 MB float tensor.
+_REDUCE_ABOVE_PIXELS = 4096 * 4096
+# Refuse absurd images outright (PIL's decompression-bomb guard is ~89 Mpx; we allow up to 16k x 16k).
+Image.MAX_IMAGE_PIXELS = 16384 * 16384
+
+
+class ImageLoadError(Exception):
+    """Raised when one image cannot be decoded; the message goes to ``<key>_error``."""
+
+
+def _to_float_array(img: Image.Image) -> np.ndarray:
+    """Convert a decoded PIL image to an ``(H, W, 3)`` float32 array in ``[0, 1]``."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(img, dtype=np.uint16).astype(np.float32) / 65535.0
+    elif mode == "I":
+        arr = np.asarray(img, dtype=np.int32).astype(np.float32)
+        hi = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr / hi, 0.0, 1.0)
+    elif mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo)
+    else:
+        if mode != "RGB":
+            # RGBA/LA/P/CMYK/1/L: PIL's own conversions (alpha is dropped, palettes expanded).
+            img = img.convert("RGB")
+        arr = np.asarray(img, dtype=np.uint8).astype(np.float32) / 255.0
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    return arr
+
+
+def load_image(path: str, image_size: tuple[int, int]) -> torch.Tensor:
+    """Decode an image file and resize it to ``image_size``.
+
+    Args:
+        path: path of the image on disk.
+        image_size: ``(height, width)`` of the returned tensor.
+
+    Returns:
+        A float32 tensor of shape ``(3, height, width)`` with values in ``[0, 1]``.
+
+    Raises:
+        ImageLoadError: if the file is missing, truncated, corrupt or not an image.
+
+    Example:
+        >>> load_image("part.png", (256, 256)).shape
+        torch.Size([3, 256, 256])
+    """
+    if not os.path.isfile(path):
+        raise ImageLoadError(f"file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (image_size[1] * 2, image_size[0] * 2))  # JPEG: decode at reduced scale
+            n_pixels = img.width * img.height
+            if n_pixels > _REDUCE_ABOVE_PIXELS and img.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                factor = int(np.sqrt(n_pixels / _REDUCE_ABOVE_PIXELS)) + 1
+                img = img.reduce(factor)
+            else:
+                img.load()
+            arr = _to_float_array(img)
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(f"image too large: {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        # PIL raises OSError for truncated/corrupt data and UnidentifiedImageError (an OSError) for non-images.
+        raise ImageLoadError(f"cannot decode image: {exc}") from exc
+    tensor = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    if tuple(tensor.shape[-2:]) != tuple(image_size):
+        tensor = TF.resize(tensor, list(image_size), antialias=True)
+    return tensor.clamp_(0.0, 1.0)
