@@ -1,0 +1,29 @@
+"""fiftyone-anomaly-vlm: find, explain and review anomalies in FiftyOne datasets.
+
+Example:
+    >>> import fiftyone as fo
+    >>> import fiftyone_anomaly_vlm as fav
+    >>> ds = fo.load_dataset("parts")
+    >>> expert = fav.fit_expert(ds.match_tags("train"), model="padim", key="padim", pretrained=False)
+    >>> fav.score(ds, expert="padim")
+    >>> ds.list_runs()
+    ['padim', 'padim_expert']
+"""
+
+from .experts import Expert, fit_expert, list_experts, load_expert
+from .fields import FieldNames
+from .metrics import image_metrics
+from .models import available_models
+from .scoring import ScoreResults, score
+
+__all__ = [
+    "Expert",
+    "FieldNames",
+    "ScoreResults",
+    "available_models",
+    "fit_expert",
+    "image_metrics",
+    "list_experts",
+    "load_expert",
+    "score",
+]

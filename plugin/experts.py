@@ -1,0 +1,231 @@
+"""Fit an anomalib vision expert on known-good samples and record it as a FiftyOne run.
+
+Example:
+    >>> import fiftyone as fo
+    >>> import fiftyone_anomaly_vlm as fav
+    >>> ds = fo.load_dataset("parts")
+    >>> expert = fav.fit_expert(ds.match_tags("train"), model="padim", key="padim", pretrained=False)
+    >>> ds.list_runs()
+    ['padim_expert']
+    >>> fav.load_expert(ds, "padim").checkpoint
+    '/.../anomaly_vlm/parts/experts/padim/model.ckpt'
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+import fiftyone.core.utils as fou
+
+from ._common import check_image_collection, check_key, default_output_dir
+from .images import ImageLoadError, load_image
+from .models import AnomalibExpert
+from .runs import ExpertRunConfig, expert_run_key
+
+logger = logging.getLogger(__name__)
+
+# At most this many per-sample decoding errors are copied into the run config (the count is always kept).
+_MAX_ERRORS_RECORDED = 100
+
+
+@dataclass(frozen=True)
+class Expert:
+    """A fitted expert recorded on a dataset.
+
+    Attributes:
+        key: the expert's name (``fit_expert(key=...)``); scoring runs default to it.
+        run_key: the FiftyOne run holding the record (``<key>_expert``).
+        model: anomalib model name.
+        model_class: fully qualified anomalib class of the checkpoint.
+        checkpoint: path of the Lightning checkpoint.
+        image_size: ``(height, width)`` the model reads.
+    """
+
+    key: str
+    run_key: str
+    model: str
+    model_class: str
+    checkpoint: str
+    image_size: tuple[int, int]
+
+    def load(self, device: str | torch.device | None = "auto") -> AnomalibExpert:
+        """Load the model for inference on ``device`` (CUDA when present by default)."""
+        return AnomalibExpert.load(self.checkpoint, model_class=self.model_class, image_size=self.image_size,
+                                   device=device)
+
+
+def _decode_all(samples, image_size: tuple[int, int], progress) -> tuple[list, list, list, list]:
+    """Decode every image of ``samples``; returns (ids, paths, tensors, errors) with errors as (id, msg)."""
+    ids, paths = samples.values(["id", "filepath"])
+    good_ids, good_paths, tensors, errors = [], [], [], []
+    with fou.ProgressBar(total=len(ids), progress=progress) as pb:
+        for sid, path in pb(zip(ids, paths)):
+            try:
+                tensors.append(load_image(path, image_size).to(torch.float16))
+            except ImageLoadError as exc:
+                errors.append((sid, str(exc)))
+                continue
+            good_ids.append(sid)
+            good_paths.append(path)
+    return good_ids, good_paths, tensors, errors
+
+
+def fit_expert(
+    samples,
+    model: str = "padim",
+    key: str | None = None,
+    *,
+    pretrained: bool | str = True,
+    backbone: str | None = None,
+    image_size: int | tuple[int, int] = 256,
+    model_kwargs: dict[str, Any] | None = None,
+    holdout: float = 0.2,
+    device: str | None = "auto",
+    batch_size: int = 8,
+    max_epochs: int | None = None,
+    output_dir: str | None = None,
+    seed: int = 51,
+    overwrite: bool = False,
+    progress: bool | Any = None,
+) -> Expert:
+    """Fit an anomalib model on normal samples and record it as the run ``<key>_expert``.
+
+    A ``holdout`` share of the normal samples is kept out of training; anomalib's post-processor learns
+    its normalisation and threshold from their scores (with only normal images, anomalib puts the image
+    threshold at the highest held-out normal score).
+
+    Args:
+        samples: a dataset or view of known-good images.
+        model: any anomalib image model name (``"padim"``, ``"patchcore"``, ``"efficient_ad"``,
+            ``"stfpm"``, ``"fastflow"``...; see :func:`fiftyone_anomaly_vlm.models.available_models`).
+        key: the expert's name; scoring runs and their fields default to it (default: ``model``).
+        pretrained: True loads ImageNet backbone weights as anomalib does (needs the model hub once);
+            False uses random weights (no download; for tests and smoke runs); a path loads a local
+            backbone state dict.
+        backbone: timm backbone for models that take one (default: anomalib's).
+        image_size: model input size, an int or ``(height, width)``.
+        model_kwargs: other arguments of the anomalib model class (e.g. ``{"layers": ["layer2"]}``).
+        holdout: share of the normal samples held out for calibration (at least one sample).
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda:1"``...
+        batch_size: training batch size.
+        max_epochs: training epochs for models that train (PaDiM/PatchCore always make one pass).
+        output_dir: where the checkpoint goes (default: ``<fo default dataset dir>/anomaly_vlm/<dataset>/experts/<key>``).
+        seed: seed of the held-out split and of torch.
+        overwrite: replace an existing expert of the same key.
+        progress: FiftyOne progress convention: None/True/False, or a callable taking a ``ProgressBar``.
+
+    Returns:
+        The :class:`Expert` record.
+
+    Raises:
+        ValueError: empty view, non-image media, unknown model, bad key, too few decodable images,
+            or an existing expert under ``key`` (without ``overwrite``).
+    """
+    key = check_key(key or model.replace("-", "_"))
+    run_key = expert_run_key(key)
+    check_image_collection(samples, "fit_expert")
+    dataset = samples._root_dataset
+    if run_key in dataset.list_runs() and not overwrite:
+        msg = f"an expert named {key!r} already exists (run {run_key!r}); pass overwrite=True or another key"
+        raise ValueError(msg)
+    if not 0.0 < holdout < 1.0:
+        raise ValueError(f"holdout must be in (0, 1), got {holdout}")
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+
+    torch.manual_seed(seed)
+    expert = AnomalibExpert.build(model, image_size=size, pretrained=pretrained, backbone=backbone,
+                                  model_kwargs=model_kwargs, device=device)  # bad names fail here, before work
+
+    ids, paths, tensors, errors = _decode_all(samples, size, progress)
+    if len(tensors) < 2:
+        msg = f"fit_expert: only {len(tensors)} of {len(ids) + len(errors)} images could be decoded; need 2+"
+        raise ValueError(msg)
+    for sid, err in errors[:5]:
+        logger.warning("fit_expert: skipping sample %s: %s", sid, err)
+    order = np.random.default_rng(seed).permutation(len(tensors))
+    n_val = min(max(1, int(round(holdout * len(tensors)))), len(tensors) - 1)
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    expert.fit([tensors[i] for i in train_idx], [tensors[i] for i in val_idx],
+               train_paths=[paths[i] for i in train_idx], val_paths=[paths[i] for i in val_idx],
+               batch_size=batch_size, max_epochs=max_epochs)
+
+    owns_dir = output_dir is None
+    out_dir = output_dir or default_output_dir(samples, "experts", key)
+    checkpoint = expert.save(os.path.join(out_dir, "model.ckpt"))
+    post = expert.model.post_processor
+    calibration = {
+        name: float(getattr(post, name)) for name in
+        ("image_threshold", "pixel_threshold", "image_min", "image_max", "pixel_min", "pixel_max")
+        if post is not None and hasattr(post, name)
+    }
+    config = ExpertRunConfig(
+        expert=key,
+        model=model,
+        model_class=expert.model_class,
+        checkpoint=checkpoint,
+        output_dir=out_dir,
+        owns_output_dir=owns_dir,
+        image_size=list(size),
+        pretrained=pretrained if isinstance(pretrained, bool) else os.path.abspath(str(pretrained)),
+        backbone=_jsonable(dict(expert.model.hparams).get("backbone", backbone)),
+        model_kwargs=_jsonable(model_kwargs or {}),
+        holdout=holdout,
+        seed=seed,
+        num_train=len(train_idx),
+        num_holdout=len(val_idx),
+        train_ids=[ids[i] for i in train_idx],
+        holdout_ids=[ids[i] for i in val_idx],
+        num_errors=len(errors),
+        errors=[{"id": sid, "error": err} for sid, err in errors[:_MAX_ERRORS_RECORDED]],
+        calibration=calibration,
+        device=str(expert.device),
+    )
+    dataset.register_run(run_key, config, overwrite=True, cleanup=False)
+    return Expert(key=key, run_key=run_key, model=model, model_class=expert.model_class, checkpoint=checkpoint,
+                  image_size=size)
+
+
+def load_expert(samples, key: str) -> Expert:
+    """Return the :class:`Expert` recorded under ``key`` (or its run key ``<key>_expert``).
+
+    Raises:
+        ValueError: no such expert on the dataset.
+        FileNotFoundError: the recorded checkpoint is gone.
+    """
+    dataset = samples._root_dataset
+    run_key = expert_run_key(key)
+    if run_key not in dataset.list_runs():
+        experts = [k for k in dataset.list_runs() if isinstance(dataset.get_run_info(k).config, ExpertRunConfig)]
+        msg = f"no expert named {key!r} on dataset '{dataset.name}'; fitted experts: {experts or 'none'}"
+        raise ValueError(msg)
+    cfg = dataset.get_run_info(run_key).config
+    if not isinstance(cfg, ExpertRunConfig):
+        raise ValueError(f"run {run_key!r} is not a fitted expert")
+    if not os.path.isfile(cfg.checkpoint):
+        msg = f"the checkpoint of expert {key!r} is missing: {cfg.checkpoint} (refit it with fit_expert)"
+        raise FileNotFoundError(msg)
+    return Expert(key=cfg.expert, run_key=run_key, model=cfg.model, model_class=cfg.model_class,
+                  checkpoint=cfg.checkpoint, image_size=tuple(cfg.image_size))
+
+
+def list_experts(samples) -> list[str]:
+    """Names of the experts fitted on the dataset of ``samples``."""
+    dataset = samples._root_dataset
+    return [dataset.get_run_info(k).config.expert for k in dataset.list_runs()
+            if isinstance(dataset.get_run_info(k).config, ExpertRunConfig)]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

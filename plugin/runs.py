@@ -1,0 +1,108 @@
+"""FiftyOne run records for fitted experts and scoring runs.
+
+Both are ordinary FiftyOne runs (``dataset.list_runs()``, ``get_run_info``, ``rename_run``,
+``delete_run``). Their config classes live under this package's stable import name, so a run recorded in
+one process is understood in any other; ``delete_run`` on a scoring run removes every field it wrote and
+its heatmap/mask files.
+
+Example:
+    >>> dataset.list_runs()
+    ['padim_expert', 'padim']
+    >>> dataset.get_run_info("padim").config.expert
+    'padim'
+    >>> dataset.delete_run("padim")   # removes padim, padim_score, padim_map, padim_mask, padim_error...
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Any
+
+import fiftyone.core.runs as fors
+
+from .fields import FieldNames
+
+logger = logging.getLogger(__name__)
+
+#: suffix of the run key under which a fitted expert is recorded (``fit_expert(key="padim")`` -> ``padim_expert``)
+EXPERT_RUN_SUFFIX = "_expert"
+
+
+def expert_run_key(key: str) -> str:
+    """Run key of the expert fitted under ``key``."""
+    return key if key.endswith(EXPERT_RUN_SUFFIX) else f"{key}{EXPERT_RUN_SUFFIX}"
+
+
+def _remove_owned_dir(path: str | None) -> None:
+    if path and os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class ExpertRunConfig(fors.RunConfig):
+    """Config of a fitted vision expert (model, checkpoint, weights, calibration); writes no fields.
+
+    Args:
+        **kwargs: JSON-serialisable attributes (see :func:`fiftyone_anomaly_vlm.fit_expert`).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("method", "anomalib_expert")
+        super().__init__(**kwargs)
+
+
+class ExpertRun(fors.Run):
+    """A fitted expert. Deleting the run deletes the checkpoint folder the plugin created for it."""
+
+    def cleanup(self, samples, key):  # noqa: D102 - FiftyOne's docstring applies
+        if getattr(self.config, "owns_output_dir", False):
+            _remove_owned_dir(getattr(self.config, "output_dir", None))
+
+
+class AnomalyScoreRunConfig(fors.RunConfig):
+    """Config of a scoring run: which expert scored, where its maps are, the threshold used.
+
+    Args:
+        **kwargs: JSON-serialisable attributes (see :func:`fiftyone_anomaly_vlm.score`).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("method", "anomaly_score")
+        super().__init__(**kwargs)
+
+
+class AnomalyScoreRun(fors.Run):
+    """A scoring run; its fields are :class:`~fiftyone_anomaly_vlm.fields.FieldNames` of the run key."""
+
+    def get_fields(self, samples, key):  # noqa: D102
+        return FieldNames(key).all()
+
+    def rename(self, samples, key, new_key):  # noqa: D102
+        dataset = samples._root_dataset
+        old, new = FieldNames(key), FieldNames(new_key)
+        schema = dataset.get_field_schema()
+        pairs = {o: n for o, n in zip(old.all(), new.all()) if o in schema}
+        if pairs:
+            dataset.rename_sample_fields(pairs)
+        if old.mask in dataset.mask_targets:
+            dataset.mask_targets[new.mask] = dataset.mask_targets.pop(old.mask)
+            dataset.save()
+
+    def cleanup(self, samples, key):  # noqa: D102
+        dataset = samples._root_dataset
+        schema = dataset.get_field_schema()
+        fields = [f for f in FieldNames(key).all() if f in schema]
+        if fields:
+            dataset.delete_sample_fields(fields)
+        mask_field = FieldNames(key).mask
+        if mask_field in dataset.mask_targets:
+            dataset.mask_targets.pop(mask_field)
+            dataset.save()
+        # the PNG folders are the run's own; the parent only when the plugin chose it and it is now empty
+        for name in ("maps_dir", "masks_dir"):
+            _remove_owned_dir(getattr(self.config, name, None))
+        out_dir = getattr(self.config, "output_dir", None)
+        if getattr(self.config, "owns_output_dir", False) and out_dir and os.path.isdir(out_dir):
+            if not os.listdir(out_dir):
+                os.rmdir(out_dir)

@@ -1,0 +1,125 @@
+"""A small generated inspection dataset with known defects (no downloads).
+
+Each image is a machined metal disc (concentric tool marks, grain noise, small pose jitter) on a dark
+background. Defective parts get one of: a scratch, a dark pit, or a bright stain, with a pixel mask.
+
+Example:
+    >>> ds = make_parts_dataset("parts", num_normal=60, num_anomalous=20)
+    >>> ds.count_values("ground_truth.label")
+    {'normal': 60, 'anomalous': 20}
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+import fiftyone as fo
+
+DEFECT_TYPES = ("scratch", "pit", "stain")
+
+
+def _part(rng: np.random.Generator, size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    cx, cy = size / 2 + rng.normal(0, size * 0.01, 2)
+    r = np.hypot(xx - cx, yy - cy)
+    radius = size * (0.40 + rng.normal(0, 0.005))
+    disc = r < radius
+    rings = 0.06 * np.sin(r / (size / 60.0) + rng.uniform(0, 2 * np.pi))
+    shade = 0.55 + 0.15 * (xx - cx) / size + rings
+    img = np.where(disc, shade, 0.08) + rng.normal(0, 0.02, (size, size))
+    hole = r < size * 0.08
+    img[hole] = 0.05
+    return np.clip(img, 0, 1)
+
+
+def _defect(rng: np.random.Generator, img: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    size = img.shape[0]
+    mask_img = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask_img)
+    c = size / 2
+    ang = rng.uniform(0, 2 * np.pi)
+    rad = rng.uniform(0.15, 0.30) * size
+    px, py = c + rad * np.cos(ang), c + rad * np.sin(ang)
+    if kind == "scratch":
+        d = rng.uniform(0.10, 0.18) * size
+        a2 = rng.uniform(0, np.pi)
+        draw.line([(px - d * np.cos(a2), py - d * np.sin(a2)), (px + d * np.cos(a2), py + d * np.sin(a2))],
+                  fill=255, width=max(2, size // 64))
+        value = 0.15
+    elif kind == "pit":
+        rr = rng.uniform(0.03, 0.05) * size
+        draw.ellipse([px - rr, py - rr, px + rr, py + rr], fill=255)
+        value = 0.12
+    else:  # stain
+        rr = rng.uniform(0.05, 0.08) * size
+        draw.ellipse([px - rr, py - rr * 0.7, px + rr, py + rr * 0.7], fill=255)
+        value = 0.95
+    mask = np.asarray(mask_img) > 0
+    out = img.copy()
+    out[mask] = value + rng.normal(0, 0.02, int(mask.sum()))
+    return np.clip(out, 0, 1), mask
+
+
+def make_parts_dataset(
+    name: str = "anomaly-vlm-parts",
+    num_normal: int = 60,
+    num_anomalous: int = 24,
+    size: int = 128,
+    train_fraction: float = 0.5,
+    images_dir: str | None = None,
+    seed: int = 0,
+    persistent: bool = False,
+    overwrite: bool = True,
+) -> fo.Dataset:
+    """Generate the parts dataset and load it into FiftyOne.
+
+    Fields: ``ground_truth`` (``fo.Classification`` normal/anomalous), ``defect_type`` (str),
+    ``ground_truth_mask`` (``fo.Segmentation``, 1 = defect). Tags: every normal sample ``good``; a
+    ``train_fraction`` of them also ``train`` (fit on ``ds.match_tags("train")``, evaluate on the rest).
+
+    Args:
+        name: dataset name.
+        num_normal: normal parts.
+        num_anomalous: defective parts (defect types cycle through scratch, pit, stain).
+        size: image side in pixels.
+        train_fraction: share of the normal parts tagged ``train``.
+        images_dir: where the PNGs go (default: ``<fo default dataset dir>/anomaly_vlm/generated/<name>``).
+        seed: random seed; the same seed gives the same images.
+        persistent: keep the dataset across sessions.
+        overwrite: replace an existing dataset of that name.
+    """
+    if fo.dataset_exists(name):
+        if not overwrite:
+            return fo.load_dataset(name)
+        fo.delete_dataset(name)
+    images_dir = images_dir or os.path.join(fo.config.default_dataset_dir, "anomaly_vlm", "generated", name)
+    os.makedirs(images_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    n_train = int(round(train_fraction * num_normal))
+    samples = []
+    for i in range(num_normal + num_anomalous):
+        img = _part(rng, size)
+        anomalous = i >= num_normal
+        path = os.path.join(images_dir, f"part_{i:04d}.png")
+        sample = fo.Sample(filepath=path)
+        if anomalous:
+            kind = DEFECT_TYPES[(i - num_normal) % len(DEFECT_TYPES)]
+            img, mask = _defect(rng, img, kind)
+            mask_path = os.path.join(images_dir, f"part_{i:04d}_mask.png")
+            Image.fromarray(mask.astype(np.uint8)).save(mask_path)
+            sample["ground_truth"] = fo.Classification(label="anomalous")
+            sample["defect_type"] = kind
+            sample["ground_truth_mask"] = fo.Segmentation(mask_path=mask_path)
+        else:
+            sample["ground_truth"] = fo.Classification(label="normal")
+            sample.tags = ["good", "train"] if i < n_train else ["good"]
+        Image.fromarray((img * 255).astype(np.uint8)).save(path)
+        samples.append(sample)
+    dataset = fo.Dataset(name, persistent=persistent)
+    dataset.add_samples(samples, progress=False)
+    dataset.mask_targets = {"ground_truth_mask": {1: "defect"}}
+    dataset.save()
+    return dataset
