@@ -1,0 +1,31 @@
+"""FiftyOne plugin entry point (``py_entry`` in fiftyone.yml).
+
+FiftyOne imports this file under a synthetic module name, so everything else is imported through the
+stable package name ``fiftyone_anomaly_vlm``: installed with ``pip install -e .`` or, when the plugin
+folder was only copied into the plugins directory, mapped onto this checkout below.
+"""
+
+import importlib.util
+import os
+import sys
+
+
+def _ensure_package() -> None:
+    if importlib.util.find_spec("fiftyone_anomaly_vlm") is not None:
+        return
+    root = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location(
+        "fiftyone_anomaly_vlm", os.path.join(root, "plugin", "__init__.py"),
+        submodule_search_locations=[os.path.join(root, "plugin"), root],  # core + models/operators/panels
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fiftyone_anomaly_vlm"] = module
+    spec.loader.exec_module(module)
+
+
+def register(p):
+    """Register the plugin's operators and panels."""
+    _ensure_package()
+    from fiftyone_anomaly_vlm.operators import register as register_operators
+
+    register_operators(p)

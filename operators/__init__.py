@@ -1,0 +1,12 @@
+"""FiftyOne operators: thin forms over the core calls in ``fiftyone_anomaly_vlm``."""
+
+from .fit_expert import FitExpert
+from .score import ScoreSamples
+
+OPERATORS = [FitExpert, ScoreSamples]
+
+
+def register(p) -> None:
+    """Register every operator of the plugin."""
+    for cls in OPERATORS:
+        p.register(cls)

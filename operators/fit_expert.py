@@ -1,0 +1,76 @@
+"""Operator: fit an anomalib vision expert on the target view (known-good samples)."""
+
+from __future__ import annotations
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from fiftyone_anomaly_vlm import available_models, fit_expert, list_experts
+
+from ._forms import check_key, device_and_batch
+from ._progress import run_with_progress
+
+_WEIGHTS = {"none": "None: random backbone (no download)", "imagenet": "ImageNet (anomalib/timm download)",
+            "file": "Local weights file"}
+
+
+class FitExpert(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="fit_expert",
+            label="Anomaly: fit vision expert",
+            description="Fit an anomalib model (PaDiM, PatchCore, EfficientAD, ...) on known-good samples",
+            icon="model_training",
+            dynamic=True,
+            execute_as_generator=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+            default_choice_to_delegated=True,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        inputs.view_target(ctx)
+        models = available_models()
+        choices = types.Dropdown()
+        for m in models:
+            choices.add_choice(m, label=m)
+        inputs.enum("model", choices.values(), default="padim", required=True, label="anomalib model",
+                    view=choices)
+        model = ctx.params.get("model") or "padim"
+        inputs.bool("overwrite", default=False, label="Overwrite an expert of the same key")
+        key_prop = inputs.str("key", default=model, required=True, label="Expert key",
+                              description="Its record is the run '<key>_expert'; scoring runs default to this key")
+        taken = [] if ctx.params.get("overwrite") else list_experts(ctx.dataset) if ctx.dataset else []
+        check_key(key_prop, ctx.params.get("key", model), taken, "Expert")
+        weights = types.RadioGroup()
+        for value, label in _WEIGHTS.items():
+            weights.add_choice(value, label=label)
+        inputs.enum("weights", weights.values(), default="imagenet", label="Backbone weights", view=weights)
+        if ctx.params.get("weights") == "file":
+            inputs.str("weights_path", required=True, label="Weights file (.pth state dict)")
+        inputs.str("backbone", required=False, label="Backbone (timm name)",
+                   description="Empty: anomalib's default for the model")
+        inputs.int("image_size", default=256, min=32, label="Image size")
+        inputs.int("max_epochs", required=False, min=1, label="Max epochs",
+                   description="For models that train (EfficientAD, STFPM...); PaDiM/PatchCore make one pass")
+        device_and_batch(inputs, batch_size=8)
+        return types.Property(inputs, view=types.View(label="Fit vision expert"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        weights = p.get("weights", "imagenet")
+        pretrained = {"none": False, "imagenet": True}.get(weights, p.get("weights_path"))
+        expert = yield from run_with_progress(
+            ctx, "decoding normal images", fit_expert, ctx.target_view(),
+            model=p.get("model", "padim"), key=p.get("key") or p.get("model", "padim"), pretrained=pretrained,
+            backbone=p.get("backbone") or None, image_size=int(p.get("image_size", 256)),
+            device=p.get("device", "auto"), batch_size=int(p.get("batch_size", 8)),
+            max_epochs=p.get("max_epochs"), overwrite=bool(p.get("overwrite", False)),
+        )
+        yield ctx.trigger("set_progress", dict(progress=1.0, label=f"expert '{expert.key}' fitted"))
+        if not ctx.delegated:
+            yield ctx.trigger("reload_dataset")
+        yield ctx.trigger("notify", dict(message=f"Expert '{expert.key}' fitted: {expert.checkpoint}",
+                                         variant="success"))

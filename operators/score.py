@@ -1,0 +1,64 @@
+"""Operator: score the target view with a fitted expert."""
+
+from __future__ import annotations
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from fiftyone_anomaly_vlm import list_experts, score
+
+from ._forms import check_key, device_and_batch
+from ._progress import run_with_progress
+
+
+class ScoreSamples(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="score_anomalies",
+            label="Anomaly: score samples",
+            description="Image score, heatmap and mask from a fitted vision expert",
+            icon="troubleshoot",
+            dynamic=True,
+            execute_as_generator=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+            default_choice_to_delegated=True,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        inputs.view_target(ctx)
+        experts = list_experts(ctx.dataset) if ctx.dataset else []
+        if not experts:
+            prop = inputs.view("no_expert", types.Warning(
+                label="No fitted expert", description="Fit one first with 'Anomaly: fit vision expert'"))
+            prop.invalid = True
+            return types.Property(inputs, view=types.View(label="Score samples"))
+        choices = types.Dropdown()
+        for e in experts:
+            choices.add_choice(e, label=e)
+        inputs.enum("expert", choices.values(), default=experts[0], required=True, label="Expert", view=choices)
+        expert = ctx.params.get("expert") or experts[0]
+        key_prop = inputs.str("key", default=expert, required=True, label="Run key",
+                              description="Fields: <key>, <key>_score, <key>_map, <key>_mask, <key>_error")
+        inputs.bool("overwrite", default=False, label="Score again samples already scored under this key")
+        runs = ctx.dataset.list_runs()
+        key = ctx.params.get("key", expert)
+        taken = [k for k in runs if k.endswith("_expert")]
+        check_key(key_prop, key, taken, "Run")
+        device_and_batch(inputs, batch_size=16)
+        return types.Property(inputs, view=types.View(label="Score samples"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        results = yield from run_with_progress(
+            ctx, "scoring", score, ctx.target_view(), expert=p["expert"], key=p.get("key") or p["expert"],
+            device=p.get("device", "auto"), batch_size=int(p.get("batch_size", 16)),
+            num_workers=None if ctx.delegated else 0, overwrite=bool(p.get("overwrite", False)),
+        )
+        if not ctx.delegated:
+            yield ctx.trigger("reload_dataset")
+        msg = (f"Scored {results.num_scored} samples ({results.num_errors} errors, {results.num_skipped} already "
+               f"scored); {results.num_flagged} flagged anomalous in '{results.key}'")
+        yield ctx.trigger("notify", dict(message=msg, variant="warning" if results.num_errors else "success"))

@@ -1,0 +1,75 @@
+"""Test set-up: a private MongoDB database, data folder and plugins folder for the whole session.
+
+The environment is set before FiftyOne is imported, so no test touches a user's database.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import uuid
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_TMP = Path(tempfile.mkdtemp(prefix="fav-tests-"))
+_PLUGINS = _TMP / "plugins"
+_PLUGINS.mkdir()
+(_PLUGINS / "anomaly-vlm").symlink_to(ROOT, target_is_directory=True)
+os.environ.update(
+    FIFTYONE_DATABASE_DIR=os.environ.get("FAV_TEST_DATABASE_DIR", str(_TMP / "db")),
+    FIFTYONE_DATABASE_NAME=f"fav_test_{uuid.uuid4().hex[:8]}",
+    FIFTYONE_DEFAULT_DATASET_DIR=str(_TMP / "data"),
+    FIFTYONE_PLUGINS_DIR=str(_PLUGINS),
+    FIFTYONE_DO_NOT_TRACK="true",
+    FIFTYONE_DATABASE_VALIDATION="false",
+    FIFTYONE_SHOW_PROGRESS_BARS="false",
+    HF_HUB_OFFLINE="1",
+)
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+import pytest  # noqa: E402
+
+import fiftyone as fo  # noqa: E402
+
+import fiftyone_anomaly_vlm as fav  # noqa: E402
+from fiftyone_anomaly_vlm.synthetic import make_parts_dataset  # noqa: E402
+
+IMAGE_SIZE = 96
+FIT_KWARGS = dict(model="padim", pretrained=False, image_size=IMAGE_SIZE, device="cpu",
+                  model_kwargs={"layers": ["layer1", "layer2"]})
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for a child Python process that must see the same database and data."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.fixture(scope="session")
+def parts_template() -> fo.Dataset:
+    """The generated parts dataset (never modified: clone it)."""
+    return make_parts_dataset("fav-parts-template", num_normal=30, num_anomalous=12, size=IMAGE_SIZE, seed=3)
+
+
+@pytest.fixture
+def parts(parts_template, request) -> fo.Dataset:
+    """A fresh clone of the parts dataset for one test."""
+    name = f"parts-{request.node.name[:40]}-{uuid.uuid4().hex[:6]}"
+    ds = parts_template.clone(name)
+    yield ds
+    if fo.dataset_exists(name):
+        fo.delete_dataset(name)
+
+
+@pytest.fixture
+def fitted(parts) -> fo.Dataset:
+    """A parts clone with a PaDiM expert 'padim' fitted on its train-tagged normals (random backbone)."""
+    fav.fit_expert(parts.match_tags("train"), key="padim", **FIT_KWARGS)
+    return parts
+
+
+def pytest_sessionfinish(session, exitstatus):  # noqa: D103
+    sys.stdout.flush()
