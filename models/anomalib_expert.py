@@ -214,7 +214,17 @@ class AnomalibExpert:
         for component in ("evaluator", "visualizer"):
             if component in params:
                 kwargs.setdefault(component, False)
-        model = model_cls(**kwargs)
+        try:
+            model = model_cls(**kwargs)
+        except Exception as exc:
+            if pretrained is True and _looks_like_download_failure(exc):
+                msg = (
+                    f"could not fetch the pretrained weights of {model_cls.__name__} "
+                    f"(backbone {kwargs.get('backbone', 'default')!r}): {type(exc).__name__}: {exc}. "
+                    "Offline, pass pretrained=False (random backbone) or pretrained='/path/to/weights.pth'"
+                )
+                raise RuntimeError(msg) from exc
+            raise
         if not isinstance(model, AnomalibModule):  # pragma: no cover - anomalib guarantees this
             raise TypeError(type(model))
         if local_weights and snake != "efficientad":
@@ -368,6 +378,12 @@ class AnomalibExpert:
         """Fully qualified class name of the wrapped anomalib model."""
         klass = type(self.model)
         return f"{klass.__module__}.{klass.__qualname__}"
+
+
+def _looks_like_download_failure(exc: Exception) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(w in text for w in ("offline", "connection", "resolve", "urlopen", "network", "hub", "download",
+                                   "localentrynotfound", "timed out", "http"))
 
 
 def _pre_processor_size(model: Any) -> tuple[int, int] | None:

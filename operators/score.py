@@ -34,6 +34,7 @@ class ScoreSamples(foo.Operator):
             prop = inputs.view("no_expert", types.Warning(
                 label="No fitted expert", description="Fit one first with 'Anomaly: fit vision expert'"))
             prop.invalid = True
+            prop.error_message = "No fitted expert on this dataset: run 'Anomaly: fit vision expert' first"
             return types.Property(inputs, view=types.View(label="Score samples"))
         choices = types.Dropdown()
         for e in experts:
