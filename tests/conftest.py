@@ -37,7 +37,7 @@ import fiftyone_anomaly_vlm as fav  # noqa: E402
 from fiftyone_anomaly_vlm.synthetic import make_parts_dataset  # noqa: E402
 
 IMAGE_SIZE = 96
-FIT_KWARGS = dict(model="padim", pretrained=False, image_size=IMAGE_SIZE, device="cpu",
+FIT_KWARGS = dict(model="padim", pretrained=False, backbone="resnet18", image_size=IMAGE_SIZE, device="cpu",
                   model_kwargs={"layers": ["layer1", "layer2"]})
 
 

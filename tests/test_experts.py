@@ -43,7 +43,8 @@ def test_local_backbone_weights_are_loaded(tmp_path):
     torch.nn.init.constant_(ref.conv1.weight, 0.125)
     path = tmp_path / "resnet18.pth"
     torch.save(ref.state_dict(), path)
-    expert = AnomalibExpert.build("padim", pretrained=str(path), image_size=(64, 64), device="cpu",
+    expert = AnomalibExpert.build("padim", pretrained=str(path), backbone="resnet18", image_size=(64, 64),
+                                  device="cpu",
                                   model_kwargs={"layers": ["layer1", "layer2"]})
     conv = expert.model.model.feature_extractor.feature_extractor.conv1.weight
     assert torch.all(conv == 0.125)
