@@ -32,7 +32,9 @@ class VisionExpert(Protocol):
     """A model that scores images for anomalies.
 
     Implementations take float images ``(N, 3, H, W)`` in ``[0, 1]`` at :attr:`image_size` and apply their
-    own normalisation.
+    own normalisation. An expert that needs per-sample values (e.g. the object name of each sample's
+    class) lists the sample fields in ``needs_fields``; :func:`fiftyone_anomaly_vlm.score` then calls
+    ``predict(images, fields={name: [one value per image]})``.
     """
 
     image_size: tuple[int, int]

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,8 +44,10 @@ class Expert:
         run_key: the FiftyOne run holding the record (``<key>_expert``).
         model: anomalib model name.
         model_class: fully qualified anomalib class of the checkpoint.
-        checkpoint: path of the Lightning checkpoint.
+        checkpoint: path of the saved model ("" for experts that need none, e.g. zero-shot CLIP).
         image_size: ``(height, width)`` the model reads.
+        method: the run method, which picks the loader (:data:`EXPERT_LOADERS`).
+        options: the rest of the run config, for loaders that need it.
     """
 
     key: str
@@ -53,11 +56,25 @@ class Expert:
     model_class: str
     checkpoint: str
     image_size: tuple[int, int]
+    method: str = "anomalib_expert"
+    options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
-    def load(self, device: str | torch.device | None = "auto") -> AnomalibExpert:
-        """Load the model for inference on ``device`` (CUDA when present by default)."""
-        return AnomalibExpert.load(self.checkpoint, model_class=self.model_class, image_size=self.image_size,
-                                   device=device)
+    def load(self, device: str | torch.device | None = "auto"):
+        """Load the model (a :class:`~fiftyone_anomaly_vlm.models.VisionExpert`) on ``device``."""
+        try:
+            loader = EXPERT_LOADERS[self.method]
+        except KeyError:
+            raise ValueError(f"expert {self.key!r} has unknown method {self.method!r}") from None
+        return loader(self, device)
+
+
+def _load_anomalib(expert: Expert, device) -> AnomalibExpert:
+    return AnomalibExpert.load(expert.checkpoint, model_class=expert.model_class, image_size=expert.image_size,
+                               device=device)
+
+
+#: run method -> function(Expert, device) returning a VisionExpert; other expert kinds register here
+EXPERT_LOADERS: dict[str, Callable[[Expert, Any], Any]] = {"anomalib_expert": _load_anomalib}
 
 
 def _decode_all(samples, image_size: tuple[int, int], progress) -> tuple[list, list, list, list]:
@@ -211,11 +228,13 @@ def load_expert(samples, key: str) -> Expert:
     cfg = dataset.get_run_info(run_key).config
     if not isinstance(cfg, ExpertRunConfig):
         raise ValueError(f"run {run_key!r} is not a fitted expert")
-    if not os.path.isfile(cfg.checkpoint):
-        msg = f"the checkpoint of expert {key!r} is missing: {cfg.checkpoint} (refit it with fit_expert)"
+    checkpoint = getattr(cfg, "checkpoint", "") or ""
+    if checkpoint and not os.path.isfile(checkpoint):
+        msg = f"the checkpoint of expert {key!r} is missing: {checkpoint} (refit it with fit_expert)"
         raise FileNotFoundError(msg)
-    return Expert(key=cfg.expert, run_key=run_key, model=cfg.model, model_class=cfg.model_class,
-                  checkpoint=cfg.checkpoint, image_size=tuple(cfg.image_size))
+    options = {k: v for k, v in cfg.serialize().items() if k not in ("cls", "type", "method")}
+    return Expert(key=cfg.expert, run_key=run_key, model=cfg.model, model_class=getattr(cfg, "model_class", ""),
+                  checkpoint=checkpoint, image_size=tuple(cfg.image_size), method=cfg.method, options=options)
 
 
 def list_experts(samples) -> list[str]:

@@ -95,7 +95,7 @@ def _collate(items):
 
 def _resolve_expert(samples, expert: str | Expert) -> Expert:
     if isinstance(expert, Expert):
-        if not os.path.isfile(expert.checkpoint):
+        if expert.checkpoint and not os.path.isfile(expert.checkpoint):
             raise FileNotFoundError(f"expert checkpoint not found: {expert.checkpoint}")
         return expert
     if not isinstance(expert, str):
@@ -190,7 +190,10 @@ def score(
     todo = samples
     if not overwrite and fields.score in dataset.get_field_schema():
         todo = samples.exists(fields.score, False)
-    ids, paths = todo.values(["id", "filepath"])
+    # experts that read sample fields (e.g. a per-class object name) declare them in `needs_fields`
+    needs = list(getattr(model, "needs_fields", ()) or ())
+    ids, paths, *needed = todo.values(["id", "filepath", *needs])
+    field_values = {name: dict(zip(ids, vals)) for name, vals in zip(needs, needed)}
     results = ScoreResults(key=key, fields=fields, num_samples=n_total, num_skipped=n_total - len(ids),
                            output_dir=out_dir)
 
@@ -209,7 +212,14 @@ def score(
                 for items in loader:
                     ok = [(sid, img) for sid, img, err in items if err is None]
                     failed = {sid: err for sid, _, err in items if err is not None}
-                    out = model.predict(torch.stack([img for _, img in ok])) if ok else None
+                    out = None
+                    if ok:
+                        batch = torch.stack([img for _, img in ok])
+                        if needs:
+                            out = model.predict(batch, fields={n: [field_values[n][sid] for sid, _ in ok]
+                                                               for n in needs})
+                        else:
+                            out = model.predict(batch)
                     if pending is not None:
                         pending.result()  # one batch in flight: bounded memory, errors surface promptly
                     pending = writer.submit(_write_batch, dataset, fields, [sid for sid, _ in ok], out, failed,
