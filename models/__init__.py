@@ -6,5 +6,6 @@ particular library lives here.
 
 from .base import ExpertOutput, VisionExpert
 from .anomalib_expert import AnomalibExpert, available_models
+from .clip_expert import ClipExpert
 
-__all__ = ["AnomalibExpert", "ExpertOutput", "VisionExpert", "available_models"]
+__all__ = ["AnomalibExpert", "ClipExpert", "ExpertOutput", "VisionExpert", "available_models"]
