@@ -159,7 +159,8 @@ def load_open_clip(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_
             ``"local-dir:/path"`` folder (``open_clip_config.json`` + weights) or a plain folder path, or
             ``"hf-hub:org/repo"``.
         pretrained: a pretrained tag of ``model`` (``open_clip.list_pretrained_tags_by_model``), a local
-            checkpoint file, or None/"" for random weights (tests only). Ignored for folders and hub ids.
+            checkpoint file, or None/"" for random weights (tests only; seeded, so every load gives the same
+            model). Ignored for folders and hub ids.
 
     Returns:
         ``(clip_model, tokenizer, preprocess_cfg)``; the model is in eval mode on the CPU.
@@ -208,7 +209,10 @@ def load_open_clip(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_
         elif tag is None:
             logger.warning("CLIP expert %r with random weights (pretrained=None): for tests only", name)
     try:
-        clip_model, _, _ = open_clip.create_model_and_transforms(name, pretrained=tag)
+        # random weights (tests) are seeded, so a recorded expert rebuilds the same model in any process
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            clip_model, _, _ = open_clip.create_model_and_transforms(name, pretrained=tag)
     except RuntimeError as exc:
         text = str(exc).lower()
         if any(w in text for w in ("download", "connection", "offline", "resolve", "hub", "http", "url")):

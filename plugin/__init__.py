@@ -10,6 +10,7 @@ Example:
     ['padim', 'padim_expert']
 """
 
+from .clip import create_clip_expert
 from .experts import Expert, fit_expert, list_experts, load_expert
 from .fields import FieldNames
 from .metrics import image_metrics
@@ -21,6 +22,7 @@ __all__ = [
     "FieldNames",
     "ScoreResults",
     "available_models",
+    "create_clip_expert",
     "fit_expert",
     "image_metrics",
     "list_experts",
