@@ -1,9 +1,10 @@
 """FiftyOne operators: thin forms over the core calls in ``fiftyone_anomaly_vlm``."""
 
+from .clip_expert import CreateClipExpert
 from .fit_expert import FitExpert
 from .score import ScoreSamples
 
-OPERATORS = [FitExpert, ScoreSamples]
+OPERATORS = [FitExpert, ScoreSamples, CreateClipExpert]
 
 
 def register(p) -> None:
