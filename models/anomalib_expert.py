@@ -402,6 +402,10 @@ class AnomalibExpert:
         raw_score = raw.pred_score
         if raw_score is None:
             raw_score = torch.amax(raw.anomaly_map, dim=(-2, -1))
+        raw_map = raw.anomaly_map
+        if raw_map is None:
+            raw_map = raw_score.view(-1, 1, 1).expand(-1, *self.image_size)
+        raw_map = raw_map.reshape(raw_map.shape[0], *raw_map.shape[-2:])
         out = model.post_processor(raw) if model.post_processor else raw
         anomaly_map = out.anomaly_map
         if anomaly_map is None:  # image-only model: a flat map at the image score
@@ -417,6 +421,7 @@ class AnomalibExpert:
             label=label.cpu(),
             anomaly_map=anomaly_map.float().cpu(),
             mask=mask.cpu(),
+            raw_map=raw_map.float().cpu(),
         )
 
     @property

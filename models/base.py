@@ -18,6 +18,8 @@ class ExpertOutput:
         label: ``(N,)`` bool, True where the image is predicted anomalous.
         anomaly_map: ``(N, H, W)`` normalised pixel scores in ``[0, 1]`` (same scale for every image).
         mask: ``(N, H, W)`` bool, the thresholded anomaly map.
+        raw_map: ``(N, H, W)`` pixel scores as the model produced them (None when the expert has none);
+            the plugin's normal-only calibration normalises these itself.
     """
 
     raw_score: torch.Tensor
@@ -25,6 +27,7 @@ class ExpertOutput:
     label: torch.Tensor
     anomaly_map: torch.Tensor
     mask: torch.Tensor
+    raw_map: torch.Tensor | None = None
 
 
 @runtime_checkable

@@ -16,6 +16,7 @@ from .fields import FieldNames
 from .metrics import image_metrics
 from .models import available_models
 from .scoring import ScoreResults, score
+from .thresholds import set_threshold
 
 __all__ = [
     "Expert",
@@ -28,4 +29,5 @@ __all__ = [
     "list_experts",
     "load_expert",
     "score",
+    "set_threshold",
 ]

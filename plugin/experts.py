@@ -25,6 +25,7 @@ import torch
 import fiftyone.core.utils as fou
 
 from ._common import check_image_collection, check_key, default_output_dir
+from .calibration import Calibration, threshold_from_normals
 from .images import ImageLoadError, load_image
 from .models import AnomalibExpert
 from .runs import ExpertRunConfig, expert_run_key
@@ -108,14 +109,17 @@ def fit_expert(
     max_epochs: int | None = None,
     output_dir: str | None = None,
     seed: int = 51,
+    threshold: str = "far",
+    threshold_param: float | None = None,
     overwrite: bool = False,
     progress: bool | Any = None,
 ) -> Expert:
     """Fit an anomalib model on normal samples and record it as the run ``<key>_expert``.
 
-    A ``holdout`` share of the normal samples is kept out of training; anomalib's post-processor learns
-    its normalisation and threshold from their scores (with only normal images, anomalib puts the image
-    threshold at the highest held-out normal score).
+    A ``holdout`` share of the normal samples is kept out of training. Their scores calibrate the expert
+    (see :mod:`fiftyone_anomaly_vlm.calibration`): the threshold follows the rule the user picks (default:
+    1 % false alarms on known-good samples) instead of anomalib's F1-adaptive threshold, which needs
+    anomalous validation images; normalised scores read as "higher than x % of good samples".
 
     Args:
         samples: a dataset or view of known-good images.
@@ -135,6 +139,9 @@ def fit_expert(
         max_epochs: training epochs for models that train (PaDiM/PatchCore always make one pass).
         output_dir: where the checkpoint goes (default: ``<fo default dataset dir>/anomaly_vlm/<dataset>/experts/<key>``).
         seed: seed of the held-out split and of torch.
+        threshold: threshold rule on the held-out normals: ``"far"`` (false-alarm rate), ``"percentile"``,
+            ``"mean_std"`` or ``"value"`` (labelled rules: :func:`fiftyone_anomaly_vlm.set_threshold`).
+        threshold_param: its parameter (defaults: far 0.01, percentile 99, mean_std 3).
         overwrite: replace an existing expert of the same key.
         progress: FiftyOne progress convention: None/True/False, or a callable taking a ``ProgressBar``.
 
@@ -154,6 +161,7 @@ def fit_expert(
         raise ValueError(msg)
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
+    threshold_from_normals(np.zeros(1), threshold, threshold_param)  # a bad rule fails before any work
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
 
     torch.manual_seed(seed)
@@ -177,11 +185,13 @@ def fit_expert(
     out_dir = output_dir or default_output_dir(samples, "experts", key)
     checkpoint = expert.save(os.path.join(out_dir, "model.ckpt"))
     post = expert.model.post_processor
-    calibration = {
+    anomalib_post = {
         name: float(getattr(post, name)) for name in
         ("image_threshold", "pixel_threshold", "image_min", "image_max", "pixel_min", "pixel_max")
         if post is not None and hasattr(post, name)
     }
+    calibration = calibrate_expert(expert, [tensors[i] for i in val_idx], rule=threshold,
+                                   param=threshold_param, batch_size=batch_size, seed=seed)
     config = ExpertRunConfig(
         expert=key,
         model=model,
@@ -204,12 +214,30 @@ def fit_expert(
         holdout_ids=[ids[i] for i in val_idx],
         num_errors=len(errors),
         errors=[{"id": sid, "error": err} for sid, err in errors[:_MAX_ERRORS_RECORDED]],
-        calibration=calibration,
+        calibration=calibration.to_dict(),
+        anomalib_postprocessor=anomalib_post,
         device=str(expert.device),
     )
     dataset.register_run(run_key, config, overwrite=True, cleanup=False)
     return Expert(key=key, run_key=run_key, model=model, model_class=expert.model_class, checkpoint=checkpoint,
                   image_size=size)
+
+
+def calibrate_expert(expert, images: list[torch.Tensor], *, rule: str = "far", param: float | None = None,
+                     batch_size: int = 8, seed: int = 51, max_pixels: int = 200_000) -> Calibration:
+    """Score held-out normal images with ``expert`` and build its :class:`Calibration`."""
+    scores, maxima, pixels = [], [], []
+    rng = np.random.default_rng(seed)
+    for start in range(0, len(images), batch_size):
+        out = expert.predict(torch.stack([t.float() for t in images[start:start + batch_size]]))
+        scores.append(out.raw_score.numpy())
+        raw_map = out.raw_map.flatten(1).numpy()
+        maxima.append(raw_map.max(axis=1))
+        per_image = max(1, max_pixels // max(1, len(images)))
+        for row in raw_map:
+            pixels.append(rng.choice(row, size=min(per_image, row.size), replace=False))
+    return Calibration.from_normals(np.concatenate(scores), np.concatenate(maxima), np.concatenate(pixels),
+                                    rule=rule, param=param)
 
 
 def load_expert(samples, key: str) -> Expert:

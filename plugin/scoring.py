@@ -19,6 +19,8 @@ Example:
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +37,7 @@ import fiftyone.utils.image as foui
 from ._common import check_image_collection, check_key, default_output_dir
 from .experts import Expert, load_expert
 from .fields import FieldNames
+from .calibration import Calibration
 from .images import ImageLoadError, load_image
 from .runs import AnomalyScoreRunConfig
 
@@ -157,6 +160,12 @@ def score(
             raise ValueError(f"fields {clash} exist but belong to no scoring run {key!r}; choose another key")
 
     model = spec.load(device=device)  # a broken checkpoint fails here, before any write
+    # thresholds/normalisation: a resumed run keeps its own (possibly re-thresholded) calibration
+    cal_dict = None
+    if key in dataset.list_runs() and not overwrite:
+        cal_dict = getattr(dataset.get_run_info(key).config, "calibration", None)
+    cal_dict = cal_dict or spec.options.get("calibration")
+    calibration = Calibration.from_dict(cal_dict) if cal_dict and "image_scores" in cal_dict else None
     owns_dir = output_dir is None
     out_dir = output_dir or default_output_dir(samples, "scores", key)
     maps_dir, masks_dir = os.path.join(out_dir, "maps"), os.path.join(out_dir, "masks")
@@ -178,6 +187,10 @@ def score(
         fields=fields.all(),
         device=str(model.device),
         batch_size=batch_size,
+        calibration=calibration.to_dict() if calibration else None,
+        normalized_image_threshold=calibration.normalized_image_threshold if calibration else 0.5,
+        normalized_pixel_threshold=calibration.normalized_pixel_threshold if calibration else 0.5,
+        threshold_history=_history(dataset, key, calibration, overwrite),
     )
     # Registered before any work: the fields belong to a run from the first batch on (delete_run cleans up
     # after a crash too). Re-registering keeps existing fields (cleanup=False) so a resumed run keeps them.
@@ -223,7 +236,7 @@ def score(
                     if pending is not None:
                         pending.result()  # one batch in flight: bounded memory, errors surface promptly
                     pending = writer.submit(_write_batch, dataset, fields, [sid for sid, _ in ok], out, failed,
-                                            maps_dir, masks_dir)
+                                            maps_dir, masks_dir, calibration)
                     results.num_scored += len(ok)
                     results.num_errors += len(failed)
                     results.errors.update(failed)
@@ -254,20 +267,52 @@ def _declare_fields(dataset, fields: FieldNames) -> None:
             dataset.add_sample_field(name, ftype, **kwargs)
 
 
+def _history(dataset, key: str, calibration: Calibration | None, overwrite: bool) -> list[dict[str, Any]]:
+    history = []
+    if key in dataset.list_runs() and not overwrite:
+        history = json.loads(json.dumps(list(getattr(dataset.get_run_info(key).config, "threshold_history", None)
+                                             or [])))
+    if not history and calibration is not None:
+        history = [threshold_record(calibration, source="fit")]
+    return history
+
+
+def threshold_record(calibration: Calibration, **extra: Any) -> dict[str, Any]:
+    """One entry of a run's ``threshold_history``."""
+    return {"rule": calibration.rule, "param": calibration.param, "image_threshold": calibration.image_threshold,
+            "pixel_threshold": calibration.pixel_threshold,
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(), **extra}
+
+
+def _outputs(out, calibration: Calibration | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(normalised scores, labels, 16-bit maps, masks) of a batch, calibrated when the expert has one."""
+    if calibration is None or out.raw_map is None:
+        scores = out.score.numpy().astype(np.float64)
+        labels = out.label.numpy().astype(bool)
+        maps = out.anomaly_map.clamp(0, 1).numpy()
+        masks = out.mask.numpy()
+    else:
+        raw = out.raw_score.numpy()
+        scores = calibration.normalize_scores(raw)
+        labels = raw > calibration.image_threshold
+        maps = calibration.normalize_map(out.raw_map.numpy())
+        masks = out.raw_map.numpy() > calibration.pixel_threshold
+    return scores, labels, (maps * HEATMAP_RANGE[1] + 0.5).astype(np.uint16), masks.astype(np.uint8)
+
+
 def _write_batch(dataset, fields: FieldNames, ids: list[str], out, failed: dict[str, str],
-                 maps_dir: str, masks_dir: str) -> None:
+                 maps_dir: str, masks_dir: str, calibration: Calibration | None = None) -> None:
     """Write one batch: PNG files first, then the label fields, the score field last."""
     values: dict[str, dict[str, Any]] = {f: {} for f in fields.all()}
     if out is not None:
-        maps = (out.anomaly_map.clamp(0, 1).numpy() * HEATMAP_RANGE[1] + 0.5).astype(np.uint16)
-        masks = out.mask.numpy().astype(np.uint8)
+        scores, labels, maps, masks = _outputs(out, calibration)
         for i, sid in enumerate(ids):
             map_path = os.path.join(maps_dir, f"{sid}.png")
             mask_path = os.path.join(masks_dir, f"{sid}.png")
             foui.write(maps[i], map_path)
             foui.write(masks[i], mask_path)
-            s = float(out.score[i])
-            anomalous = bool(out.label[i])
+            s = float(scores[i])
+            anomalous = bool(labels[i])
             values[fields.label][sid] = fo.Classification(
                 label=ANOMALOUS if anomalous else NORMAL,
                 confidence=s if anomalous else 1.0 - s,

@@ -39,8 +39,9 @@ def test_fit_and_score_write_native_fields(fitted):
     assert set(np.unique(mask)) <= {0, 1}
     # the mask is the thresholded heatmap (anomalib's normalised threshold is 0.5)
     norm = heat / 65535.0
-    differs = mask.astype(bool) != (norm > 0.5)
-    assert not differs[np.abs(norm - 0.5) > 1e-4].any()  # equal except within 16-bit rounding of the threshold
+    level = ds.get_run_info("padim").config.normalized_pixel_threshold
+    differs = mask.astype(bool) != (norm > level)
+    assert not differs[np.abs(norm - level) > 1e-4].any()  # equal except within 16-bit rounding of the threshold
     assert ds.mask_targets[f.mask] == {1: "anomalous"}
     assert res.num_flagged == ds.count_values(f"{f.label}.label").get("anomalous", 0)
 

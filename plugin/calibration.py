@@ -1,0 +1,221 @@
+"""Normal-only calibration: thresholds, normalised scores and heatmap ranges from held-out good samples.
+
+anomalib learns its threshold with ``F1AdaptiveThreshold``, which needs anomalous validation images. Our
+users fit on normal samples only, where that threshold degenerates (anomalib issues #2433, #3357, #1997:
+it once fell to the minimum score and flagged everything; since 2.x it takes the highest normal score, a
+rule no user chose). Here the held-out normal samples of a fit give a score distribution, and the user
+picks the rule:
+
+* ``"far"`` (default, parameter 0.01): the image threshold lets that share of known-good samples through
+  as false alarms; ``"percentile"`` (parameter 99): that percentile of normal scores; ``"mean_std"``
+  (parameter k): mean + k standard deviations;
+* with labelled anomalies (:func:`fiftyone_anomaly_vlm.set_threshold` with ``gt_field``): ``"f1"`` (the
+  F1-optimal threshold) or ``"recall"`` (parameter r: the highest threshold that reaches recall r);
+* ``"value"``: a raw threshold given by the user.
+
+The pixel threshold applies the same rule to the per-image maxima of the normal maps, so "far 0.01" also
+means a mask appears on about 1 % of good samples.
+
+Scores: ``<key>_score`` is the share of calibration normals that score below the sample (linear between
+calibration scores, exponential tails beyond them, so it keeps the ranking): 0.99 reads "higher than
+99 % of known-good samples". Heatmaps are normalised with two dataset-level anchors (never per image):
+the median normal pixel score maps to 0 and :attr:`Calibration.map_high` to 1.
+
+Example:
+    >>> cal = Calibration.from_normals(image_scores, map_maxima, pixel_sample, rule="far", param=0.01)
+    >>> cal.image_threshold, cal.normalize_scores(np.array([cal.image_threshold]))
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+RULES = ("far", "percentile", "mean_std", "f1", "recall", "value")
+DEFAULT_PARAMS = {"far": 0.01, "percentile": 99.0, "mean_std": 3.0, "recall": 0.95}
+
+
+def threshold_from_normals(scores: np.ndarray, rule: str, param: float | None) -> float:
+    """Threshold on raw scores from normal scores only (rules ``far``, ``percentile``, ``mean_std``, ``value``).
+
+    Raises:
+        ValueError: unknown rule, a rule that needs anomalies, or a parameter out of range.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if rule not in RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; choose from {RULES}")
+    if param is None:
+        param = DEFAULT_PARAMS.get(rule)
+    if rule == "value":
+        if param is None:
+            raise ValueError("rule 'value' needs the threshold as its parameter")
+        return float(param)
+    if rule in ("f1", "recall"):
+        raise ValueError(f"rule {rule!r} needs labelled anomalies: call set_threshold(..., gt_field=...)")
+    if rule == "far":
+        if not 0.0 <= param < 1.0:
+            raise ValueError(f"false-alarm rate must be in [0, 1), got {param}")
+        return float(np.quantile(scores, 1.0 - param, method="higher")) if param > 0 else float(scores.max())
+    if rule == "percentile":
+        if not 0.0 < param <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], got {param}")
+        return float(np.percentile(scores, param))
+    return float(scores.mean() + param * scores.std())
+
+
+def threshold_from_labels(scores: np.ndarray, labels: np.ndarray, rule: str, param: float | None) -> float:
+    """Threshold on raw scores from labelled samples: ``"f1"`` (F1-optimal) or ``"recall"`` (reach recall r).
+
+    A sample is flagged when its score is strictly above the threshold.
+
+    Raises:
+        ValueError: no anomalous sample, or an unknown rule.
+    """
+    from sklearn.metrics import precision_recall_curve
+
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=bool)
+    if not labels.any():
+        raise ValueError("the labelled samples hold no anomaly; use a normal-only rule (far, percentile, mean_std)")
+    if rule == "f1":
+        precision, recall, thresholds = precision_recall_curve(labels, scores)
+        f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+        best = thresholds[int(np.argmax(f1[:-1]))]
+        below = scores[scores < best]
+        return float(below.max()) if below.size else float(np.nextafter(best, -np.inf))
+    if rule == "recall":
+        r = DEFAULT_PARAMS["recall"] if param is None else float(param)
+        if not 0.0 < r <= 1.0:
+            raise ValueError(f"target recall must be in (0, 1], got {r}")
+        pos = np.sort(scores[labels])[::-1]
+        k = int(np.ceil(r * len(pos)))  # flag at least the k highest anomalies
+        kth = pos[k - 1]
+        below = scores[scores < kth]
+        return float(below.max()) if below.size else float(np.nextafter(kth, -np.inf))
+    raise ValueError(f"rule {rule!r} is not a labelled rule; use 'f1' or 'recall'")
+
+
+@dataclass
+class Calibration:
+    """What the held-out normal samples say, and the thresholds chosen from it.
+
+    Attributes:
+        image_scores: sorted raw image scores of the calibration normals.
+        map_maxima: sorted per-image maxima of their raw anomaly maps.
+        map_low: median raw pixel score of the normals (maps to 0 in stored heatmaps).
+        map_high: raw pixel score that maps to 1 in stored heatmaps (fixed at fit time).
+        rule: threshold rule; param: its parameter.
+        image_threshold: raw image threshold (anomalous when score > threshold).
+        pixel_threshold: raw pixel threshold (mask where the map > threshold).
+        stats: summary statistics, for display.
+    """
+
+    image_scores: list[float]
+    map_maxima: list[float]
+    map_low: float
+    map_high: float
+    rule: str
+    param: float | None
+    image_threshold: float
+    pixel_threshold: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_normals(cls, image_scores, map_maxima, pixel_sample, rule: str = "far",
+                     param: float | None = None) -> "Calibration":
+        """Build from the raw outputs of held-out normal samples.
+
+        Args:
+            image_scores: raw image scores of the normals.
+            map_maxima: per-image maxima of their raw maps.
+            pixel_sample: a sample of their raw pixel scores (for the heatmap anchors).
+            rule: a normal-only rule (``far``, ``percentile``, ``mean_std``, ``value``).
+            param: the rule's parameter (default: :data:`DEFAULT_PARAMS`).
+        """
+        image_scores = np.sort(np.asarray(image_scores, dtype=np.float64))
+        map_maxima = np.sort(np.asarray(map_maxima, dtype=np.float64))
+        pixel_sample = np.asarray(pixel_sample, dtype=np.float64)
+        if image_scores.size < 1:
+            raise ValueError("calibration needs at least one held-out normal sample")
+        param = DEFAULT_PARAMS.get(rule) if param is None else float(param)
+        image_t = threshold_from_normals(image_scores, rule, param)
+        pixel_t = threshold_from_normals(map_maxima, rule, param) if rule != "value" else float(map_maxima.max())
+        low = float(np.median(pixel_sample))
+        # 1.0 in the stored maps sits as far above the normal maxima as they sit above the median pixel
+        high = float(map_maxima.max() + (map_maxima.max() - low))
+        if not high > low:
+            high = low + 1.0
+        stats = {
+            "num_normals": int(image_scores.size),
+            "image": _summary(image_scores),
+            "map_max": _summary(map_maxima),
+            "pixel": {"median": low, "p99": float(np.quantile(pixel_sample, 0.99)),
+                      "max": float(pixel_sample.max())},
+        }
+        return cls([float(v) for v in image_scores], [float(v) for v in map_maxima], low, high, rule, param,
+                    image_t, pixel_t, stats)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Calibration":
+        """Inverse of :meth:`to_dict` (also accepts the database's list/dict wrappers)."""
+        return cls(**json.loads(json.dumps(dict(d))))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form, stored on the runs."""
+        return asdict(self)
+
+    def with_threshold(self, rule: str, param: float | None = None, *, scores=None, labels=None,
+                       pixel_threshold: float | None = None) -> "Calibration":
+        """A copy with thresholds chosen by another rule (labelled rules need ``scores`` and ``labels``)."""
+        if rule in ("f1", "recall"):
+            if scores is None or labels is None:
+                raise ValueError(f"rule {rule!r} needs scores and labels of labelled samples")
+            image_t = threshold_from_labels(scores, labels, rule, param)
+            # pixel masks follow the image decision: the same share of normals gets a mask
+            share = float(np.mean(np.asarray(self.image_scores) > image_t))
+            pixel_t = threshold_from_normals(np.asarray(self.map_maxima), "far", min(share, 0.999))
+        else:
+            image_t = threshold_from_normals(np.asarray(self.image_scores), rule, param)
+            pixel_t = threshold_from_normals(np.asarray(self.map_maxima), rule, param) if rule != "value" \
+                else self.pixel_threshold
+        if pixel_threshold is not None:
+            pixel_t = float(pixel_threshold)
+        param = DEFAULT_PARAMS.get(rule) if param is None else float(param)
+        return Calibration(self.image_scores, self.map_maxima, self.map_low, self.map_high, rule, param,
+                           float(image_t), float(pixel_t), dict(self.stats))
+
+    # ----------------------------------------------------------------- transforms
+    def normalize_scores(self, raw) -> np.ndarray:
+        """Share of calibration normals below each raw score, strictly increasing (see module docs)."""
+        raw = np.asarray(raw, dtype=np.float64)
+        c = np.asarray(self.image_scores)
+        n = c.size
+        ranks = np.arange(1, n + 1) / (n + 1)
+        scale = float(c.std()) or float(abs(c[-1]) * 0.1) or 1.0
+        out = np.interp(raw, c, ranks) if n > 1 else np.full_like(raw, 0.5)
+        lo, hi = raw < c[0], raw > c[-1]
+        out[lo] = ranks[0] * np.exp((raw[lo] - c[0]) / scale)
+        out[hi] = 1.0 - (1.0 - ranks[-1]) * np.exp(-(raw[hi] - c[-1]) / scale)
+        return out
+
+    def normalize_map(self, raw_map) -> np.ndarray:
+        """Raw pixel scores -> [0, 1] with the run's two anchors (the same for every image)."""
+        return np.clip((np.asarray(raw_map, dtype=np.float64) - self.map_low) / (self.map_high - self.map_low), 0, 1)
+
+    @property
+    def normalized_pixel_threshold(self) -> float:
+        """The pixel threshold on the stored (normalised) heatmap scale."""
+        return float(self.normalize_map(np.array([self.pixel_threshold]))[0])
+
+    @property
+    def normalized_image_threshold(self) -> float:
+        """The image threshold on the ``<key>_score`` scale."""
+        return float(self.normalize_scores(np.array([self.image_threshold]))[0])
+
+
+def _summary(x: np.ndarray) -> dict[str, float]:
+    return {"mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()),
+            "p50": float(np.median(x)), "p99": float(np.quantile(x, 0.99)), "max": float(x.max())}

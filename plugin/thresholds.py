@@ -1,0 +1,102 @@
+"""Change a scoring run's threshold without running the model again.
+
+Example:
+    >>> fav.set_threshold(ds, "padim", rule="far", param=0.05)          # 5 % false alarms on good parts
+    >>> fav.set_threshold(ds, "padim", rule="f1", gt_field="ground_truth")   # F1-optimal on labelled samples
+    >>> ds.get_run_info("padim").config.threshold_history[-1]["rule"]
+    'f1'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+import fiftyone as fo
+import fiftyone.core.utils as fou
+
+from .calibration import Calibration
+from .fields import FieldNames
+from .runs import AnomalyScoreRunConfig
+from .scoring import ANOMALOUS, NORMAL, HEATMAP_RANGE, threshold_record
+
+
+def set_threshold(
+    samples,
+    key: str,
+    rule: str = "far",
+    param: float | None = None,
+    *,
+    gt_field: str | None = None,
+    positive: str = ANOMALOUS,
+    pixel_threshold: float | None = None,
+    progress: bool | Any = None,
+) -> Calibration:
+    """Re-threshold run ``key``: rewrite its labels and masks from the stored scores and heatmaps.
+
+    Only ``<key>`` (labels) and the mask PNGs change; scores, raw scores, heatmaps and every other field
+    stay as they are. The new rule and thresholds are recorded on the run (``calibration`` and a new
+    ``threshold_history`` entry).
+
+    Args:
+        samples: the dataset (or a view of it) holding the run.
+        key: the scoring run.
+        rule: ``"far"``, ``"percentile"``, ``"mean_std"``, ``"value"`` (normal-only rules, on the expert's
+            held-out normals), or ``"f1"`` / ``"recall"`` (on the run's samples labelled in ``gt_field``).
+        param: the rule's parameter (for ``"value"``: the raw image threshold).
+        gt_field: a ``fo.Classification`` ground-truth field, for the labelled rules.
+        positive: the ground-truth label meaning anomalous.
+        pixel_threshold: an explicit raw pixel threshold (default: from the rule).
+        progress: FiftyOne progress convention.
+
+    Returns:
+        The run's new :class:`Calibration`.
+
+    Raises:
+        ValueError: ``key`` is not a calibrated scoring run, or the rule cannot be applied.
+    """
+    dataset = samples._root_dataset
+    if key not in dataset.list_runs():
+        raise ValueError(f"no scoring run {key!r} on dataset '{dataset.name}'")
+    config = dataset.get_run_info(key).config
+    if not isinstance(config, AnomalyScoreRunConfig) or not getattr(config, "calibration", None):
+        raise ValueError(f"run {key!r} has no normal-only calibration to re-threshold")
+    fields = FieldNames(key)
+    old = Calibration.from_dict(config.calibration)
+    scored = dataset.exists(fields.raw_score)
+    labels = scores = None
+    if rule in ("f1", "recall"):
+        if not gt_field:
+            raise ValueError(f"rule {rule!r} needs gt_field, a ground-truth classification field")
+        labelled = scored.exists(gt_field)
+        scores, gts = labelled.values([fields.raw_score, f"{gt_field}.label"])
+        labels = np.array([g == positive for g in gts])
+    new = old.with_threshold(rule, param, scores=scores, labels=labels, pixel_threshold=pixel_threshold)
+
+    ids, raw, norm, mask_paths, map_paths = scored.values(
+        ["id", fields.raw_score, fields.score, f"{fields.mask}.mask_path", f"{fields.map}.map_path"])
+    new_labels = {}
+    for sid, r, s in zip(ids, raw, norm):
+        anomalous = r > new.image_threshold
+        new_labels[sid] = fo.Classification(label=ANOMALOUS if anomalous else NORMAL,
+                                            confidence=s if anomalous else 1.0 - s, anomaly_score=s)
+    level = new.normalized_pixel_threshold * HEATMAP_RANGE[1]
+    with fou.ProgressBar(total=len(ids), progress=progress) as pb:
+        for map_path, mask_path in pb(zip(map_paths, mask_paths)):
+            if map_path and mask_path and os.path.isfile(map_path):
+                heat = np.asarray(Image.open(map_path))
+                Image.fromarray((heat > level).astype(np.uint8)).save(mask_path)
+    dataset.set_values(fields.label, new_labels, key_field="id")
+
+    config.calibration = new.to_dict()
+    config.normalized_image_threshold = new.normalized_image_threshold
+    config.normalized_pixel_threshold = new.normalized_pixel_threshold
+    history = json.loads(json.dumps(list(getattr(config, "threshold_history", None) or [])))
+    history.append(threshold_record(new, source="set_threshold", gt_field=gt_field))
+    config.threshold_history = history
+    dataset.update_run_config(key, config)
+    return new
