@@ -17,7 +17,7 @@ The pixel threshold applies the same rule to the per-image maxima of the normal 
 means a mask appears on about 1 % of good samples.
 
 Scores: ``<key>_score`` is the share of calibration normals that score below the sample (linear between
-calibration scores, exponential tails beyond them, so it keeps the ranking): 0.99 reads "higher than
+calibration scores, hyperbolic tails beyond them, so it keeps the ranking): 0.99 reads "higher than
 99 % of known-good samples". Heatmaps are normalised with two dataset-level anchors (never per image):
 the median normal pixel score maps to 0 and :attr:`Calibration.map_high` to 1.
 
@@ -197,8 +197,9 @@ class Calibration:
         scale = float(c.std()) or float(abs(c[-1]) * 0.1) or 1.0
         out = np.interp(raw, c, ranks) if n > 1 else np.full_like(raw, 0.5)
         lo, hi = raw < c[0], raw > c[-1]
-        out[lo] = ranks[0] * np.exp((raw[lo] - c[0]) / scale)
-        out[hi] = 1.0 - (1.0 - ranks[-1]) * np.exp(-(raw[hi] - c[-1]) / scale)
+        # hyperbolic tails: strictly monotone and never exactly 0 or 1, so far-out anomalies keep their order
+        out[lo] = ranks[0] / (1.0 + (c[0] - raw[lo]) / scale)
+        out[hi] = 1.0 - (1.0 - ranks[-1]) / (1.0 + (raw[hi] - c[-1]) / scale)
         return out
 
     def normalize_map(self, raw_map) -> np.ndarray:
