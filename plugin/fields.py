@@ -28,7 +28,7 @@ class FieldNames:
 
     @property
     def score(self) -> str:
-        """Float image anomaly score, normalised by anomalib's post-processor (0.5 = threshold)."""
+        """Float image score in (0, 1): the share of known-good calibration samples scoring below it."""
         return f"{self.key}_score"
 
     @property

@@ -1,7 +1,8 @@
 """Score a view with a fitted expert; write native FiftyOne label fields, batch by batch.
 
 For each sample (fields named from the run key, see :class:`~fiftyone_anomaly_vlm.fields.FieldNames`):
-``<key>_score`` (float, anomalib-normalised: 0.5 is the threshold), ``<key>_raw_score``, ``<key>``
+``<key>_score`` (float in (0, 1): the share of known-good calibration samples scoring below it, see
+:mod:`.calibration`), ``<key>_raw_score``, ``<key>``
 (``fo.Classification`` normal/anomalous), ``<key>_map`` (``fo.Heatmap``, 16-bit PNG on disk with
 ``range=[0, 65535]`` for every sample, so colours compare across samples), ``<key>_mask``
 (``fo.Segmentation``, 1 = anomalous) and ``<key>_error`` (a message where the sample could not be
