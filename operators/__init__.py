@@ -1,10 +1,11 @@
 """FiftyOne operators: thin forms over the core calls in ``fiftyone_anomaly_vlm``."""
 
 from .clip_expert import CreateClipExpert
+from .evaluate import EvaluateAnomalies
 from .fit_expert import FitExpert
 from .score import ScoreSamples
 
-OPERATORS = [FitExpert, ScoreSamples, CreateClipExpert]
+OPERATORS = [FitExpert, ScoreSamples, CreateClipExpert, EvaluateAnomalies]
 
 
 def register(p) -> None:

@@ -11,6 +11,7 @@ Example:
 """
 
 from .clip import create_clip_expert
+from .evaluation import evaluate, label_accuracy
 from .experts import Expert, fit_expert, list_experts, load_expert
 from .fields import FieldNames
 from .metrics import image_metrics
@@ -24,8 +25,10 @@ __all__ = [
     "ScoreResults",
     "available_models",
     "create_clip_expert",
+    "evaluate",
     "fit_expert",
     "image_metrics",
+    "label_accuracy",
     "list_experts",
     "load_expert",
     "score",

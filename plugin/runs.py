@@ -106,3 +106,33 @@ class AnomalyScoreRun(fors.Run):
         if getattr(self.config, "owns_output_dir", False) and out_dir and os.path.isdir(out_dir):
             if not os.listdir(out_dir):
                 os.rmdir(out_dir)
+
+
+class AnomalyEvaluationRunConfig(fors.RunConfig):
+    """Config of an evaluation of a scoring run against ground truth; holds the metrics.
+
+    Args:
+        **kwargs: JSON-serialisable attributes (see :func:`fiftyone_anomaly_vlm.evaluate`): ``run_key``,
+            ``gt_field``, ``gt_kind``, ``gt_mask_field``, ``metrics``...
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("method", "anomaly_evaluation")
+        super().__init__(**kwargs)
+
+
+class AnomalyEvaluationRun(fors.Run):
+    """An evaluation run; it writes one field, ``<eval_key>`` (TP/FP/FN/TN at the run's threshold)."""
+
+    def get_fields(self, samples, key):  # noqa: D102
+        return [key]
+
+    def rename(self, samples, key, new_key):  # noqa: D102
+        dataset = samples._root_dataset
+        if key in dataset.get_field_schema():
+            dataset.rename_sample_field(key, new_key)
+
+    def cleanup(self, samples, key):  # noqa: D102
+        dataset = samples._root_dataset
+        if key in dataset.get_field_schema():
+            dataset.delete_sample_field(key)

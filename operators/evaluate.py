@@ -1,0 +1,109 @@
+"""Operator: evaluate a scoring run against ground truth (records an evaluation run)."""
+
+from __future__ import annotations
+
+import fiftyone as fo
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from fiftyone_anomaly_vlm import evaluate
+from fiftyone_anomaly_vlm.runs import AnomalyEvaluationRunConfig, AnomalyScoreRunConfig
+
+from ._forms import check_key
+from ._progress import run_with_progress
+
+_GT_TYPES = (fo.Classification, fo.Segmentation)
+
+
+def _scoring_runs(dataset) -> list[str]:
+    return [k for k in dataset.list_runs() if isinstance(dataset.get_run_info(k).config, AnomalyScoreRunConfig)]
+
+
+def _gt_fields(dataset, run: str) -> tuple[list[str], list[str]]:
+    """(ground-truth candidates, mask candidates), leaving out the scoring run's own fields."""
+    own = set()
+    for k in _scoring_runs(dataset):
+        own.update(getattr(dataset.get_run_info(k).config, "fields", None) or [])
+    gt, masks = [], []
+    for name, f in dataset.get_field_schema().items():
+        if name in own or name.startswith("_") or name in ("id", "filepath", "tags", "metadata"):
+            continue
+        if isinstance(f, fo.EmbeddedDocumentField) and issubclass(f.document_type, _GT_TYPES):
+            gt.append(name)
+            if issubclass(f.document_type, fo.Segmentation):
+                masks.append(name)
+        elif isinstance(f, (fo.FloatField, fo.IntField, fo.BooleanField, fo.StringField)):
+            gt.append(name)
+    return gt, masks
+
+
+def _dropdown(inputs, name, values, default, label, description=None, required=True):
+    choices = types.Dropdown()
+    for v in values:
+        choices.add_choice(v, label=v)
+    return inputs.enum(name, choices.values(), default=default, required=required, label=label,
+                       description=description, view=choices)
+
+
+class EvaluateAnomalies(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="evaluate_anomalies",
+            label="Anomaly: evaluate against ground truth",
+            description="Image AUROC/AP/F1 and pixel AUROC/AUPRO of a scoring run, recorded as a run",
+            icon="rule",
+            dynamic=True,
+            execute_as_generator=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+            default_choice_to_delegated=False,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        view = types.View(label="Evaluate a scoring run")
+        inputs.view_target(ctx)
+        runs = _scoring_runs(ctx.dataset) if ctx.dataset else []
+        if not runs:
+            prop = inputs.view("no_run", types.Warning(
+                label="No scoring run", description="Score samples first with 'Anomaly: score samples'"))
+            prop.invalid = True
+            prop.error_message = "No scoring run on this dataset: run 'Anomaly: score samples' first"
+            return types.Property(inputs, view=view)
+        run = ctx.params.get("run") or runs[0]
+        _dropdown(inputs, "run", runs, runs[0], "Scoring run")
+        gt, masks = _gt_fields(ctx.dataset, run)
+        default_gt = "ground_truth" if "ground_truth" in gt else (gt[0] if gt else None)
+        _dropdown(inputs, "gt_field", gt, default_gt, "Ground truth",
+                  "Classification/string (== positive label), number (> threshold), boolean, or a mask")
+        inputs.str("positive", default="anomalous", label="Label that means anomalous")
+        gt_field = ctx.params.get("gt_field") or default_gt
+        schema = ctx.dataset.get_field_schema()
+        if gt_field in schema and isinstance(schema[gt_field], (fo.FloatField, fo.IntField)):
+            inputs.float("gt_threshold", default=0.0, label="Anomalous when the value is above")
+        if masks:
+            _dropdown(inputs, "gt_mask_field", masks, None, "Ground-truth masks (optional)",
+                      "For pixel AUROC and AUPRO", required=False)
+        eval_key = ctx.params.get("eval_key") or f"{run}_eval"
+        key_prop = inputs.str("eval_key", default=f"{run}_eval", required=True, label="Evaluation key",
+                              description="Re-using an evaluation key replaces that evaluation")
+        taken = [k for k in ctx.dataset.list_runs()
+                 if not isinstance(ctx.dataset.get_run_info(k).config, AnomalyEvaluationRunConfig)]
+        check_key(key_prop, eval_key, taken, "Run")
+        return types.Property(inputs, view=view)
+
+    def execute(self, ctx):
+        p = ctx.params
+        results = yield from run_with_progress(
+            ctx, "evaluating", evaluate, ctx.target_view(), p["run"], p.get("gt_field") or "ground_truth",
+            positive=p.get("positive") or "anomalous", gt_threshold=float(p.get("gt_threshold") or 0.0),
+            gt_mask_field=p.get("gt_mask_field") or None, eval_key=p.get("eval_key") or None,
+        )
+        if not ctx.delegated:
+            yield ctx.trigger("reload_dataset")
+        m = results.metrics
+        msg = f"'{results.key}': image AUROC {m['auroc']:.3f}, AP {m['ap']:.3f}, F1-max {m['f1_max']:.3f}"
+        if "aupro" in m:
+            msg += f"; pixel AUROC {m['pixel_auroc']:.3f}, AUPRO {m['aupro']:.3f}"
+        yield ctx.trigger("notify", dict(message=msg, variant="success"))

@@ -1,0 +1,179 @@
+"""Evaluation: metric values against direct sklearn computations, recorded runs, the operator."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+import fiftyone as fo
+import fiftyone.operators as foo
+
+import fiftyone_anomaly_vlm as fav
+from fiftyone_anomaly_vlm.metrics import binary_image_metrics, image_curves, pixel_metrics, threshold_metrics
+
+from conftest import subprocess_env
+
+PLUGIN = "@anomaly-vlm/anomaly-vlm"
+
+
+def _f1_max(y, s) -> float:
+    p, r, _ = precision_recall_curve(y, s)
+    return float(np.max(2 * p * r / np.maximum(p + r, 1e-12)))
+
+
+CASES = {
+    # many ties across the classes, and inside each class
+    "ties": ([0.1, 0.4, 0.4, 0.4, 0.8, 0.2, 0.9, 0.4, 0.4, 0.1], [0, 1, 0, 1, 1, 0, 0, 0, 1, 0]),
+    # raw scores far above 1 (torchmetrics would read them as logits): scaled, not saturated
+    "raw_scale": ([20.0, 25.0, 30.0, 35.0, 1.0, 25.0, 80.0], [0, 1, 0, 1, 0, 0, 1]),
+    "perfect": ([0.1, 0.2, 0.3, 0.7, 0.9], [0, 0, 0, 1, 1]),
+    "all_tied": ([0.5] * 6, [0, 1, 0, 1, 0, 0]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_image_metrics_match_sklearn(case):
+    s, y = CASES[case]
+    m = binary_image_metrics(s, y)
+    assert m["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-5)
+    assert m["ap"] == pytest.approx(average_precision_score(y, s), abs=1e-5)
+    assert m["f1_max"] == pytest.approx(_f1_max(y, s), abs=1e-5)
+    curves = image_curves(s, y)
+    # the stored ROC curve integrates to the AUROC; PR points are sklearn's
+    assert np.trapezoid(curves["roc"]["tpr"], curves["roc"]["fpr"]) == pytest.approx(m["auroc"], abs=1e-5)
+    p, r, _ = precision_recall_curve(y, s)
+    assert sorted(zip(np.round(r, 5), np.round(p, 5))) == \
+        sorted(set(zip(np.round(curves["pr"]["recall"], 5), np.round(curves["pr"]["precision"], 5))))
+
+
+def test_one_class_and_threshold_counts():
+    with pytest.raises(ValueError, match="both classes"):
+        binary_image_metrics([0.1, 0.5, 0.9], [0, 0, 0])
+    with pytest.raises(ValueError, match="all 3 samples are normal"):
+        image_curves([0.1, 0.5, 0.9], [0, 0, 0])
+    t = threshold_metrics([1, 1, 0, 0, 1], [1, 0, 1, 0, 1])
+    assert (t["tp"], t["fp"], t["fn"], t["tn"]) == (2, 1, 1, 1)
+    assert t["precision"] == pytest.approx(2 / 3) and t["recall"] == pytest.approx(2 / 3)
+    assert threshold_metrics([0, 0], [1, 0])["f1"] == 0.0  # nothing predicted: 0, not a division error
+
+
+def test_pixel_auroc_matches_sklearn_and_aupro_of_perfect_map():
+    rng = np.random.default_rng(0)
+    masks = np.zeros((3, 12, 12), np.uint8)
+    masks[0, 2:5, 2:6] = 1
+    masks[1, 7:10, 1:3] = 1
+    masks[1, 0:2, 9:12] = 1                      # two regions in one image; image 2 all normal
+    maps = rng.random(masks.shape).astype(np.float32) * 0.6 + masks * 0.3
+    maps[0, 0, 0] = maps[2, 5, 5] = maps[0, 3, 3]  # ties across classes
+    m = pixel_metrics(maps, masks)
+    assert m["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-5)
+    assert m["num_anomalous_pixels"] == int(masks.sum())
+    assert 0 < m["aupro"] < 1
+    # a map that ranks every defect pixel above every normal one: every region fully covered at FPR 0
+    perfect = pixel_metrics(masks.astype(np.float32) * 0.5 + 0.1, masks)
+    assert perfect["pixel_auroc"] == pytest.approx(1.0) and perfect["aupro"] == pytest.approx(1.0)
+    # an inverted map covers no region below FPR 0.3 (defect pixels are the lowest): AUPRO 0
+    assert pixel_metrics(1.0 - masks.astype(np.float32), masks)["aupro"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="pixels are normal"):
+        pixel_metrics(maps, np.zeros_like(masks))
+
+
+def test_label_accuracy_on_hand_made_fields():
+    ds = fo.Dataset()
+    rows = [("anomalous", "anomalous", "scratch", "scratch"), ("normal", "anomalous", "dent", "scratch"),
+            ("normal", "normal", None, None), ("anomalous", "normal", None, None), (None, "normal", None, None)]
+    ds.add_samples([fo.Sample(filepath=f"/tmp/fav_acc_{i}.png",
+                              verdict=fo.Classification(label=v) if v else None,
+                              ground_truth=fo.Classification(label=g), defect=d, true_defect=td)
+                    for i, (v, g, d, td) in enumerate(rows)])
+    acc = fav.label_accuracy(ds, "verdict", "ground_truth")
+    assert (acc["num_samples"], acc["num_correct"], acc["num_missing"]) == (4, 2, 1)
+    assert acc["per_label"]["anomalous"] == {"support": 2, "correct": 1, "accuracy": 0.5}
+    assert fav.label_accuracy(ds, "defect", "true_defect")["accuracy"] == 0.5
+    with pytest.raises(ValueError, match="unknown label field"):
+        fav.label_accuracy(ds, "nope", "ground_truth")
+    ds.delete()
+
+
+def test_evaluate_scoring_run_end_to_end(fitted):
+    ds = fitted
+    fav.score(ds, expert="padim", device="cpu", num_workers=0)
+    test = ds.match_tags("train", bool=False)
+    res = fav.evaluate(test, "padim", gt_mask_field="ground_truth_mask")
+    m = res.metrics
+    raw, gt = test.values(["padim_raw_score", "ground_truth.label"])
+    y = [g == "anomalous" for g in gt]
+    assert m["auroc"] == pytest.approx(roc_auc_score(y, raw), abs=1e-4)
+    assert m["ap"] == pytest.approx(average_precision_score(y, raw), abs=1e-4)
+    assert m["f1_max"] == pytest.approx(_f1_max(y, raw), abs=1e-4)
+    assert m["tp"] + m["fp"] + m["fn"] + m["tn"] == m["num_samples"] == len(test)
+    assert m["tp"] == len(test.match((fo.ViewField("padim.label") == "anomalous")
+                                     & (fo.ViewField("ground_truth.label") == "anomalous")))
+    assert 0 <= m["pixel_auroc"] <= 1 and 0 <= m["aupro"] <= 1 and m["num_anomalous_pixels"] > 0
+    assert test.count_values("padim_eval") == {k.upper(): m[k] for k in ("tp", "fp", "fn", "tn") if m[k]}
+    assert "padim_eval" in ds.list_runs()
+    assert ds.get_run_info("padim_eval").config.metrics["auroc"] == m["auroc"]
+    assert res.plot_roc_curve().data[0].x[-1] == 1.0 and res.plot_pr_curve().layout.title.text.startswith("Prec")
+    assert res.plot_roc_curve(pixel=True).data and res.plot_pro_curve().data
+
+    # ground truth from the masks alone: same labels here (every defective sample has a mask)
+    by_mask = fav.evaluate(test, "padim", gt_field="ground_truth_mask", eval_key="by_mask")
+    assert by_mask.metrics["auroc"] == m["auroc"] and by_mask.metrics["aupro"] == pytest.approx(m["aupro"])
+    # a probability field mapped to labels (> gt_threshold)
+    probs = {sid: (0.66 if g == "anomalous" else 0.0) for sid, g in zip(*test.values(["id", "ground_truth.label"]))}
+    ds.set_values("defect_probability", probs, key_field="id")
+    by_prob = fav.evaluate(test, "padim", gt_field="defect_probability", eval_key="by_prob", score="calibrated")
+    assert by_prob.metrics["num_anomalous"] == m["num_anomalous"]
+
+    # results come back in a fresh process
+    code = ("import json, sys, fiftyone as fo; ds = fo.load_dataset(sys.argv[1]); r = ds.load_run_results('padim_eval');"
+            "r.print_report(); print(json.dumps([type(r).__name__, r.metrics['auroc'], len(r.roc['fpr']),"
+            " type(r.plot_roc_curve()).__module__]))")
+    out = subprocess.run([sys.executable, "-c", code, ds.name], env=subprocess_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "image AUROC" in out.stdout and "AUPRO" in out.stdout
+    name, auroc, n_roc, module = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (name, auroc, n_roc) == ("AnomalyEvaluationResults", m["auroc"], len(res.roc["fpr"]))
+    assert module.startswith("plotly.graph_objs")
+
+    ds.delete_run("padim_eval")
+    assert "padim_eval" not in ds.list_runs() and "padim_eval" not in ds.get_field_schema()
+    assert "padim" in ds.list_runs() and "padim_raw_score" in ds.get_field_schema()
+
+
+def test_evaluate_errors_are_clear(fitted):
+    ds = fitted
+    with pytest.raises(ValueError, match="no score field 'nope_raw_score'"):
+        fav.evaluate(ds, "nope")
+    fav.score(ds.match_tags("good"), expert="padim", device="cpu", num_workers=0)
+    with pytest.raises(ValueError, match="unknown ground-truth field 'gt'"):
+        fav.evaluate(ds, "padim", gt_field="gt")
+    with pytest.raises(ValueError, match="all 30 evaluated samples are normal"):
+        fav.evaluate(ds, "padim")  # only the normals were scored
+    with pytest.raises(ValueError, match="another kind"):
+        fav.evaluate(ds, "padim", eval_key="padim_expert")
+    assert not [k for k in ds.list_runs() if k.endswith("_eval")]
+
+
+def test_operator_evaluates(fitted):
+    from fiftyone.operators.executor import ExecutionContext
+
+    from fiftyone_anomaly_vlm.operators import EvaluateAnomalies
+
+    ds = fitted
+    ctx = ExecutionContext(request_params=dict(dataset_name=ds.name, params={}))
+    assert EvaluateAnomalies().resolve_input(ctx).type.properties["no_run"].invalid
+    fav.score(ds, expert="padim", device="cpu", num_workers=0)
+    form = EvaluateAnomalies().resolve_input(ctx).type.properties
+    assert form["run"].type.values == ["padim"]
+    foo.execute_operator(f"{PLUGIN}/evaluate_anomalies", ctx=dict(dataset=ds, params=dict(
+        run="padim", gt_field="ground_truth", gt_mask_field="ground_truth_mask", eval_key="op_eval",
+    ))).raise_exceptions()
+    cfg = ds.get_run_info("op_eval").config
+    assert cfg.run_key == "padim" and "aupro" in cfg.metrics
