@@ -101,8 +101,19 @@ def test_label_accuracy_on_hand_made_fields():
 
 
 def test_evaluate_scoring_run_end_to_end(fitted):
+    # one fitted expert serves the whole flow (fitting is the slow part): errors, metrics, reload, operator
     ds = fitted
+    with pytest.raises(ValueError, match="no score field 'padim_raw_score'"):
+        fav.evaluate(ds, "padim")
     fav.score(ds, expert="padim", device="cpu", num_workers=0)
+    with pytest.raises(ValueError, match="unknown ground-truth field 'gt'"):
+        fav.evaluate(ds, "padim", gt_field="gt")
+    with pytest.raises(ValueError, match="all 30 evaluated samples are normal"):
+        fav.evaluate(ds.match_tags("good"), "padim")
+    with pytest.raises(ValueError, match="another kind"):
+        fav.evaluate(ds, "padim", eval_key="padim_expert")
+    assert not [k for k in ds.list_runs() if k.endswith("_eval")]
+
     test = ds.match_tags("train", bool=False)
     res = fav.evaluate(test, "padim", gt_mask_field="ground_truth_mask")
     m = res.metrics
@@ -142,38 +153,31 @@ def test_evaluate_scoring_run_end_to_end(fitted):
     assert (name, auroc, n_roc) == ("AnomalyEvaluationResults", m["auroc"], len(res.roc["fpr"]))
     assert module.startswith("plotly.graph_objs")
 
+    # the operator, executed for real, records the same evaluation under its own key
+    foo.execute_operator(f"{PLUGIN}/evaluate_anomalies", ctx=dict(view=test, params=dict(
+        run="padim", gt_field="ground_truth", gt_mask_field="ground_truth_mask", eval_key="op_eval",
+    ))).raise_exceptions()
+    op_cfg = ds.get_run_info("op_eval").config
+    assert op_cfg.run_key == "padim" and op_cfg.metrics["aupro"] == pytest.approx(m["aupro"])
+    assert op_cfg.metrics["auroc"] == m["auroc"]
+
     ds.delete_run("padim_eval")
     assert "padim_eval" not in ds.list_runs() and "padim_eval" not in ds.get_field_schema()
     assert "padim" in ds.list_runs() and "padim_raw_score" in ds.get_field_schema()
 
 
-def test_evaluate_errors_are_clear(fitted):
-    ds = fitted
-    with pytest.raises(ValueError, match="no score field 'nope_raw_score'"):
-        fav.evaluate(ds, "nope")
-    fav.score(ds.match_tags("good"), expert="padim", device="cpu", num_workers=0)
-    with pytest.raises(ValueError, match="unknown ground-truth field 'gt'"):
-        fav.evaluate(ds, "padim", gt_field="gt")
-    with pytest.raises(ValueError, match="all 30 evaluated samples are normal"):
-        fav.evaluate(ds, "padim")  # only the normals were scored
-    with pytest.raises(ValueError, match="another kind"):
-        fav.evaluate(ds, "padim", eval_key="padim_expert")
-    assert not [k for k in ds.list_runs() if k.endswith("_eval")]
-
-
-def test_operator_evaluates(fitted):
+def test_operator_form(parts):
     from fiftyone.operators.executor import ExecutionContext
 
     from fiftyone_anomaly_vlm.operators import EvaluateAnomalies
+    from fiftyone_anomaly_vlm.runs import AnomalyScoreRunConfig
 
-    ds = fitted
-    ctx = ExecutionContext(request_params=dict(dataset_name=ds.name, params={}))
+    ctx = ExecutionContext(request_params=dict(dataset_name=parts.name, params={}))
     assert EvaluateAnomalies().resolve_input(ctx).type.properties["no_run"].invalid
-    fav.score(ds, expert="padim", device="cpu", num_workers=0)
+    # a scoring run record is enough for the form (run choices; gt and mask fields; key validation)
+    parts.register_run("s1", AnomalyScoreRunConfig(expert="x", fields=fav.FieldNames("s1").all()))
+    ctx = ExecutionContext(request_params=dict(dataset_name=parts.name, params={"eval_key": "s1"}))
     form = EvaluateAnomalies().resolve_input(ctx).type.properties
-    assert form["run"].type.values == ["padim"]
-    foo.execute_operator(f"{PLUGIN}/evaluate_anomalies", ctx=dict(dataset=ds, params=dict(
-        run="padim", gt_field="ground_truth", gt_mask_field="ground_truth_mask", eval_key="op_eval",
-    ))).raise_exceptions()
-    cfg = ds.get_run_info("op_eval").config
-    assert cfg.run_key == "padim" and "aupro" in cfg.metrics
+    assert form["run"].type.values == ["s1"]
+    assert "ground_truth" in form["gt_field"].type.values and form["gt_mask_field"].type.values == ["ground_truth_mask"]
+    assert form["eval_key"].invalid  # the scoring run's own key
