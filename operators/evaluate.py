@@ -46,6 +46,8 @@ def _dropdown(inputs, name, values, default, label, description=None, required=T
 
 
 class EvaluateAnomalies(foo.Operator):
+    """Form over :func:`fiftyone_anomaly_vlm.evaluate`: scoring run, ground truth, optional masks, key."""
+
     @property
     def config(self):
         return foo.OperatorConfig(
