@@ -1,0 +1,121 @@
+"""The interface every VLM judge backend implements (local transformers, OpenAI-compatible servers).
+
+A backend answers a batch of :class:`JudgeRequest` objects. Each request carries the images in the order
+the prompt refers to them (e.g. ``[reference normal image, the sample, crop 1, crop 2, crop 3]``), a
+system text and a user text that asks for an answer starting with "Yes" or "No". The backend returns the
+generated text and, from the probabilities of the FIRST generated token (local: logits; servers:
+``logprobs``/``top_logprobs``), P(yes) = sigmoid(log p(yes-spellings) - log p(no-spellings)) and the
+probability mass on those spellings (how much the model really answered yes/no).
+
+Example:
+    >>> answers = backend.judge([JudgeRequest(images=[img], system="You inspect parts.",
+    ...                                       user="Is there a defect? Answer Yes or No, then explain.")])
+    >>> answers[0].p_yes, answers[0].answered_mass, answers[0].text
+    (0.93, 0.98, 'Yes. Defect: scratch. Location: top left. ...')
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+#: spellings of the two answers, compared after normalisation (strip Ġ/▁, spaces, punctuation, lowercase)
+YES_WORDS = ("yes",)
+NO_WORDS = ("no",)
+
+
+@dataclass
+class JudgeRequest:
+    """One question to the VLM.
+
+    Attributes:
+        images: images in the order the text refers to them.
+        user: the user text (the question, product knowledge, expert verdict in words...).
+        system: the system text (shared across requests: put it first so servers can cache the prefix).
+        max_new_tokens: generation budget for the explanation.
+        meta: free data carried back unchanged (e.g. the sample id).
+    """
+
+    images: list[Image.Image]
+    user: str
+    system: str = ""
+    max_new_tokens: int = 96
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class JudgeAnswer:
+    """A backend's answer to one :class:`JudgeRequest`.
+
+    Attributes:
+        text: the generated text (answer only, never the prompt).
+        p_yes: P(yes) from the first generated token's probabilities (None if unavailable).
+        answered_mass: probability mass on the yes/no spellings at that token (None if unavailable).
+        error: a short message when this request failed (the run goes on), else None.
+        meta: the request's ``meta``.
+    """
+
+    text: str = ""
+    p_yes: float | None = None
+    answered_mass: float | None = None
+    error: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def normalize_token(token: str) -> str:
+    """Token text -> comparable word: strip byte-level/sentencepiece markers, spaces, punctuation, case."""
+    token = token.replace("Ġ", " ").replace("▁", " ")
+    return re.sub(r"[\W_]+", "", token).lower()
+
+
+def p_yes_from_logprobs(logprobs: Mapping[str, float] | Iterable[tuple[str, float]]) -> tuple[float | None, float]:
+    """P(yes) and the answered mass from one position's token log-probabilities.
+
+    Args:
+        logprobs: token text -> log-probability (e.g. a server's ``top_logprobs``, or the top-k of local
+            logits decoded to text). Tokens that normalise to the same word are summed.
+
+    Returns:
+        ``(p_yes, mass)``: ``p_yes = sigmoid(log P(yes) - log P(no))`` over every spelling, None when
+        neither word appears; ``mass = P(yes) + P(no)``.
+    """
+    items = logprobs.items() if isinstance(logprobs, Mapping) else logprobs
+    p_y = p_n = 0.0
+    for token, lp in items:
+        word = normalize_token(token)
+        if word in YES_WORDS:
+            p_y += math.exp(lp)
+        elif word in NO_WORDS:
+            p_n += math.exp(lp)
+    if p_y == 0.0 and p_n == 0.0:
+        return None, 0.0
+    if p_n == 0.0:
+        return 1.0, p_y
+    if p_y == 0.0:
+        return 0.0, p_n
+    return 1.0 / (1.0 + math.exp(math.log(p_n) - math.log(p_y))), p_y + p_n
+
+
+class JudgeBackend(ABC):
+    """A VLM that answers batches of :class:`JudgeRequest` objects.
+
+    Implementations batch (local) or keep several requests in flight (servers), never one blocking call
+    per image; a failed request yields a :class:`JudgeAnswer` with ``error`` set instead of raising.
+    """
+
+    #: short name recorded on the run ("transformers", "openai")
+    name: str = "base"
+
+    @abstractmethod
+    def judge(self, requests: list[JudgeRequest]) -> list[JudgeAnswer]:
+        """Answer every request, in order."""
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable description for the run config (model id, revision...; never secrets)."""
+        return {"backend": self.name}
