@@ -16,6 +16,8 @@ from .experts import Expert, fit_expert, list_experts, load_expert
 from .fields import FieldNames
 from .metrics import image_metrics
 from .models import available_models
+from .review import (flagged_view, recalibrate_from_review, refit_with_reviewed, review, reviewed_anomalies,
+                     reviewed_normals, score_histogram, scoring_runs, threshold_counts)
 from .scoring import ScoreResults, score
 from .thresholds import set_threshold
 
@@ -33,4 +35,13 @@ __all__ = [
     "load_expert",
     "score",
     "set_threshold",
+    "flagged_view",
+    "recalibrate_from_review",
+    "refit_with_reviewed",
+    "review",
+    "reviewed_anomalies",
+    "reviewed_normals",
+    "score_histogram",
+    "scoring_runs",
+    "threshold_counts",
 ]
