@@ -29,3 +29,6 @@ def register(p):
     from fiftyone_anomaly_vlm.operators import register as register_operators
 
     register_operators(p)
+    from fiftyone_anomaly_vlm.panels import register as register_panels
+
+    register_panels(p)

@@ -3,9 +3,10 @@
 from .clip_expert import CreateClipExpert
 from .evaluate import EvaluateAnomalies
 from .fit_expert import FitExpert
+from .review import ReviewSamples
 from .score import ScoreSamples
 
-OPERATORS = [FitExpert, ScoreSamples, CreateClipExpert, EvaluateAnomalies]
+OPERATORS = [FitExpert, ScoreSamples, CreateClipExpert, EvaluateAnomalies, ReviewSamples]
 
 
 def register(p) -> None:

@@ -18,8 +18,10 @@ def test_plugin_is_discovered_and_manifest_lists_every_operator():
     assert PLUGIN in names
     manifest = yaml.safe_load((ROOT / "fiftyone.yml").read_text())
     listed = set(manifest["operators"])
-    registered = {op.config.name for op in foo.list_operators() if op.plugin_name == PLUGIN}
+    registered = {op.config.name for op in foo.list_operators(type="operator") if op.plugin_name == PLUGIN}
     assert registered == listed, (registered, listed)
+    panels = {op.config.name for op in foo.list_operators(type="panel") if op.plugin_name == PLUGIN}
+    assert panels == set(manifest["panels"]), (panels, manifest["panels"])
 
 
 def test_fit_and_score_operators_execute(parts):
