@@ -1,0 +1,315 @@
+"""Local VLM judge backend: any ``transformers`` image-text-to-text model, batched with left padding.
+
+The model is loaded by hub id or local path with ``AutoModelForImageTextToText`` and ``AutoProcessor``
+(Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, InternVL, Idefics3/SmolVLM...). A batch of
+:class:`~.base.JudgeRequest` objects becomes ONE ``generate()`` call: prompts are built with the
+processor's chat template (system text first, then the images, then the user text), left-padded so every
+prompt ends at the same position, and only the generated tokens are decoded.
+
+P(yes) comes from the first generated position (``output_logits=True``): ``log_softmax`` of its logits,
+``logsumexp`` over every token whose decoded text normalises to "yes" (resp. "no"; the id sets are
+computed once per tokenizer), ``p_yes = sigmoid(ly - ln)`` and ``answered_mass = exp(ly) + exp(ln)``.
+
+Example:
+    >>> from fiftyone_anomaly_vlm.models.judge.hf import TransformersBackend
+    >>> backend = TransformersBackend("Qwen/Qwen2-VL-2B-Instruct", revision="895c3a4", max_pixels=448 * 448)
+    >>> backend.judge([JudgeRequest(images=[img], system="You inspect parts.", user="Defective? Yes or No.")])
+    [JudgeAnswer(text='No. Defect: none. ...', p_yes=0.08, answered_mass=0.97, ...)]
+
+See Also:
+    :mod:`.openai_compat` for OpenAI-compatible servers (vLLM, SGLang, Ollama).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from PIL import Image
+
+from .base import NO_WORDS, YES_WORDS, JudgeAnswer, JudgeBackend, JudgeRequest, normalize_token
+
+logger = logging.getLogger(__name__)
+
+#: longest side / shortest side allowed before padding (Qwen processors raise above 200)
+MAX_ASPECT = 100.0
+
+# (tokenizer class, name_or_path, vocab size) -> (yes ids, no ids); computing them decodes the whole vocab
+_ID_CACHE: dict[tuple[str, str, int], tuple[list[int], list[int]]] = {}
+
+
+def answer_token_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """Ids of every token that decodes to a spelling of yes / of no (``" Yes"``, ``"yes"``, ``"NO"``...).
+
+    Args:
+        tokenizer: a ``transformers`` tokenizer (or a processor's ``.tokenizer``).
+
+    Returns:
+        ``(yes_ids, no_ids)``; cached per tokenizer (name, class and size).
+    """
+    key = (type(tokenizer).__name__, str(getattr(tokenizer, "name_or_path", "")), len(tokenizer))
+    if key not in _ID_CACHE:
+        n = len(tokenizer)
+        texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
+        yes, no = [], []
+        for i, text in enumerate(texts):
+            word = normalize_token(text)
+            if word in YES_WORDS:
+                yes.append(i)
+            elif word in NO_WORDS:
+                no.append(i)
+        _ID_CACHE[key] = (yes, no)
+    return _ID_CACHE[key]
+
+
+def prepare_image(image: Image.Image, max_pixels: int | None = None, max_aspect: float = MAX_ASPECT) -> Image.Image:
+    """RGB, at most ``max_pixels`` pixels, and thin images padded to ``max_aspect`` (processors reject them).
+
+    Args:
+        image: any PIL image (grey, RGBA, 16-bit...).
+        max_pixels: pixel budget; larger images are shrunk keeping their aspect ratio.
+        max_aspect: longest/shortest side above which the short side is padded (black).
+
+    Returns:
+        A new RGB image.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import numpy as np
+
+        arr = np.asarray(image, dtype=np.float32)
+        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
+        arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
+        image = Image.fromarray(arr.astype(np.uint8))
+    image = image.convert("RGB")
+    w, h = image.size
+    if w < 1 or h < 1:
+        raise ValueError(f"empty image ({w}x{h})")
+    if max_pixels and w * h > max_pixels:
+        s = math.sqrt(max_pixels / (w * h))
+        image = image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
+        w, h = image.size
+    if max(w, h) / min(w, h) > max_aspect:
+        side = math.ceil(max(w, h) / max_aspect)
+        canvas = Image.new("RGB", (w, side) if w > h else (side, h))
+        canvas.paste(image, (0, (side - h) // 2) if w > h else ((side - w) // 2, 0))
+        image = canvas
+    return image
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _dtype(dtype: Any, device: str):
+    import torch
+
+    if dtype in (None, "auto"):
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if isinstance(dtype, str):
+        return getattr(torch, dtype)
+    return dtype
+
+
+class TransformersBackend(JudgeBackend):
+    """A local ``transformers`` VLM answering batches of requests in one ``generate()`` call each.
+
+    Args:
+        model: hub id (``"Qwen/Qwen2-VL-2B-Instruct"``) or local folder.
+        revision: hub revision (branch, tag or commit) to pin; recorded in :meth:`describe`.
+        dtype: ``"auto"`` (bfloat16/float16 on CUDA, float32 on CPU), a torch dtype or its name.
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda:0"``...
+        max_pixels: image budget: every image is shrunk to at most this many pixels, and processors that
+            size images by a pixel budget (the Qwen-VL family) get it too, so the number of image tokens stays bounded.
+        processor_kwargs: extra keyword arguments for ``AutoProcessor.from_pretrained``.
+        model_kwargs: extra keyword arguments for ``AutoModelForImageTextToText.from_pretrained``
+            (e.g. ``{"attn_implementation": "sdpa"}``).
+        batch_size: largest number of requests in one ``generate()`` call (longer lists are split).
+        trust_remote_code: passed to both ``from_pretrained`` calls.
+
+    Raises:
+        ImportError: ``transformers`` is not installed.
+        OSError: the model cannot be found (offline and not cached, wrong path...).
+    """
+
+    name = "transformers"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        revision: str | None = None,
+        dtype: Any = "auto",
+        device: str | None = "auto",
+        max_pixels: int | None = None,
+        processor_kwargs: dict[str, Any] | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        batch_size: int = 8,
+        trust_remote_code: bool = False,
+    ) -> None:
+        try:
+            import torch  # noqa: F401
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+        except ImportError as exc:  # pragma: no cover - transformers is a declared dependency
+            raise ImportError("the transformers judge backend needs `pip install transformers torch`") from exc
+
+        self.model_name = str(model)
+        self.revision = revision
+        self.device = _device(device)
+        self.torch_dtype = _dtype(dtype, self.device)
+        self.max_pixels = int(max_pixels) if max_pixels else None
+        self.batch_size = max(1, int(batch_size))
+        self.processor_kwargs = dict(processor_kwargs or {})
+        self.model_kwargs = dict(model_kwargs or {})
+        common = dict(revision=revision, trust_remote_code=trust_remote_code)
+        self.processor = AutoProcessor.from_pretrained(self.model_name, **common, **self.processor_kwargs)
+        if self.max_pixels:
+            _set_pixel_budget(self.processor, self.max_pixels)
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            self.model_name, **common, dtype=self.torch_dtype, **self.model_kwargs).to(self.device).eval()
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.yes_ids, self.no_ids = answer_token_ids(self.tokenizer)
+        if not self.yes_ids or not self.no_ids:
+            logger.warning("%s: no single token decodes to yes/no; P(yes) will be None", self.model_name)
+
+    def describe(self) -> dict[str, Any]:
+        """Model, pinned revision, resolved commit (when loaded from the hub), dtype, device, image budget."""
+        return {
+            "backend": self.name,
+            "model": self.model_name,
+            "revision": self.revision,
+            "commit": getattr(self.model.config, "_commit_hash", None),
+            "model_class": type(self.model).__name__,
+            "dtype": str(self.torch_dtype).replace("torch.", ""),
+            "device": self.device,
+            "max_pixels": self.max_pixels,
+            "processor_kwargs": {k: v for k, v in self.processor_kwargs.items() if _jsonable(v)},
+        }
+
+    # --- prompt -------------------------------------------------------------------------------------------
+    def prompt_text(self, request: JudgeRequest) -> str:
+        """The request as the model's chat-template text: system first, then the images, then the user text.
+
+        Templates without a system role get the system text in front of the user text instead.
+        """
+        user = [{"type": "image"} for _ in request.images] + [{"type": "text", "text": request.user}]
+        messages = [{"role": "user", "content": user}]
+        if request.system:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": request.system}]})
+        try:
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception:  # noqa: BLE001 - templates that refuse a system turn (Gemma-style)
+            if not request.system:
+                raise
+            user[-1] = {"type": "text", "text": f"{request.system}\n\n{request.user}"}
+            return self.processor.apply_chat_template([{"role": "user", "content": user}],
+                                                      add_generation_prompt=True, tokenize=False)
+
+    def _prepare(self, request: JudgeRequest) -> tuple[str, list[Image.Image]]:
+        if not request.images:
+            raise ValueError("request has no image")
+        images = [prepare_image(im, self.max_pixels) for im in request.images]
+        return self.prompt_text(request), images
+
+    # --- generation ---------------------------------------------------------------------------------------
+    def judge(self, requests: list[JudgeRequest]) -> list[JudgeAnswer]:
+        """Answer every request, in order; a failed request gets ``error`` instead of raising.
+
+        Requests are prepared one by one (a bad image fails only its own request), generated in batches of
+        :attr:`batch_size`; if a whole batch fails (e.g. out of memory) its requests are retried alone.
+        """
+        answers: list[JudgeAnswer | None] = [None] * len(requests)
+        ready: list[tuple[int, str, list[Image.Image]]] = []
+        for i, req in enumerate(requests):
+            try:
+                text, images = self._prepare(req)
+                ready.append((i, text, images))
+            except Exception as exc:  # noqa: BLE001 - this request's error, not the run's
+                answers[i] = JudgeAnswer(error=f"{type(exc).__name__}: {exc}", meta=dict(req.meta))
+        for start in range(0, len(ready), self.batch_size):
+            chunk = ready[start:start + self.batch_size]
+            try:
+                outs = self._generate(chunk, max(requests[i].max_new_tokens for i, _, _ in chunk))
+            except Exception as exc:  # noqa: BLE001
+                if len(chunk) == 1:
+                    i = chunk[0][0]
+                    answers[i] = JudgeAnswer(error=f"{type(exc).__name__}: {exc}", meta=dict(requests[i].meta))
+                    continue
+                logger.warning("batch of %d failed (%s); answering one at a time", len(chunk), exc)
+                outs = []
+                for item in chunk:
+                    try:
+                        outs.extend(self._generate([item], requests[item[0]].max_new_tokens))
+                    except Exception as exc1:  # noqa: BLE001
+                        outs.append(JudgeAnswer(error=f"{type(exc1).__name__}: {exc1}"))
+            for (i, _, _), ans in zip(chunk, outs):
+                ans.meta = dict(requests[i].meta)
+                answers[i] = ans
+        return answers  # type: ignore[return-value]
+
+    def _generate(self, chunk: list[tuple[int, str, list[Image.Image]]], max_new_tokens: int) -> list[JudgeAnswer]:
+        import torch
+
+        texts = [t for _, t, _ in chunk]
+        images = [ims for _, _, ims in chunk]
+        enc = self.processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+        enc = {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in enc.items()}
+        if "pixel_values" in enc and enc["pixel_values"].is_floating_point():
+            enc["pixel_values"] = enc["pixel_values"].to(self.torch_dtype)
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id
+        with torch.inference_mode():
+            out = self.model.generate(**enc, max_new_tokens=max(1, int(max_new_tokens)), do_sample=False,
+                                      output_logits=True, return_dict_in_generate=True, pad_token_id=pad_id)
+        prompt_len = enc["input_ids"].shape[1]
+        generated = out.sequences[:, prompt_len:]
+        texts_out = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        logp = torch.log_softmax(out.logits[0].float(), dim=-1)
+        answers = []
+        for row, text in enumerate(texts_out):
+            p_yes, mass = self._p_yes(logp[row])
+            answers.append(JudgeAnswer(text=text.strip(), p_yes=p_yes, answered_mass=mass))
+        return answers
+
+    def _p_yes(self, logp) -> tuple[float | None, float | None]:
+        import torch
+
+        if not self.yes_ids or not self.no_ids:
+            return None, None
+        ly = torch.logsumexp(logp[self.yes_ids], dim=0).item()
+        ln = torch.logsumexp(logp[self.no_ids], dim=0).item()
+        mass = math.exp(ly) + math.exp(ln)
+        d = ly - ln
+        p = 1.0 / (1.0 + math.exp(-d)) if d > -700 else 0.0
+        return p, min(1.0, mass)
+
+
+def _set_pixel_budget(processor, max_pixels: int) -> bool:
+    """Give processors that size images by a pixel budget (the Qwen-VL family) ``max_pixels``.
+
+    Those image processors keep the budget as ``size = {"shortest_edge": min_pixels, "longest_edge":
+    max_pixels}`` and merge patches (``merge_size``); others are left alone (images are shrunk before).
+    """
+    ip = getattr(processor, "image_processor", None)
+    size = getattr(ip, "size", None)
+    if ip is None or not hasattr(ip, "merge_size") or size is None:
+        return False
+    try:
+        lo, hi = size["shortest_edge"], size["longest_edge"]
+    except (KeyError, TypeError):
+        return False
+    if lo is None or hi is None:
+        return False
+    ip.size = {"shortest_edge": min(int(lo), max_pixels), "longest_edge": int(max_pixels)}
+    return True
+
+
+def _jsonable(v: Any) -> bool:
+    return isinstance(v, (str, int, float, bool, type(None), list, dict))
