@@ -266,6 +266,7 @@ class AnomalibExpert:
             raise
         if not isinstance(model, AnomalibModule):  # pragma: no cover - anomalib guarantees this
             raise TypeError(type(model))
+        _check_layers(model, kwargs.get("layers"))
         if local_weights and snake != "efficientad":
             _load_backbone_weights(model, local_weights)
         expert = cls(model, image_size=image_size, device=device)
@@ -429,6 +430,21 @@ class AnomalibExpert:
         """Fully qualified class name of the wrapped anomalib model."""
         klass = type(self.model)
         return f"{klass.__module__}.{klass.__qualname__}"
+
+
+def _check_layers(model: torch.nn.Module, requested: Sequence[str] | None) -> None:
+    """Fail at construction, not mid-fit: anomalib drops unknown layer names with only a log warning."""
+    from anomalib.models.components import TimmFeatureExtractor
+
+    if not requested:
+        return
+    for sub in model.modules():
+        if isinstance(sub, TimmFeatureExtractor) and list(sub.layers) != list(requested):
+            missing = [layer for layer in requested if layer not in sub.layers]
+            msg = (f"layers {missing} are not feature layers of backbone {sub.backbone!r} (anomalib's warning "
+                   "above lists the available ones; for EfficientNet-Lite: blocks.0, blocks.1, blocks.2, "
+                   "blocks.4, blocks.6)")
+            raise ValueError(msg)
 
 
 def _default_arg(model_cls: type, name: str) -> Any:

@@ -56,3 +56,9 @@ def test_pretrained_download_offline_fails_clearly():
     # the tests run with HF_HUB_OFFLINE=1, like an air-gapped line PC
     with pytest.raises(RuntimeError, match="pretrained=False"):
         AnomalibExpert.build("padim", pretrained=True, backbone="resnet18", device="cpu")
+
+
+def test_unknown_feature_layer_fails_at_construction_not_mid_fit():
+    with pytest.raises(ValueError, match=r"\['blocks.3'\] are not feature layers"):
+        AnomalibExpert.build("patchcore", image_size=(64, 64), device="cpu",
+                             model_kwargs={"layers": ["blocks.3", "blocks.4"]})
