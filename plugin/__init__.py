@@ -14,6 +14,7 @@ from .clip import create_clip_expert
 from .evaluation import evaluate, label_accuracy
 from .experts import Expert, fit_expert, list_experts, load_expert
 from .fields import FieldNames
+from .judge import JudgeFieldNames, JudgeResults, judge
 from .metrics import image_metrics
 from .models import available_models
 from .review import (flagged_view, recalibrate_from_review, refit_with_reviewed, review, reviewed_anomalies,
@@ -30,6 +31,9 @@ __all__ = [
     "evaluate",
     "fit_expert",
     "image_metrics",
+    "judge",
+    "JudgeFieldNames",
+    "JudgeResults",
     "label_accuracy",
     "list_experts",
     "load_expert",

@@ -136,3 +136,43 @@ class AnomalyEvaluationRun(fors.Run):
         dataset = samples._root_dataset
         if key in dataset.get_field_schema():
             dataset.delete_sample_field(key)
+
+
+def _judge_fields(key: str) -> list[str]:
+    from .judge import JudgeFieldNames  # late: judge imports this module
+
+    return JudgeFieldNames(key).all()
+
+
+class JudgeRunConfig(fors.RunConfig):
+    """Config of a VLM judge run: the backend's description (model, revision; never secrets), the expert
+    run used, and every prompt part as used.
+
+    Args:
+        **kwargs: JSON-serialisable attributes (see :func:`fiftyone_anomaly_vlm.judge`).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("method", "vlm_judge")
+        super().__init__(**kwargs)
+
+
+class JudgeRun(fors.Run):
+    """A VLM judge run; its fields are :class:`~fiftyone_anomaly_vlm.judge.JudgeFieldNames` of the run key."""
+
+    def get_fields(self, samples, key):  # noqa: D102
+        return _judge_fields(key)
+
+    def rename(self, samples, key, new_key):  # noqa: D102
+        dataset = samples._root_dataset
+        schema = dataset.get_field_schema()
+        pairs = {o: n for o, n in zip(_judge_fields(key), _judge_fields(new_key)) if o in schema}
+        if pairs:
+            dataset.rename_sample_fields(pairs)
+
+    def cleanup(self, samples, key):  # noqa: D102
+        dataset = samples._root_dataset
+        schema = dataset.get_field_schema()
+        fields = [f for f in _judge_fields(key) if f in schema]
+        if fields:
+            dataset.delete_sample_fields(fields)
