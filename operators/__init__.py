@@ -3,10 +3,11 @@
 from .clip_expert import CreateClipExpert
 from .evaluate import EvaluateAnomalies
 from .fit_expert import FitExpert
+from .judge import JudgeSamples
 from .review import ReviewSamples
 from .score import ScoreSamples
 
-OPERATORS = [FitExpert, ScoreSamples, CreateClipExpert, EvaluateAnomalies, ReviewSamples]
+OPERATORS = [FitExpert, ScoreSamples, CreateClipExpert, EvaluateAnomalies, ReviewSamples, JudgeSamples]
 
 
 def register(p) -> None:

@@ -1,0 +1,135 @@
+"""Operator: ask a VLM to judge and explain the target samples (local model or OpenAI-compatible server)."""
+
+from __future__ import annotations
+
+import os
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from fiftyone_anomaly_vlm import judge
+from fiftyone_anomaly_vlm.models.judge import make_backend
+from fiftyone_anomaly_vlm.runs import AnomalyScoreRunConfig, JudgeRunConfig
+
+from ._forms import check_key
+from ._progress import run_with_progress
+
+#: default name of the secret / environment variable holding a server's API key
+API_KEY_SECRET = "FAV_VLM_API_KEY"
+_NONE = "(none)"
+
+
+def _dropdown(inputs, name, values, default, label, description=None):
+    choices = types.Dropdown()
+    for v in values:
+        choices.add_choice(v, label=v)
+    return inputs.enum(name, choices.values(), default=default, label=label, description=description, view=choices)
+
+
+def backend_from_params(params: dict, secrets=None):
+    """Build the judge backend the form describes; the API key is read here and never stored.
+
+    Args:
+        params: the operator's parameters.
+        secrets: ``ctx.secrets`` (or any mapping); the environment is the fallback.
+
+    Returns:
+        A :class:`~fiftyone_anomaly_vlm.models.judge.JudgeBackend`.
+    """
+    if params.get("backend", "transformers") == "openai":
+        secret = params.get("api_key_secret") or API_KEY_SECRET
+        api_key = (secrets.get(secret, None) if secrets is not None else None) or os.environ.get(secret)
+        return make_backend("openai", base_url=params["base_url"], model=params["server_model"], api_key=api_key,
+                            api_key_env=secret, max_concurrency=int(params.get("max_concurrency", 8)))
+    max_pixels = int(params.get("max_pixels") or 0) or None
+    return make_backend("transformers", model=params["model"], revision=params.get("revision") or None,
+                        device=params.get("device", "auto"), max_pixels=max_pixels,
+                        batch_size=int(params.get("batch_size", 8)))
+
+
+class JudgeSamples(foo.Operator):
+    """Form over :func:`fiftyone_anomaly_vlm.judge`: backend, expert run, prompt parts, key."""
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="judge_anomalies",
+            label="Anomaly: VLM judge and explain",
+            description="A vision-language model's verdict, defect type, location and explanation per sample",
+            icon="psychology",
+            dynamic=True,
+            execute_as_generator=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+            default_choice_to_delegated=True,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        inputs.view_target(ctx)
+        p = ctx.params
+        key = p.get("key", "vlm")
+        key_prop = inputs.str("key", default="vlm", required=True, label="Run key",
+                              description="Fields: <key>, <key>_p_anomalous, <key>_defect, <key>_location, "
+                                          "<key>_explanation, <key>_answer, <key>_error, <key>_fused")
+        inputs.bool("overwrite", default=False, label="Judge again samples already judged under this key")
+        runs = ctx.dataset.list_runs() if ctx.dataset else []
+        taken = [k for k in runs if not isinstance(ctx.dataset.get_run_info(k).config, JudgeRunConfig)]
+        check_key(key_prop, key, taken, "Run")
+
+        backend = types.RadioGroup()
+        backend.add_choice("transformers", label="Local model (transformers)")
+        backend.add_choice("openai", label="OpenAI-compatible server (vLLM, SGLang, Ollama, hosted)")
+        inputs.enum("backend", backend.values(), default="transformers", label="Backend", view=backend)
+        if p.get("backend", "transformers") == "openai":
+            inputs.str("base_url", required=True, label="Server base URL", description="e.g. http://gpu-box:8000/v1")
+            inputs.str("server_model", required=True, label="Model name on the server")
+            inputs.str("api_key_secret", default=API_KEY_SECRET, label="API key secret",
+                       description="Name of the FiftyOne secret or environment variable holding the key "
+                                   "(the key itself is never stored)")
+            inputs.int("max_concurrency", default=8, min=1, label="Requests in flight")
+        else:
+            inputs.str("model", required=True, label="Model", description="Hub id or local folder of an "
+                       "image-text-to-text model, e.g. Qwen/Qwen2-VL-2B-Instruct")
+            inputs.str("revision", label="Revision", description="Hub branch, tag or commit to pin")
+            inputs.str("device", default="auto", label="Device")
+            inputs.int("max_pixels", default=448 * 448, min=0, label="Image budget (pixels per image)")
+
+        experts = [k for k in runs if isinstance(ctx.dataset.get_run_info(k).config, AnomalyScoreRunConfig)]
+        _dropdown(inputs, "expert", [_NONE, *experts], experts[0] if experts else _NONE, "Expert run",
+                  "Its heatmap gives the crops, its score the verdict in words and the fused score")
+        inputs.int("crops", default=3, min=0, max=8, label="Expert-guided crops (Triad)")
+        inputs.bool("use_expert_verdict", default=True, label="Tell the model the expert's verdict in words")
+        inputs.bool("only_flagged", default=False, label="Only samples the expert flagged")
+        _dropdown(inputs, "reference", [_NONE, "auto", "tag"], _NONE, "Reference normal image (MoXpert)",
+                  "Helps 7B+ models, can hurt 2B models")
+        if p.get("reference") == "tag":
+            inputs.str("reference_tag", required=True, label="Tag of normal samples")
+        inputs.str("knowledge", label="Product knowledge",
+                   description="Text, or the name of a sample field holding it")
+        inputs.str("class_field", label="Class field", description="Sample field with the product class")
+        _dropdown(inputs, "fuse", ["rank", "logistic"], "rank", "Fusion of expert score and VLM probability")
+        inputs.int("batch_size", default=8, min=1, label="Batch size")
+        inputs.int("max_new_tokens", default=96, min=1, label="Answer length (tokens)")
+        return types.Property(inputs, view=types.View(label="VLM judge and explain"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        backend = backend_from_params(p, ctx.secrets)
+        expert = p.get("expert")
+        reference = p.get("reference")
+        reference = p.get("reference_tag") if reference == "tag" else (None if reference in (None, _NONE) else reference)
+        results = yield from run_with_progress(
+            ctx, "judging", judge, ctx.target_view(), key=p.get("key") or "vlm", backend=backend,
+            expert=None if expert in (None, _NONE) else expert, reference=reference,
+            knowledge=p.get("knowledge") or None, class_field=p.get("class_field") or None,
+            crops=int(p.get("crops", 3)), use_expert_verdict=bool(p.get("use_expert_verdict", True)),
+            only_flagged=bool(p.get("only_flagged", False)), batch_size=int(p.get("batch_size", 8)),
+            fuse=p.get("fuse", "rank"), max_new_tokens=int(p.get("max_new_tokens", 96)),
+            overwrite=bool(p.get("overwrite", False)),
+        )
+        if not ctx.delegated:
+            yield ctx.trigger("reload_dataset")
+        msg = (f"Judged {results.num_judged} samples ({results.num_errors} errors, {results.num_unparsed} unparsed, "
+               f"{results.num_skipped} already judged); {results.num_anomalous} anomalous in '{results.key}'")
+        yield ctx.trigger("notify", dict(message=msg, variant="warning" if results.num_errors else "success"))
