@@ -1,0 +1,223 @@
+"""The VLM judge: a tiny locally built Qwen2-VL through the real generate() path, and judge() end to end.
+
+The tiny model has random weights, so its answers are garbage: that exercises the "unparsed" path; the
+parser is tested on hand-written answers. P(yes) is checked against a direct prefill computation.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fiftyone as fo
+import fiftyone.operators as foo
+
+import fiftyone_anomaly_vlm as fav
+from fiftyone_anomaly_vlm.judge import (GRID, JudgeFieldNames, fuse_scores, normalize_location, parse_answer,
+                                        read_heatmap, top_regions)
+from fiftyone_anomaly_vlm.models.judge import JudgeRequest, make_backend
+from fiftyone_anomaly_vlm.models.judge.hf import TransformersBackend, answer_token_ids, prepare_image
+
+from tiny_vlms import build_qwen2_vl
+
+PLUGIN = "@anomaly-vlm/anomaly-vlm"
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory) -> str:
+    return build_qwen2_vl(str(tmp_path_factory.mktemp("tiny-qwen2-vl")))
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_dir) -> TransformersBackend:
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    return make_backend("transformers", model=qwen_dir, device="cpu", max_pixels=56 * 56, batch_size=8)
+
+
+def _images(seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    sizes = [(40, 60), (90, 90), (3, 700), (50, 50)]  # (h, w); one very thin image
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
+def _direct_p_yes(backend: TransformersBackend, req: JudgeRequest) -> tuple[float, float]:
+    """P(yes) and mass from one unbatched prefill forward pass, computed here without generate()."""
+    text = backend.prompt_text(req)
+    images = [prepare_image(im, backend.max_pixels) for im in req.images]
+    enc = backend.processor(text=[text], images=[images], return_tensors="pt")
+    with torch.inference_mode():
+        logits = backend.model(**enc).logits[0, -1].float()
+    logp = torch.log_softmax(logits, -1)
+    yes, no = answer_token_ids(backend.tokenizer)
+    ly, ln = torch.logsumexp(logp[yes], 0).item(), torch.logsumexp(logp[no], 0).item()
+    return float(torch.sigmoid(torch.tensor(ly - ln))), float(np.exp(ly) + np.exp(ln))
+
+
+def test_backend_batched_left_padded_matches_direct_logits(qwen):
+    ims = _images()
+    reqs = [JudgeRequest(images=[im] * (1 + i % 2), system="You inspect parts.",
+                         user="Is this part anomalous? " * (1 + i), max_new_tokens=6, meta={"i": i})
+            for i, im in enumerate(ims)]
+    batched = qwen.judge(reqs)
+    assert [a.meta["i"] for a in batched] == [0, 1, 2, 3]
+    for req, ans in zip(reqs, batched):
+        assert ans.error is None
+        single = qwen.judge([req])[0]
+        p, mass = _direct_p_yes(qwen, req)
+        assert ans.p_yes == pytest.approx(single.p_yes, abs=1e-4)
+        assert ans.p_yes == pytest.approx(p, abs=1e-4)
+        assert ans.answered_mass == pytest.approx(mass, rel=1e-3)
+        assert 0.0 <= ans.p_yes <= 1.0 and 0.0 <= ans.answered_mass <= 1.0
+        # only generated tokens are decoded: never the prompt, never more than the budget
+        assert "inspect parts" not in ans.text and "anomalous?" not in ans.text
+        longest = max(len(t) for t in qwen.tokenizer.batch_decode([[i] for i in range(len(qwen.tokenizer))]))
+        assert len(ans.text) <= req.max_new_tokens * longest
+    d = qwen.describe()
+    assert d["backend"] == "transformers" and d["model"] == qwen.model_name and "revision" in d
+    # yes/no spellings: every id decodes to yes/no after normalisation
+    yes, no = answer_token_ids(qwen.tokenizer)
+    assert {qwen.tokenizer.decode([i]).strip().lower() for i in yes} <= {"yes"} and len(yes) >= 2
+    assert {qwen.tokenizer.decode([i]).strip().lower() for i in no} <= {"no"} and len(no) >= 2
+
+
+def test_backend_per_request_errors(qwen):
+    ok = JudgeRequest(images=[_images()[0]], user="Defect? Yes or No.", max_new_tokens=2)
+    bad = JudgeRequest(images=[], user="no image", max_new_tokens=2)
+    out = qwen.judge([bad, ok])
+    assert out[0].error and "no image" in out[0].error
+    assert out[1].error is None and out[1].p_yes is not None
+    with pytest.raises(ValueError, match="unknown judge backend"):
+        make_backend("nope")
+
+
+def test_parser_on_hand_written_answers():
+    a = parse_answer("Yes. Defect: scratch. Location: top left. Explanation: a thin line crosses the surface.")
+    assert (a.answer, a.defect, a.location) == ("yes", "scratch", "top left")
+    assert a.explanation == "a thin line crosses the surface"
+    b = parse_answer("**No**\nDefect: none\nLocation: none\nExplanation: The part matches the reference.")
+    assert (b.answer, b.defect, b.location, b.explanation) == ("no", "none", "none", "The part matches the reference")
+    assert parse_answer("no").answer == "no" and parse_answer("no").defect is None
+    g = parse_answer("ufa contam suspicious 4d")
+    assert g.answer is None and g.location is None and g.explanation is None
+    assert parse_answer("").answer is None
+    assert normalize_location("Upper-left corner") == "top left"
+    assert normalize_location("at the bottom of the image") == "bottom center"
+    assert normalize_location("centre") == "center" and normalize_location("right side") == "middle right"
+    assert normalize_location("somewhere") is None
+    assert set(GRID) == {normalize_location(w) for w in GRID}
+
+
+def test_regions_and_fusion_helpers():
+    m = np.zeros((30, 30))
+    m[5, 25], m[20, 4], m[6, 24] = 1.0, 0.8, 0.9  # the 0.9 sits in the first box: suppressed
+    boxes = top_regions(m, 3)
+    assert len(boxes) == 3 and boxes[0][4] == 1.0 and boxes[1][4] == 0.8
+    x0, y0, x1, y1, _ = boxes[0]
+    assert x0 <= 25 < x1 and y0 <= 5 < y1 and x1 - x0 == 10
+    assert all(0 <= b[0] and b[2] <= 30 and 0 <= b[1] and b[3] <= 30 for b in boxes)
+    e, v = np.array([0.1, 0.5, 0.9]), np.array([0.2, 0.9, 0.6])
+    assert fuse_scores(e, v, "rank").tolist() == pytest.approx([0.0, 0.75, 0.75])
+    lg = fuse_scores(e, v, "logistic")
+    assert lg[0] < lg[1] and np.all((lg > 0) & (lg < 1)) and lg[2] == pytest.approx(
+        1 / (1 + np.exp(-0.5 * (np.log(9) + np.log(1.5)))))
+
+
+def _scored_subset(ds, tmp_path):
+    """Score the dataset with the 'padim' expert; add one sample whose image file is broken."""
+    fav.score(ds, expert="padim", device="cpu", num_workers=0)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    ds.add_sample(fo.Sample(filepath=str(bad), tags=["broken"]))
+    anomalous = ds.match(fo.ViewField("ground_truth.label") == "anomalous").limit(3)
+    normal = ds.match_tags("train", bool=False).match(fo.ViewField("ground_truth.label") == "normal").limit(2)
+    ids = anomalous.values("id") + normal.values("id") + ds.match_tags("broken").values("id")
+    return ds.select(ids)
+
+
+def test_judge_end_to_end_resume_and_delete(fitted, qwen, tmp_path):
+    ds = fitted
+    view = _scored_subset(ds, tmp_path)
+    knowledge = {"default": "A round metal part; defects are scratches, holes and stains."}
+    res = fav.judge(view, key="vlm", backend=qwen, expert="padim", reference="auto", knowledge=knowledge,
+                    crops=3, batch_size=4, max_new_tokens=12)
+    f = JudgeFieldNames("vlm")
+    assert res.num_samples == 6 and res.num_judged == 5 and res.num_errors == 1
+    assert "vlm" in ds.list_runs()
+
+    # a broken image: its error, no verdict; the rest goes on
+    bad = ds.match_tags("broken").first()
+    assert bad[f.error] and bad[f.label] is None
+    normals = set(ds.match(fo.ViewField("padim.label") == "normal").values("id"))
+    for s in view.match_tags("broken", bool=False):
+        lab = s[f.label]
+        assert isinstance(lab, fo.Classification) and lab.label in ("anomalous", "normal", "unparsed")
+        assert 0.0 <= lab.p_anomalous <= 1.0 and 0.0 <= lab.answered_mass <= 1.0
+        assert s[f.p_anomalous] == pytest.approx(lab.p_anomalous)
+        assert isinstance(s[f.answer], str) and s[f.error] is None
+        if lab.label == "unparsed":  # a random model's garbage: kept as raw text
+            assert lab.confidence is None and s[f.answer] is not None
+        assert s[f.defect] is None or isinstance(s[f.defect], fo.Classification)
+        assert s[f.location] is None or s[f.location].label in (*GRID, "none")
+        assert s[f.explanation] is None or isinstance(s[f.explanation], str)
+        # reference: a sample the expert called normal, never the sample itself
+        assert lab.reference_id in normals and lab.reference_id != s.id
+        # crops: 3 boxes from the expert map; the first covers the map's maximum
+        dets = s[f.regions].detections
+        assert len(dets) == 3
+        hm = read_heatmap(s["padim_map"].map_path)
+        cy, cx = np.unravel_index(np.argmax(hm), hm.shape)
+        x, y, w, h = dets[0].bounding_box
+        assert x <= (cx + 0.5) / hm.shape[1] <= x + w and y <= (cy + 0.5) / hm.shape[0] <= y + h
+        assert dets[0].confidence == pytest.approx(hm.max(), abs=1e-6)
+        assert 0.0 <= s[f.fused] <= 1.0
+    assert res.num_unparsed == view.count_values(f"{f.label}.label").get("unparsed", 0)
+    # fused score: the rank average of the expert score and P(anomalous)
+    judged = view.exists(f.fused)
+    e, v, fused = judged.values(["padim_score", f.p_anomalous, f.fused])
+    assert fused == pytest.approx(fuse_scores(np.array(e), np.array(v), "rank").tolist())
+
+    cfg = ds.get_run_info("vlm").config
+    assert cfg.expert == "padim" and cfg.prompt["crops"] == 3 and cfg.prompt["reference"] == "auto"
+    assert cfg.prompt["knowledge_text"] == knowledge and cfg.backend["model"] == qwen.model_name
+    assert not any("api" in k.lower() for k in cfg.backend)
+
+    # resume: nothing judged twice (the broken sample is retried and fails again)
+    again = fav.judge(view, key="vlm", backend=qwen, expert="padim", reference="auto", knowledge=knowledge,
+                      batch_size=4, max_new_tokens=12)
+    assert again.num_skipped == 5 and again.num_judged == 0 and again.num_errors == 1
+    over = fav.judge(view, key="vlm", backend=qwen, expert="padim", crops=0, use_expert_verdict=False,
+                     batch_size=4, max_new_tokens=4, overwrite=True)
+    assert over.num_judged == 5 and over.num_skipped == 0
+    assert ds.get_run_info("vlm").config.prompt["crops"] == 0
+    assert all(r is None for r in view.match_tags("broken", bool=False).values(f.regions))
+    # only flagged: the expert's anomalous samples
+    flagged = fav.judge(view, key="vlm_flagged", backend=qwen, expert="padim", only_flagged=True, crops=1,
+                        max_new_tokens=2)
+    n_flagged = view.match(fo.ViewField("padim.label") == "anomalous").count()
+    assert flagged.num_not_flagged == 6 - n_flagged and flagged.num_judged + flagged.num_errors == n_flagged
+    with pytest.raises(ValueError, match="another kind"):
+        fav.judge(view, key="padim_expert", backend=qwen)
+
+    ds.delete_run("vlm")
+    schema = ds.get_field_schema()
+    assert not [name for name in f.all() if name in schema]
+    assert "padim_score" in schema and "vlm_flagged" in schema
+
+
+def test_judge_operator_runs_local_model(parts, qwen_dir):
+    ds = parts
+    view = ds.limit(2)
+    result = foo.execute_operator(
+        f"{PLUGIN}/judge_anomalies",
+        ctx=dict(view=view, params=dict(key="op_vlm", backend="transformers", model=qwen_dir, device="cpu",
+                                        max_pixels=56 * 56, expert="(none)", reference="tag",
+                                        reference_tag="train", batch_size=2, max_new_tokens=3)),
+    )
+    result.raise_exceptions()
+    assert view.count("op_vlm") == 2 and view.count("op_vlm_answer") == 2
+    cfg = ds.get_run_info("op_vlm").config
+    assert cfg.expert is None and cfg.prompt["reference"] == "train" and cfg.fuse is None
