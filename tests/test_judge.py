@@ -22,7 +22,7 @@ from fiftyone_anomaly_vlm.judge import (GRID, JudgeFieldNames, fuse_scores, norm
 from fiftyone_anomaly_vlm.models.judge import JudgeRequest, make_backend
 from fiftyone_anomaly_vlm.models.judge.hf import TransformersBackend, answer_token_ids, prepare_image
 
-from tiny_vlms import build_qwen2_vl
+from tiny_vlms import build_llava_onevision, build_qwen2_vl
 
 PLUGIN = "@anomaly-vlm/anomaly-vlm"
 
@@ -57,12 +57,29 @@ def _direct_p_yes(backend: TransformersBackend, req: JudgeRequest) -> tuple[floa
     return float(torch.sigmoid(torch.tensor(ly - ln))), float(np.exp(ly) + np.exp(ln))
 
 
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory) -> TransformersBackend:
+    path = build_llava_onevision(str(tmp_path_factory.mktemp("tiny-llava-ov")))
+    return make_backend("transformers", model=path, device="cpu", batch_size=8)
+
+
 def test_backend_batched_left_padded_matches_direct_logits(qwen):
+    _check_backend(qwen)
+
+
+def test_llava_onevision_backend(llava):
+    """A second family (images before the text in its template) through the same checks."""
+    _check_backend(llava)
+    assert llava.describe()["model_class"] == "LlavaOnevisionForConditionalGeneration"
+
+
+def _check_backend(qwen: TransformersBackend) -> None:
     ims = _images()
     reqs = [JudgeRequest(images=[im] * (1 + i % 2), system="You inspect parts.",
                          user="Is this part anomalous? " * (1 + i), max_new_tokens=6, meta={"i": i})
             for i, im in enumerate(ims)]
     batched = qwen.judge(reqs)
+    longest = max(len(t) for t in qwen.tokenizer.batch_decode([[i] for i in range(len(qwen.tokenizer))]))
     assert [a.meta["i"] for a in batched] == [0, 1, 2, 3]
     for req, ans in zip(reqs, batched):
         assert ans.error is None
@@ -74,7 +91,6 @@ def test_backend_batched_left_padded_matches_direct_logits(qwen):
         assert 0.0 <= ans.p_yes <= 1.0 and 0.0 <= ans.answered_mass <= 1.0
         # only generated tokens are decoded: never the prompt, never more than the budget
         assert "inspect parts" not in ans.text and "anomalous?" not in ans.text
-        longest = max(len(t) for t in qwen.tokenizer.batch_decode([[i] for i in range(len(qwen.tokenizer))]))
         assert len(ans.text) <= req.max_new_tokens * longest
     d = qwen.describe()
     assert d["backend"] == "transformers" and d["model"] == qwen.model_name and "revision" in d

@@ -87,6 +87,56 @@ def build_qwen2_vl(path: str, seed: int = 0) -> str:
     return path
 
 
+_LLAVA_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_llava_onevision(path: str, seed: int = 0) -> str:
+    """Build, save and return the folder of a tiny LLaVA-OneVision (SigLIP 32 px / patch 8, Qwen2 text)."""
+    import torch
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessor, LlavaOnevisionProcessor)
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+    tok = _tokenizer(special, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                     extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in special}
+    image_proc = LlavaOnevisionImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32},
+                                              image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]])
+    kwargs = dict(image_processor=image_proc, tokenizer=tok, num_image_tokens=16,
+                  vision_feature_select_strategy="full", chat_template=_LLAVA_TEMPLATE)
+    try:
+        proc = LlavaOnevisionProcessor(**kwargs)
+    except TypeError:
+        from transformers import LlavaOnevisionVideoProcessor
+
+        proc = LlavaOnevisionProcessor(video_processor=LlavaOnevisionVideoProcessor(), **kwargs)
+    config = LlavaOnevisionConfig(
+        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=4096, eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"], bos_token_id=None),
+        vision_config=dict(model_type="siglip_vision_model", image_size=32, patch_size=8, hidden_size=32,
+                           intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+        image_token_index=ids["<image>"], video_token_index=ids["<video>"],
+        vision_feature_select_strategy="full", vision_feature_layer=-1,
+        image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]],
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
+    return path
+
+
 if __name__ == "__main__":  # pragma: no cover - manual smoke check
     import sys
 
