@@ -23,8 +23,26 @@ def _ensure_package() -> None:
     spec.loader.exec_module(module)
 
 
+def _unshadow_lightning() -> None:
+    """Let ``import lightning`` find the real package inside the App server.
+
+    The App server runs ``fiftyone/server/main.py`` as a script, which puts ``fiftyone/server`` (holding a
+    ``lightning.py`` module) first on ``sys.path``; anomalib's ``import lightning.pytorch`` then fails and the
+    plugin cannot register. Moving that folder to the end of the path keeps every module importable.
+    """
+    shadowing = [p for p in sys.path if os.path.isfile(os.path.join(p or os.getcwd(), "lightning.py"))
+                 and os.path.basename(os.path.normpath(os.path.abspath(p or os.getcwd()))) == "server"]
+    for entry in shadowing:
+        sys.path.remove(entry)
+        sys.path.append(entry)
+    module = sys.modules.get("lightning")
+    if shadowing and module is not None and not hasattr(module, "__path__"):
+        del sys.modules["lightning"]
+
+
 def register(p):
     """Register the plugin's operators and panels."""
+    _unshadow_lightning()
     _ensure_package()
     from fiftyone_anomaly_vlm.operators import register as register_operators
 
