@@ -237,3 +237,14 @@ def test_judge_operator_runs_local_model(parts, qwen_dir):
     assert view.count("op_vlm") == 2 and view.count("op_vlm_answer") == 2
     cfg = ds.get_run_info("op_vlm").config
     assert cfg.expert is None and cfg.prompt["reference"] == "train" and cfg.fuse is None
+
+
+def test_operator_builds_server_backend_without_storing_the_key(monkeypatch):
+    from fiftyone_anomaly_vlm.operators.judge import backend_from_params
+
+    monkeypatch.setenv("FAV_VLM_API_KEY", "sk-env-secret")
+    backend = backend_from_params(dict(backend="openai", base_url="http://127.0.0.1:9/v1", server_model="m"),
+                                  secrets={"FAV_VLM_API_KEY": "sk-from-secrets"})
+    assert backend.name == "openai"
+    text = repr(backend.describe())
+    assert "sk-from-secrets" not in text and "sk-env-secret" not in text
