@@ -53,3 +53,21 @@ def run_with_progress(ctx, label: str, fn: Callable[..., Any], *args: Any, **kwa
     if "error" in box:
         raise box["error"]
     return box.get("result")
+
+
+def long_running_config(name: str, label: str, description: str, icon: str, delegate_by_default: bool = True):
+    """The ``OperatorConfig`` shared by the plugin's long operators: dynamic forms, progress as a
+    generator, immediate or delegated execution (delegated chosen by default for model work)."""
+    import fiftyone.operators as foo
+
+    return foo.OperatorConfig(
+        name=name,
+        label=label,
+        description=description,
+        icon=icon,
+        dynamic=True,
+        execute_as_generator=True,
+        allow_immediate_execution=True,
+        allow_delegated_execution=True,
+        default_choice_to_delegated=delegate_by_default,
+    )

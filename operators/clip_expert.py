@@ -9,7 +9,7 @@ import fiftyone.operators.types as types
 from fiftyone_anomaly_vlm import create_clip_expert, list_experts
 
 from ._forms import check_key
-from ._progress import run_with_progress
+from ._progress import long_running_config, run_with_progress
 
 _WEIGHTS = {"tag": "open_clip pretrained tag (from the Hugging Face cache, or downloaded once)",
             "file": "Local checkpoint file (offline)", "none": "None: random weights (smoke tests)"}
@@ -18,17 +18,9 @@ _WEIGHTS = {"tag": "open_clip pretrained tag (from the Hugging Face cache, or do
 class CreateClipExpert(foo.Operator):
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="create_clip_expert",
-            label="Anomaly: CLIP zero/few-shot expert",
-            description="WinCLIP expert from text prompts (zero-shot) and optional normal reference images",
-            icon="auto_awesome",
-            dynamic=True,
-            execute_as_generator=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-            default_choice_to_delegated=False,
-        )
+        return long_running_config("create_clip_expert", "Anomaly: CLIP zero/few-shot expert",
+                                   "WinCLIP expert from text prompts (zero-shot) and optional normal reference images",
+                                   "auto_awesome", delegate_by_default=False)
 
     def resolve_input(self, ctx):
         inputs = types.Object()

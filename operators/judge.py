@@ -12,7 +12,7 @@ from fiftyone_anomaly_vlm.models.judge import make_backend
 from fiftyone_anomaly_vlm.runs import AnomalyScoreRunConfig, JudgeRunConfig
 
 from ._forms import check_key
-from ._progress import run_with_progress
+from ._progress import long_running_config, run_with_progress
 
 #: default name of the secret / environment variable holding a server's API key
 API_KEY_SECRET = "FAV_VLM_API_KEY"
@@ -52,17 +52,9 @@ class JudgeSamples(foo.Operator):
 
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="judge_anomalies",
-            label="Anomaly: VLM judge and explain",
-            description="A vision-language model's verdict, defect type, location and explanation per sample",
-            icon="psychology",
-            dynamic=True,
-            execute_as_generator=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-            default_choice_to_delegated=True,
-        )
+        return long_running_config("judge_anomalies", "Anomaly: VLM judge and explain",
+                                   "A vision-language model's verdict, defect type, location and explanation per sample",
+                                   "psychology")
 
     def resolve_input(self, ctx):
         inputs = types.Object()

@@ -8,23 +8,15 @@ import fiftyone.operators.types as types
 from fiftyone_anomaly_vlm import list_experts, score
 
 from ._forms import check_key, device_and_batch
-from ._progress import run_with_progress
+from ._progress import long_running_config, run_with_progress
 
 
 class ScoreSamples(foo.Operator):
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="score_anomalies",
-            label="Anomaly: score samples",
-            description="Image score, heatmap and mask from a fitted vision expert",
-            icon="troubleshoot",
-            dynamic=True,
-            execute_as_generator=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-            default_choice_to_delegated=True,
-        )
+        return long_running_config("score_anomalies", "Anomaly: score samples",
+                                   "Image score, heatmap and mask from a fitted vision expert",
+                                   "troubleshoot")
 
     def resolve_input(self, ctx):
         inputs = types.Object()
