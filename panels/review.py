@@ -236,17 +236,17 @@ class ReviewPanel(foo.Panel):
             config={"displayModeBar": False},
             on_click=self.on_histogram_click,
         )
-        panel.float("threshold", label="Threshold (calibrated score)", default=threshold, min=0.0, max=1.0,
+        panel.float("threshold", label="Threshold", default=threshold, min=0.0, max=1.0,
                     view=types.SliderView(componentsProps={"slider": {"min": 0, "max": 1, "step": 0.001}}),
                     on_change=self.on_change_threshold)
-        panel.md(counts_markdown(state.counts), name="counts")
+        panel.md(counts_markdown(state.counts), name="counts_text")  # not "counts": md shows that state value
 
         actions = panel.h_stack("actions", align_x="left", gap=1)
         actions.btn("show_flagged", label="Show flagged", icon="filter_alt", variant="contained",
                     on_click=self.show_flagged)
         actions.btn("accept", label="Accept", icon="check", on_click=self.accept)
         actions.btn("reject", label="Reject", icon="close", on_click=self.reject)
-        actions.str("relabel_label", label="Label", description="'normal' or a defect type")
+        actions.str("relabel_label", label="Relabel as", view=types.TextFieldView(placeholder="normal, scratch, ..."))
         actions.btn("relabel", label="Relabel", icon="edit", on_click=self.relabel)
         actions.btn("recalibrate", label="Recalibrate from reviews", icon="tune", on_click=self.recalibrate)
         return types.Property(panel, view=types.GridView(orientation="vertical", gap=2, padding=2))

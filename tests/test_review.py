@@ -206,7 +206,7 @@ def test_panel_handlers_drive_the_core(scored):
     assert sum(sum(t["y"]) for t in traces) == len(ds)
     # render reads state only and lays out the plot, the slider and the buttons
     form = panel.render(ctx).type.properties
-    assert {"controls", "histogram", "threshold", "counts", "actions"} <= set(form)
+    assert {"controls", "histogram", "threshold", "counts_text", "actions"} <= set(form)
     assert {"show_flagged", "accept", "reject", "relabel", "recalibrate"} <= set(form["actions"].type.properties)
     assert "precision" in counts_markdown(state["counts"])
 
