@@ -102,7 +102,7 @@ def main() -> None:
     scores = {}
     for name in args.models:
         t0 = time.time()
-        expert = fav.fit_expert(ds.match_tags("train"), model=name, key=name, image_size=args.image_size,
+        fav.fit_expert(ds.match_tags("train"), model=name, key=name, image_size=args.image_size,
                                 model_kwargs=MODEL_KWARGS.get(name), device="cpu", seed=args.seed, progress=False)
         fav.score(test, expert=name, progress=False, batch_size=32)
         m = fav.image_metrics(test, name)

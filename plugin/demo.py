@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import fiftyone as fo
 
 from .experts import fit_expert
 from .metrics import image_metrics

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 # Decoding an image larger than this many pixels first shrinks it with PIL's cheap ``reduce`` (box filter
