@@ -7,7 +7,8 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fiftyone_anomaly_vlm import evaluate
-from fiftyone_anomaly_vlm.runs import AnomalyEvaluationRunConfig, AnomalyScoreRunConfig
+from fiftyone_anomaly_vlm.review import scoring_runs
+from fiftyone_anomaly_vlm.runs import AnomalyEvaluationRunConfig
 
 from ._forms import check_key, dropdown, nothing_to_choose
 from ._progress import long_running_config, run_with_progress
@@ -15,15 +16,14 @@ from ._progress import long_running_config, run_with_progress
 _GT_TYPES = (fo.Classification, fo.Segmentation)
 
 
-def _scoring_runs(dataset) -> list[str]:
-    return [k for k in dataset.list_runs() if isinstance(dataset.get_run_info(k).config, AnomalyScoreRunConfig)]
-
-
 def _gt_fields(dataset, run: str) -> tuple[list[str], list[str]]:
-    """(ground-truth candidates, mask candidates), leaving out the scoring run's own fields."""
-    own = set()
-    for k in _scoring_runs(dataset):
-        own.update(getattr(dataset.get_run_info(k).config, "fields", None) or [])
+    """(ground-truth candidates, mask candidates), leaving out the fields that runs wrote."""
+    own = set(dataset.list_runs())  # evaluation runs' outcome fields, judge verdicts, expert labels
+    for k in dataset.list_runs():
+        try:
+            own.update(getattr(dataset.get_run_info(k).config, "fields", None) or [])
+        except Exception:  # noqa: BLE001 - a run whose config class cannot be imported: not ours
+            continue
     gt, masks = [], []
     for name, f in dataset.get_field_schema().items():
         if name in own or name.startswith("_") or name in ("id", "filepath", "tags", "metadata"):
@@ -50,13 +50,14 @@ class EvaluateAnomalies(foo.Operator):
         inputs = types.Object()
         view = types.View(label="Evaluate a scoring run")
         inputs.view_target(ctx)
-        runs = _scoring_runs(ctx.dataset) if ctx.dataset else []
+        runs = scoring_runs(ctx.dataset) if ctx.dataset else []
         if not runs:
             return nothing_to_choose(inputs, "no_run", "No scoring run",
                                      "No scoring run on this dataset: run 'Anomaly: score samples' first",
                                      "Evaluate a scoring run")
         run = ctx.params.get("run") or runs[0]
-        dropdown(inputs, "run", runs, runs[0], "Scoring run", required=True)
+        dropdown(inputs, "run", runs, runs[0], "Scoring run", "An expert run, a VLM judge run or a fused score",
+                 required=True)
         gt, masks = _gt_fields(ctx.dataset, run)
         default_gt = "ground_truth" if "ground_truth" in gt else (gt[0] if gt else None)
         dropdown(inputs, "gt_field", gt, default_gt, "Ground truth",

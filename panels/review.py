@@ -14,13 +14,13 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 from fiftyone import ViewField as F
 
-from fiftyone_anomaly_vlm.fields import FieldNames
 from fiftyone_anomaly_vlm.review import (
     REVIEW_FIELD,
     default_threshold,
     flagged_view,
     recalibrate_from_review,
     review,
+    review_target,
     run_fields,
     score_histogram,
     scoring_runs,
@@ -33,10 +33,11 @@ _COLORS = {"anomalous": "#e4572e", "normal": "#4c9f70", "unlabelled": "#9e9e9e",
 
 
 def gt_candidates(dataset) -> list[str]:
-    """Classification fields that can serve as ground truth (the runs' and review fields excluded)."""
+    """Classification fields that can serve as ground truth (the runs' own fields and the review field excluded)."""
     schema = dataset.get_field_schema(embedded_doc_type=fo.Classification)
-    runs = set(scoring_runs(dataset))
-    return [name for name in schema if name not in runs and name != REVIEW_FIELD]
+    runs = scoring_runs(dataset)
+    own = {r for r in runs} | {f"{r}_{suffix}" for r in runs for suffix in ("defect", "location")}
+    return [name for name in schema if name not in own and name != REVIEW_FIELD]
 
 
 def histogram_traces(hist: dict[str, Any]) -> list[dict[str, Any]]:
@@ -121,7 +122,7 @@ class ReviewPanel(foo.Panel):
         lo, hi = (ctx.params.get("range") or [None, None])[:2]
         if not run or lo is None:
             return
-        score = FieldNames(run).score
+        score = review_target(ctx.dataset, run).score
         view = ctx.dataset.match((F(score) >= lo) & (F(score) < hi)).sort_by(score, reverse=True)
         ctx.ops.set_view(view)
 
@@ -176,6 +177,7 @@ class ReviewPanel(foo.Panel):
         hist = score_histogram(ctx.dataset, run, bins=BINS, gt_field=self._gt(ctx))
         ctx.panel.data.histogram = histogram_traces(hist)
         ctx.panel.state.num_scored = hist["count"]
+        ctx.panel.state.score_field = hist["field"]
         self._update_counts(ctx)
 
     def _update_counts(self, ctx) -> None:
@@ -225,9 +227,9 @@ class ReviewPanel(foo.Panel):
         panel.plot(
             "histogram",
             layout={
-                "title": {"text": f"{FieldNames(state.run).score} ({state.num_scored or 0} samples)"},
+                "title": {"text": f"{state.score_field or state.run} ({state.num_scored or 0} samples)"},
                 "barmode": "stack", "showlegend": True, "height": 320,
-                "xaxis": {"title": {"text": "calibrated score"}, "range": [0, 1]},
+                "xaxis": {"title": {"text": "score"}, "range": [0, 1]},
                 "yaxis": {"title": {"text": "samples"}},
                 "margin": {"t": 40, "l": 50, "b": 40, "r": 10},
                 "shapes": [{"type": "line", "x0": threshold, "x1": threshold, "y0": 0, "y1": 1,

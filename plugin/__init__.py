@@ -17,10 +17,13 @@ from .fields import FieldNames
 from .judge import JudgeFieldNames, JudgeResults, judge
 from .metrics import image_metrics
 from .models import available_models
-from .review import (flagged_view, recalibrate_from_review, refit_with_reviewed, review, reviewed_anomalies,
-                     reviewed_normals, score_histogram, scoring_runs, threshold_counts)
+from .questions import LearnedQuestions, learn_questions, load_questions
+from .review import (ReviewTarget, flagged_view, recalibrate_from_review, refit_with_reviewed, review,
+                     review_target, reviewed_anomalies, reviewed_normals, run_fields, score_histogram, scoring_runs,
+                     threshold_counts)
 from .scoring import ScoreResults, score
 from .thresholds import set_threshold
+from .video import VideoFieldNames, VideoResults, score_video, video_frames
 
 __all__ = [
     "Expert",
@@ -32,20 +35,30 @@ __all__ = [
     "fit_expert",
     "image_metrics",
     "judge",
+    "learn_questions",
+    "LearnedQuestions",
+    "load_questions",
     "JudgeFieldNames",
     "JudgeResults",
     "label_accuracy",
     "list_experts",
     "load_expert",
     "score",
+    "score_video",
     "set_threshold",
     "flagged_view",
     "recalibrate_from_review",
     "refit_with_reviewed",
     "review",
+    "review_target",
+    "ReviewTarget",
+    "run_fields",
     "reviewed_anomalies",
     "reviewed_normals",
     "score_histogram",
     "scoring_runs",
     "threshold_counts",
+    "video_frames",
+    "VideoFieldNames",
+    "VideoResults",
 ]

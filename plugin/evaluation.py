@@ -246,7 +246,9 @@ def evaluate(
 
     Args:
         samples: a dataset or view (the evaluation's view is recorded with the run).
-        key: the scoring run key (reads ``<key>_raw_score`` or ``<key>_score``, ``<key>`` and ``<key>_map``).
+        key: the scoring run key (reads ``<key>_raw_score`` or ``<key>_score``, ``<key>`` and ``<key>_map``),
+            a VLM judge run key (reads ``<key>_p_anomalous`` and the verdict ``<key>``; answers that could not
+            be parsed are left out of the threshold metrics) or ``"<judge key>_fused"`` (the fused score).
         gt_field: ground truth: a ``fo.Classification`` or string field (``== positive`` is anomalous), a
             boolean field (True = anomalous), a numeric field such as a defect probability (``> gt_threshold``
             is anomalous) or a ``fo.Segmentation`` field (any foreground pixel is anomalous; it is then also
@@ -271,17 +273,16 @@ def evaluate(
     """
     check_image_collection(samples, "evaluate")
     dataset = samples._root_dataset
-    fields = FieldNames(key)
     if score not in ("raw", "calibrated"):
         raise ValueError(f"score must be 'raw' or 'calibrated', got {score!r}")
-    score_field = fields.raw_score if score == "raw" else fields.score
+    score_field, label_field, map_field, reserved = _run_fields(dataset, key, score)
     schema = dataset.get_field_schema()
     if score_field not in schema:
         runs = [k for k in dataset.list_runs() if f"{k}_score" in schema]
         raise ValueError(f"no score field {score_field!r}: {key!r} is not a scoring run on this dataset "
                          f"(scoring runs: {runs})")
     eval_key = check_key(eval_key or f"{key}_eval")
-    _check_eval_key(dataset, eval_key, reserved=fields.all())
+    _check_eval_key(dataset, eval_key, reserved=reserved)
 
     gt_kind = _field_kind(dataset, gt_field, "ground-truth")
     if gt_kind == "mask" and gt_mask_field is None:
@@ -293,8 +294,8 @@ def evaluate(
     if gt_kind != "mask":
         view = view.exists(gt_field)
     gt_path = f"{gt_field}.label" if gt_kind == "classification" else gt_field
-    has_label = fields.label in schema
-    paths = ["id", score_field] + ([f"{fields.label}.label"] if has_label else [])
+    has_label = label_field is not None and label_field in schema
+    paths = ["id", score_field] + ([f"{label_field}.label"] if has_label else [])
     paths += [] if gt_kind == "mask" else [gt_path]
     values = view.values(paths)
     ids, scores = values[0], np.asarray(values[1], dtype=np.float64)
@@ -304,7 +305,7 @@ def evaluate(
 
     pixel = None
     if gt_mask_field is not None or gt_kind == "mask":
-        gt, pixel = _pixel_pass(view, ids, fields, gt_mask_field, gt_field if gt_kind == "mask" else None,
+        gt, pixel = _pixel_pass(view, ids, map_field, gt_mask_field, gt_field if gt_kind == "mask" else None,
                                 progress)
     if gt_kind != "mask":
         gt = _gt_labels(gt_kind, values[-1], positive, gt_threshold)
@@ -320,10 +321,11 @@ def evaluate(
     outcomes = None
     if has_label:
         labels = values[2]
-        known = [i for i, lab in enumerate(labels) if lab is not None]
+        known = [i for i, lab in enumerate(labels) if lab in ("anomalous", "normal")]  # not unparsed answers
         predicted = np.array([labels[i] == "anomalous" for i in known], dtype=bool)
         metrics.update(threshold_metrics(predicted, gt[known]))
         outcomes = {ids[i]: _OUTCOMES[(bool(p), bool(gt[i]))] for i, p in zip(known, predicted)}
+        metrics["num_unlabelled"] = len(labels) - len(known)
     pix = {}
     if pixel is not None:
         pix = pixel_metrics(*pixel)
@@ -333,8 +335,8 @@ def evaluate(
 
     run_cfg = dataset.get_run_info(key).config if key in dataset.list_runs() else None
     config = AnomalyEvaluationRunConfig(
-        run_key=key, score_field=score_field, label_field=fields.label if has_label else None,
-        map_field=fields.map if pixel is not None else None, gt_field=gt_field, gt_kind=gt_kind,
+        run_key=key, score_field=score_field, label_field=label_field if has_label else None,
+        map_field=map_field if pixel is not None else None, gt_field=gt_field, gt_kind=gt_kind,
         positive=positive, gt_threshold=gt_threshold if gt_kind == "probability" else None,
         gt_mask_field=gt_mask_field, pixel_resize=PIXEL_RESIZE if pixel is not None else None,
         run_threshold=getattr(run_cfg, "normalized_image_threshold", None), metrics=metrics,
@@ -357,26 +359,41 @@ def _check_eval_key(dataset, eval_key: str, reserved: list[str]) -> None:
         raise ValueError(f"field {eval_key!r} exists and belongs to no evaluation; choose another eval_key")
 
 
-def _pixel_pass(view, ids, fields: FieldNames, mask_field: str | None, gt_mask_kind_field: str | None, progress):
+def _run_fields(dataset, key: str, score: str) -> tuple[str, str | None, str | None, list[str]]:
+    """(score field, label field, heatmap field, the run's own fields) of an expert scoring run, a VLM judge
+    run (P(anomalous), its verdict, no heatmap) or a judge run's fused score (``"<judge key>_fused"``)."""
+    from .review import review_target
+
+    try:
+        target = review_target(dataset, key)
+    except ValueError:  # not a recorded run: an expert's field names (the missing score field is reported)
+        target = None
+    if target is not None and target.kind != "expert":
+        return target.score, target.label, None, [target.score, *target.show]
+    fields = FieldNames(key)
+    return (fields.raw_score if score == "raw" else fields.score), fields.label, fields.map, fields.all()
+
+
+def _pixel_pass(view, ids, map_field: str | None, mask_field: str | None, gt_mask_kind_field: str | None, progress):
     """Read maps and masks once: (image-level truth from masks or None, (maps, masks) or None)."""
     read_fields = [f for f in {mask_field, gt_mask_kind_field} if f]
     want_pixels = mask_field is not None
-    if want_pixels and fields.map not in view._root_dataset.get_field_schema():
-        raise ValueError(f"run has no heatmap field {fields.map!r}: pixel metrics need one")
-    cols = view.values(["id", *read_fields] + ([fields.map] if want_pixels else []))
+    if want_pixels and (map_field is None or map_field not in view._root_dataset.get_field_schema()):
+        raise ValueError(f"the run has no heatmap field ({map_field!r}): pixel metrics need one")
+    cols = view.values(["id", *read_fields] + ([map_field] if want_pixels else []))
     by_id = {row[0]: row[1:] for row in zip(*cols)}
     image_truth, maps, masks, size = [], [], [], None
     default_range = _DEFAULT_RANGE
     with fou.ProgressBar(total=len(ids), progress=progress) as pb:
         for sid in ids:
-            row = dict(zip(read_fields + ([fields.map] if want_pixels else []), by_id[sid]))
+            row = dict(zip(read_fields + ([map_field] if want_pixels else []), by_id[sid]))
             if gt_mask_kind_field:
                 m = _read_mask(row[gt_mask_kind_field])
                 image_truth.append(bool(m is not None and m.any()))
             if want_pixels:
-                heatmap = row[fields.map]
+                heatmap = row[map_field]
                 if heatmap is None:
-                    raise ValueError(f"sample {sid} has a score but no heatmap in {fields.map!r}")
+                    raise ValueError(f"sample {sid} has a score but no heatmap in {map_field!r}")
                 amap = _read_map(heatmap, default_range)
                 size = size or amap.shape
                 amap = _resize(amap, size, "bilinear")  # only when a run's maps differ in size

@@ -30,7 +30,10 @@ import datetime
 import getpass
 import json
 import uuid
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 import fiftyone as fo
 from fiftyone import ViewField as F
@@ -45,9 +48,106 @@ REVIEW_FIELD = "review"
 VERDICTS = ("accept", "reject", "relabel")
 #: tag added to every reviewed sample (plus ``review:<verdict>``)
 REVIEWED_TAG = "reviewed"
-#: run methods whose runs have ``<key>_score`` / ``<key>`` fields and can be reviewed; other scoring runs
-#: (VLM judges, fused scores) join by adding their method here
+#: run methods whose runs have ``<key>_score`` / ``<key>`` fields (expert scoring runs)
 REVIEWABLE_METHODS = {"anomaly_score"}
+#: run methods of VLM judge runs (score ``<key>_p_anomalous``, label ``<key>``; ``<key>_fused`` when fused)
+JUDGE_METHODS = {"vlm_judge"}
+#: suffix naming a judge run's fused score as a review target (``"<judge key>_fused"``, its field name)
+FUSED_SUFFIX = "_fused"
+
+
+@dataclass(frozen=True)
+class ReviewTarget:
+    """What can be reviewed: an expert scoring run, a VLM judge run, or a judge run's fused score.
+
+    Attributes:
+        name: the name users pick (the run key; for a fused score its field, ``"<judge key>_fused"``).
+        run_key: the run that wrote the score.
+        kind: ``"expert"``, ``"vlm"`` or ``"fused"``.
+        score: the float field ranked, histogrammed and thresholded.
+        label: the run's ``fo.Classification`` (anomalous / normal) field, None for a fused score.
+        show: fields worth showing on each sample in the App (label, heatmap, mask, VLM verdict, defect,
+            location, explanation, regions), where the dataset has them.
+        threshold: the run's current threshold on ``score``.
+    """
+
+    name: str
+    run_key: str
+    kind: str
+    score: str
+    label: str | None
+    show: tuple[str, ...]
+    threshold: float
+
+
+def _run_config(dataset, key: str):
+    try:
+        return dataset.get_run_info(key).config
+    except Exception:  # a run whose config class cannot be imported: not ours
+        return None
+
+
+def _method(config) -> str | None:
+    if isinstance(config, AnomalyScoreRunConfig):
+        return "anomaly_score"
+    return getattr(config, "method", None)
+
+
+def _judge_fields(key: str) -> dict[str, str]:
+    names = ("p_anomalous", "defect", "location", "explanation", "regions", "fused")
+    return {"label": key, **{n: f"{key}_{n}" for n in names}}
+
+
+def _judges_of(dataset, expert_key: str) -> list[str]:
+    return [k for k in dataset.list_runs()
+            if _method(_run_config(dataset, k)) in JUDGE_METHODS
+            and getattr(_run_config(dataset, k), "expert", None) == expert_key]
+
+
+def review_target(samples, name: str) -> ReviewTarget:
+    """Resolve what ``name`` (an entry of :func:`scoring_runs`) reviews: its score, label and fields to show.
+
+    Args:
+        samples: a dataset or view (its dataset's runs are used).
+        name: an expert scoring run key, a VLM judge run key, or ``"<judge key>_fused"``.
+
+    Returns:
+        The :class:`ReviewTarget`.
+
+    Raises:
+        ValueError: ``name`` is none of these.
+    """
+    dataset = samples._root_dataset
+    schema = dataset.get_field_schema()
+    runs = dataset.list_runs()
+    if name in runs and _method(_run_config(dataset, name)) in REVIEWABLE_METHODS:
+        config = _run_config(dataset, name)
+        fields = FieldNames(name)
+        show = [fields.label, fields.map, fields.mask]
+        for judge_key in _judges_of(dataset, name):  # the VLM's verdict on the same samples
+            jf = _judge_fields(judge_key)
+            show += [jf["label"], jf["defect"], jf["location"], jf["explanation"]]
+        value = getattr(config, "normalized_image_threshold", None)
+        return ReviewTarget(name, name, "expert", fields.score, fields.label,
+                            tuple(f for f in show if f in schema), float(value) if value is not None else 0.5)
+    kind, key = "vlm", name
+    if name not in runs and name.endswith(FUSED_SUFFIX):
+        kind, key = "fused", name[: -len(FUSED_SUFFIX)]
+    config = _run_config(dataset, key) if key in runs else None
+    if _method(config) not in JUDGE_METHODS:
+        raise ValueError(f"{name!r} is not a scoring run, VLM judge run or fused score of this dataset; "
+                         f"choose one of {scoring_runs(dataset)}")
+    jf = _judge_fields(key)
+    show = [jf["label"], jf["defect"], jf["location"], jf["explanation"], jf["regions"]]
+    expert = getattr(config, "expert", None)
+    if expert:
+        show += [FieldNames(expert).map, FieldNames(expert).label]
+    # the judge labels a sample anomalous when P(anomalous) >= 0.5, unless reviews moved the threshold
+    threshold = float((getattr(config, "review_thresholds", None) or {}).get(name, 0.5))
+    if kind == "fused":
+        return ReviewTarget(name, key, "fused", jf["fused"], None, tuple(f for f in show if f in schema), threshold)
+    return ReviewTarget(name, key, "vlm", jf["p_anomalous"], jf["label"], tuple(f for f in show if f in schema),
+                        threshold)
 
 
 def _verdict_tag(verdict: str) -> str:
@@ -55,31 +155,33 @@ def _verdict_tag(verdict: str) -> str:
 
 
 def scoring_runs(dataset) -> list[str]:
-    """Keys of the runs that can be reviewed (scoring runs with ``<key>_score`` fields).
+    """What can be reviewed: expert scoring runs, VLM judge runs and their fused scores (see :func:`review_target`).
 
     Args:
         dataset: a dataset or view (its dataset's runs are listed).
 
     Returns:
-        The run keys, in the dataset's order.
+        Run keys in the dataset's order, each judge run followed by ``"<key>_fused"`` when it wrote fused scores.
     """
     dataset = dataset._root_dataset
-    keys = []
+    schema = dataset.get_field_schema()
+    names = []
     for key in dataset.list_runs():
-        try:
-            config = dataset.get_run_info(key).config
-        except Exception:  # a run whose config class cannot be imported: not ours
-            continue
-        if isinstance(config, AnomalyScoreRunConfig) or getattr(config, "method", None) in REVIEWABLE_METHODS:
-            keys.append(key)
-    return keys
+        method = _method(_run_config(dataset, key))
+        if method in REVIEWABLE_METHODS:
+            names.append(key)
+        elif method in JUDGE_METHODS:
+            names.append(key)
+            fused = _judge_fields(key)["fused"]
+            if fused in schema and dataset.exists(fused).count():
+                names.append(fused)
+    return names
 
 
 def default_threshold(samples, key: str) -> float:
-    """The run's current threshold on the calibrated score (``<key>_score``), 0.5 when it records none."""
-    config = samples._root_dataset.get_run_info(key).config
-    value = getattr(config, "normalized_image_threshold", None)
-    return float(value) if value is not None else 0.5
+    """The current threshold of review target ``key``: an expert run's recorded threshold on its calibrated
+    score (0.5 when it records none); 0.5 for P(anomalous) and fused scores."""
+    return review_target(samples, key).threshold
 
 
 def _gt_views(samples, gt_field: str, positive: str):
@@ -108,7 +210,7 @@ def score_histogram(samples, key: str, bins: int = 50, gt_field: str | None = No
         ``count`` (scored samples), ``bounds`` (min, max score or None) and, with ``gt_field``, ``series``:
         ``{positive: counts, "normal": counts, "unlabelled": counts}`` (label names as in the field).
     """
-    field = FieldNames(key).score
+    field = review_target(samples, key).score
     scored = samples.exists(field)
     count, (lo, hi) = scored.aggregate([fo.Count(), fo.Bounds(field)])
     range_lo = min(0.0, lo) if lo is not None else 0.0
@@ -151,7 +253,7 @@ def threshold_counts(samples, key: str, threshold: float, gt_field: str | None =
         ``{"threshold", "total", "above", "below"}`` plus, with ``gt_field``: ``labelled``, ``tp``, ``fp``,
         ``fn``, ``tn``, ``precision``, ``recall``, ``f1`` (None where undefined).
     """
-    field = FieldNames(key).score
+    field = review_target(samples, key).score
     scored = samples.exists(field)
     flagged = F(field) > float(threshold)
     total = scored.count()
@@ -176,25 +278,26 @@ def flagged_view(samples, key: str, threshold: float | None = None):
 
     Args:
         samples: a dataset or view holding run ``key``.
-        key: the scoring run.
-        threshold: flag samples whose ``<key>_score`` is above it; default: those the run labelled anomalous.
+        key: a review target (:func:`scoring_runs`): expert run, VLM judge run or ``"<judge>_fused"``.
+        threshold: flag samples whose score is above it; default: those an expert run labelled anomalous,
+            or, for VLM and fused scores, those above the target's threshold (0.5 unless recalibrated).
 
     Returns:
-        A view sorted by ``<key>_score`` descending.
+        A view sorted by the target's score, descending.
     """
-    fields = FieldNames(key)
-    if threshold is None:
-        view = samples.match(F(f"{fields.label}.label") == ANOMALOUS)
+    target = review_target(samples, key)
+    if threshold is None and target.kind == "expert":
+        view = samples.match(F(f"{target.label}.label") == ANOMALOUS)
     else:
-        view = samples.match(F(fields.score) > float(threshold))
-    return view.sort_by(fields.score, reverse=True)
+        view = samples.match(F(target.score) > float(target.threshold if threshold is None else threshold))
+    return view.sort_by(target.score, reverse=True)
 
 
 def run_fields(samples, key: str) -> list[str]:
-    """The run's fields worth showing on each sample in the App (label, heatmap, mask), where they exist."""
-    schema = samples.get_field_schema()
-    fields = FieldNames(key)
-    return [f for f in (fields.label, fields.map, fields.mask) if f in schema]
+    """The fields worth showing on each sample in the App for review target ``key``: the label, heatmap and
+    mask of the expert, and the VLM judge's verdict, defect type, location, explanation and regions, where
+    they exist."""
+    return list(review_target(samples, key).show)
 
 
 def _single_run(samples) -> str:
@@ -213,7 +316,8 @@ def review(samples, verdict: str, *, key: str | None = None, user: str | None = 
         verdict: ``"accept"`` (the run's label is right), ``"reject"`` (the opposite label is right) or
             ``"relabel"`` (``label`` is right: ``"normal"``, ``"anomalous"`` or a defect type such as
             ``"scratch"``, which counts as anomalous).
-        key: the scoring run judged (default: the dataset's only scoring run).
+        key: the review target judged (:func:`scoring_runs`: an expert run, a VLM judge run or
+            ``"<judge key>_fused"``; default: the dataset's only one).
         user: the reviewer's name (default: the login name).
         label: the label for ``"relabel"``.
         field: the review field.
@@ -230,14 +334,19 @@ def review(samples, verdict: str, *, key: str | None = None, user: str | None = 
     if verdict == "relabel" and not label:
         raise ValueError("relabel needs label=, e.g. 'normal' or a defect type such as 'scratch'")
     key = key or _single_run(samples)
-    if field in FieldNames(key).all() or field.startswith(f"{key}_"):
-        raise ValueError(f"field {field!r} belongs to run {key!r}; reviews go to their own field")
+    target = review_target(samples, key)
+    run_fields_ = FieldNames(key).all() + list(_judge_fields(target.run_key).values())
+    if field in run_fields_ or field.startswith(f"{target.run_key}_"):
+        raise ValueError(f"field {field!r} belongs to run {target.run_key!r}; reviews go to their own field")
     dataset = samples._root_dataset
     user = user or _login()
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-    label_path = f"{FieldNames(key).label}.label"
-    if FieldNames(key).label in samples.get_field_schema():
-        ids, model_labels = samples.values(["id", label_path])
+    schema = samples.get_field_schema()
+    if target.label is not None and target.label in schema:
+        ids, model_labels = samples.values(["id", f"{target.label}.label"])
+    elif target.score in schema:  # a fused score has no label: the target's threshold decides
+        ids, scores = samples.values(["id", target.score])
+        model_labels = [None if v is None else (ANOMALOUS if v > target.threshold else NORMAL) for v in scores]
     else:
         ids = samples.values("id")
         model_labels = [None] * len(ids)
@@ -245,7 +354,7 @@ def review(samples, verdict: str, *, key: str | None = None, user: str | None = 
     for sid, model_label in zip(ids, model_labels):
         if verdict == "relabel":
             human = label
-        elif model_label is None:
+        elif model_label not in (ANOMALOUS, NORMAL):  # not scored, or a VLM answer that could not be parsed
             continue
         elif verdict == "accept":
             human = model_label
@@ -323,21 +432,25 @@ def refit_with_reviewed(samples, expert: str, *, key: str | None = None, field: 
 
 def recalibrate_from_review(samples, key: str, field: str = REVIEW_FIELD, rule: str = "f1",
                             param: float | None = None):
-    """Re-threshold run ``key`` on the human verdicts (e.g. F1-optimal, or a target recall).
+    """Re-threshold review target ``key`` on the human verdicts (e.g. F1-optimal, or a target recall).
 
-    The verdicts (anomalous whatever the defect type, or normal) are the ground truth of
-    :func:`fiftyone_anomaly_vlm.set_threshold`; the run's labels and masks are rewritten and a
-    ``threshold_history`` entry with ``source="review"`` and ``gt_field=<field>`` is recorded on the run.
+    The verdicts (anomalous whatever the defect type, or normal) are the ground truth. For an expert
+    scoring run this is :func:`fiftyone_anomaly_vlm.set_threshold`: the run's labels and masks are rewritten
+    and a ``threshold_history`` entry with ``source="review"`` and ``gt_field=<field>`` is recorded on the
+    run. For a VLM judge run or its fused score the model's fields stay as they are: the new threshold on
+    P(anomalous) / the fused score is recorded on the judge run (``review_thresholds[key]`` and a
+    ``threshold_history`` entry) and used by :func:`flagged_view`, :func:`default_threshold` and the panel.
 
     Args:
         samples: the dataset (or a view) holding run ``key`` and the reviews.
-        key: the scoring run.
+        key: a review target (:func:`scoring_runs`).
         field: the review field.
         rule: ``"f1"`` or ``"recall"``.
         param: the rule's parameter (target recall for ``"recall"``).
 
     Returns:
-        The run's new :class:`~fiftyone_anomaly_vlm.calibration.Calibration`.
+        For an expert run its new :class:`~fiftyone_anomaly_vlm.calibration.Calibration`; for a VLM or fused
+        score the new threshold (float).
 
     Raises:
         ValueError: no reviewed anomaly, or the run cannot be re-thresholded.
@@ -345,10 +458,13 @@ def recalibrate_from_review(samples, key: str, field: str = REVIEW_FIELD, rule: 
     from .thresholds import set_threshold
 
     dataset = samples._root_dataset
+    target = review_target(dataset, key)
     reviewed = reviewed_anomalies(dataset, field), reviewed_normals(dataset, field)
     n_pos, n_neg = reviewed[0].count(), reviewed[1].count()
     if not n_pos:
         raise ValueError(f"no sample reviewed as anomalous in {field!r}: review some flagged samples first")
+    if target.kind != "expert":
+        return _rethreshold_judge(dataset, target, field, rule, param, n_pos, n_neg)
     # set_threshold reads a label field; the reviews' binary meaning goes to a scratch field for the call
     tmp = f"fav_review_gt_{uuid.uuid4().hex[:8]}"
     ids, anomalous = dataset.exists(field).values(["id", f"{field}.anomalous"])
@@ -365,3 +481,26 @@ def recalibrate_from_review(samples, key: str, field: str = REVIEW_FIELD, rule: 
     config.threshold_history = history
     dataset.update_run_config(key, config)
     return calibration
+
+
+def _rethreshold_judge(dataset, target: ReviewTarget, field: str, rule: str, param: float | None,
+                       n_pos: int, n_neg: int) -> float:
+    """Record a review-based threshold on a judge run's P(anomalous) or fused score."""
+    from .calibration import threshold_from_labels
+
+    scores, anomalous = dataset.exists(field).exists(target.score).values([target.score, f"{field}.anomalous"])
+    keep = [a is not None for a in anomalous]
+    scores = np.asarray([s for s, k in zip(scores, keep) if k], dtype=float)
+    labels = np.asarray([a for a, k in zip(anomalous, keep) if k], dtype=bool)
+    threshold = threshold_from_labels(scores, labels, rule, param)  # flags are "score > threshold"
+    config = dataset.get_run_info(target.run_key).config
+    thresholds = dict(getattr(config, "review_thresholds", None) or {})
+    thresholds[target.name] = threshold
+    config.review_thresholds = thresholds
+    history = json.loads(json.dumps(list(getattr(config, "threshold_history", None) or [])))
+    history.append(dict(target=target.name, score_field=target.score, rule=rule, param=param, threshold=threshold,
+                        source="review", gt_field=field, num_reviewed_anomalous=n_pos, num_reviewed_normal=n_neg,
+                        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")))
+    config.threshold_history = history
+    dataset.update_run_config(target.run_key, config)
+    return threshold

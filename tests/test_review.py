@@ -257,3 +257,84 @@ def test_panel_without_runs_says_what_to_do(parts):
     assert state["run"] is None
     form = ReviewPanel().render(ctx).type.properties
     assert "empty" in form and "histogram" not in form
+
+
+@pytest.fixture(scope="module")
+def tiny_judge(tmp_path_factory):
+    from tiny_vlms import build_qwen2_vl
+
+    from fiftyone_anomaly_vlm.models.judge import make_backend
+
+    path = build_qwen2_vl(str(tmp_path_factory.mktemp("tiny-qwen2-vl")))
+    return make_backend("transformers", model=path, device="cpu", max_pixels=56 * 56, batch_size=8)
+
+
+def test_judge_runs_and_fused_scores_are_reviewable_and_evaluable(scored, tiny_judge):
+    ds = scored
+    label = fo.ViewField("ground_truth.label")
+    ids = ds.match(label == "anomalous").limit(5).values("id") + ds.match(label == "normal").limit(5).values("id")
+    view = ds.select(ids, ordered=True)
+    fav.judge(view, key="vlm", backend=tiny_judge, expert="padim", crops=2, max_new_tokens=4, batch_size=5)
+    assert fav.scoring_runs(ds) == ["padim", "vlm", "vlm_fused"]
+
+    target = fav.review_target(ds, "vlm")
+    assert (target.kind, target.score, target.label, target.threshold) == ("vlm", "vlm_p_anomalous", "vlm", 0.5)
+    # "Show flagged" on the judge run shows its verdict, defect, location, explanation, regions and the heatmap
+    assert {"vlm", "vlm_defect", "vlm_location", "vlm_explanation", "vlm_regions", "padim_map"} <= set(
+        fav.run_fields(ds, "vlm"))
+    # ... and on the expert run, the VLM's fields next to the heatmap
+    assert {"padim", "padim_map", "vlm", "vlm_explanation"} <= set(fav.run_fields(ds, "padim"))
+
+    p = np.array(view.values("vlm_p_anomalous"), dtype=float)
+    hist = fav.score_histogram(ds, "vlm", bins=10, gt_field="ground_truth")
+    assert hist["field"] == "vlm_p_anomalous" and hist["count"] == 10
+    assert hist["counts"] == np.histogram(p, 10, (0, 1))[0].tolist()
+    counts = fav.threshold_counts(ds, "vlm", 0.5)
+    assert counts["total"] == 10 and counts["above"] == int((p > 0.5).sum())
+    fused = np.array(view.values("vlm_fused"), dtype=float)
+    assert fav.threshold_counts(ds, "vlm_fused", 0.5)["above"] == int((fused > 0.5).sum())
+    flagged = fav.flagged_view(ds, "vlm_fused")
+    assert flagged.values("vlm_fused") == sorted(fused[fused > 0.5].tolist(), reverse=True)
+
+    # reviews of a judge run: accept copies the VLM's label (unparsed answers are skipped); never touches its fields
+    before = _model_fields(ds, "vlm")
+    labels = dict(zip(*view.values(["id", "vlm.label"])))
+    n = fav.review(view, "accept", key="vlm", user="qa")
+    assert n == sum(v in ("anomalous", "normal") for v in labels.values())
+    for s in view.exists("review"):
+        assert s.review.label == labels[s.id] and s.review.run_key == "vlm"
+    assert _model_fields(ds, "vlm") == before
+    with pytest.raises(ValueError, match="belongs to run"):
+        fav.review(view, "accept", key="vlm_fused", field="vlm_explanation")
+
+    # recalibrating the fused score from human verdicts: recorded on the judge run, used by the review functions
+    ids, gt = view.values(["id", "ground_truth.label"])
+    for sid, g in zip(ids, gt):
+        fav.review(ds.select(sid), "relabel", key="vlm_fused", label=g)
+    thr = fav.recalibrate_from_review(ds, "vlm_fused", rule="recall", param=1.0)
+    assert thr < min(f for f, g in zip(view.values("vlm_fused"), gt) if g == "anomalous")
+    cfg = ds.get_run_info("vlm").config
+    assert cfg.review_thresholds == {"vlm_fused": thr} and cfg.threshold_history[-1]["source"] == "review"
+    assert default_threshold(ds, "vlm_fused") == thr
+    assert fav.flagged_view(ds, "vlm_fused").count() == int((fused > thr).sum())
+    assert _model_fields(ds, "vlm") == before
+
+    with pytest.raises(ValueError, match="not a scoring run"):
+        fav.review_target(ds, "nope")
+
+    # evaluation of the VLM's P(anomalous) (verdict metrics leave unparsed answers out) and of the fused score
+    from sklearn.metrics import roc_auc_score
+
+    y = np.array([g == "anomalous" for g in gt])
+    assert y.sum() == 5
+    res = fav.evaluate(view, "vlm", "ground_truth")
+    assert res.metrics["auroc"] == pytest.approx(roc_auc_score(y, view.values("vlm_p_anomalous")), abs=1e-6)
+    verdicts = view.values("vlm.label")
+    assert res.metrics["num_unlabelled"] == sum(v not in ("anomalous", "normal") for v in verdicts)
+    assert ds.get_run_info("vlm_eval").config.score_field == "vlm_p_anomalous"
+    res = fav.evaluate(view, "vlm_fused", "ground_truth")
+    # rank-fused scores tie where their rank sums tie; float64 noise (1e-16) must not break those ties
+    fused = np.round(np.array(view.values("vlm_fused")), 9)
+    assert res.metrics["auroc"] == pytest.approx(roc_auc_score(y, fused), abs=1e-6)
+    with pytest.raises(ValueError, match="heatmap"):
+        fav.evaluate(view, "vlm", "ground_truth", gt_mask_field="ground_truth_mask", eval_key="vlm_px")
