@@ -1,7 +1,9 @@
-"""The VLM judge: a tiny locally built Qwen2-VL through the real generate() path, and judge() end to end.
+"""The VLM judge: tiny locally built VLMs through the real generate() path, and judge() end to end.
 
-The tiny model has random weights, so its answers are garbage: that exercises the "unparsed" path; the
-parser is tested on hand-written answers. P(yes) is checked against a direct prefill computation.
+Six families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, InternVL, Idefics3; ``tiny_vlms.py``) go
+through the same batched, left-padded backend check: P(yes) equals a direct prefill computation per sample.
+The tiny models have random weights, so their answers are garbage: that exercises the "unparsed" path;
+the parser is tested on hand-written answers.
 """
 
 from __future__ import annotations
@@ -22,14 +24,27 @@ from fiftyone_anomaly_vlm.judge import (GRID, JudgeFieldNames, fuse_scores, norm
 from fiftyone_anomaly_vlm.models.judge import JudgeRequest, make_backend
 from fiftyone_anomaly_vlm.models.judge.hf import TransformersBackend, answer_token_ids, prepare_image
 
-from tiny_vlms import build_llava_onevision, build_qwen2_vl
+from tiny_vlms import BUILDERS
 
 PLUGIN = "@anomaly-vlm/anomaly-vlm"
 
 
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory):
+    """``family -> folder``: each tiny VLM is built once per session, on first use, in its own tmp dir."""
+    built: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in built:
+            built[family] = BUILDERS[family](str(tmp_path_factory.mktemp(f"tiny-{family}")))
+        return built[family]
+
+    return get
+
+
 @pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory) -> str:
-    return build_qwen2_vl(str(tmp_path_factory.mktemp("tiny-qwen2-vl")))
+def qwen_dir(tiny_vlm_dir) -> str:
+    return tiny_vlm_dir("qwen2_vl")
 
 
 @pytest.fixture(scope="module")
@@ -57,20 +72,38 @@ def _direct_p_yes(backend: TransformersBackend, req: JudgeRequest) -> tuple[floa
     return float(torch.sigmoid(torch.tensor(ly - ln))), float(np.exp(ly) + np.exp(ln))
 
 
-@pytest.fixture(scope="module")
-def llava(tmp_path_factory) -> TransformersBackend:
-    path = build_llava_onevision(str(tmp_path_factory.mktemp("tiny-llava-ov")))
-    return make_backend("transformers", model=path, device="cpu", batch_size=8)
+MODEL_CLASSES = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "internvl": "InternVLForConditionalGeneration",
+    "idefics3": "Idefics3ForConditionalGeneration",
+}
 
 
-def test_backend_batched_left_padded_matches_direct_logits(qwen):
-    _check_backend(qwen)
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_backend_batched_left_padded_matches_direct_logits(tiny_vlm_dir, qwen, family):
+    """Every family: one left-padded batch gives each sample the P(yes) of its own unbatched prefill."""
+    backend = qwen if family == "qwen2_vl" else make_backend(
+        "transformers", model=tiny_vlm_dir(family), device="cpu", max_pixels=64 * 64, batch_size=8)
+    _check_backend(backend)
+    assert backend.describe()["model_class"] == MODEL_CLASSES[family]
 
 
-def test_llava_onevision_backend(llava):
-    """A second family (images before the text in its template) through the same checks."""
-    _check_backend(llava)
-    assert llava.describe()["model_class"] == "LlavaOnevisionForConditionalGeneration"
+@pytest.mark.parametrize("family, expected", [("qwen3_vl", "qwen"), ("internvl", "internvl"),
+                                              ("idefics3", "idefics3"), ("llava_onevision", None)])
+def test_pixel_budget_bounds_image_tokens(tiny_vlm_dir, family, expected):
+    """``max_pixels`` reaches processors that enlarge or tile images themselves: fewer pixels, fewer tokens."""
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (200, 300, 3), dtype=np.uint8))
+    lengths = []
+    for budget in (32 * 32, 128 * 128):
+        backend = make_backend("transformers", model=tiny_vlm_dir(family), device="cpu", max_pixels=budget)
+        assert backend.describe()["pixel_budget"] == expected
+        req = JudgeRequest(images=[image], user="Defect?")
+        text = backend.prompt_text(req)
+        lengths.append(backend.encode([text], [[prepare_image(image, budget)]])["input_ids"].shape[1])
+    assert lengths[0] < lengths[1]
 
 
 def _check_backend(qwen: TransformersBackend) -> None:

@@ -1,10 +1,15 @@
 """Local VLM judge backend: any ``transformers`` image-text-to-text model, batched with left padding.
 
-The model is loaded by hub id or local path with ``AutoModelForImageTextToText`` and ``AutoProcessor``
-(Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, InternVL, Idefics3/SmolVLM...). A batch of
+The model is loaded by hub id or local path with ``AutoModelForImageTextToText`` and ``AutoProcessor``.
+Tested (tiny random models of each family through this exact path, ``tests/test_judge.py``): Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, InternVL and Idefics3/SmolVLM. A batch of
 :class:`~.base.JudgeRequest` objects becomes ONE ``generate()`` call: prompts are built with the
-processor's chat template (system text first, then the images, then the user text), left-padded so every
-prompt ends at the same position, and only the generated tokens are decoded.
+processor's chat template (system text first, then the images, then the user text; templates that move
+the images before the text are fine because the prompt names images by position, "the first image"),
+left-padded so every prompt ends at the same position, and only the generated tokens are decoded.
+:meth:`TransformersBackend.prepare` (images, template, processor: CPU) and
+:meth:`TransformersBackend.judge_prepared` (``generate()``) split that work so a caller can prepare the
+next batch in another thread while the model answers this one.
 
 P(yes) comes from the first generated position (``output_logits=True``): ``log_softmax`` of its logits,
 ``logsumexp`` over every token whose decoded text normalises to "yes" (resp. "no"; the id sets are
@@ -24,6 +29,8 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
@@ -97,6 +104,22 @@ def prepare_image(image: Image.Image, max_pixels: int | None = None, max_aspect:
     return image
 
 
+@dataclass
+class PreparedBatch:
+    """Requests made ready for :meth:`TransformersBackend.judge_prepared` by :meth:`TransformersBackend.prepare`.
+
+    Attributes:
+        requests: the requests, in order.
+        answers: per request, its error answer when it could not be prepared, else None.
+        chunks: ``[(items, encoding), ...]``, at most ``batch_size`` items ``(index, text, images)`` each;
+            the encoding is the processor's output, or the exception its call raised.
+    """
+
+    requests: list[JudgeRequest]
+    answers: list[JudgeAnswer | None]
+    chunks: list[tuple[list[tuple[int, str, list[Image.Image]]], Any]] = field(default_factory=list)
+
+
 def _device(device: str | None) -> str:
     import torch
 
@@ -126,7 +149,8 @@ class TransformersBackend(JudgeBackend):
         dtype: ``"auto"`` (bfloat16/float16 on CUDA, float32 on CPU), a torch dtype or its name.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda:0"``...
         max_pixels: image budget: every image is shrunk to at most this many pixels, and processors that
-            size images by a pixel budget (the Qwen-VL family) get it too, so the number of image tokens stays bounded.
+            resize or tile images themselves get it too (Qwen-VL ``longest_edge``, Idefics3/SmolVLM resize side,
+            InternVL ``max_patches``), so the number of image tokens stays bounded.
         processor_kwargs: extra keyword arguments for ``AutoProcessor.from_pretrained``.
         model_kwargs: extra keyword arguments for ``AutoModelForImageTextToText.from_pretrained``
             (e.g. ``{"attn_implementation": "sdpa"}``).
@@ -169,11 +193,12 @@ class TransformersBackend(JudgeBackend):
         self.model_kwargs = dict(model_kwargs or {})
         common = dict(revision=revision, trust_remote_code=trust_remote_code)
         self.processor = AutoProcessor.from_pretrained(self.model_name, **common, **self.processor_kwargs)
-        if self.max_pixels:
-            _set_pixel_budget(self.processor, self.max_pixels)
+        self.pixel_budget = _set_pixel_budget(self.processor, self.max_pixels) if self.max_pixels else None
         self.model = AutoModelForImageTextToText.from_pretrained(
             self.model_name, **common, dtype=self.torch_dtype, **self.model_kwargs).to(self.device).eval()
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        # a fast tokenizer must not encode in one thread while it decodes in another ("Already borrowed")
+        self._tokenizer_lock = threading.Lock()
         self.yes_ids, self.no_ids = answer_token_ids(self.tokenizer)
         if not self.yes_ids or not self.no_ids:
             logger.warning("%s: no single token decodes to yes/no; P(yes) will be None", self.model_name)
@@ -189,6 +214,7 @@ class TransformersBackend(JudgeBackend):
             "dtype": str(self.torch_dtype).replace("torch.", ""),
             "device": self.device,
             "max_pixels": self.max_pixels,
+            "pixel_budget": self.pixel_budget,
             "processor_kwargs": {k: v for k, v in self.processor_kwargs.items() if _jsonable(v)},
         }
 
@@ -223,19 +249,55 @@ class TransformersBackend(JudgeBackend):
 
         Requests are prepared one by one (a bad image fails only its own request), generated in batches of
         :attr:`batch_size`; if a whole batch fails (e.g. out of memory) its requests are retried alone.
+        Same as ``judge_prepared(prepare(requests))``.
         """
-        answers: list[JudgeAnswer | None] = [None] * len(requests)
+        return self.judge_prepared(self.prepare(requests))
+
+    def prepare(self, requests: list[JudgeRequest]) -> PreparedBatch:
+        """The CPU half of :meth:`judge`: images shrunk to the budget, chat-template texts, processor tensors.
+
+        Safe to call from another thread while :meth:`judge_prepared` runs the previous batch (the
+        tokenizer, which is not, is shared under a lock), so preparation overlaps generation.
+
+        Args:
+            requests: the requests, in order.
+
+        Returns:
+            A :class:`PreparedBatch`: per-request errors already answered, the rest encoded in chunks of
+            :attr:`batch_size` (a chunk whose processor call failed keeps the error and is retried alone).
+        """
+        batch = PreparedBatch(requests=list(requests), answers=[None] * len(requests))
         ready: list[tuple[int, str, list[Image.Image]]] = []
-        for i, req in enumerate(requests):
+        for i, req in enumerate(batch.requests):
             try:
                 text, images = self._prepare(req)
                 ready.append((i, text, images))
             except Exception as exc:  # noqa: BLE001 - this request's error, not the run's
-                answers[i] = JudgeAnswer(error=f"{type(exc).__name__}: {exc}", meta=dict(req.meta))
+                batch.answers[i] = JudgeAnswer(error=f"{type(exc).__name__}: {exc}", meta=dict(req.meta))
         for start in range(0, len(ready), self.batch_size):
             chunk = ready[start:start + self.batch_size]
             try:
-                outs = self._generate(chunk, max(requests[i].max_new_tokens for i, _, _ in chunk))
+                enc: Any = self.encode([t for _, t, _ in chunk], [ims for _, _, ims in chunk])
+            except Exception as exc:  # noqa: BLE001 - retried one by one in judge_prepared
+                enc = exc
+            batch.chunks.append((chunk, enc))
+        return batch
+
+    def judge_prepared(self, batch: PreparedBatch) -> list[JudgeAnswer]:
+        """The generation half of :meth:`judge`: one ``generate()`` per chunk of a :meth:`prepare` result.
+
+        Args:
+            batch: what :meth:`prepare` returned.
+
+        Returns:
+            One :class:`~.base.JudgeAnswer` per request, in order (``error`` set where it failed).
+        """
+        requests, answers = batch.requests, list(batch.answers)
+        for chunk, enc in batch.chunks:
+            try:
+                if isinstance(enc, Exception):
+                    raise enc
+                outs = self._generate(enc, max(requests[i].max_new_tokens for i, _, _ in chunk))
             except Exception as exc:  # noqa: BLE001
                 if len(chunk) == 1:
                     i = chunk[0][0]
@@ -243,9 +305,9 @@ class TransformersBackend(JudgeBackend):
                     continue
                 logger.warning("batch of %d failed (%s); answering one at a time", len(chunk), exc)
                 outs = []
-                for item in chunk:
+                for i, text, images in chunk:
                     try:
-                        outs.extend(self._generate([item], requests[item[0]].max_new_tokens))
+                        outs.extend(self._generate(self.encode([text], [images]), requests[i].max_new_tokens))
                     except Exception as exc1:  # noqa: BLE001
                         outs.append(JudgeAnswer(error=f"{type(exc1).__name__}: {exc1}"))
             for (i, _, _), ans in zip(chunk, outs):
@@ -253,12 +315,23 @@ class TransformersBackend(JudgeBackend):
                 answers[i] = ans
         return answers  # type: ignore[return-value]
 
-    def _generate(self, chunk: list[tuple[int, str, list[Image.Image]]], max_new_tokens: int) -> list[JudgeAnswer]:
+    def encode(self, texts: list[str], images: list[list[Image.Image]]) -> dict[str, Any]:
+        """The processor's tensors for prompts and their (prepared) images, left-padded, on the CPU.
+
+        Args:
+            texts: chat-template texts (:meth:`prompt_text`).
+            images: per text, its images (already through :func:`prepare_image`).
+
+        Returns:
+            The processor's output as a dict (``input_ids``, ``attention_mask``, ``pixel_values``...).
+        """
+        with self._tokenizer_lock:
+            enc = self.processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+        return dict(enc)
+
+    def _generate(self, enc: dict[str, Any], max_new_tokens: int) -> list[JudgeAnswer]:
         import torch
 
-        texts = [t for _, t, _ in chunk]
-        images = [ims for _, _, ims in chunk]
-        enc = self.processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
         enc = {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in enc.items()}
         if "pixel_values" in enc and enc["pixel_values"].is_floating_point():
             enc["pixel_values"] = enc["pixel_values"].to(self.torch_dtype)
@@ -269,8 +342,9 @@ class TransformersBackend(JudgeBackend):
             out = self.model.generate(**enc, max_new_tokens=max(1, int(max_new_tokens)), do_sample=False,
                                       output_logits=True, return_dict_in_generate=True, pad_token_id=pad_id)
         prompt_len = enc["input_ids"].shape[1]
-        generated = out.sequences[:, prompt_len:]
-        texts_out = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        generated = out.sequences[:, prompt_len:].cpu()
+        with self._tokenizer_lock:
+            texts_out = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
         logp = torch.log_softmax(out.logits[0].float(), dim=-1)
         answers = []
         for row, text in enumerate(texts_out):
@@ -291,24 +365,50 @@ class TransformersBackend(JudgeBackend):
         return p, min(1.0, mass)
 
 
-def _set_pixel_budget(processor, max_pixels: int) -> bool:
-    """Give processors that size images by a pixel budget (the Qwen-VL family) ``max_pixels``.
+def _set_pixel_budget(processor, max_pixels: int) -> str | None:
+    """Make the processor itself respect ``max_pixels`` per image, where its family sizes images on its own.
 
-    Those image processors keep the budget as ``size = {"shortest_edge": min_pixels, "longest_edge":
-    max_pixels}`` and merge patches (``merge_size``); others are left alone (images are shrunk before).
+    Shrinking images first is not enough everywhere: some processors enlarge or tile them.
+
+    - Qwen-VL family (``merge_size``, ``size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}``):
+      the budget becomes ``longest_edge`` (and caps ``shortest_edge``).
+    - Idefics3 / SmolVLM (``max_image_size`` tiles): images are resized so their longest side is
+      ``size["longest_edge"]`` (up or down) and cut into tiles; that side becomes the largest multiple of the
+      tile side that fits the budget (at least one tile).
+    - InternVL (``crop_to_patches``, ``max_patches``): at most ``max_pixels // tile area`` tiles (at least 1).
+
+    Others (LLaVA-OneVision picks its grid from the image size, so shrinking first bounds it) are left alone.
+
+    Returns:
+        The family the budget was applied for (``"qwen"``, ``"idefics3"``, ``"internvl"``), or None.
     """
     ip = getattr(processor, "image_processor", None)
+    if ip is None:
+        return None
     size = getattr(ip, "size", None)
-    if ip is None or not hasattr(ip, "merge_size") or size is None:
-        return False
-    try:
-        lo, hi = size["shortest_edge"], size["longest_edge"]
-    except (KeyError, TypeError):
-        return False
-    if lo is None or hi is None:
-        return False
-    ip.size = {"shortest_edge": min(int(lo), max_pixels), "longest_edge": int(max_pixels)}
-    return True
+    if hasattr(ip, "merge_size") and size is not None:
+        try:
+            lo, hi = size["shortest_edge"], size["longest_edge"]
+        except (KeyError, TypeError):
+            return None
+        if lo is None or hi is None:
+            return None
+        ip.size = {"shortest_edge": min(int(lo), max_pixels), "longest_edge": int(max_pixels)}
+        return "qwen"
+    tile = getattr(ip, "max_image_size", None)
+    if isinstance(tile, dict) and tile.get("longest_edge") and getattr(ip, "do_image_splitting", False):
+        side = int(tile["longest_edge"])
+        ip.size = {"longest_edge": side * max(1, math.isqrt(max_pixels) // side)}
+        return "idefics3"
+    if getattr(ip, "crop_to_patches", None) is not None and getattr(ip, "max_patches", None) and size is not None:
+        try:
+            area = int(size["height"]) * int(size["width"])
+        except (KeyError, TypeError):
+            return None
+        ip.max_patches = max(1, min(int(ip.max_patches), max_pixels // area))
+        ip.min_patches = min(int(getattr(ip, "min_patches", 1) or 1), ip.max_patches)
+        return "internvl"
+    return None
 
 
 def _jsonable(v: Any) -> bool:
