@@ -6,8 +6,9 @@ from .fit_expert import FitExpert
 from .judge import JudgeSamples
 from .review import ReviewSamples
 from .score import ScoreSamples
+from .video import ScoreVideo
 
-OPERATORS = [FitExpert, ScoreSamples, CreateClipExpert, EvaluateAnomalies, ReviewSamples, JudgeSamples]
+OPERATORS = [FitExpert, ScoreSamples, CreateClipExpert, EvaluateAnomalies, ReviewSamples, JudgeSamples, ScoreVideo]
 
 
 def register(p) -> None:

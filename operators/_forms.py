@@ -41,3 +41,28 @@ def nothing_to_choose(inputs: types.Object, name: str, title: str, message: str,
     prop.invalid = True
     prop.error_message = message
     return types.Property(inputs, view=types.View(label=form_label))
+
+
+def vlm_backend_inputs(inputs: types.Object, params: dict, api_key_secret: str, device: bool = True) -> None:
+    """Inputs that describe a VLM backend: a local transformers model or an OpenAI-compatible server.
+
+    Read back by ``operators.judge.backend_from_params`` (the API key is named, never entered or stored).
+    """
+    backend = types.RadioGroup()
+    backend.add_choice("transformers", label="Local model (transformers)")
+    backend.add_choice("openai", label="OpenAI-compatible server (vLLM, SGLang, Ollama, hosted)")
+    inputs.enum("backend", backend.values(), default="transformers", label="Backend", view=backend)
+    if params.get("backend", "transformers") == "openai":
+        inputs.str("base_url", required=True, label="Server base URL", description="e.g. http://gpu-box:8000/v1")
+        inputs.str("server_model", required=True, label="Model name on the server")
+        inputs.str("api_key_secret", default=api_key_secret, label="API key secret",
+                   description="Name of the FiftyOne secret or environment variable holding the key "
+                               "(the key itself is never stored)")
+        inputs.int("max_concurrency", default=8, min=1, label="Requests in flight")
+    else:
+        inputs.str("model", required=True, label="Model", description="Hub id or local folder of an "
+                   "image-text-to-text model, e.g. Qwen/Qwen2-VL-2B-Instruct")
+        inputs.str("revision", label="Revision", description="Hub branch, tag or commit to pin")
+        if device:
+            inputs.str("device", default="auto", label="Device")
+        inputs.int("max_pixels", default=448 * 448, min=0, label="Image budget (pixels per image)")

@@ -11,7 +11,7 @@ from fiftyone_anomaly_vlm import judge
 from fiftyone_anomaly_vlm.models.judge import make_backend
 from fiftyone_anomaly_vlm.runs import AnomalyScoreRunConfig, JudgeRunConfig
 
-from ._forms import check_key, dropdown
+from ._forms import check_key, dropdown, vlm_backend_inputs
 from ._progress import long_running_config, run_with_progress
 
 #: default name of the secret / environment variable holding a server's API key
@@ -62,23 +62,7 @@ class JudgeSamples(foo.Operator):
         taken = [k for k in runs if not isinstance(ctx.dataset.get_run_info(k).config, JudgeRunConfig)]
         check_key(key_prop, key, taken, "Run")
 
-        backend = types.RadioGroup()
-        backend.add_choice("transformers", label="Local model (transformers)")
-        backend.add_choice("openai", label="OpenAI-compatible server (vLLM, SGLang, Ollama, hosted)")
-        inputs.enum("backend", backend.values(), default="transformers", label="Backend", view=backend)
-        if p.get("backend", "transformers") == "openai":
-            inputs.str("base_url", required=True, label="Server base URL", description="e.g. http://gpu-box:8000/v1")
-            inputs.str("server_model", required=True, label="Model name on the server")
-            inputs.str("api_key_secret", default=API_KEY_SECRET, label="API key secret",
-                       description="Name of the FiftyOne secret or environment variable holding the key "
-                                   "(the key itself is never stored)")
-            inputs.int("max_concurrency", default=8, min=1, label="Requests in flight")
-        else:
-            inputs.str("model", required=True, label="Model", description="Hub id or local folder of an "
-                       "image-text-to-text model, e.g. Qwen/Qwen2-VL-2B-Instruct")
-            inputs.str("revision", label="Revision", description="Hub branch, tag or commit to pin")
-            inputs.str("device", default="auto", label="Device")
-            inputs.int("max_pixels", default=448 * 448, min=0, label="Image budget (pixels per image)")
+        vlm_backend_inputs(inputs, p, API_KEY_SECRET)
 
         experts = [k for k in runs if isinstance(ctx.dataset.get_run_info(k).config, AnomalyScoreRunConfig)]
         dropdown(inputs, "expert", [_NONE, *experts], experts[0] if experts else _NONE, "Expert run",
