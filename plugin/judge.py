@@ -30,11 +30,14 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
 import re
+from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -527,6 +530,71 @@ def _load_rgb(path: str) -> Image.Image:
         return im.convert("RGB")
 
 
+@dataclass
+class _Batch:
+    """One batch of samples on its way to the backend."""
+
+    rows: list[dict[str, Any]]
+    requests: list[JudgeRequest] = field(default_factory=list)
+    regions: dict[str, list] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    prepared: Any = None
+
+
+class Prefetch:
+    """Iterate ``fn(item)`` over ``items`` in order, computing up to ``depth`` results ahead in one worker thread.
+
+    While the caller works on result ``n`` (e.g. ``generate()`` on the accelerator), the worker computes
+    ``n + 1`` (reading images, cutting crops, running the processor). At most ``depth + 1`` results exist at
+    once. An exception raised by ``fn`` is raised by the iteration at that item. Leaving the ``with`` block
+    (normally, by an error or a cancelled run) drops what was not yet consumed: queued items are cancelled
+    and the one being computed is waited for, so no work goes on after it.
+
+    Args:
+        fn: the work for one item.
+        items: the items, in order.
+        depth: how many items ahead; 0 computes each item in the caller's thread when it is needed.
+
+    Example:
+        >>> with Prefetch(load_batch, range(0, n, 8), depth=1) as batches:
+        ...     for batch in batches:
+        ...         run_model(batch)
+    """
+
+    def __init__(self, fn, items, depth: int = 1) -> None:
+        self.fn = fn
+        self.items = iter(items)
+        self.depth = max(0, int(depth))
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[Future] = deque()
+
+    def __enter__(self) -> Prefetch:
+        if self.depth:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fav-judge-prepare")
+            for item in itertools.islice(self.items, self.depth):
+                self._pending.append(self._pool.submit(self.fn, item))
+        return self
+
+    def __iter__(self):
+        if self._pool is None:
+            for item in self.items:
+                yield self.fn(item)
+            return
+        while self._pending:
+            future = self._pending.popleft()
+            for item in itertools.islice(self.items, 1):  # keep `depth` items queued behind this one
+                self._pending.append(self._pool.submit(self.fn, item))
+            yield future.result()
+
+    def __exit__(self, *exc_info) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
 def judge(
     samples,
     key: str = "vlm",
@@ -544,6 +612,7 @@ def judge(
     max_new_tokens: int = 96,
     system: str = SYSTEM,
     overwrite: bool = False,
+    prefetch: int = 1,
     progress: bool | Any = None,
 ) -> JudgeResults:
     """Ask a VLM whether each sample is anomalous, which defect, where and why; record the run ``key``.
@@ -569,6 +638,8 @@ def judge(
         system: the system text (placed first).
         overwrite: judge every sample again; by default samples already judged under ``key`` are skipped,
             so an interrupted run resumes.
+        prefetch: batches prepared ahead in a worker thread (images read, crops cut, reference chosen,
+            the backend's processor run) while the backend answers the current one; 0: no overlap.
         progress: FiftyOne progress convention: None/True/False, or a callable taking a ``ProgressBar``.
 
     Returns:
@@ -664,21 +735,29 @@ def judge(
         paths["knowledge"] = knowledge_field
     columns = dict(zip(paths, todo.values(list(paths.values()))))
     n = len(columns["id"])
-    with fou.ProgressBar(total=n, progress=progress) as pb:
-        for start in range(0, n, max(1, int(batch_size))):
-            rows = [{k: columns[k][i] for k in columns} for i in range(start, min(n, start + batch_size))]
-            requests, regions, failed = [], {}, {}
-            for row in rows:
-                try:
-                    req, boxes = _request_for(row, refs, knowledge, knowledge_field is not None, n_crops,
-                                              use_expert_verdict and efields is not None, system, max_new_tokens)
-                    requests.append(req)
-                    regions[row["id"]] = boxes
-                except Exception as exc:  # noqa: BLE001 - one sample's problem
-                    failed[row["id"]] = f"{type(exc).__name__}: {exc}"
-            answers = backend.judge(requests) if requests else []
-            _write_batch(dataset, fields, requests, answers, regions, failed, results)
-            pb.update(len(rows))
+    step = max(1, int(batch_size))
+    use_verdict = use_expert_verdict and efields is not None
+
+    def prepare(start: int) -> _Batch:
+        """Batch ``start``: images read, crops cut, reference chosen, requests built and the backend's CPU work."""
+        batch = _Batch(rows=[{k: columns[k][i] for k in columns} for i in range(start, min(n, start + step))])
+        for row in batch.rows:
+            try:
+                req, boxes = _request_for(row, refs, knowledge, knowledge_field is not None, n_crops, use_verdict,
+                                          system, max_new_tokens)
+                batch.requests.append(req)
+                batch.regions[row["id"]] = boxes
+            except Exception as exc:  # noqa: BLE001 - one sample's problem
+                batch.failed[row["id"]] = f"{type(exc).__name__}: {exc}"
+        if batch.requests:
+            batch.prepared = backend.prepare(batch.requests)
+        return batch
+
+    with fou.ProgressBar(total=n, progress=progress) as pb, Prefetch(prepare, range(0, n, step), prefetch) as batches:
+        for batch in batches:
+            answers = backend.judge_prepared(batch.prepared) if batch.requests else []
+            _write_batch(dataset, fields, batch.requests, answers, batch.regions, batch.failed, results)
+            pb.update(len(batch.rows))
 
     if efields is not None:
         _write_fused(samples, fields, efields, fuse)

@@ -9,6 +9,7 @@ the parser is tested on hand-written answers.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ import fiftyone.operators as foo
 import fiftyone_anomaly_vlm as fav
 from fiftyone_anomaly_vlm.judge import (GRID, JudgeFieldNames, fuse_scores, normalize_location, parse_answer,
                                         read_heatmap, top_regions)
-from fiftyone_anomaly_vlm.models.judge import JudgeRequest, make_backend
+from fiftyone_anomaly_vlm.models.judge import JudgeBackend, JudgeRequest, make_backend
 from fiftyone_anomaly_vlm.models.judge.hf import TransformersBackend, answer_token_ids, prepare_image
 
 from tiny_vlms import BUILDERS
@@ -255,6 +256,73 @@ def test_judge_end_to_end_resume_and_delete(fitted, qwen, tmp_path):
     schema = ds.get_field_schema()
     assert not [name for name in f.all() if name in schema]
     assert "padim_score" in schema and "vlm_flagged" in schema
+
+
+class _Watched(JudgeBackend):
+    """The real tiny backend, noting when batch 2's preparation starts and which thread prepares."""
+
+    name = "transformers"
+
+    def __init__(self, inner: TransformersBackend, wait_s: float):
+        self.inner, self.wait_s = inner, wait_s
+        self.second_prepare = threading.Event()
+        self.prepare_threads: list[str] = []
+        self.overlapped: bool | None = None
+
+    def describe(self):
+        return self.inner.describe()
+
+    def judge(self, requests):
+        return self.inner.judge(requests)
+
+    def prepare(self, requests):
+        self.prepare_threads.append(threading.current_thread().name)
+        if len(self.prepare_threads) == 2:
+            self.second_prepare.set()
+        return self.inner.prepare(requests)
+
+    def judge_prepared(self, prepared):
+        if self.overlapped is None:  # answering batch 1: does batch 2 get prepared meanwhile?
+            self.overlapped = self.second_prepare.wait(self.wait_s)
+        return self.inner.judge_prepared(prepared)
+
+
+def test_judge_prepares_next_batch_while_generating(parts, qwen):
+    """prefetch=1: batch n+1 is prepared in a worker thread during batch n's generate(), same answers as 0."""
+    view = parts.match_tags("train", bool=False).limit(5)
+    kwargs = dict(reference="train", batch_size=2, max_new_tokens=3)
+    serial = _Watched(qwen, wait_s=1.0)
+    fav.judge(view, key="serial", backend=serial, prefetch=0, **kwargs)
+    assert serial.overlapped is False and set(serial.prepare_threads) == {threading.current_thread().name}
+    piped = _Watched(qwen, wait_s=60.0)
+    res = fav.judge(view, key="piped", backend=piped, prefetch=1, **kwargs)
+    assert piped.overlapped is True and len(piped.prepare_threads) == 3
+    assert all(name.startswith("fav-judge-prepare") for name in piped.prepare_threads)
+    assert res.num_judged == 5 and res.num_errors == 0
+    assert view.values("piped_p_anomalous") == pytest.approx(view.values("serial_p_anomalous"), abs=1e-5)
+    assert view.values("piped_answer") == view.values("serial_answer")
+    assert not [t for t in threading.enumerate() if t.name.startswith("fav-judge-prepare")]
+
+
+def test_judge_cancelled_mid_run_stops_and_resumes(parts, qwen):
+    """A progress callback that raises (a cancelled run) stops the run, its worker thread, and keeps the
+    finished batches; the next call judges only the rest."""
+    view = parts.match_tags("train", bool=False).limit(6)
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel_after_first_batch(pb):
+        if pb.iteration >= 2:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        fav.judge(view, key="vlm", backend=qwen, batch_size=2, max_new_tokens=2, prefetch=2,
+                  progress=cancel_after_first_batch)
+    assert not [t for t in threading.enumerate() if t.name.startswith("fav-judge-prepare")]
+    assert view.count("vlm") == 2
+    rest = fav.judge(view, key="vlm", backend=qwen, batch_size=2, max_new_tokens=2)
+    assert rest.num_skipped == 2 and rest.num_judged == 4 and view.count("vlm") == 6
 
 
 def test_judge_operator_runs_local_model(parts, qwen_dir):

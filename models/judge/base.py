@@ -116,6 +116,18 @@ class JudgeBackend(ABC):
     def judge(self, requests: list[JudgeRequest]) -> list[JudgeAnswer]:
         """Answer every request, in order."""
 
+    def prepare(self, requests: list[JudgeRequest]) -> Any:
+        """CPU work on a batch that may run in another thread while :meth:`judge_prepared` runs the previous one.
+
+        The default does nothing (returns the requests); local backends resize images and run their processor
+        here. ``judge_prepared(prepare(requests))`` answers the same as ``judge(requests)``.
+        """
+        return list(requests)
+
+    def judge_prepared(self, prepared: Any) -> list[JudgeAnswer]:
+        """Answer a batch returned by :meth:`prepare`, in order (the default: :meth:`judge`)."""
+        return self.judge(prepared)
+
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable description for the run config (model id, revision...; never secrets)."""
         return {"backend": self.name}
