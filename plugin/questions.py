@@ -542,7 +542,8 @@ def learn_questions(
             try:
                 text = str(propose(prompt))
             except Exception as exc:  # noqa: BLE001 - a failed proposal costs one iteration, not the run
-                history.append(QuestionSetResult([], None, "proposal", it, "error", error=f"{type(exc).__name__}: {exc}"))
+                history.append(QuestionSetResult([], None, "proposal", it, "error",
+                                                 error=f"{type(exc).__name__}: {exc}"))
                 pb.update()
                 continue
             qs = parse_questions(text, max_questions=num_questions)

@@ -558,7 +558,7 @@ def score_video(
         return _finish(samples, fields, results)
 
     videos = {v.sample_id: v for v in extract_frames(todo, fps=fps, output_dir=frames_dir)}
-    meta = dict(zip(todo_ids, todo.values("metadata")))
+    meta = dict(zip(todo_ids, todo.values("metadata")))  # after sampling, which computes missing metadata
     needs = list(getattr(model, "needs_fields", ()) or ()) if model is not None else []
     extras = dict(zip(todo_ids, zip(*todo.values(needs)))) if needs else {}
     writer = _Writer(dataset, fields)

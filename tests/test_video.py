@@ -303,3 +303,22 @@ def test_score_video_operator_and_bad_input(videos, frames_expert):
         fav.score_video(ds, key=f"{frames_expert}_expert", expert=frames_expert)
     with pytest.raises(ValueError, match="combine"):
         fav.score_video(ds, key="x", expert=frames_expert, combine="median")
+
+
+def test_server_backend_answers_windows_and_proposes(tmp_path):
+    """An OpenAI-compatible server (real HTTP, tiny Qwen2-VL): frame windows as several images of one
+    request, in time order; the optimizer as a text-only request through the same backend."""
+    from openai_server import OpenAITestServer, build_tiny_qwen2vl
+
+    from fiftyone_anomaly_vlm.models.judge.openai_compat import OpenAICompatBackend
+
+    frames = [Image.fromarray(np.full((32, 32, 3), v, np.uint8)) for v in (0, 80, 160, 240)]
+    with OpenAITestServer(build_tiny_qwen2vl(tmp_path / "m")) as server:
+        backend = OpenAICompatBackend(base_url=server.base_url, model="tiny", max_concurrency=4, timeout=30.0)
+        p, errors = question_scores(backend, frames, ["Do you see a red square?"], frames_per_prompt=3)
+        assert p.shape == (4, 1) and np.isfinite(p).all() and errors == [None] * 4
+        shown = sorted([int(np.asarray(im)[0, 0, 0]) for im in ims] for ims in server.images)
+        assert shown == [[0, 80, 160], [0, 80, 160], [80, 160, 240], [80, 160, 240]]
+        server.images.clear()
+        text = make_proposer(backend, max_new_tokens=8)("Propose questions. AUROC 0.5: - Is it odd?")
+        assert isinstance(text, str) and server.images == [[]]
