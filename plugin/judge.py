@@ -612,7 +612,7 @@ def judge(
     max_new_tokens: int = 96,
     system: str = SYSTEM,
     overwrite: bool = False,
-    prefetch: int = 1,
+    prefetch: int | None = None,
     progress: bool | Any = None,
 ) -> JudgeResults:
     """Ask a VLM whether each sample is anomalous, which defect, where and why; record the run ``key``.
@@ -639,7 +639,8 @@ def judge(
         overwrite: judge every sample again; by default samples already judged under ``key`` are skipped,
             so an interrupted run resumes.
         prefetch: batches prepared ahead in a worker thread (images read, crops cut, reference chosen,
-            the backend's processor run) while the backend answers the current one; 0: no overlap.
+            the backend's processor run) while the backend answers the current one; 0: no overlap. None:
+            1, except for a local model on the CPU (0), where both halves would compete for the same cores.
         progress: FiftyOne progress convention: None/True/False, or a callable taking a ``ProgressBar``.
 
     Returns:
@@ -753,6 +754,8 @@ def judge(
             batch.prepared = backend.prepare(batch.requests)
         return batch
 
+    if prefetch is None:
+        prefetch = 0 if str(getattr(backend, "device", "")) == "cpu" else 1
     with fou.ProgressBar(total=n, progress=progress) as pb, Prefetch(prepare, range(0, n, step), prefetch) as batches:
         for batch in batches:
             answers = backend.judge_prepared(batch.prepared) if batch.requests else []

@@ -193,7 +193,7 @@ def test_judge_end_to_end_resume_and_delete(fitted, qwen, tmp_path):
     view = _scored_subset(ds, tmp_path)
     knowledge = {"default": "A round metal part; defects are scratches, holes and stains."}
     res = fav.judge(view, key="vlm", backend=qwen, expert="padim", reference="auto", knowledge=knowledge,
-                    crops=3, batch_size=4, max_new_tokens=12)
+                    crops=3, batch_size=4, max_new_tokens=12, prefetch=1)
     f = JudgeFieldNames("vlm")
     assert res.num_samples == 6 and res.num_judged == 5 and res.num_errors == 1
     assert "vlm" in ds.list_runs()
