@@ -338,3 +338,31 @@ def test_judge_runs_and_fused_scores_are_reviewable_and_evaluable(scored, tiny_j
     assert res.metrics["auroc"] == pytest.approx(roc_auc_score(y, fused), abs=1e-6)
     with pytest.raises(ValueError, match="heatmap"):
         fav.evaluate(view, "vlm", "ground_truth", gt_mask_field="ground_truth_mask", eval_key="vlm_px")
+
+
+@pytest.mark.parametrize("bins", [7, 20, 40])
+def test_histogram_puts_values_on_bin_edges_where_numpy_does(bins):
+    from fiftyone_anomaly_vlm.runs import AnomalyScoreRunConfig
+
+    edges = np.linspace(0, 1, bins + 1)
+    rng = np.random.default_rng(bins)
+    # every edge, values one ulp either side of each edge, 0, 1 and random values; one sample unscored
+    values = np.concatenate([edges, np.nextafter(edges, 2)[:-1], np.nextafter(edges, -1)[1:], rng.random(50),
+                             np.arange(0, 1.0001, 0.05), [1 / 3, 2 / 3]])
+    ds = fo.Dataset()
+    ds.add_samples([fo.Sample(filepath=f"/none/{i}.png") for i in range(len(values) + 1)])
+    ds.set_values("h_score", values.tolist() + [None])
+    gt = ["anomalous" if i % 3 == 0 else ("normal" if i % 3 == 1 else None) for i in range(len(values) + 1)]
+    ds.set_values("gt", [fo.Classification(label=g) if g else None for g in gt])
+    ds.register_run("h", AnomalyScoreRunConfig(normalized_image_threshold=0.5))
+    try:
+        hist = fav.score_histogram(ds, "h", bins=bins, gt_field="gt")
+        assert hist["count"] == len(values)
+        ref, ref_edges = np.histogram(values, bins=bins, range=(0, 1))
+        assert hist["counts"] == ref.tolist() and hist["edges"] == ref_edges.tolist()
+        labels = np.array(gt[:-1], dtype=object)
+        assert hist["series"]["anomalous"] == np.histogram(values[labels == "anomalous"], bins, (0, 1))[0].tolist()
+        assert hist["series"]["normal"] == np.histogram(values[labels == "normal"], bins, (0, 1))[0].tolist()
+        assert hist["series"]["unlabelled"] == np.histogram(values[labels == None], bins, (0, 1))[0].tolist()  # noqa: E711
+    finally:
+        ds.delete()
