@@ -21,16 +21,12 @@ import os
 import sys
 import tempfile
 import time
-import uuid
 import warnings
 
 warnings.filterwarnings("ignore")
-_TMP = tempfile.mkdtemp(prefix="fav-elpv-")
-os.environ.setdefault("FIFTYONE_DATABASE_DIR", os.path.join(_TMP, "db"))
-os.environ.setdefault("FIFTYONE_DEFAULT_DATASET_DIR", os.path.join(_TMP, "data"))
-os.environ.setdefault("FIFTYONE_DATABASE_NAME", f"fav_elpv_{uuid.uuid4().hex[:6]}")
-os.environ.update(FIFTYONE_DO_NOT_TRACK="true", FIFTYONE_DATABASE_VALIDATION="false",
-                  FIFTYONE_SHOW_PROGRESS_BARS="false")
+from _env import isolate  # noqa: E402 - before FiftyOne
+
+_TMP = isolate("fav-elpv-")
 
 MODEL_KWARGS = {
     "padim": {},

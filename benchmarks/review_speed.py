@@ -20,19 +20,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 import uuid
 import warnings
 
 warnings.filterwarnings("ignore")
-_TMP = tempfile.mkdtemp(prefix="fav-bench-")
-os.environ.setdefault("FIFTYONE_DATABASE_DIR", os.path.join(_TMP, "db"))
-os.environ.setdefault("FIFTYONE_DEFAULT_DATASET_DIR", os.path.join(_TMP, "data"))
-os.environ.setdefault("FIFTYONE_DATABASE_NAME", f"fav_bench_{uuid.uuid4().hex[:6]}")
-os.environ.update(FIFTYONE_DO_NOT_TRACK="true", FIFTYONE_DATABASE_VALIDATION="false",
-                  FIFTYONE_SHOW_PROGRESS_BARS="false")
+from _env import isolate  # noqa: E402 - before FiftyOne
+
+_TMP = isolate("fav-bench-")
 
 
 def build(n: int, key: str, seed: int = 0):

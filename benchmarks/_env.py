@@ -1,0 +1,23 @@
+"""Shared set-up of the benchmark scripts: a private FiftyOne database and data folder per run.
+
+Import it before FiftyOne (``from _env import isolate; TMP = isolate("fav-bench-")``): the scripts run as
+``python benchmarks/<name>.py``, so this folder is on ``sys.path``. Variables already set win, so a run can
+point at an existing database on purpose.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+
+
+def isolate(prefix: str) -> str:
+    """Point FiftyOne at a fresh temporary database and data folder (unless set); return the folder."""
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    os.environ.setdefault("FIFTYONE_DATABASE_DIR", os.path.join(tmp, "db"))
+    os.environ.setdefault("FIFTYONE_DEFAULT_DATASET_DIR", os.path.join(tmp, "data"))
+    os.environ.setdefault("FIFTYONE_DATABASE_NAME", f"fav_bench_{uuid.uuid4().hex[:6]}")
+    os.environ.update(FIFTYONE_DO_NOT_TRACK="true", FIFTYONE_DATABASE_VALIDATION="false",
+                      FIFTYONE_SHOW_PROGRESS_BARS="false")
+    return tmp
