@@ -8,8 +8,8 @@ with defect probability > 0 are the test set. Every row is computed through the 
 
 Rows:
   * fitted experts (anomalib PaDiM / PatchCore) on the offline EfficientNet-Lite0 ImageNet backbone;
-  * the same PaDiM fitted per cell type (mono / poly), its calibrated scores (share of the type's held-out
-    normals below) compared across types;
+  * the same experts fitted per cell type (mono / poly), their calibrated scores (share of the type's
+    held-out normals below) compared across types;
   * a rank ensemble of the fitted rows;
   * the CLIP expert zero-shot and few-shot (WinCLIP prompts; needs the ViT-B-16-plus-240 weights: pass
     ``--clip-weights``), the VLM judge (``--vlm-model`` path / hub id, or ``--vlm-server`` URL) and the fused
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--max-test", type=int, default=None, help="evaluate on a seeded subset of the test cells")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["padim", "patchcore", "per_type"],
+    parser.add_argument("--skip", nargs="*", default=[], choices=["padim", "patchcore", "padim_per_type", "patchcore_per_type"],
                         help="fitted rows to leave out")
     parser.add_argument("--clip-model", default="ViT-B-16-plus-240")
     parser.add_argument("--clip-weights", default=None, help="open_clip checkpoint file (default: the hub tag, "
@@ -126,20 +126,22 @@ def main() -> None:
         table.add(f"{model} (fitted)", _weights(ds, key), m, secs, note)
         calibrated[key] = np.array(test.values(f"{key}_score"), dtype=float)
 
-    if "per_type" not in args.skip:
+    for model, kwargs in (("padim", None), ("patchcore", PATCHCORE_KWARGS)):
+        if f"{model}_per_type" in args.skip:
+            continue
         t0 = time.time()
         per_id: dict[str, float] = {}
         for cell_type in ("mono", "poly"):
             of_type = F("cell_type.label") == cell_type
-            key = f"padim_{cell_type}"
-            _fit_and_score(ds, test.match(of_type), key, "padim", args,
+            key = f"{model}_{cell_type}"
+            _fit_and_score(ds, test.match(of_type), key, model, args, kwargs,
                            train=ds.match_tags("train").match(of_type))
             per_id.update(zip(*test.match(of_type).values(["id", f"{key}_score"])))
         scores = np.array([per_id[i] for i in ids], dtype=float)
-        table.add("padim per cell type (mono/poly)", _weights(ds, "padim_mono"),
+        table.add(f"{model} per cell type (mono/poly)", _weights(ds, f"{model}_mono"),
                   binary_image_metrics(scores, truth), time.time() - t0,
                   "calibrated scores of two experts, each on its type")
-        calibrated["padim_per_type"] = scores
+        calibrated[f"{model}_per_type"] = scores
 
     if len(calibrated) > 1:
         fused = np.mean([rankdata(v) for v in calibrated.values()], axis=0)
