@@ -7,7 +7,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fiftyone_anomaly_vlm import evaluate
-from fiftyone_anomaly_vlm.review import scoring_runs
+from fiftyone_anomaly_vlm.review import run_owned_fields, scoring_runs
 from fiftyone_anomaly_vlm.runs import AnomalyEvaluationRunConfig
 
 from ._forms import check_key, dropdown, nothing_to_choose
@@ -18,12 +18,7 @@ _GT_TYPES = (fo.Classification, fo.Segmentation)
 
 def _gt_fields(dataset, run: str) -> tuple[list[str], list[str]]:
     """(ground-truth candidates, mask candidates), leaving out the fields that runs wrote."""
-    own = set(dataset.list_runs())  # evaluation runs' outcome fields, judge verdicts, expert labels
-    for k in dataset.list_runs():
-        try:
-            own.update(getattr(dataset.get_run_info(k).config, "fields", None) or [])
-        except Exception:  # noqa: BLE001 - a run whose config class cannot be imported: not ours
-            continue
+    own = run_owned_fields(dataset)  # evaluation runs' outcome fields, judge verdicts, expert labels
     gt, masks = [], []
     for name, f in dataset.get_field_schema().items():
         if name in own or name.startswith("_") or name in ("id", "filepath", "tags", "metadata"):

@@ -22,6 +22,7 @@ from fiftyone_anomaly_vlm.review import (
     review,
     review_target,
     run_fields,
+    run_owned_fields,
     score_histogram,
     scoring_runs,
     threshold_counts,
@@ -35,8 +36,7 @@ _COLORS = {"anomalous": "#e4572e", "normal": "#4c9f70", "unlabelled": "#9e9e9e",
 def gt_candidates(dataset) -> list[str]:
     """Classification fields that can serve as ground truth (the runs' own fields and the review field excluded)."""
     schema = dataset.get_field_schema(embedded_doc_type=fo.Classification)
-    runs = scoring_runs(dataset)
-    own = {r for r in runs} | {f"{r}_{suffix}" for r in runs for suffix in ("defect", "location")}
+    own = run_owned_fields(dataset)
     return [name for name in schema if name not in own and name != REVIEW_FIELD]
 
 

@@ -362,6 +362,7 @@ def _check_eval_key(dataset, eval_key: str, reserved: list[str]) -> None:
 def _run_fields(dataset, key: str, score: str) -> tuple[str, str | None, str | None, list[str]]:
     """(score field, label field, heatmap field, the run's own fields) of an expert scoring run, a VLM judge
     run (P(anomalous), its verdict, no heatmap) or a judge run's fused score (``"<judge key>_fused"``)."""
+    from .judge import JudgeFieldNames
     from .review import review_target
 
     try:
@@ -369,7 +370,7 @@ def _run_fields(dataset, key: str, score: str) -> tuple[str, str | None, str | N
     except ValueError:  # not a recorded run: an expert's field names (the missing score field is reported)
         target = None
     if target is not None and target.kind != "expert":
-        return target.score, target.label, None, [target.score, *target.show]
+        return target.score, target.label, None, JudgeFieldNames(target.run_key).all()
     fields = FieldNames(key)
     return (fields.raw_score if score == "raw" else fields.score), fields.label, fields.map, fields.all()
 

@@ -39,6 +39,7 @@ import fiftyone as fo
 from fiftyone import ViewField as F
 
 from .fields import FieldNames
+from .judge import JudgeFieldNames
 from .runs import AnomalyScoreRunConfig, expert_run_key
 from .scoring import ANOMALOUS, NORMAL
 
@@ -93,15 +94,22 @@ def _method(config) -> str | None:
     return getattr(config, "method", None)
 
 
-def _judge_fields(key: str) -> dict[str, str]:
-    names = ("p_anomalous", "defect", "location", "explanation", "regions", "fused")
-    return {"label": key, **{n: f"{key}_{n}" for n in names}}
-
-
 def _judges_of(dataset, expert_key: str) -> list[str]:
-    return [k for k in dataset.list_runs()
-            if _method(_run_config(dataset, k)) in JUDGE_METHODS
-            and getattr(_run_config(dataset, k), "expert", None) == expert_key]
+    judges = []
+    for k in dataset.list_runs():
+        config = _run_config(dataset, k)
+        if _method(config) in JUDGE_METHODS and getattr(config, "expert", None) == expert_key:
+            judges.append(k)
+    return judges
+
+
+def run_owned_fields(dataset) -> set[str]:
+    """Every field a recorded run wrote (each run's key and the ``fields`` its config lists): never ground truth."""
+    dataset = dataset._root_dataset
+    owned = set(dataset.list_runs())
+    for key in owned.copy():
+        owned.update(getattr(_run_config(dataset, key), "fields", None) or [])
+    return owned
 
 
 def review_target(samples, name: str) -> ReviewTarget:
@@ -125,8 +133,8 @@ def review_target(samples, name: str) -> ReviewTarget:
         fields = FieldNames(name)
         show = [fields.label, fields.map, fields.mask]
         for judge_key in _judges_of(dataset, name):  # the VLM's verdict on the same samples
-            jf = _judge_fields(judge_key)
-            show += [jf["label"], jf["defect"], jf["location"], jf["explanation"]]
+            jf = JudgeFieldNames(judge_key)
+            show += [jf.label, jf.defect, jf.location, jf.explanation]
         value = getattr(config, "normalized_image_threshold", None)
         return ReviewTarget(name, name, "expert", fields.score, fields.label,
                             tuple(f for f in show if f in schema), float(value) if value is not None else 0.5)
@@ -137,17 +145,16 @@ def review_target(samples, name: str) -> ReviewTarget:
     if _method(config) not in JUDGE_METHODS:
         raise ValueError(f"{name!r} is not a scoring run, VLM judge run or fused score of this dataset; "
                          f"choose one of {scoring_runs(dataset)}")
-    jf = _judge_fields(key)
-    show = [jf["label"], jf["defect"], jf["location"], jf["explanation"], jf["regions"]]
+    jf = JudgeFieldNames(key)
+    show = [jf.label, jf.defect, jf.location, jf.explanation, jf.regions]
     expert = getattr(config, "expert", None)
     if expert:
         show += [FieldNames(expert).map, FieldNames(expert).label]
     # the judge labels a sample anomalous when P(anomalous) >= 0.5, unless reviews moved the threshold
     threshold = float((getattr(config, "review_thresholds", None) or {}).get(name, 0.5))
     if kind == "fused":
-        return ReviewTarget(name, key, "fused", jf["fused"], None, tuple(f for f in show if f in schema), threshold)
-    return ReviewTarget(name, key, "vlm", jf["p_anomalous"], jf["label"], tuple(f for f in show if f in schema),
-                        threshold)
+        return ReviewTarget(name, key, "fused", jf.fused, None, tuple(f for f in show if f in schema), threshold)
+    return ReviewTarget(name, key, "vlm", jf.p_anomalous, jf.label, tuple(f for f in show if f in schema), threshold)
 
 
 def _verdict_tag(verdict: str) -> str:
@@ -172,7 +179,7 @@ def scoring_runs(dataset) -> list[str]:
             names.append(key)
         elif method in JUDGE_METHODS:
             names.append(key)
-            fused = _judge_fields(key)["fused"]
+            fused = JudgeFieldNames(key).fused
             if fused in schema and dataset.exists(fused).count():
                 names.append(fused)
     return names
@@ -358,8 +365,7 @@ def review(samples, verdict: str, *, key: str | None = None, user: str | None = 
         raise ValueError("relabel needs label=, e.g. 'normal' or a defect type such as 'scratch'")
     key = key or _single_run(samples)
     target = review_target(samples, key)
-    run_fields_ = FieldNames(key).all() + list(_judge_fields(target.run_key).values())
-    if field in run_fields_ or field.startswith(f"{target.run_key}_"):
+    if field == target.run_key or field.startswith(f"{target.run_key}_"):  # every field a run writes is named so
         raise ValueError(f"field {field!r} belongs to run {target.run_key!r}; reviews go to their own field")
     dataset = samples._root_dataset
     user = user or _login()
