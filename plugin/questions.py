@@ -60,27 +60,27 @@ Proposer = Callable[[str], str]
 
 
 # --- asking the questions ----------------------------------------------------------------------------------
-def question_prompt(question: str, num_frames: int = 1, context: str | None = None) -> str:
-    """The user text for one guiding question about one frame or a window of ``num_frames`` frames."""
+def _prompt(ask: str, num_frames: int, context: str | None) -> str:
+    """The user text: optional context, the note on consecutive frames, then ``ask``."""
     parts = []
     if context:
         parts.append(context.strip())
     if num_frames > 1:
         parts.append(f"The {num_frames} images are consecutive frames of a video, in time order.")
-    parts.append(f"{question.strip()} Answer Yes or No.")
+    parts.append(ask)
     return "\n".join(parts)
+
+
+def question_prompt(question: str, num_frames: int = 1, context: str | None = None) -> str:
+    """The user text for one guiding question about one frame or a window of ``num_frames`` frames."""
+    return _prompt(f"{question.strip()} Answer Yes or No.", num_frames, context)
 
 
 def joint_prompt(questions: Sequence[str], num_frames: int = 1, context: str | None = None) -> str:
     """The user text asking whether any of the guiding questions is answered yes (VERA's single prompt)."""
     listed = "\n".join(f"{i + 1}. {q.strip()}" for i, q in enumerate(questions))
-    parts = []
-    if context:
-        parts.append(context.strip())
-    if num_frames > 1:
-        parts.append(f"The {num_frames} images are consecutive frames of a video, in time order.")
-    parts.append(f"Consider these questions:\n{listed}\nIs the answer to any of them yes? Answer Yes or No.")
-    return "\n".join(parts)
+    return _prompt(f"Consider these questions:\n{listed}\nIs the answer to any of them yes? Answer Yes or No.",
+                   num_frames, context)
 
 
 def frame_windows(n: int, frames_per_prompt: int) -> list[tuple[int, int]]:

@@ -63,6 +63,8 @@ logger = logging.getLogger(__name__)
 
 ANOMALOUS, NORMAL = "anomalous", "normal"
 SMOOTHING = ("uniform", "gaussian", "none")
+#: the frame error of a frame the video announces but ffmpeg could not decode (e.g. a truncated file)
+NOT_EXTRACTED = "frame could not be decoded from the video (no image was extracted)"
 EXPLAIN_PROMPT = ("This part of the video was flagged as anomalous. {questions}In one sentence, say what is "
                   "unusual in what you see.")
 
@@ -272,7 +274,7 @@ def load_frame_images(paths: Sequence[str]) -> tuple[list[Image.Image | None], l
     for path in paths:
         if not os.path.isfile(path):
             images.append(None)
-            errors.append("frame could not be decoded from the video (no image was extracted)")
+            errors.append(NOT_EXTRACTED)
             continue
         try:
             with Image.open(path) as im:
@@ -393,7 +395,7 @@ def _expert_frame_scores(model, calibration: Calibration | None, image_size, pat
     tensors, idx = [], []
     for i, path in enumerate(paths):
         if not os.path.isfile(path):
-            errors[i] = "frame could not be decoded from the video (no image was extracted)"
+            errors[i] = NOT_EXTRACTED
             continue
         try:
             tensors.append(load_image(path, image_size))
