@@ -1,4 +1,5 @@
-"""Shared set-up of the benchmark scripts: a private FiftyOne database and data folder per run.
+"""Shared set-up of the benchmark scripts: a private FiftyOne database and data folder per run, and the
+settings the ELPV benchmarks share.
 
 Import it before FiftyOne (``from _env import isolate; TMP = isolate("fav-bench-")``): the scripts run as
 ``python benchmarks/<name>.py``, so this folder is on ``sys.path``. Variables already set win, so a run can
@@ -21,3 +22,8 @@ def isolate(prefix: str) -> str:
     os.environ.update(FIFTYONE_DO_NOT_TRACK="true", FIFTYONE_DATABASE_VALIDATION="false",
                       FIFTYONE_SHOW_PROGRESS_BARS="false")
     return tmp
+
+
+#: PatchCore on 2 CPU cores: stride-16 features and a 1 % coreset (anomalib's greedy coreset over stride-8
+#: patches of 600 cells takes hours there)
+PATCHCORE_CPU_KWARGS = {"layers": ["blocks.4"], "coreset_sampling_ratio": 0.01}

@@ -24,16 +24,11 @@ import time
 import warnings
 
 warnings.filterwarnings("ignore")
-from _env import isolate  # noqa: E402 - before FiftyOne
+from _env import PATCHCORE_CPU_KWARGS, isolate  # noqa: E402 - before FiftyOne
 
 _TMP = isolate("fav-elpv-")
 
-MODEL_KWARGS = {
-    "padim": {},
-    # stride-16 features only and a 1 % coreset: anomalib's greedy coreset over stride-8 patches of 600
-    # cells takes hours on 2 CPU cores
-    "patchcore": {"layers": ["blocks.4"], "coreset_sampling_ratio": 0.01},
-}
+MODEL_KWARGS = {"padim": {}, "patchcore": PATCHCORE_CPU_KWARGS}
 
 
 def anomalib_engine_auroc(model_name, image_size, train_paths, test_normal, test_bad, val_paths, model_kwargs,

@@ -29,15 +29,13 @@ import time
 import warnings
 
 warnings.filterwarnings("ignore")
-from _env import isolate  # noqa: E402 - before FiftyOne
+from _env import PATCHCORE_CPU_KWARGS, isolate  # noqa: E402 - before FiftyOne
 
 _TMP = isolate("fav-quality-")
 
 #: published zero-shot image AUROC on ELPV (see ../shared/README.md)
 PUBLISHED = [("CLIP (zero-shot, published)", 59.2), ("WinCLIP (zero-shot, published)", 74.0),
              ("AnomalyCLIP (zero-shot, published)", 81.5), ("Anomaly-OV (zero-shot, published)", 83.0)]
-#: PatchCore on 2 CPU cores: stride-16 features and a 1 % coreset (stride-8 features take hours there)
-PATCHCORE_KWARGS = {"layers": ["blocks.4"], "coreset_sampling_ratio": 0.01}
 
 
 class Table:
@@ -118,7 +116,7 @@ def main() -> None:
     table = Table()
     calibrated: dict[str, np.ndarray] = {}  # for the ensemble: each row's calibrated score per test id
 
-    for key, model, kwargs in (("padim", "padim", None), ("patchcore", "patchcore", PATCHCORE_KWARGS)):
+    for key, model, kwargs in (("padim", "padim", None), ("patchcore", "patchcore", PATCHCORE_CPU_KWARGS)):
         if key in args.skip:
             continue
         m, secs = _fit_and_score(ds, test, key, model, args, kwargs)
@@ -126,7 +124,7 @@ def main() -> None:
         table.add(f"{model} (fitted)", _weights(ds, key), m, secs, note)
         calibrated[key] = np.array(test.values(f"{key}_score"), dtype=float)
 
-    for model, kwargs in (("padim", None), ("patchcore", PATCHCORE_KWARGS)):
+    for model, kwargs in (("padim", None), ("patchcore", PATCHCORE_CPU_KWARGS)):
         if f"{model}_per_type" in args.skip:
             continue
         t0 = time.time()
