@@ -11,6 +11,7 @@ Example:
 """
 
 from .clip import create_clip_expert
+from .composite import CompositeExpert, ensemble_experts
 from .evaluation import evaluate, label_accuracy
 from .experts import Expert, fit_expert, list_experts, load_expert
 from .fields import FieldNames
@@ -26,11 +27,13 @@ from .thresholds import set_threshold
 from .video import VideoFieldNames, VideoResults, score_video, video_frames
 
 __all__ = [
+    "CompositeExpert",
     "Expert",
     "FieldNames",
     "ScoreResults",
     "available_models",
     "create_clip_expert",
+    "ensemble_experts",
     "evaluate",
     "fit_expert",
     "image_metrics",

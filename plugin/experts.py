@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -103,6 +104,7 @@ def fit_expert(
     backbone: str | None = None,
     image_size: int | tuple[int, int] = 256,
     model_kwargs: dict[str, Any] | None = None,
+    group_by: str | None = None,
     holdout: float = 0.2,
     device: str | None = "auto",
     batch_size: int = 8,
@@ -133,7 +135,13 @@ def fit_expert(
             from PyPI (``tf_efficientnet_lite0``), else anomalib's default (e.g. ``wide_resnet50_2``).
         image_size: model input size, an int or ``(height, width)``.
         model_kwargs: other arguments of the anomalib model class (e.g. ``{"layers": ["layer2"]}``).
-        holdout: share of the normal samples held out for calibration (at least one sample).
+        group_by: a sample field (e.g. ``"cell_type.label"``, ``"camera"``, ``"part_number"``): fit one expert
+            per value, each on that group's normals and calibrated on its own held-out ones, recorded as one
+            composite expert (see :mod:`fiftyone_anomaly_vlm.composite`); when scored, each sample goes to
+            its group's expert. Groups are named ``<key>__<value>`` as experts of their own.
+        holdout: share of the normal samples held out for calibration (at least one sample), picked per
+            sample by a hash of its id and ``seed`` (:func:`holdout_split`), so experts fitted with the same
+            seed on overlapping views hold out the same samples and can be ensembled.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda:1"``...
         batch_size: training batch size.
         max_epochs: training epochs for models that train (PaDiM/PatchCore always make one pass).
@@ -152,6 +160,14 @@ def fit_expert(
         ValueError: empty view, non-image media, unknown model, bad key, too few decodable images,
             or an existing expert under ``key`` (without ``overwrite``).
     """
+    if group_by is not None:
+        from .composite import fit_grouped_expert
+
+        return fit_grouped_expert(
+            samples, group_by, model, key, pretrained=pretrained, backbone=backbone, image_size=image_size,
+            model_kwargs=model_kwargs, holdout=holdout, device=device, batch_size=batch_size, max_epochs=max_epochs,
+            seed=seed, threshold=threshold, threshold_param=threshold_param, overwrite=overwrite, progress=progress,
+            **({"output_dir": output_dir} if output_dir else {}))
     key = check_key(key or model.replace("-", "_"))
     run_key = expert_run_key(key)
     check_image_collection(samples, "fit_expert")
@@ -174,9 +190,7 @@ def fit_expert(
         raise ValueError(msg)
     for sid, err in errors[:5]:
         logger.warning("fit_expert: skipping sample %s: %s", sid, err)
-    order = np.random.default_rng(seed).permutation(len(tensors))
-    n_val = min(max(1, int(round(holdout * len(tensors)))), len(tensors) - 1)
-    val_idx, train_idx = order[:n_val], order[n_val:]
+    val_idx, train_idx = holdout_split(ids, holdout, seed)
     expert.fit([tensors[i] for i in train_idx], [tensors[i] for i in val_idx],
                train_paths=[paths[i] for i in train_idx], val_paths=[paths[i] for i in val_idx],
                batch_size=batch_size, max_epochs=max_epochs)
@@ -223,13 +237,39 @@ def fit_expert(
                   image_size=size)
 
 
+def holdout_split(ids: list[str], holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (held out, training) of ``ids``: a sample is held out when a hash of its id and ``seed``
+    falls below ``holdout``.
+
+    The choice is per sample, not per view, so experts fitted with the same seed on overlapping views (one
+    on all normals, one per product group) hold out the same samples: an ensemble of them is calibrated
+    on samples none of them trained on. At least one sample lands on each side.
+    """
+    u = np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{sid}".encode(), digest_size=8).digest(), "big")
+                  / 2.0**64 for sid in ids])
+    held = u < holdout
+    if not held.any():
+        held[int(np.argmin(u))] = True
+    if held.all():
+        held[int(np.argmax(u))] = False
+    return np.flatnonzero(held), np.flatnonzero(~held)
+
+
 def calibrate_expert(expert, images: list[torch.Tensor], *, rule: str = "far", param: float | None = None,
-                     batch_size: int = 8, seed: int = 51, max_pixels: int = 200_000) -> Calibration:
-    """Score held-out normal images with ``expert`` and build its :class:`Calibration`."""
+                     batch_size: int = 8, seed: int = 51, max_pixels: int = 200_000,
+                     fields: dict[str, list] | None = None) -> Calibration:
+    """Score held-out normal images with ``expert`` and build its :class:`Calibration`.
+
+    ``fields`` holds one value per image for each field the expert reads (its ``needs_fields``).
+    """
     scores, maxima, pixels = [], [], []
     rng = np.random.default_rng(seed)
     for start in range(0, len(images), batch_size):
-        out = expert.predict(torch.stack([t.float() for t in images[start:start + batch_size]]))
+        batch = torch.stack([t.float() for t in images[start:start + batch_size]])
+        if fields:
+            out = expert.predict(batch, fields={k: list(v[start:start + batch_size]) for k, v in fields.items()})
+        else:
+            out = expert.predict(batch)
         scores.append(out.raw_score.numpy())
         raw_map = out.raw_map.flatten(1).numpy()
         maxima.append(raw_map.max(axis=1))
@@ -261,6 +301,7 @@ def load_expert(samples, key: str) -> Expert:
         msg = f"the checkpoint of expert {key!r} is missing: {checkpoint} (refit it with fit_expert)"
         raise FileNotFoundError(msg)
     options = {k: v for k, v in cfg.serialize().items() if k not in ("cls", "type", "method")}
+    options["_dataset_name"] = dataset.name  # composite experts load their members from it
     return Expert(key=cfg.expert, run_key=run_key, model=cfg.model, model_class=getattr(cfg, "model_class", ""),
                   checkpoint=checkpoint, image_size=tuple(cfg.image_size), method=cfg.method, options=options)
 

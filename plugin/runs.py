@@ -53,11 +53,16 @@ class ExpertRunConfig(fors.RunConfig):
 
 
 class ExpertRun(fors.Run):
-    """A fitted expert. Deleting the run deletes the checkpoint folder the plugin created for it."""
+    """A fitted expert. Deleting the run deletes the checkpoint folder the plugin created for it, and the
+    per-group experts a composite expert fitted for itself (``owned_members``)."""
 
     def cleanup(self, samples, key):  # noqa: D102 - FiftyOne's docstring applies
         if getattr(self.config, "owns_output_dir", False):
             _remove_owned_dir(getattr(self.config, "output_dir", None))
+        dataset = samples._root_dataset
+        for member in getattr(self.config, "owned_members", None) or []:
+            if expert_run_key(member) in dataset.list_runs():
+                dataset.delete_run(expert_run_key(member))
 
 
 class AnomalyScoreRunConfig(fors.RunConfig):

@@ -226,6 +226,10 @@ def score(
                 for items in loader:
                     ok = [(sid, img) for sid, img, err in items if err is None]
                     failed = {sid: err for sid, _, err in items if err is not None}
+                    if needs and hasattr(model, "unscorable"):  # e.g. a sample of a group without an expert
+                        why = model.unscorable({n: [field_values[n][sid] for sid, _ in ok] for n in needs})
+                        failed.update({sid: err for (sid, _), err in zip(ok, why) if err})
+                        ok = [item for item, err in zip(ok, why) if not err]
                     out = None
                     if ok:
                         batch = torch.stack([img for _, img in ok])
@@ -285,19 +289,33 @@ def threshold_record(calibration: Calibration, **extra: Any) -> dict[str, Any]:
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(), **extra}
 
 
-def _outputs(out, calibration: Calibration | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(normalised scores, labels, 16-bit maps, masks) of a batch, calibrated when the expert has one."""
-    if calibration is None or out.raw_map is None:
+def calibrated_arrays(out, calibration: Calibration | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(scores, labels, maps, masks) of an expert's batch output on the plugin's calibrated scales.
+
+    With a calibration: scores are the share of calibration normals below (:meth:`Calibration.normalize_scores`),
+    maps use the run's two anchors, labels and masks follow its thresholds. Without one (an expert that
+    calibrates itself) the expert's own normalised outputs are returned. Maps are float in ``[0, 1]``.
+    """
+    if calibration is None or out.raw_score is None:
         scores = out.score.numpy().astype(np.float64)
         labels = out.label.numpy().astype(bool)
-        maps = out.anomaly_map.clamp(0, 1).numpy()
-        masks = out.mask.numpy()
     else:
         raw = out.raw_score.numpy()
         scores = calibration.normalize_scores(raw)
         labels = raw > calibration.image_threshold
-        maps = calibration.normalize_map(out.raw_map.numpy())
-        masks = out.raw_map.numpy() > calibration.pixel_threshold
+    if calibration is None or out.raw_map is None:
+        maps = out.anomaly_map.clamp(0, 1).numpy().astype(np.float64)
+        masks = out.mask.numpy().astype(bool)
+    else:
+        raw_map = out.raw_map.numpy()
+        maps = calibration.normalize_map(raw_map)
+        masks = raw_map > calibration.pixel_threshold
+    return scores, labels, maps, masks
+
+
+def _outputs(out, calibration: Calibration | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(normalised scores, labels, 16-bit maps, uint8 masks) of a batch, as written to disk and fields."""
+    scores, labels, maps, masks = calibrated_arrays(out, calibration)
     return scores, labels, (maps * HEATMAP_RANGE[1] + 0.5).astype(np.uint16), masks.astype(np.uint8)
 
 

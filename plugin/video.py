@@ -58,6 +58,7 @@ from .calibration import Calibration
 from .experts import Expert
 from .images import ImageLoadError, load_image
 from .models.judge.base import JudgeBackend, JudgeRequest
+from .scoring import _resolve_expert, calibrated_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -408,10 +409,7 @@ def _expert_frame_scores(model, calibration: Calibration | None, image_size, pat
             out = model.predict(batch, fields={k: [v] * len(batch) for k, v in extra.items()})
         else:
             out = model.predict(batch)
-        if calibration is not None and out.raw_score is not None:
-            s = calibration.normalize_scores(out.raw_score.numpy())
-        else:
-            s = out.score.numpy().astype(np.float64)
+        s = calibrated_arrays(out, calibration)[0]
         for k, i in enumerate(idx[start:start + batch_size]):
             scores[i] = float(s[k])
     return scores, errors
@@ -503,8 +501,6 @@ def score_video(
     spec = model = calibration = None
     expert_threshold = None
     if expert is not None:
-        from .scoring import _resolve_expert
-
         spec = _resolve_expert(samples, expert)
         model = spec.load(device=device)
         cal = spec.options.get("calibration")

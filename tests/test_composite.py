@@ -1,0 +1,127 @@
+"""Composite experts: one expert per group (fit_expert(group_by=...)) and ensembles of experts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import FIT_KWARGS
+
+import fiftyone as fo
+from fiftyone import ViewField as F
+
+import fiftyone_anomaly_vlm as fav
+
+
+def _add_variant(ds: fo.Dataset) -> None:
+    """Two product variants, alternating over the samples (both in train and test)."""
+    ids = ds.values("id")
+    ds.set_values("variant", {sid: fo.Classification(label="a" if i % 2 else "b") for i, sid in enumerate(ids)},
+                  key_field="id")
+
+
+def test_grouped_expert_routes_each_sample_to_its_group(parts):
+    _add_variant(parts)
+    train, test = parts.match_tags("train"), parts.match_tags("train", bool=False)
+    spec = fav.fit_expert(train, key="pv", group_by="variant.label", **FIT_KWARGS)
+    assert spec.method == "composite_expert"
+    assert {"pv__a_expert", "pv__b_expert", "pv_expert"} <= set(parts.list_runs())
+    cfg = parts.get_run_info("pv_expert").config
+    assert cfg.members == {"a": ["pv__a"], "b": ["pv__b"]} and cfg.group_field == "variant.label"
+    # calibrated on the groups' own held-out normals, which no member trained on
+    a_cfg = parts.get_run_info("pv__a_expert").config
+    assert set(a_cfg.holdout_ids) <= set(cfg.holdout_ids) and not set(a_cfg.train_ids) & set(cfg.holdout_ids)
+    assert set(parts.select(a_cfg.train_ids).values("variant.label")) == {"a"}
+
+    res = fav.score(test, expert="pv", device="cpu")
+    assert res.num_scored == len(test) and res.num_errors == 0
+    # within a group the composite ranks samples exactly as that group's expert does alone
+    for group in ("a", "b"):
+        view = test.match(F("variant.label") == group)
+        fav.score(view, expert=f"pv__{group}", device="cpu")
+        alone, combined = view.values(f"pv__{group}_raw_score"), view.values("pv_raw_score")
+        assert np.array_equal(np.argsort(alone, kind="stable"), np.argsort(combined, kind="stable"))
+        # and its raw score is the member's calibrated score
+        np.testing.assert_allclose(combined, view.values(f"pv__{group}_score"), atol=1e-6)
+    m = fav.image_metrics(test, "pv")
+    assert 0.0 <= m["auroc"] <= 1.0
+    heat = test.first()["pv_map"]
+    assert isinstance(heat, fo.Heatmap) and heat.get_map().shape == (FIT_KWARGS["image_size"],) * 2
+
+
+def test_grouped_expert_gives_an_error_to_samples_of_unfitted_groups(parts):
+    _add_variant(parts)
+    fav.fit_expert(parts.match_tags("train"), key="pv", group_by="variant.label", **FIT_KWARGS)
+    test = parts.match_tags("train", bool=False)
+    odd, none = test.take(2, seed=1).values("id")
+    parts.select(odd).set_values("variant", [fo.Classification(label="c")])
+    parts.select(none).set_values("variant", [None])
+    res = fav.score(test, expert="pv", device="cpu")
+    assert res.num_errors == 2 and res.num_scored == len(test) - 2
+    assert "no expert for variant.label = 'c'" in parts[odd]["pv_error"]
+    assert "no value in field 'variant.label'" in parts[none]["pv_error"]
+    assert parts[odd]["pv_score"] is None
+
+
+def test_deleting_a_grouped_expert_deletes_the_experts_it_fitted(parts):
+    _add_variant(parts)
+    fav.fit_expert(parts.match_tags("train"), key="pv", group_by="variant.label", **FIT_KWARGS)
+    parts.delete_run("pv_expert")
+    assert not {"pv_expert", "pv__a_expert", "pv__b_expert"} & set(parts.list_runs())
+
+
+def test_grouped_fit_names_the_group_that_is_too_small_and_rejects_bad_fields(parts):
+    train = parts.match_tags("train")
+    first = train.first().id
+    parts.set_values("variant", {sid: ("rare" if sid == first else "common") for sid in train.values("id")},
+                     key_field="id")
+    with pytest.raises(ValueError, match="group variant = 'rare'"):
+        fav.fit_expert(train, key="pv", group_by="variant", **FIT_KWARGS)
+    with pytest.raises(ValueError, match="no_such_field"):
+        fav.fit_expert(train, key="pv2", group_by="no_such_field", **FIT_KWARGS)
+
+
+def test_ensemble_score_is_the_mean_of_the_members_calibrated_scores(parts):
+    _add_variant(parts)
+    train, test = parts.match_tags("train"), parts.match_tags("train", bool=False)
+    fav.fit_expert(train, key="padim", **FIT_KWARGS)
+    fav.fit_expert(train, key="pv", group_by="variant.label", **FIT_KWARGS)  # a composite as a member
+    kw = dict(FIT_KWARGS, model="patchcore", model_kwargs={"layers": ["layer2"], "coreset_sampling_ratio": 0.5})
+    fav.fit_expert(train, key="patchcore", **kw)
+    spec = fav.ensemble_experts(parts, ["padim", "pv", "patchcore"], key="ens", device="cpu")
+    cfg = parts.get_run_info("ens_expert").config
+    assert cfg.members == {"*": ["padim", "pv", "patchcore"]} and cfg.num_holdout > 0
+    for member in ("padim", "pv", "patchcore"):  # same view, same seed: the same held-out samples
+        assert set(parts.get_run_info(f"{member}_expert").config.holdout_ids) == set(cfg.holdout_ids)
+
+    fav.score(test, expert=spec, device="cpu")
+    for member in ("padim", "pv", "patchcore"):
+        fav.score(test, expert=member, device="cpu")
+    mean = np.mean([test.values(f"{m}_score") for m in ("padim", "pv", "patchcore")], axis=0)
+    np.testing.assert_allclose(test.values("ens_raw_score"), mean, atol=1e-6)
+    s = np.array(test.values("ens_score"))
+    assert np.all((s > 0) & (s < 1))
+    # the ensemble is calibrated on its own normals: about 1 % of them above the threshold
+    assert cfg.calibration["rule"] == "far"
+
+
+def test_ensemble_needs_shared_holdouts_or_calibration_samples(parts):
+    train = parts.match_tags("train")
+    half = train.take(len(train) // 2, seed=0)
+    other = train.exclude(half.values("id"))
+    fav.fit_expert(half, key="p1", **FIT_KWARGS)
+    fav.fit_expert(other, key="p2", **FIT_KWARGS)
+    with pytest.raises(ValueError, match="share no held-out"):
+        fav.ensemble_experts(parts, ["p1", "p2"], key="ens", device="cpu")
+    with pytest.raises(ValueError, match="two or more"):
+        fav.ensemble_experts(parts, ["p1", "p1"], key="ens", device="cpu")
+    with pytest.raises(ValueError, match="no expert named 'nope'"):
+        fav.ensemble_experts(parts, ["p1", "nope"], key="ens", device="cpu")
+    normals = parts.match_tags("good").match_tags("train", bool=False)
+    spec = fav.ensemble_experts(parts, ["p1", "p2"], key="ens", calibration_samples=normals, device="cpu")
+    assert parts.get_run_info("ens_expert").config.num_holdout == len(normals)
+    res = fav.score(parts.match_tags("train", bool=False), expert=spec, device="cpu")
+    assert res.num_errors == 0
+    # a member that is gone: a clear error when the ensemble is used
+    parts.delete_run("p2_expert")
+    with pytest.raises(ValueError, match="no longer exists"):
+        fav.score(parts, expert="ens", key="ens2", device="cpu")
