@@ -1,6 +1,7 @@
 """FiftyOne operators: thin forms over the core calls in ``fiftyone_anomaly_vlm``."""
 
 from .clip_expert import CreateClipExpert
+from .ensemble import EnsembleExperts
 from .evaluate import EvaluateAnomalies
 from .fit_expert import FitExpert
 from .judge import JudgeSamples
@@ -8,7 +9,8 @@ from .review import ReviewSamples
 from .score import ScoreSamples
 from .video import ScoreVideo
 
-OPERATORS = [FitExpert, ScoreSamples, CreateClipExpert, EvaluateAnomalies, ReviewSamples, JudgeSamples, ScoreVideo]
+OPERATORS = [FitExpert, ScoreSamples, CreateClipExpert, EvaluateAnomalies, ReviewSamples, JudgeSamples, ScoreVideo,
+             EnsembleExperts]
 
 
 def register(p) -> None:

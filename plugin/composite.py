@@ -160,6 +160,26 @@ def _load_composite(expert: Expert, device) -> CompositeExpert:
 EXPERT_LOADERS[COMPOSITE_METHOD] = _load_composite
 
 
+def group_fields(samples) -> list[str]:
+    """Fields that can pick a sample's group for ``fit_expert(group_by=...)``: string fields and the
+    labels of ``fo.Classification`` fields (``"<field>.label"``), leaving out what the plugin's runs wrote."""
+    import fiftyone as fo
+
+    from .review import run_owned_fields
+
+    dataset = samples._root_dataset
+    owned = run_owned_fields(dataset)
+    out = []
+    for name, f in dataset.get_field_schema().items():
+        if name in owned or name in ("id", "filepath", "media_type") or name.startswith("_"):
+            continue
+        if isinstance(f, fo.StringField):
+            out.append(name)
+        elif isinstance(f, fo.EmbeddedDocumentField) and f.document_type is fo.Classification:
+            out.append(f"{name}.label")
+    return sorted(out)
+
+
 def _slug(value: Any) -> str:
     slug = re.sub(r"\W+", "_", str(value)).strip("_").lower()
     return slug or "group"

@@ -72,3 +72,29 @@ def test_forms_validate_keys(parts):
     # no expert yet: the score form says so and is invalid
     form = ScoreSamples().resolve_input(ctx)
     assert form.type.properties["no_expert"].invalid
+
+
+def test_grouped_fit_and_ensemble_operators_execute(parts):
+    from fiftyone.operators.executor import ExecutionContext
+
+    import fiftyone as fo
+
+    from fiftyone_anomaly_vlm.operators import EnsembleExperts, FitExpert
+
+    ids = parts.values("id")
+    parts.set_values("variant", {sid: fo.Classification(label="ab"[i % 2]) for i, sid in enumerate(ids)},
+                     key_field="id")
+    ctx = ExecutionContext(request_params=dict(dataset_name=parts.name, params={}))
+    assert "variant.label" in FitExpert().resolve_input(ctx).type.properties["group_by"].type.values
+    assert EnsembleExperts().resolve_input(ctx).type.properties["too_few_experts"].invalid
+    common = dict(weights="none", image_size=IMAGE_SIZE, device="cpu", batch_size=8)
+    _run("fit_expert", view=parts.match_tags("train"), params=dict(model="padim", key="pv", group_by="variant.label",
+                                                                   **common))
+    assert parts.get_run_info("pv_expert").config.members == {"a": ["pv__a"], "b": ["pv__b"]}
+    _run("fit_expert", view=parts.match_tags("train"), params=dict(model="padim", key="plain", **common))
+    ctx = ExecutionContext(request_params=dict(dataset_name=parts.name, params={"experts": ["pv"]}))
+    assert EnsembleExperts().resolve_input(ctx).type.properties["experts"].invalid
+    _run("ensemble_experts", dataset=parts, params=dict(experts=["pv", "plain"], key="ens", device="cpu"))
+    assert parts.get_run_info("ens_expert").config.members == {"*": ["pv", "plain"]}
+    _run("score_anomalies", dataset=parts, params=dict(expert="ens", key="ens", device="cpu", batch_size=8))
+    assert parts.count("ens_score") == len(parts)
