@@ -106,8 +106,8 @@ def anomalib_engine_auroc(model_name, image_size, train_paths, test_normal, test
     for sub, paths in (("train_good", train_paths), ("test_good", test_normal), ("test_bad", test_bad),
                        ("val_good", val_paths)):
         os.makedirs(os.path.join(root, sub))
-        for p in paths:
-            os.symlink(p, os.path.join(root, sub, os.path.basename(p)))
+        for i, p in enumerate(paths):  # Folder sorts by path: the index prefix keeps the plugin's training order,
+            os.symlink(p, os.path.join(root, sub, f"{i:06d}_{os.path.basename(p)}"))  # so shuffles match too
     datamodule = Folder(name="elpv", root=root, normal_dir="train_good", abnormal_dir="test_bad",
                         normal_test_dir="test_good", train_batch_size=8, eval_batch_size=32, num_workers=1,
                         val_split_mode="same_as_test", seed=seed)
