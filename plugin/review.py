@@ -431,7 +431,9 @@ def refit_with_reviewed(samples, expert: str, *, key: str | None = None, field: 
     """Fit the expert again on its normal set plus the samples reviewed as normal.
 
     The new expert uses the same model, backbone, input size, weights and split settings as ``expert``
-    (any of them can be overridden through ``fit_kwargs``) and is recorded as a new expert ``key``.
+    (any of them can be overridden through ``fit_kwargs``) and is recorded as a new expert ``key``. A
+    grouped expert (``fit_expert(group_by=...)``) is refitted per group; an ensemble is refused (refit its
+    members, then ensemble them again).
 
     Args:
         samples: the dataset (or a view) holding the expert and the reviews.
@@ -446,15 +448,26 @@ def refit_with_reviewed(samples, expert: str, *, key: str | None = None, field: 
     """
     from .experts import fit_expert
 
+    from .composite import COMPOSITE_METHOD
+
     dataset = samples._root_dataset
     config = dataset.get_run_info(expert_run_key(expert)).config
-    base_ids = list(getattr(config, "train_ids", None) or []) + list(getattr(config, "holdout_ids", None) or [])
+    fitted, group_by = [config], None
+    if getattr(config, "method", None) == COMPOSITE_METHOD:
+        group_by = getattr(config, "group_field", None)
+        if not group_by:
+            raise ValueError(f"expert {expert!r} is an ensemble: refit its members with refit_with_reviewed and "
+                             "combine the new experts with ensemble_experts")
+        fitted = [dataset.get_run_info(expert_run_key(m)).config for m in config.owned_members]
+    base_ids = list(dict.fromkeys(i for c in fitted for i in list(getattr(c, "train_ids", None) or [])
+                                  + list(getattr(c, "holdout_ids", None) or [])))
     added = [i for i in reviewed_normals(samples, field).values("id") if i not in set(base_ids)]
     normals = dataset.select(base_ids + added, ordered=True)
+    config = fitted[0]  # a grouped expert's groups share their settings
     kwargs = dict(model=config.model, pretrained=config.pretrained, backbone=getattr(config, "backbone", None),
                   image_size=tuple(config.image_size), model_kwargs=getattr(config, "model_kwargs", None) or None,
                   holdout=getattr(config, "holdout", 0.2), seed=getattr(config, "seed", 51),
-                  device=getattr(config, "device", "auto"))
+                  device=getattr(config, "device", "auto"), group_by=group_by)
     kwargs.update(fit_kwargs)
     return fit_expert(normals, key=key or f"{expert}_reviewed", overwrite=overwrite, **kwargs)
 

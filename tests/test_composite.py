@@ -62,11 +62,25 @@ def test_grouped_expert_gives_an_error_to_samples_of_unfitted_groups(parts):
     assert parts[odd]["pv_score"] is None
 
 
-def test_deleting_a_grouped_expert_deletes_the_experts_it_fitted(parts):
+def test_grouped_expert_refits_per_group_with_reviewed_normals_and_deletes_its_groups(parts):
     _add_variant(parts)
     fav.fit_expert(parts.match_tags("train"), key="pv", group_by="variant.label", **FIT_KWARGS)
+    test = parts.match_tags("train", bool=False)
+    fav.score(test, expert="pv", device="cpu")
+    extra = test.match(F("ground_truth.label") == "normal").limit(2)
+    fav.review(extra, "relabel", key="pv", label="normal")
+    new = fav.refit_with_reviewed(parts, "pv", device="cpu")
+    cfg = parts.get_run_info(new.run_key).config
+    assert new.key == "pv_reviewed" and cfg.group_field == "variant.label"
+    for group in ("a", "b"):
+        member = parts.get_run_info(f"pv_reviewed__{group}_expert").config
+        added = extra.match(F("variant.label") == group).values("id")
+        assert set(added) <= set(member.train_ids) | set(member.holdout_ids)
+        assert set(parts.select(member.train_ids).values("variant.label")) == {group}
+
     parts.delete_run("pv_expert")
     assert not {"pv_expert", "pv__a_expert", "pv__b_expert"} & set(parts.list_runs())
+    assert {"pv_reviewed_expert", "pv_reviewed__a_expert"} <= set(parts.list_runs())
 
 
 def test_grouped_fit_names_the_group_that_is_too_small_and_rejects_bad_fields(parts):
@@ -121,6 +135,8 @@ def test_ensemble_needs_shared_holdouts_or_calibration_samples(parts):
     assert parts.get_run_info("ens_expert").config.num_holdout == len(normals)
     res = fav.score(parts.match_tags("train", bool=False), expert=spec, device="cpu")
     assert res.num_errors == 0
+    with pytest.raises(ValueError, match="is an ensemble"):
+        fav.refit_with_reviewed(parts, "ens", device="cpu")
     # a member that is gone: a clear error when the ensemble is used
     parts.delete_run("p2_expert")
     with pytest.raises(ValueError, match="no longer exists"):
