@@ -73,12 +73,15 @@ def _weights(ds, expert: str) -> str:
     return f"{getattr(info, 'backbone', None) or info.model} ({w.get('source', 'n/a')})"
 
 
+#: PatchCore per cell type: each group has half the patches, so a 10 % coreset fits the CPU budget
+PATCHCORE_GROUP_KWARGS = {"layers": ["blocks.4"], "coreset_sampling_ratio": 0.1}
 #: fitted rows: key -> (anomalib model, model kwargs, group_by field, note)
 FITTED = {
     "padim": ("padim", None, None, "blocks.2 + blocks.4"),
     "patchcore": ("patchcore", PATCHCORE_CPU_KWARGS, None, "blocks.4, 1 % coreset (CPU budget)"),
     "padim_ct": ("padim", None, "cell_type.label", "fit_expert(group_by='cell_type.label')"),
-    "patchcore_ct": ("patchcore", PATCHCORE_CPU_KWARGS, "cell_type.label", "fit_expert(group_by='cell_type.label')"),
+    "patchcore_ct": ("patchcore", PATCHCORE_GROUP_KWARGS, "cell_type.label",
+                     "fit_expert(group_by='cell_type.label'), blocks.4, 10 % coreset"),
 }
 
 
