@@ -323,7 +323,8 @@ def ensemble_experts(
             members' common held-out samples).
         threshold: threshold rule on the calibration normals (see :func:`fiftyone_anomaly_vlm.fit_expert`).
         threshold_param: its parameter.
-        image_size: the size images are decoded at (default: the largest member's); each member gets its own.
+        image_size: the size images are decoded at (default: the largest member's); members that read
+            another size get the image resized (antialiased) to theirs.
         batch_size: images per forward pass during calibration.
         seed: seed of the pixel sample for the heatmap anchors.
         device: ``"auto"``, ``"cpu"``, ``"cuda:0"``...
