@@ -125,6 +125,9 @@ def anomalib_engine_auroc(model_name, image_size, train_paths, test_normal, test
                                               F1Max(fields=["pred_score", "gt_label"], prefix="image_")])
     engine = Engine(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                     default_root_dir=os.path.join(root, "engine"))
+    from lightning.fabric.utilities.seed import seed_everything
+
+    seed_everything(seed, verbose=False)  # as AnomalibExpert.fit does: same shuffle, same coreset draws
     engine.fit(model=model, datamodule=datamodule)
     out = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
     return {"auroc": out["image_AUROC"], "ap": out["image_AUPR"], "f1_max": out["image_F1Max"]}

@@ -290,6 +290,7 @@ class AnomalibExpert:
         max_epochs: int | None = None,
         work_dir: str | None = None,
         progress: bool = False,
+        seed: int | None = None,
     ) -> None:
         """Fit on normal images with anomalib's ``Engine``.
 
@@ -305,6 +306,9 @@ class AnomalibExpert:
             max_epochs: override the model's default number of epochs.
             work_dir: Lightning's ``default_root_dir`` (a temporary folder when None).
             progress: show Lightning's progress bar.
+            seed: seed Python, NumPy and torch (Lightning's ``seed_everything``) just before training, so the
+                training order and the models' own sampling (PatchCore's coreset and random projection,
+                PaDiM's feature subset is drawn at construction) depend on the seed alone.
         """
         from anomalib.engine import Engine
 
@@ -328,6 +332,10 @@ class AnomalibExpert:
         with tempfile.TemporaryDirectory() as tmp:
             # anomalib's Engine lets a model's own trainer_arguments win (PaDiM/PatchCore: one epoch).
             engine = Engine(default_root_dir=work_dir or tmp, **trainer_kwargs)
+            if seed is not None:
+                from lightning.fabric.utilities.seed import seed_everything
+
+                seed_everything(seed, verbose=False)
             engine.fit(model=self.model, datamodule=datamodule)
         self.model.to(self.device).eval()
 

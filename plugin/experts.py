@@ -193,7 +193,7 @@ def fit_expert(
     val_idx, train_idx = holdout_split(ids, holdout, seed)
     expert.fit([tensors[i] for i in train_idx], [tensors[i] for i in val_idx],
                train_paths=[paths[i] for i in train_idx], val_paths=[paths[i] for i in val_idx],
-               batch_size=batch_size, max_epochs=max_epochs)
+               batch_size=batch_size, max_epochs=max_epochs, seed=seed)
 
     owns_dir = output_dir is None
     out_dir = output_dir or default_output_dir(samples, "experts", key)
