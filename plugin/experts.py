@@ -140,8 +140,8 @@ def fit_expert(
             composite expert (see :mod:`fiftyone_anomaly_vlm.composite`); when scored, each sample goes to
             its group's expert. Groups are named ``<key>__<value>`` as experts of their own.
         holdout: share of the normal samples held out for calibration (at least one sample), picked per
-            sample by a hash of its id and ``seed`` (:func:`holdout_split`), so experts fitted with the same
-            seed on overlapping views hold out the same samples and can be ensembled.
+            image by a hash of its file path and ``seed`` (:func:`holdout_split`), so experts fitted with the
+            same seed on overlapping views hold out the same samples and can be ensembled.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda:1"``...
         batch_size: training batch size.
         max_epochs: training epochs for models that train (PaDiM/PatchCore always make one pass).
@@ -190,7 +190,7 @@ def fit_expert(
         raise ValueError(msg)
     for sid, err in errors[:5]:
         logger.warning("fit_expert: skipping sample %s: %s", sid, err)
-    val_idx, train_idx = holdout_split(ids, holdout, seed)
+    val_idx, train_idx = holdout_split(paths, holdout, seed)
     expert.fit([tensors[i] for i in train_idx], [tensors[i] for i in val_idx],
                train_paths=[paths[i] for i in train_idx], val_paths=[paths[i] for i in val_idx],
                batch_size=batch_size, max_epochs=max_epochs, seed=seed)
@@ -237,16 +237,18 @@ def fit_expert(
                   image_size=size)
 
 
-def holdout_split(ids: list[str], holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (held out, training) of ``ids``: a sample is held out when a hash of its id and ``seed``
-    falls below ``holdout``.
+def holdout_split(paths: list[str], holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (held out, training) of the samples with these image ``paths``: a sample is held out when
+    a hash of its file path and ``seed`` falls below ``holdout``.
 
-    The choice is per sample, not per view, so experts fitted with the same seed on overlapping views (one
+    The choice is per image, not per view, so experts fitted with the same seed on overlapping views (one
     on all normals, one per product group) hold out the same samples: an ensemble of them is calibrated
-    on samples none of them trained on. At least one sample lands on each side.
+    on samples none of them trained on. It is the same after a re-import or a clone of the dataset (ids
+    change, paths do not), and two samples of the same file never straddle training and calibration.
+    At least one sample lands on each side.
     """
-    u = np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{sid}".encode(), digest_size=8).digest(), "big")
-                  / 2.0**64 for sid in ids])
+    u = np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{path}".encode(), digest_size=8).digest(), "big")
+                  / 2.0**64 for path in paths])
     held = u < holdout
     if not held.any():
         held[int(np.argmin(u))] = True
