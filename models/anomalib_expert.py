@@ -74,7 +74,7 @@ class _TensorDataset(torch.utils.data.Dataset):
     def __init__(self, images: Sequence[torch.Tensor], paths: Sequence[str]) -> None:
         from anomalib.data import ImageBatch
 
-        self.images = list(images)
+        self.images = images  # any sequence: a list of tensors, or images that decode when read
         self.paths = list(paths)
         self.augmentations = None  # set by AnomalibDataModule._update_augmentations (the model's Resize)
         self.collate_fn = ImageBatch.collate
@@ -298,7 +298,8 @@ class AnomalibExpert:
         adaptive threshold (with no anomalous images anomalib puts it at the highest normal score).
 
         Args:
-            train_images: decoded normal images ``(3, H, W)`` in ``[0, 1]`` at :attr:`image_size`.
+            train_images: normal images ``(3, H, W)`` in ``[0, 1]`` at :attr:`image_size`: a list of tensors,
+                or any sequence that decodes them when read (``DecodedImages``), as the plugin passes.
             val_images: held-out normal images, same format (at least one).
             train_paths: optional file paths (for anomalib's batch bookkeeping only).
             val_paths: likewise for ``val_images``.

@@ -207,20 +207,20 @@ def _register(samples, key: str, members: dict[str, list[str]], *, group_field: 
                     options={"members": members, "group_field": group_field, "_dataset_name": dataset.name})
     model = expert.load(device=device)
     view = dataset.select(calibration_ids)
-    ids, _paths, tensors, errors = _decode_all(view, size, progress)
-    if len(tensors) < 1:
+    ids, _paths, images, errors = _decode_all(view, size, progress)
+    if len(images) < 1:
         raise ValueError(f"none of the {len(calibration_ids)} calibration samples could be decoded")
     fields = None
     if model.needs_fields:
         by_id = {name: dict(zip(*view.values(["id", name]))) for name in model.needs_fields}
         fields = {name: [by_id[name][i] for i in ids] for name in model.needs_fields}
         keep = [i for i, err in enumerate(model.unscorable(fields)) if err is None]
-        tensors = [tensors[i] for i in keep]
+        images = images.take(keep)
         fields = {k: [v[i] for i in keep] for k, v in fields.items()}
         ids = [ids[i] for i in keep]
-        if not tensors:
+        if not images:
             raise ValueError("no calibration sample belongs to a fitted group")
-    calibration = calibrate_expert(model, tensors, rule=threshold, param=threshold_param, batch_size=batch_size,
+    calibration = calibrate_expert(model, images, rule=threshold, param=threshold_param, batch_size=batch_size,
                                    seed=seed, fields=fields)
     member_keys = sorted({k for keys in members.values() for k in keys})
     config = ExpertRunConfig(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ import fiftyone.core.utils as fou
 
 from ._common import check_image_collection, check_key, default_output_dir
 from .calibration import Calibration, threshold_from_normals
-from .images import ImageLoadError, load_image
+from .images import DecodedImages, ImageLoadError, load_image
 from .models import AnomalibExpert
 from .runs import ExpertRunConfig, expert_run_key
 
@@ -79,20 +79,25 @@ def _load_anomalib(expert: Expert, device) -> AnomalibExpert:
 EXPERT_LOADERS: dict[str, Callable[[Expert, Any], Any]] = {"anomalib_expert": _load_anomalib}
 
 
-def _decode_all(samples, image_size: tuple[int, int], progress) -> tuple[list, list, list, list]:
-    """Decode every image of ``samples``; returns (ids, paths, tensors, errors) with errors as (id, msg)."""
+def _decode_all(samples, image_size: tuple[int, int], progress) -> tuple[list, list, DecodedImages, list]:
+    """Check that every image of ``samples`` decodes; returns (ids, paths, images, errors), errors as (id, msg).
+
+    ``images`` decode again when read (:class:`DecodedImages`): nothing is kept in memory, and training sees
+    the full-precision tensors anomalib's own datamodules would give it (a rounded copy, float16 say, moves
+    PatchCore's greedy coreset and with it the scores).
+    """
     ids, paths = samples.values(["id", "filepath"])
-    good_ids, good_paths, tensors, errors = [], [], [], []
+    good_ids, good_paths, errors = [], [], []
     with fou.ProgressBar(total=len(ids), progress=progress) as pb:
         for sid, path in pb(zip(ids, paths)):
             try:
-                tensors.append(load_image(path, image_size).to(torch.float16))
+                load_image(path, image_size)
             except ImageLoadError as exc:
                 errors.append((sid, str(exc)))
                 continue
             good_ids.append(sid)
             good_paths.append(path)
-    return good_ids, good_paths, tensors, errors
+    return good_ids, good_paths, DecodedImages(good_paths, image_size), errors
 
 
 def fit_expert(
@@ -184,14 +189,14 @@ def fit_expert(
     expert = AnomalibExpert.build(model, image_size=size, pretrained=pretrained, backbone=backbone,
                                   model_kwargs=model_kwargs, device=device)  # bad names fail here, before work
 
-    ids, paths, tensors, errors = _decode_all(samples, size, progress)
-    if len(tensors) < 2:
-        msg = f"fit_expert: only {len(tensors)} of {len(ids) + len(errors)} images could be decoded; need 2+"
+    ids, paths, images, errors = _decode_all(samples, size, progress)
+    if len(images) < 2:
+        msg = f"fit_expert: only {len(images)} of {len(ids) + len(errors)} images could be decoded; need 2+"
         raise ValueError(msg)
     for sid, err in errors[:5]:
         logger.warning("fit_expert: skipping sample %s: %s", sid, err)
     val_idx, train_idx = holdout_split(paths, holdout, seed)
-    expert.fit([tensors[i] for i in train_idx], [tensors[i] for i in val_idx],
+    expert.fit(images.take(train_idx), images.take(val_idx),
                train_paths=[paths[i] for i in train_idx], val_paths=[paths[i] for i in val_idx],
                batch_size=batch_size, max_epochs=max_epochs, seed=seed)
 
@@ -204,7 +209,7 @@ def fit_expert(
         ("image_threshold", "pixel_threshold", "image_min", "image_max", "pixel_min", "pixel_max")
         if post is not None and hasattr(post, name)
     }
-    calibration = calibrate_expert(expert, [tensors[i] for i in val_idx], rule=threshold,
+    calibration = calibrate_expert(expert, images.take(val_idx), rule=threshold,
                                    param=threshold_param, batch_size=batch_size, seed=seed)
     config = ExpertRunConfig(
         expert=key,
@@ -257,7 +262,7 @@ def holdout_split(paths: list[str], holdout: float, seed: int) -> tuple[np.ndarr
     return np.flatnonzero(held), np.flatnonzero(~held)
 
 
-def calibrate_expert(expert, images: list[torch.Tensor], *, rule: str = "far", param: float | None = None,
+def calibrate_expert(expert, images: Sequence[torch.Tensor], *, rule: str = "far", param: float | None = None,
                      batch_size: int = 8, seed: int = 51, max_pixels: int = 200_000,
                      fields: dict[str, list] | None = None) -> Calibration:
     """Score held-out normal images with ``expert`` and build its :class:`Calibration`.

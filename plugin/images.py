@@ -11,6 +11,7 @@ does, so scores match anomalib's own loop on the same images.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -89,3 +90,36 @@ def load_image(path: str, image_size: tuple[int, int]) -> torch.Tensor:
     if tuple(tensor.shape[-2:]) != tuple(image_size):
         tensor = TF.resize(tensor, list(image_size), antialias=True)
     return tensor.clamp_(0.0, 1.0)
+
+
+class DecodedImages(Sequence):
+    """Images that decode (with :func:`load_image`, float32) when read, not before.
+
+    Fitting holds no decoded copy of the training set: the images reach the model exactly as anomalib's own
+    datamodules deliver them (decoded per batch, full precision), and memory does not grow with the set.
+
+    Args:
+        paths: image files, all already known to decode (see ``fit_expert``).
+        image_size: ``(height, width)`` of each tensor.
+
+    Example:
+        >>> images = DecodedImages(["a.png", "b.png"], (224, 224))
+        >>> images.take([1])[0].shape
+        torch.Size([3, 224, 224])
+    """
+
+    def __init__(self, paths: Sequence[str], image_size: tuple[int, int]) -> None:
+        self.paths = list(paths)
+        self.image_size = tuple(image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [load_image(p, self.image_size) for p in self.paths[index]]
+        return load_image(self.paths[index], self.image_size)
+
+    def take(self, indices) -> DecodedImages:
+        """The images at ``indices`` (still lazy)."""
+        return DecodedImages([self.paths[int(i)] for i in indices], self.image_size)
