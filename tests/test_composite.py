@@ -104,8 +104,11 @@ def test_ensemble_score_is_the_mean_of_the_members_calibrated_scores(parts):
     spec = fav.ensemble_experts(parts, ["padim", "pv", "patchcore"], key="ens", device="cpu")
     cfg = parts.get_run_info("ens_expert").config
     assert cfg.members == {"*": ["padim", "pv", "patchcore"]} and cfg.num_holdout > 0
-    for member in ("padim", "pv", "patchcore"):  # same view, same seed: the same held-out samples
-        assert set(parts.get_run_info(f"{member}_expert").config.holdout_ids) == set(cfg.holdout_ids)
+    held = {m: set(parts.get_run_info(f"{m}_expert").config.holdout_ids) for m in ("padim", "pv", "patchcore")}
+    assert held["padim"] == held["patchcore"]  # same view, same seed: the same held-out samples
+    # a group's fit holds out at least one sample even when none hashes below `holdout`, so the grouped
+    # member may hold out a few more; the ensemble calibrates on what no member trained on
+    assert held["padim"] <= held["pv"] and set(cfg.holdout_ids) == held["padim"] & held["pv"]
 
     fav.score(test, expert=spec, device="cpu")
     for member in ("padim", "pv", "patchcore"):
