@@ -29,7 +29,7 @@ from ._common import check_image_collection, check_key, default_output_dir
 from .experts import EXPERT_LOADERS, Expert
 from .images import ImageLoadError, load_image
 from .models.clip_expert import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipExpert
-from .runs import ExpertRunConfig, expert_run_key
+from .runs import ExpertRunConfig, expert_run_key, register_expert_run
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def create_clip_expert(
     )
     config = ExpertRunConfig(method=CLIP_METHOD, expert=key, model=str(model), model_class=_MODEL_CLASS,
                              checkpoint=checkpoint, image_size=list(size), **options)
-    dataset.register_run(run_key, config, overwrite=True, cleanup=False)
+    register_expert_run(dataset, run_key, config)
     return Expert(key=key, run_key=run_key, model=str(model), model_class=_MODEL_CLASS, checkpoint=checkpoint,
                   image_size=tuple(size), method=CLIP_METHOD,
                   options={"expert": key, "model": str(model), "model_class": _MODEL_CLASS,

@@ -40,7 +40,7 @@ from ._common import check_image_collection, check_key, default_output_dir
 from .calibration import Calibration, threshold_from_normals
 from .experts import EXPERT_LOADERS, Expert, _decode_all, calibrate_expert, load_expert
 from .models.base import ExpertOutput
-from .runs import ExpertRunConfig, expert_run_key
+from .runs import ExpertRunConfig, expert_run_key, register_expert_run
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def _register(samples, key: str, members: dict[str, list[str]], *, group_field: 
         holdout_ids=ids, num_holdout=len(ids), calibration=calibration.to_dict(), output_dir=out_dir,
         owns_output_dir=output_dir is None, device=str(model.device),
     )
-    dataset.register_run(run_key, config, overwrite=True, cleanup=False)
+    register_expert_run(dataset, run_key, config)
     return load_expert(dataset, key)
 
 

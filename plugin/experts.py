@@ -29,7 +29,7 @@ from ._common import check_image_collection, check_key, default_output_dir
 from .calibration import Calibration, threshold_from_normals
 from .images import DecodedImages, ImageLoadError, load_image
 from .models import AnomalibExpert
-from .runs import ExpertRunConfig, expert_run_key
+from .runs import ExpertRunConfig, expert_run_key, register_expert_run
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def fit_expert(
         anomalib_postprocessor=anomalib_post,
         device=str(expert.device),
     )
-    dataset.register_run(run_key, config, overwrite=True, cleanup=False)
+    register_expert_run(dataset, run_key, config)
     return Expert(key=key, run_key=run_key, model=model, model_class=expert.model_class, checkpoint=checkpoint,
                   image_size=size)
 

@@ -35,6 +35,23 @@ def expert_run_key(key: str) -> str:
     return key if key.endswith(EXPERT_RUN_SUFFIX) else f"{key}{EXPERT_RUN_SUFFIX}"
 
 
+def register_expert_run(dataset, run_key: str, config: fors.RunConfig) -> None:
+    """Record an expert run under ``run_key``, replacing one that is there.
+
+    The per-group experts the replaced run owned and the new one does not own (a re-fit with other groups,
+    or an ungrouped expert under the same key) are deleted, after the new record is in place: a crash
+    before that leaves the old expert whole.
+    """
+    old: list[str] = []
+    if run_key in dataset.list_runs():
+        old = list(getattr(dataset.get_run_info(run_key).config, "owned_members", None) or [])
+    dataset.register_run(run_key, config, overwrite=True, cleanup=False)
+    keep = set(getattr(config, "owned_members", None) or [])
+    for member in old:
+        if member not in keep and expert_run_key(member) in dataset.list_runs():
+            dataset.delete_run(expert_run_key(member))
+
+
 def _remove_owned_dir(path: str | None) -> None:
     if path and os.path.isdir(path):
         shutil.rmtree(path, ignore_errors=True)

@@ -144,3 +144,16 @@ def test_ensemble_needs_shared_holdouts_or_calibration_samples(parts):
     parts.delete_run("p2_expert")
     with pytest.raises(ValueError, match="no longer exists"):
         fav.score(parts, expert="ens", key="ens2", device="cpu")
+
+
+def test_refit_under_the_same_key_deletes_the_old_groups_experts(parts):
+    _add_variant(parts)
+    train = parts.match_tags("train")
+    fav.fit_expert(train, key="pv", group_by="variant.label", **FIT_KWARGS)
+    parts.set_values("line", [fo.Classification(label="north")] * len(parts))
+    fav.fit_expert(train, key="pv", group_by="line.label", overwrite=True, **FIT_KWARGS)
+    runs = set(parts.list_runs())
+    assert {"pv_expert", "pv__north_expert"} <= runs and not {"pv__a_expert", "pv__b_expert"} & runs
+    fav.fit_expert(train, key="pv", overwrite=True, **FIT_KWARGS)  # one expert for all: no members left
+    assert not [r for r in parts.list_runs() if r.startswith("pv__")]
+    assert fav.score(parts.match_tags("train", bool=False), expert="pv", device="cpu").num_errors == 0
