@@ -27,7 +27,7 @@ import fiftyone.core.utils as fou
 
 from ._common import check_image_collection, check_key, default_output_dir
 from .calibration import Calibration, threshold_from_normals
-from .images import DecodedImages, ImageLoadError, load_image
+from .images import DecodedImages, ImageLoadError, check_image
 from .models import AnomalibExpert
 from .runs import ExpertRunConfig, expert_run_key, register_expert_run
 
@@ -91,7 +91,7 @@ def _decode_all(samples, image_size: tuple[int, int], progress) -> tuple[list, l
     with fou.ProgressBar(total=len(ids), progress=progress) as pb:
         for sid, path in pb(zip(ids, paths)):
             try:
-                load_image(path, image_size)
+                check_image(path, image_size)
             except ImageLoadError as exc:
                 errors.append((sid, str(exc)))
                 continue

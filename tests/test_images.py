@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fiftyone_anomaly_vlm.images import ImageLoadError, load_image
+from fiftyone_anomaly_vlm.images import ImageLoadError, check_image, load_image
 
 SIZE = (32, 48)
 
@@ -69,5 +69,8 @@ def test_bad_files_raise_short_errors(tmp_path, kind):
     with pytest.raises(ImageLoadError) as err:
         load_image(str(path), SIZE)
     assert len(str(err.value)) < 300
+    with pytest.raises(ImageLoadError) as checked:  # the cheap check fitting runs first says the same
+        check_image(str(path), SIZE)
+    assert str(checked.value) == str(err.value)
     if kind == "missing":
         assert "not found" in str(err.value)
