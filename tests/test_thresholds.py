@@ -68,7 +68,7 @@ def test_normalised_scores_read_as_share_of_good_samples_and_keep_ranking():
 # ----------------------------------------------------------------- on a real dataset and model
 @pytest.fixture(scope="module")
 def many_normals():
-    ds = make_parts_dataset("fav-many-normals", num_normal=240, num_anomalous=30, size=SIZE, seed=7,
+    ds = make_parts_dataset("fav-many-normals", num_normal=480, num_anomalous=30, size=SIZE, seed=7,
                             train_fraction=0.5)
     yield ds
     ds.delete()
@@ -92,7 +92,11 @@ def test_far_target_is_met_on_fresh_normals_unlike_anomalibs_threshold(many_norm
     anomalib_share = float(model.predict(batch).label.float().mean())
     cal = ds.get_run_info("far_expert").config.calibration
     print(f"\nshare of fresh normals flagged: ours {ours:.3f} (target {target}), anomalib {anomalib_share:.3f}")
-    assert abs(ours - target) <= 0.08, ours
+    # which normals are held out depends on their file paths (a hash), so the threshold is a quantile of a
+    # random ~120 normals and `ours` a share of ~240 others: allow 3.5 standard deviations of that
+    n_held = len(cal["image_scores"])
+    sd = np.sqrt(target * (1 - target) * (1 / n_held + 1 / len(fresh)))
+    assert abs(ours - target) <= 3.5 * sd, (ours, sd)
     # anomalib falls back to the highest held-out normal score, a rule nobody chose; ours follows the target
     post = ds.get_run_info("far_expert").config.anomalib_postprocessor
     assert post["image_threshold"] == pytest.approx(max(cal["image_scores"]), rel=1e-4)
