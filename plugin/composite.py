@@ -38,7 +38,7 @@ from fiftyone import ViewField as F
 
 from ._common import check_image_collection, check_key, default_output_dir
 from .calibration import Calibration, threshold_from_normals
-from .experts import EXPERT_LOADERS, Expert, _decode_all, calibrate_expert, load_expert
+from .experts import EXPERT_LOADERS, Expert, _decodable_images, calibrate_expert, load_expert
 from .models.base import ExpertOutput
 from .runs import ExpertRunConfig, expert_run_key, register_expert_run
 
@@ -207,7 +207,7 @@ def _register(samples, key: str, members: dict[str, list[str]], *, group_field: 
                     options={"members": members, "group_field": group_field, "_dataset_name": dataset.name})
     model = expert.load(device=device)
     view = dataset.select(calibration_ids)
-    ids, _paths, images, errors = _decode_all(view, size, progress)
+    ids, _paths, images, errors = _decodable_images(view, size, progress)
     if len(images) < 1:
         raise ValueError(f"none of the {len(calibration_ids)} calibration samples could be decoded")
     fields = None

@@ -79,7 +79,7 @@ def _load_anomalib(expert: Expert, device) -> AnomalibExpert:
 EXPERT_LOADERS: dict[str, Callable[[Expert, Any], Any]] = {"anomalib_expert": _load_anomalib}
 
 
-def _decode_all(samples, image_size: tuple[int, int], progress) -> tuple[list, list, DecodedImages, list]:
+def _decodable_images(samples, image_size: tuple[int, int], progress) -> tuple[list, list, DecodedImages, list]:
     """Check that every image of ``samples`` decodes; returns (ids, paths, images, errors), errors as (id, msg).
 
     ``images`` decode again when read (:class:`DecodedImages`): nothing is kept in memory, and training sees
@@ -189,7 +189,7 @@ def fit_expert(
     expert = AnomalibExpert.build(model, image_size=size, pretrained=pretrained, backbone=backbone,
                                   model_kwargs=model_kwargs, device=device)  # bad names fail here, before work
 
-    ids, paths, images, errors = _decode_all(samples, size, progress)
+    ids, paths, images, errors = _decodable_images(samples, size, progress)
     if len(images) < 2:
         msg = f"fit_expert: only {len(images)} of {len(ids) + len(errors)} images could be decoded; need 2+"
         raise ValueError(msg)

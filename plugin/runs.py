@@ -42,14 +42,23 @@ def register_expert_run(dataset, run_key: str, config: fors.RunConfig) -> None:
     or an ungrouped expert under the same key) are deleted, after the new record is in place: a crash
     before that leaves the old expert whole.
     """
-    old: list[str] = []
-    if run_key in dataset.list_runs():
-        old = list(getattr(dataset.get_run_info(run_key).config, "owned_members", None) or [])
+    old = _owned_members(dataset.get_run_info(run_key).config) if run_key in dataset.list_runs() else []
     dataset.register_run(run_key, config, overwrite=True, cleanup=False)
-    keep = set(getattr(config, "owned_members", None) or [])
-    for member in old:
-        if member not in keep and expert_run_key(member) in dataset.list_runs():
-            dataset.delete_run(expert_run_key(member))
+    keep = set(_owned_members(config))
+    _delete_expert_runs(dataset, [m for m in old if m not in keep])
+
+
+def _owned_members(config) -> list[str]:
+    """The per-group experts a composite expert's run ``config`` fitted for itself (none for others)."""
+    return list(getattr(config, "owned_members", None) or [])
+
+
+def _delete_expert_runs(dataset, keys: list[str]) -> None:
+    """Delete the expert runs of ``keys`` that still exist (their cleanup removes their checkpoints)."""
+    runs = set(dataset.list_runs())
+    for key in keys:
+        if expert_run_key(key) in runs:
+            dataset.delete_run(expert_run_key(key))
 
 
 def _remove_owned_dir(path: str | None) -> None:
@@ -76,10 +85,7 @@ class ExpertRun(fors.Run):
     def cleanup(self, samples, key):  # noqa: D102 - FiftyOne's docstring applies
         if getattr(self.config, "owns_output_dir", False):
             _remove_owned_dir(getattr(self.config, "output_dir", None))
-        dataset = samples._root_dataset
-        for member in getattr(self.config, "owned_members", None) or []:
-            if expert_run_key(member) in dataset.list_runs():
-                dataset.delete_run(expert_run_key(member))
+        _delete_expert_runs(samples._root_dataset, _owned_members(self.config))
 
 
 class AnomalyScoreRunConfig(fors.RunConfig):
