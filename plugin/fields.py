@@ -8,7 +8,47 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+import fiftyone as fo
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One field a run writes: its name, FiftyOne field type and where it lives.
+
+    Args:
+        name: the field name (without ``frames.``).
+        ftype: the FiftyOne field class (``fo.FloatField``, ``fo.EmbeddedDocumentField``...).
+        kwargs: arguments of ``add_sample_field`` (e.g. ``embedded_doc_type``).
+        frame: a frame field of a video dataset.
+    """
+
+    name: str
+    ftype: type
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    frame: bool = False
+
+    @property
+    def path(self) -> str:
+        """The field's path in a view (``frames.<name>`` for frame fields)."""
+        return f"frames.{self.name}" if self.frame else self.name
+
+
+def label_spec(name: str, doc_type: type = fo.Classification, frame: bool = False) -> FieldSpec:
+    """A field holding one FiftyOne label of ``doc_type``."""
+    return FieldSpec(name, fo.EmbeddedDocumentField, {"embedded_doc_type": doc_type}, frame)
+
+
+def float_spec(name: str, frame: bool = False) -> FieldSpec:
+    """A float field."""
+    return FieldSpec(name, fo.FloatField, {}, frame)
+
+
+def str_spec(name: str, frame: bool = False) -> FieldSpec:
+    """A string field."""
+    return FieldSpec(name, fo.StringField, {}, frame)
 
 
 @dataclass(frozen=True)
@@ -54,3 +94,8 @@ class FieldNames:
     def all(self) -> list[str]:
         """Every field of the run, label first."""
         return [self.label, self.score, self.raw_score, self.map, self.mask, self.error]
+
+    def specs(self) -> list[FieldSpec]:
+        """The fields in write order: the error first, the score (a sample's "done" marker) last."""
+        return [str_spec(self.error), label_spec(self.label), label_spec(self.map, fo.Heatmap),
+                label_spec(self.mask, fo.Segmentation), float_spec(self.raw_score), float_spec(self.score)]

@@ -41,7 +41,7 @@ from fiftyone import ViewField as F
 from .fields import FieldNames
 from .judge import JudgeFieldNames
 from .runs import AnomalyScoreRunConfig, expert_run_key
-from .scoring import ANOMALOUS, NORMAL
+from .labels import ANOMALOUS, NORMAL
 
 #: the review field written by default
 REVIEW_FIELD = "review"

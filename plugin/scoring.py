@@ -24,7 +24,6 @@ import datetime
 import json
 import logging
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,21 +31,21 @@ import numpy as np
 import torch
 
 import fiftyone as fo
-import fiftyone.core.utils as fou
 import fiftyone.utils.image as foui
 
 from ._common import check_image_collection, check_key, default_output_dir
+from .engine import BatchOutput, Job, check_positive_int, run_job
 from .experts import Expert, load_expert
 from .fields import FieldNames
 from .calibration import Calibration
 from .images import ImageLoadError, load_image
+from .labels import ANOMALOUS, anomaly_label
 from .runs import AnomalyScoreRunConfig
 
 logger = logging.getLogger(__name__)
 
 #: heatmaps are stored as 16-bit PNGs of the normalised map; every sample uses this range
 HEATMAP_RANGE = [0, 65535]
-ANOMALOUS, NORMAL = "anomalous", "normal"
 
 
 @dataclass
@@ -107,6 +106,90 @@ def _resolve_expert(samples, expert: str | Expert) -> Expert:
     return load_expert(samples, expert)
 
 
+class ScoreJob(Job):
+    """What a scoring run is, for the :mod:`engine <fiftyone_anomaly_vlm.engine>`: decode each batch of
+    images in loader workers, run the expert, write its calibrated score, label, heatmap and mask."""
+
+    verb = "score"
+    method = "anomaly_score"
+
+    def __init__(self, samples, spec: Expert, key: str, model, calibration: Calibration | None, *,
+                 out_dir: str, owns_dir: bool, batch_size: int, num_workers: int, history: list[dict]) -> None:
+        self.spec, self.model, self.calibration, self.key = spec, model, calibration, key
+        self.names = FieldNames(key)
+        self.fields = self.names.specs()
+        self.error_field, self.done_field = self.names.error, self.names.score
+        self.dataset = samples._root_dataset
+        self.out_dir, self.owns_dir = out_dir, owns_dir
+        self.maps_dir, self.masks_dir = os.path.join(out_dir, "maps"), os.path.join(out_dir, "masks")
+        self.batch_size, self.num_workers, self.history = batch_size, num_workers, history
+        # experts that read sample fields (e.g. a per-class object name) declare them in `needs_fields`
+        self.needs = list(getattr(model, "needs_fields", ()) or ())
+
+    def identity(self, config) -> tuple:
+        """The expert and its fit: scores of another fit (a re-fit under the same name) are not added to."""
+        fit = getattr(config, "expert_fit_id", None) or getattr(config, "checkpoint", None)
+        return getattr(config, "expert", None), fit
+
+    def describe_identity(self, config) -> str:
+        expert, fit = self.identity(config)
+        return f"expert {expert!r} (fit {fit})"
+
+    def config(self) -> AnomalyScoreRunConfig:
+        spec, cal = self.spec, self.calibration
+        return AnomalyScoreRunConfig(
+            expert=spec.key, expert_run=spec.run_key, expert_fit_id=spec.options.get("fit_id"), model=spec.model,
+            model_class=spec.model_class, checkpoint=spec.checkpoint, image_size=list(spec.image_size),
+            output_dir=self.out_dir, maps_dir=self.maps_dir, masks_dir=self.masks_dir, owns_output_dir=self.owns_dir,
+            heatmap_range=HEATMAP_RANGE, fields=self.names.all(), device=str(self.model.device),
+            batch_size=self.batch_size, calibration=cal.to_dict() if cal else None,
+            normalized_image_threshold=cal.normalized_image_threshold if cal else 0.5,
+            normalized_pixel_threshold=cal.normalized_pixel_threshold if cal else 0.5,
+            threshold_history=self.history,
+        )
+
+    def setup(self, dataset) -> None:
+        os.makedirs(self.maps_dir, exist_ok=True)
+        os.makedirs(self.masks_dir, exist_ok=True)
+        if self.names.mask not in dataset.mask_targets:
+            dataset.mask_targets[self.names.mask] = {1: ANOMALOUS}
+            dataset.save()
+
+    def columns(self) -> list[str]:
+        return ["id", "filepath", *self.needs]
+
+    def batches(self, rows: dict[str, list]):
+        self.values = {name: dict(zip(rows["id"], rows[name])) for name in self.needs}
+        return torch.utils.data.DataLoader(
+            _ImageList(rows["id"], rows["filepath"], self.spec.image_size), batch_size=self.batch_size,
+            num_workers=self.num_workers, collate_fn=_collate, pin_memory=self.model.device.type == "cuda",
+            persistent_workers=False, prefetch_factor=2 if self.num_workers else None,
+        )
+
+    def compute(self, items) -> BatchOutput:
+        ok = [(sid, img) for sid, img, err in items if err is None]
+        failed = {sid: err for sid, _, err in items if err is not None}
+        needs = self.needs
+        if needs and hasattr(self.model, "unscorable"):  # e.g. a sample of a group without an expert
+            why = self.model.unscorable({n: [self.values[n][sid] for sid, _ in ok] for n in needs})
+            failed.update({sid: err for (sid, _), err in zip(ok, why) if err})
+            ok = [item for item, err in zip(ok, why) if not err]
+        out = BatchOutput(errors=failed, size=len(items))
+        if ok:
+            batch = torch.stack([img for _, img in ok])
+            if needs:
+                pred = self.model.predict(batch, fields={n: [self.values[n][sid] for sid, _ in ok] for n in needs})
+            else:
+                pred = self.model.predict(batch)
+            _batch_values(out, self.names, [sid for sid, _ in ok], pred, self.maps_dir, self.masks_dir,
+                          self.calibration)
+        return out
+
+    def finish(self, samples, stats) -> None:
+        if self.names.label in self.dataset.get_field_schema():
+            stats.counts["flagged"] = samples.match(fo.ViewField(self.names.label + ".label") == ANOMALOUS).count()
+
+
 def score(
     samples,
     expert: str | Expert,
@@ -130,153 +213,47 @@ def score(
         num_workers: image-decoding worker processes (default: up to 4, 0 decodes in this process).
         output_dir: folder for heatmap/mask PNGs (default: ``<fo default dataset dir>/anomaly_vlm/<dataset>/scores/<key>``).
         overwrite: score every sample again; by default samples already scored under ``key`` by the same
-            expert are skipped, so an interrupted run resumes.
+            expert fit are skipped, so an interrupted run resumes.
         progress: FiftyOne progress convention: None/True/False, or a callable taking a ``ProgressBar``.
 
     Returns:
         :class:`ScoreResults` with counts.
 
     Raises:
-        ValueError: empty view, non-image media, bad key, unknown expert, or ``key`` already used by
-            another kind of run or another expert (without ``overwrite``).
+        ValueError: empty view, non-image media, bad key or batch size, unknown expert, or ``key`` already
+            used by another kind of run or holding scores of another expert or another fit of it (without
+            ``overwrite``).
         FileNotFoundError: the expert's checkpoint is missing.
+        RunBusyError: another process is writing the run ``key``.
     """
     n_total = check_image_collection(samples, "score")
+    batch_size = check_positive_int("batch_size", batch_size)
+    if num_workers is None:
+        num_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
     spec = _resolve_expert(samples, expert)
     key = check_key(key or spec.key)
-    fields = FieldNames(key)
     dataset = samples._root_dataset
-
-    if key in dataset.list_runs():
-        info = dataset.get_run_info(key)
-        if not isinstance(info.config, AnomalyScoreRunConfig):
-            raise ValueError(f"key {key!r} is already used by a run of another kind; choose another key")
-        if info.config.checkpoint != spec.checkpoint and not overwrite:
-            msg = (f"run {key!r} was scored by expert {info.config.expert!r}; pass overwrite=True to replace "
-                   "its scores or choose another key")
-            raise ValueError(msg)
-    else:
-        clash = [f for f in fields.all() if f in dataset.get_field_schema()]
-        if clash:
-            raise ValueError(f"fields {clash} exist but belong to no scoring run {key!r}; choose another key")
-
+    recorded = dataset.get_run_info(key).config if key in dataset.list_runs() else None
     model = spec.load(device=device)  # a broken checkpoint fails here, before any write
     # thresholds/normalisation: a resumed run keeps its own (possibly re-thresholded) calibration
-    cal_dict = None
-    if key in dataset.list_runs() and not overwrite:
-        cal_dict = getattr(dataset.get_run_info(key).config, "calibration", None)
+    cal_dict = getattr(recorded, "calibration", None) if recorded is not None and not overwrite else None
     cal_dict = cal_dict or spec.options.get("calibration")
     calibration = Calibration.from_dict(cal_dict) if cal_dict and "image_scores" in cal_dict else None
     owns_dir = output_dir is None
     out_dir = output_dir or default_output_dir(samples, "scores", key)
-    maps_dir, masks_dir = os.path.join(out_dir, "maps"), os.path.join(out_dir, "masks")
-    os.makedirs(maps_dir, exist_ok=True)
-    os.makedirs(masks_dir, exist_ok=True)
-
-    config = AnomalyScoreRunConfig(
-        expert=spec.key,
-        expert_run=spec.run_key,
-        model=spec.model,
-        model_class=spec.model_class,
-        checkpoint=spec.checkpoint,
-        image_size=list(spec.image_size),
-        output_dir=out_dir,
-        maps_dir=maps_dir,
-        masks_dir=masks_dir,
-        owns_output_dir=owns_dir,
-        heatmap_range=HEATMAP_RANGE,
-        fields=fields.all(),
-        device=str(model.device),
-        batch_size=batch_size,
-        calibration=calibration.to_dict() if calibration else None,
-        normalized_image_threshold=calibration.normalized_image_threshold if calibration else 0.5,
-        normalized_pixel_threshold=calibration.normalized_pixel_threshold if calibration else 0.5,
-        threshold_history=_history(dataset, key, calibration, overwrite),
-    )
-    # Registered before any work: the fields belong to a run from the first batch on (delete_run cleans up
-    # after a crash too). Re-registering keeps existing fields (cleanup=False) so a resumed run keeps them.
-    dataset.register_run(key, config, overwrite=True, cleanup=False)
-    _declare_fields(dataset, fields)
-    if fields.mask not in dataset.mask_targets:
-        dataset.mask_targets[fields.mask] = {1: ANOMALOUS}
-        dataset.save()
-
-    todo = samples
-    if not overwrite and fields.score in dataset.get_field_schema():
-        todo = samples.exists(fields.score, False)
-    # experts that read sample fields (e.g. a per-class object name) declare them in `needs_fields`
-    needs = list(getattr(model, "needs_fields", ()) or ())
-    ids, paths, *needed = todo.values(["id", "filepath", *needs])
-    field_values = {name: dict(zip(ids, vals)) for name, vals in zip(needs, needed)}
-    results = ScoreResults(key=key, fields=fields, num_samples=n_total, num_skipped=n_total - len(ids),
-                           output_dir=out_dir)
-
-    if ids:
-        if num_workers is None:
-            num_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
-        loader = torch.utils.data.DataLoader(
-            _ImageList(ids, paths, spec.image_size), batch_size=batch_size, num_workers=num_workers,
-            collate_fn=_collate, pin_memory=model.device.type == "cuda",
-            persistent_workers=False, prefetch_factor=2 if num_workers else None,
-        )
-        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fav-writer")
-        pending: Future | None = None
-        try:
-            with fou.ProgressBar(total=len(ids), progress=progress) as pb:
-                for items in loader:
-                    ok = [(sid, img) for sid, img, err in items if err is None]
-                    failed = {sid: err for sid, _, err in items if err is not None}
-                    if needs and hasattr(model, "unscorable"):  # e.g. a sample of a group without an expert
-                        why = model.unscorable({n: [field_values[n][sid] for sid, _ in ok] for n in needs})
-                        failed.update({sid: err for (sid, _), err in zip(ok, why) if err})
-                        ok = [item for item, err in zip(ok, why) if not err]
-                    out = None
-                    if ok:
-                        batch = torch.stack([img for _, img in ok])
-                        if needs:
-                            out = model.predict(batch, fields={n: [field_values[n][sid] for sid, _ in ok]
-                                                               for n in needs})
-                        else:
-                            out = model.predict(batch)
-                    if pending is not None:
-                        pending.result()  # one batch in flight: bounded memory, errors surface promptly
-                    pending = writer.submit(_write_batch, dataset, fields, [sid for sid, _ in ok], out, failed,
-                                            maps_dir, masks_dir, calibration)
-                    results.num_scored += len(ok)
-                    results.num_errors += len(failed)
-                    results.errors.update(failed)
-                    pb.update(len(items))
-                if pending is not None:
-                    pending.result()
-        finally:
-            writer.shutdown(wait=True)
-
-    results.num_flagged = samples.match(fo.ViewField(fields.label + ".label") == ANOMALOUS).count() \
-        if fields.label in dataset.get_field_schema() else 0
-    return results
+    job = ScoreJob(samples, spec, key, model, calibration, out_dir=out_dir, owns_dir=owns_dir,
+                   batch_size=batch_size, num_workers=num_workers,
+                   history=_history(recorded, calibration, overwrite))
+    stats = run_job(samples, job, key, overwrite=overwrite, progress=progress)
+    return ScoreResults(key=key, fields=job.names, num_samples=n_total, num_scored=stats.num_done,
+                        num_skipped=stats.num_skipped, num_errors=stats.num_errors,
+                        num_flagged=stats.counts["flagged"], output_dir=out_dir, errors=stats.errors)
 
 
-def _declare_fields(dataset, fields: FieldNames) -> None:
-    """Create the run's fields with their label types (so an all-error batch can be written too)."""
-    schema = dataset.get_field_schema()
-    kinds = {
-        fields.label: (fo.EmbeddedDocumentField, {"embedded_doc_type": fo.Classification}),
-        fields.score: (fo.FloatField, {}),
-        fields.raw_score: (fo.FloatField, {}),
-        fields.map: (fo.EmbeddedDocumentField, {"embedded_doc_type": fo.Heatmap}),
-        fields.mask: (fo.EmbeddedDocumentField, {"embedded_doc_type": fo.Segmentation}),
-        fields.error: (fo.StringField, {}),
-    }
-    for name, (ftype, kwargs) in kinds.items():
-        if name not in schema:
-            dataset.add_sample_field(name, ftype, **kwargs)
-
-
-def _history(dataset, key: str, calibration: Calibration | None, overwrite: bool) -> list[dict[str, Any]]:
+def _history(recorded, calibration: Calibration | None, overwrite: bool) -> list[dict[str, Any]]:
     history = []
-    if key in dataset.list_runs() and not overwrite:
-        history = json.loads(json.dumps(list(getattr(dataset.get_run_info(key).config, "threshold_history", None)
-                                             or [])))
+    if recorded is not None and not overwrite:
+        history = json.loads(json.dumps(list(getattr(recorded, "threshold_history", None) or [])))
     if not history and calibration is not None:
         history = [threshold_record(calibration, source="fit")]
     return history
@@ -313,41 +290,28 @@ def calibrated_arrays(out, calibration: Calibration | None) -> tuple[np.ndarray,
     return scores, labels, maps, masks
 
 
-def _outputs(out, calibration: Calibration | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(normalised scores, labels, 16-bit maps, uint8 masks) of a batch, as written to disk and fields."""
-    scores, labels, maps, masks = calibrated_arrays(out, calibration)
-    return scores, labels, (maps * HEATMAP_RANGE[1] + 0.5).astype(np.uint16), masks.astype(np.uint8)
+def _batch_values(out: BatchOutput, fields: FieldNames, ids: list[str], pred, maps_dir: str, masks_dir: str,
+                  calibration: Calibration | None = None) -> None:
+    """Fill ``out`` with one predicted batch: PNG files written now, field values for the writer.
 
-
-def _write_batch(dataset, fields: FieldNames, ids: list[str], out, failed: dict[str, str],
-                 maps_dir: str, masks_dir: str, calibration: Calibration | None = None) -> None:
-    """Write one batch: PNG files first, then the label fields, the score field last."""
+    A sample whose score or map is not finite (NaN/inf from the model) gets an error, never a label.
+    """
+    scores, labels, maps, masks = calibrated_arrays(pred, calibration)
+    raw = pred.raw_score.numpy()
     values: dict[str, dict[str, Any]] = {f: {} for f in fields.all()}
-    if out is not None:
-        scores, labels, maps, masks = _outputs(out, calibration)
-        for i, sid in enumerate(ids):
-            map_path = os.path.join(maps_dir, f"{sid}.png")
-            mask_path = os.path.join(masks_dir, f"{sid}.png")
-            foui.write(maps[i], map_path)
-            foui.write(masks[i], mask_path)
-            s = float(scores[i])
-            anomalous = bool(labels[i])
-            values[fields.label][sid] = fo.Classification(
-                label=ANOMALOUS if anomalous else NORMAL,
-                confidence=s if anomalous else 1.0 - s,
-                anomaly_score=s,
-            )
-            values[fields.map][sid] = fo.Heatmap(map_path=map_path, range=HEATMAP_RANGE)
-            values[fields.mask][sid] = fo.Segmentation(mask_path=mask_path)
-            values[fields.raw_score][sid] = float(out.raw_score[i])
-            values[fields.score][sid] = s
-            values[fields.error][sid] = None
-    for sid, err in failed.items():
-        # a sample that fails now must not keep fields from an earlier run
-        for f in (fields.label, fields.map, fields.mask, fields.raw_score, fields.score):
-            values[f][sid] = None
-        values[fields.error][sid] = err
-    order = [fields.error, fields.label, fields.map, fields.mask, fields.raw_score, fields.score]
-    for f in order:
-        if values[f]:
-            dataset.set_values(f, values[f], key_field="id")
+    for i, sid in enumerate(ids):
+        if not (np.isfinite(raw[i]) and np.isfinite(scores[i]) and np.isfinite(maps[i]).all()):
+            out.errors[sid] = "the expert's score or anomaly map is not finite (NaN/inf) for this image"
+            continue
+        map_path = os.path.join(maps_dir, f"{sid}.png")
+        mask_path = os.path.join(masks_dir, f"{sid}.png")
+        foui.write((maps[i] * HEATMAP_RANGE[1] + 0.5).astype(np.uint16), map_path)
+        foui.write(masks[i].astype(np.uint8), mask_path)
+        s = float(scores[i])
+        values[fields.label][sid] = anomaly_label(bool(labels[i]), s, anomaly_score=s)
+        values[fields.map][sid] = fo.Heatmap(map_path=map_path, range=HEATMAP_RANGE)
+        values[fields.mask][sid] = fo.Segmentation(mask_path=mask_path)
+        values[fields.raw_score][sid] = float(raw[i])
+        values[fields.score][sid] = s
+        values[fields.error][sid] = None
+    out.values = values

@@ -22,7 +22,8 @@ import fiftyone.core.utils as fou
 from .calibration import Calibration
 from .fields import FieldNames
 from .runs import AnomalyScoreRunConfig
-from .scoring import ANOMALOUS, NORMAL, HEATMAP_RANGE, threshold_record
+from .labels import ANOMALOUS, NORMAL
+from .scoring import HEATMAP_RANGE, threshold_record
 
 
 def set_threshold(

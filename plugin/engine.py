@@ -1,0 +1,318 @@
+"""The one run engine behind every verb that writes per-sample fields (score, judge, score_video).
+
+A verb describes *what* a run is (a :class:`Job`: its fields, its config, how to cut the samples into batches
+and what one batch writes); the engine does the rest the same way for all of them:
+
+1. **validate** the collection (media type, not empty) and the key (an identifier FiftyOne does not reserve);
+2. **check the key** against the runs already recorded (:func:`check_run_key`): a run of another kind, or of
+   another model (a different expert fit, a different VLM) under the same key, is refused without
+   ``overwrite``; fields of that name that belong to no run are refused;
+3. **hold the key** (:class:`~fiftyone_anomaly_vlm.leases.RunLease`): a second process writing the same key
+   is refused while the first is alive;
+4. on ``overwrite``, **clear** the run's old values (sample and frame fields) on the target samples, then
+   **register** the run (before any work, so a crash still leaves a run that ``delete_run`` cleans up) and
+   **declare** its fields with their types;
+5. **resume**: samples whose "done" field (the last field written) is set are skipped;
+6. the **batch loop**: batches are prepared ahead in a worker thread when the job asks (``prefetch``),
+   computed, and handed to one background writer (:class:`~fiftyone_anomaly_vlm.writers.OrderedWriter`)
+   that writes frame fields first, then the sample fields in the job's order with the "done" field last;
+   one batch is in flight, so memory is bounded and errors surface promptly. A cancelled or failed run
+   (an exception, e.g. from a progress callback) stops after the batch in flight is written: nothing finished
+   is lost and the next call resumes;
+7. **finish**: counts (:class:`RunStats`) and the job's own final step.
+
+Example:
+    >>> stats = run_job(view, ScoreJob(expert, ...), key="padim", overwrite=False)
+    >>> stats.num_done, stats.num_skipped, stats.num_errors
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Iterator
+
+import fiftyone as fo
+import fiftyone.core.utils as fou
+
+from ._common import check_key  # noqa: F401 - re-exported: the engine's key rule
+from .fields import FieldSpec
+from .leases import RunLease
+from .writers import OrderedWriter, declare_fields
+
+logger = logging.getLogger(__name__)
+
+def check_positive_int(name: str, value: Any) -> int:
+    """``value`` as an int >= 1, or a ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    return value
+
+
+def check_collection(samples, what: str, media_type: str = "image") -> int:
+    """Fail early, with one clear message, when ``samples`` cannot be used; return the sample count.
+
+    Raises:
+        TypeError: ``samples`` is not a FiftyOne dataset or view.
+        ValueError: the collection is empty or holds another media type.
+    """
+    if not isinstance(samples, fo.core.collections.SampleCollection):
+        raise TypeError(f"{what}: expected a FiftyOne dataset or view, got {type(samples).__name__}")
+    if samples.media_type != media_type:
+        hint = ("image experts need image samples (for video, score frames with "
+                "`dataset.to_frames(sample_frames=True)` or use score_video)" if media_type == "image"
+                else f"{what} needs {media_type} samples")
+        raise ValueError(f"{what}: '{samples._root_dataset.name}' holds {samples.media_type} samples; {hint}")
+    count = samples.count()
+    if count == 0:
+        raise ValueError(f"{what}: the view is empty; nothing to do")
+    return count
+
+
+@dataclass
+class BatchOutput:
+    """What one computed batch writes.
+
+    Attributes:
+        values: sample field -> {sample id: value}.
+        frame_values: frame field (without ``frames.``) -> {frame id: value}.
+        errors: sample id -> why it failed; the engine writes the message to the job's error field and
+            None to its other sample fields (a sample that fails now keeps nothing of an earlier run).
+        size: samples this batch stands for (progress), done or failed.
+        counts: extra counters of the verb (e.g. ``unparsed``), summed into :attr:`RunStats.counts`.
+    """
+
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    frame_values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    size: int = 0
+    counts: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class RunStats:
+    """Counts of one engine run.
+
+    Attributes:
+        num_samples: samples in the target view.
+        num_selected: samples the job selected (e.g. only flagged ones).
+        num_skipped: selected samples already done under this key (resume).
+        num_done: samples written without error by this call.
+        num_errors: samples that got an error by this call.
+        errors: sample id -> message.
+        counts: the verb's own counters.
+    """
+
+    num_samples: int = 0
+    num_selected: int = 0
+    num_skipped: int = 0
+    num_done: int = 0
+    num_errors: int = 0
+    errors: dict[str, str] = field(default_factory=dict)
+    counts: Counter = field(default_factory=Counter)
+
+    def add(self, out: BatchOutput) -> None:
+        """Count one written batch."""
+        self.num_errors += len(out.errors)
+        self.num_done += out.size - len(out.errors)
+        self.errors.update(out.errors)
+        self.counts.update(out.counts)
+
+
+class Job:
+    """What a verb contributes to a run: override the hooks below; the engine calls them in order.
+
+    Attributes:
+        verb: the verb's name, used in messages (``"score"``).
+        method: the run's method (its kind), as recorded in the run config.
+        media_type: media the verb works on.
+        fields: the run's fields in write order (see :class:`~fiftyone_anomaly_vlm.fields.FieldSpec`).
+        error_field: the sample field that holds a failed sample's message.
+        done_field: the sample field written last; a sample with it set is done (resume skips it).
+        prefetch: batches prepared ahead in a worker thread (0: in turn).
+    """
+
+    verb: ClassVar[str] = "run"
+    method: ClassVar[str] = ""
+    media_type: ClassVar[str] = "image"
+    fields: list[FieldSpec]
+    error_field: str
+    done_field: str
+    prefetch: int = 0
+
+    def identity(self, config) -> Any:
+        """What must be equal between a recorded run's ``config`` and this one to add to its results (the
+        model that wrote them). Works on configs recorded by earlier releases too."""
+        return None
+
+    def describe_identity(self, config) -> str:
+        """``identity(config)`` in words, for the refusal message."""
+        return repr(self.identity(config))
+
+    def config(self):
+        """The run config to register (a typed :class:`~fiftyone_anomaly_vlm.runs.AnomalyRunConfig`)."""
+        raise NotImplementedError
+
+    def select(self, samples):
+        """The samples this run works on (default: all of ``samples``)."""
+        return samples
+
+    def setup(self, dataset) -> None:
+        """After the run is registered and its fields declared (e.g. mask targets, folders)."""
+
+    def columns(self) -> list[str]:
+        """Fields read for each sample to do (``id`` first)."""
+        return ["id", "filepath"]
+
+    def batches(self, rows: dict[str, list]) -> Iterable[Any]:
+        """Cut the samples to do (``rows``: column -> values) into work items."""
+        raise NotImplementedError
+
+    def prepare(self, item: Any) -> Any:
+        """CPU work of one item, run ahead in a worker thread when ``prefetch`` > 0."""
+        return item
+
+    def compute(self, prepared: Any) -> BatchOutput:
+        """The model's work on one prepared item: what to write."""
+        raise NotImplementedError
+
+    def finish(self, samples, stats: RunStats) -> None:
+        """After the last batch is written (e.g. values that need the whole view)."""
+
+
+def check_run_key(dataset, key: str, job: Job, overwrite: bool) -> None:
+    """The one place that decides whether ``key`` may be (re)used by ``job``.
+
+    Raises:
+        ValueError: a run of another kind holds ``key``; or one of this kind holds results of another
+            model and ``overwrite`` is False; or the job's fields exist but belong to no run ``key``.
+    """
+    if key in dataset.list_runs():
+        recorded = dataset.get_run_info(key).config
+        if getattr(recorded, "method", None) != job.method:
+            raise ValueError(f"key {key!r} is already used by a run of another kind; choose another key")
+        if not overwrite and job.identity(recorded) != job.identity(job.config()):
+            raise ValueError(f"run {key!r} holds results of {job.describe_identity(recorded)}, not of "
+                             f"{job.describe_identity(job.config())}; pass overwrite=True to replace them, or "
+                             "choose another key")
+        return
+    schema = dataset.get_field_schema()
+    fschema = (dataset.get_frame_field_schema() or {}) if dataset._has_frame_fields() else {}
+    clash = [s.path for s in job.fields if (fschema if s.frame else schema).get(s.name) is not None]
+    if clash:
+        raise ValueError(f"fields {clash} exist but belong to no {job.verb} run {key!r}; choose another key")
+
+
+def clear_fields(samples, specs: list[FieldSpec], done_field: str) -> None:
+    """Set the run's fields to None on ``samples`` (the done field first, so a crash midway leaves the
+    samples to do, never half-old ones marked done)."""
+    dataset = samples._root_dataset
+    schema = dataset.get_field_schema()
+    names = [done_field] + [s.name for s in specs if not s.frame and s.name != done_field]
+    present = [n for n in names if n in schema]
+    if present:
+        samples.clear_sample_fields(present)
+    if dataset._has_frame_fields():
+        fschema = dataset.get_frame_field_schema() or {}
+        frames = [s.name for s in specs if s.frame and s.name in fschema]
+        if frames:
+            samples.clear_frame_fields(frames)
+
+
+def run_job(samples, job: Job, key: str, *, overwrite: bool = False, progress: bool | Any = None) -> RunStats:
+    """Run ``job`` on ``samples`` under the run ``key`` (see the module docstring for the steps).
+
+    Args:
+        samples: the target dataset or view.
+        job: what the verb computes and writes.
+        key: the run key (already checked with :func:`check_key`).
+        overwrite: replace the run's results on these samples (and its record), whatever wrote them.
+        progress: FiftyOne progress convention: None/True/False, or a callable taking a ``ProgressBar``.
+
+    Returns:
+        :class:`RunStats`.
+    """
+    dataset = samples._root_dataset
+    check_run_key(dataset, key, job, overwrite)
+    stats = RunStats(num_samples=samples.count())
+    with RunLease(dataset, key, job.verb):
+        selected = job.select(samples)
+        if overwrite:
+            clear_fields(selected, job.fields, job.done_field)
+        dataset.register_run(key, job.config(), overwrite=True, cleanup=False)
+        declare_fields(dataset, job.fields)
+        job.setup(dataset)
+        stats.num_selected = selected.count()
+        todo = selected if overwrite else selected.exists(job.done_field, False)
+        columns = job.columns()
+        rows = dict(zip(columns, todo.values(columns)))
+        n = len(rows[columns[0]])
+        stats.num_skipped = stats.num_selected - n
+        if n:
+            writer = OrderedWriter(dataset, job.fields, job.error_field, job.done_field)
+            with writer, fou.ProgressBar(total=n, progress=progress) as pb, \
+                    Prefetch(job.prepare, job.batches(rows), job.prefetch) as prepared_items:
+                for prepared in prepared_items:
+                    out = job.compute(prepared)
+                    writer.submit(out)
+                    stats.add(out)
+                    pb.update(out.size)
+        job.finish(samples, stats)
+    return stats
+
+
+class Prefetch:
+    """Iterate ``fn(item)`` over ``items`` in order, computing up to ``depth`` results ahead in one worker thread.
+
+    While the caller works on result ``n`` (e.g. ``generate()`` on the accelerator), the worker computes
+    ``n + 1`` (reading images, cutting crops, running the processor). At most ``depth + 1`` results exist at
+    once. An exception raised by ``fn`` is raised by the iteration at that item. Leaving the ``with`` block
+    (normally, by an error or a cancelled run) drops what was not yet consumed: queued items are cancelled
+    and the one being computed is waited for, so no work goes on after it.
+
+    Args:
+        fn: the work for one item.
+        items: the items, in order.
+        depth: how many items ahead; 0 computes each item in the caller's thread when it is needed.
+
+    Example:
+        >>> with Prefetch(load_batch, range(0, n, 8), depth=1) as batches:
+        ...     for batch in batches:
+        ...         run_model(batch)
+    """
+
+    def __init__(self, fn, items, depth: int = 1) -> None:
+        self.fn = fn
+        self.items = iter(items)
+        self.depth = max(0, int(depth))
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[Future] = deque()
+
+    def __enter__(self) -> Prefetch:
+        if self.depth:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fav-prepare")
+            for item in itertools.islice(self.items, self.depth):
+                self._pending.append(self._pool.submit(self.fn, item))
+        return self
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._pool is None:
+            for item in self.items:
+                yield self.fn(item)
+            return
+        while self._pending:
+            future = self._pending.popleft()
+            for item in itertools.islice(self.items, 1):  # keep `depth` items queued behind this one
+                self._pending.append(self._pool.submit(self.fn, item))
+            yield future.result()
+
+    def __exit__(self, *exc_info) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

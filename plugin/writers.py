@@ -1,0 +1,124 @@
+"""Writing a run's fields: declaring them once, then one ordered ``set_values`` per field and batch.
+
+Every verb writes through :class:`OrderedWriter`, in the same order: frame fields first, then the error
+field, the other sample fields in the job's order, and the job's "done" field last. A sample whose done
+field is set has all its other values written, so a run killed at any point resumes from exactly the
+samples without it.
+
+Example:
+    >>> declare_fields(dataset, FieldNames("padim").specs())
+    >>> with OrderedWriter(dataset, specs, "padim_error", "padim_score") as writer:
+    ...     writer.submit(batch_output)
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from .fields import FieldSpec
+
+if TYPE_CHECKING:
+    from .engine import BatchOutput
+
+logger = logging.getLogger(__name__)
+
+_DECLARE_TRIES = 5
+
+
+def _missing(dataset, specs: list[FieldSpec]) -> list[FieldSpec]:
+    schema = dataset.get_field_schema()
+    fschema = (dataset.get_frame_field_schema() or {}) if dataset._has_frame_fields() else {}
+    return [s for s in specs if s.name not in (fschema if s.frame else schema)]
+
+
+def declare_fields(dataset, specs: list[FieldSpec]) -> None:
+    """Create the fields of ``specs`` that the dataset lacks, with their label types (so an all-error batch
+    can be written too).
+
+    The schema is re-read from the database first and checked afterwards: another process declaring its
+    own fields on the same dataset at the same moment can make a declaration get lost, which is then redone.
+
+    Raises:
+        RuntimeError: the fields could not be declared after several tries.
+    """
+    for _ in range(_DECLARE_TRIES):
+        dataset.reload()
+        todo = _missing(dataset, specs)
+        if not todo:
+            return
+        for spec in todo:
+            if spec.frame:
+                dataset.add_frame_field(spec.name, spec.ftype, **spec.kwargs)
+            else:
+                dataset.add_sample_field(spec.name, spec.ftype, **spec.kwargs)
+    dataset.reload()
+    if _missing(dataset, specs):
+        raise RuntimeError(f"could not declare fields {[s.path for s in _missing(dataset, specs)]} on dataset "
+                           f"'{dataset.name}' (other processes kept changing its schema)")
+
+
+class OrderedWriter:
+    """Writes :class:`~fiftyone_anomaly_vlm.engine.BatchOutput` objects in a background thread, one in flight.
+
+    ``submit`` waits for the previous batch's writes before queueing the next one, so at most one batch is
+    held in memory besides the one being computed, and a write error is raised by the next ``submit`` (or
+    on leaving the ``with`` block). Leaving the block waits for the batch in flight: a cancelled run keeps
+    every batch it submitted.
+
+    Args:
+        dataset: the dataset written to.
+        specs: the run's fields in write order.
+        error_field: the sample field for a failed sample's message.
+        done_field: the sample field written last.
+    """
+
+    def __init__(self, dataset, specs: list[FieldSpec], error_field: str, done_field: str) -> None:
+        self.dataset = dataset
+        self.frame_fields = [s.name for s in specs if s.frame]
+        middle = [s.name for s in specs if not s.frame and s.name not in (error_field, done_field)]
+        self.sample_fields = [error_field, *middle, done_field]
+        self.error_field = error_field
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
+
+    def __enter__(self) -> OrderedWriter:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fav-writer")
+        return self
+
+    def submit(self, out: BatchOutput) -> None:
+        """Queue one batch's writes (after the previous batch's writes are done)."""
+        self._wait()
+        self._pending = self._pool.submit(self.write, out)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def __exit__(self, exc_type, *exc_info) -> None:
+        try:
+            self._wait()
+        except Exception:
+            if exc_type is None:
+                raise
+            logger.exception("writing the last batch failed while the run was stopping")
+        finally:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def write(self, out: BatchOutput) -> None:
+        """Write one batch now, in order: frame fields, then error, sample fields, done field."""
+        for name in self.frame_fields:
+            values = out.frame_values.get(name)
+            if values:
+                self.dataset.set_values(f"frames.{name}", values, key_field="frames.id")
+        values = {name: dict(out.values.get(name) or {}) for name in self.sample_fields}
+        for sid, message in out.errors.items():
+            for name in self.sample_fields:
+                values[name][sid] = None
+            values[self.error_field][sid] = message
+        for name in self.sample_fields:
+            if values[name]:
+                self.dataset.set_values(name, values[name], key_field="id")
