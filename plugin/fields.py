@@ -99,3 +99,160 @@ class FieldNames:
         """The fields in write order: the error first, the score (a sample's "done" marker) last."""
         return [str_spec(self.error), label_spec(self.label), label_spec(self.map, fo.Heatmap),
                 label_spec(self.mask, fo.Segmentation), float_spec(self.raw_score), float_spec(self.score)]
+
+
+@dataclass(frozen=True)
+class JudgeFieldNames:
+    """The fields one judge run writes, all named from the run key.
+
+    Args:
+        key: the run key.
+    """
+
+    key: str
+
+    @property
+    def label(self) -> str:
+        """``fo.Classification`` anomalous / normal / unparsed, with ``p_anomalous`` and ``answered_mass``."""
+        return self.key
+
+    @property
+    def p_anomalous(self) -> str:
+        """Float P(anomalous) from the first answer token's yes/no probabilities."""
+        return f"{self.key}_p_anomalous"
+
+    @property
+    def defect(self) -> str:
+        """``fo.Classification`` of the defect type the model named (``"none"`` when it saw none)."""
+        return f"{self.key}_defect"
+
+    @property
+    def location(self) -> str:
+        """``fo.Classification`` with a 3x3 grid word (``"top left"`` ... ``"bottom right"``) or ``"none"``."""
+        return f"{self.key}_location"
+
+    @property
+    def explanation(self) -> str:
+        """The model's one-sentence explanation."""
+        return f"{self.key}_explanation"
+
+    @property
+    def answer(self) -> str:
+        """The raw answer text (generated tokens only)."""
+        return f"{self.key}_answer"
+
+    @property
+    def regions(self) -> str:
+        """``fo.Detections`` of the expert regions shown to the model as crops."""
+        return f"{self.key}_regions"
+
+    @property
+    def error(self) -> str:
+        """Message where the sample could not be judged; None otherwise."""
+        return f"{self.key}_error"
+
+    @property
+    def fused(self) -> str:
+        """Float: the expert's score and P(anomalous) combined (only with an expert)."""
+        return f"{self.key}_fused"
+
+    def all(self) -> list[str]:
+        """Every field of the run, label first."""
+        return [self.label, self.p_anomalous, self.defect, self.location, self.explanation, self.answer,
+                self.regions, self.error, self.fused]
+
+    def specs(self) -> list[FieldSpec]:
+        """The fields in write order: the error first, the verdict (a sample's "done" marker) last."""
+        return [str_spec(self.error), float_spec(self.p_anomalous), label_spec(self.defect),
+                label_spec(self.location), str_spec(self.explanation), str_spec(self.answer),
+                label_spec(self.regions, fo.Detections), float_spec(self.fused), label_spec(self.label)]
+
+
+@dataclass(frozen=True)
+class VideoFieldNames:
+    """The sample and frame fields one video run writes, all named from the run key.
+
+    Args:
+        key: the run key.
+    """
+
+    key: str
+
+    @property
+    def label(self) -> str:
+        """Video ``fo.Classification`` anomalous / normal (anomalous when a segment was found)."""
+        return self.key
+
+    @property
+    def score(self) -> str:
+        """Video score: the highest smoothed frame score."""
+        return f"{self.key}_score"
+
+    @property
+    def segments(self) -> str:
+        """``fo.TemporalDetections`` of the anomalous stretches (shown on the App's timeline)."""
+        return f"{self.key}_segments"
+
+    @property
+    def error(self) -> str:
+        """Why the video could not be scored (e.g. no frame could be decoded); None otherwise."""
+        return f"{self.key}_error"
+
+    @property
+    def frame_label(self) -> str:
+        """Frame field: ``fo.Classification`` anomalous / normal (smoothed score vs threshold)."""
+        return self.key
+
+    @property
+    def frame_score(self) -> str:
+        """Frame field: the smoothed score."""
+        return f"{self.key}_score"
+
+    @property
+    def frame_raw_score(self) -> str:
+        """Frame field: the score before smoothing."""
+        return f"{self.key}_raw_score"
+
+    @property
+    def frame_expert_score(self) -> str:
+        """Frame field: the expert's calibrated score (with an expert)."""
+        return f"{self.key}_expert_score"
+
+    @property
+    def frame_vlm_score(self) -> str:
+        """Frame field: the questions' combined P(yes) (with a VLM)."""
+        return f"{self.key}_vlm_score"
+
+    @property
+    def frame_question_scores(self) -> str:
+        """Frame field: list of P(yes), one per question, in the run's order (not with ``combine="joint"``)."""
+        return f"{self.key}_question_scores"
+
+    @property
+    def frame_error(self) -> str:
+        """Frame field: why this sampled frame could not be scored; None otherwise."""
+        return f"{self.key}_error"
+
+    def sample_fields(self) -> list[str]:
+        """The video-level fields."""
+        return [self.label, self.score, self.segments, self.error]
+
+    def frame_fields(self) -> list[str]:
+        """The frame-level fields (names without the ``frames.`` prefix)."""
+        return [self.frame_label, self.frame_score, self.frame_raw_score, self.frame_expert_score,
+                self.frame_vlm_score, self.frame_question_scores, self.frame_error]
+
+    def all(self) -> list[str]:
+        """Every field, frame fields with their ``frames.`` prefix."""
+        return self.sample_fields() + [f"frames.{f}" for f in self.frame_fields()]
+
+    def specs(self) -> list[FieldSpec]:
+        """The fields in write order: frame fields, then the video's error, segments, label, and its score
+        (the video's "done" marker) last."""
+        return [label_spec(self.frame_label, frame=True), float_spec(self.frame_score, frame=True),
+                float_spec(self.frame_raw_score, frame=True), float_spec(self.frame_expert_score, frame=True),
+                float_spec(self.frame_vlm_score, frame=True),
+                FieldSpec(self.frame_question_scores, fo.ListField, {"subfield": fo.FloatField}, frame=True),
+                str_spec(self.frame_error, frame=True),
+                str_spec(self.error), label_spec(self.segments, fo.TemporalDetections), label_spec(self.label),
+                float_spec(self.score)]

@@ -48,7 +48,7 @@ import fiftyone as fo
 import fiftyone.core.utils as fou
 
 from ._common import check_image_collection, check_key
-from .fields import FieldNames
+from .fields import FieldNames, JudgeFieldNames
 from .models.judge.base import JudgeBackend, JudgeRequest
 from .runs import AnomalyScoreRunConfig, JudgeRunConfig
 
@@ -76,67 +76,6 @@ CROP_FRACTION = 1 / 3
 #: at most this many candidate normals are embedded when the reference is chosen automatically
 MAX_REFERENCE_POOL = 500
 _SECRET_WORDS = ("key", "token", "secret", "password", "authorization")
-
-
-@dataclass(frozen=True)
-class JudgeFieldNames:
-    """The fields one judge run writes, all named from the run key.
-
-    Args:
-        key: the run key.
-    """
-
-    key: str
-
-    @property
-    def label(self) -> str:
-        """``fo.Classification`` anomalous / normal / unparsed, with ``p_anomalous`` and ``answered_mass``."""
-        return self.key
-
-    @property
-    def p_anomalous(self) -> str:
-        """Float P(anomalous) from the first answer token's yes/no probabilities."""
-        return f"{self.key}_p_anomalous"
-
-    @property
-    def defect(self) -> str:
-        """``fo.Classification`` of the defect type the model named (``"none"`` when it saw none)."""
-        return f"{self.key}_defect"
-
-    @property
-    def location(self) -> str:
-        """``fo.Classification`` with a 3x3 grid word (``"top left"`` ... ``"bottom right"``) or ``"none"``."""
-        return f"{self.key}_location"
-
-    @property
-    def explanation(self) -> str:
-        """The model's one-sentence explanation."""
-        return f"{self.key}_explanation"
-
-    @property
-    def answer(self) -> str:
-        """The raw answer text (generated tokens only)."""
-        return f"{self.key}_answer"
-
-    @property
-    def regions(self) -> str:
-        """``fo.Detections`` of the expert regions shown to the model as crops."""
-        return f"{self.key}_regions"
-
-    @property
-    def error(self) -> str:
-        """Message where the sample could not be judged; None otherwise."""
-        return f"{self.key}_error"
-
-    @property
-    def fused(self) -> str:
-        """Float: the expert's score and P(anomalous) combined (only with an expert)."""
-        return f"{self.key}_fused"
-
-    def all(self) -> list[str]:
-        """Every field of the run, label first."""
-        return [self.label, self.p_anomalous, self.defect, self.location, self.explanation, self.answer,
-                self.regions, self.error, self.fused]
 
 
 @dataclass

@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-import fiftyone.core.runs as fors
 import fiftyone.core.utils as fou
 
 from ._common import check_key
+from .runs import QuestionRun, QuestionRunConfig  # noqa: F401 - the run classes' path before 0.2
 from .models.judge.base import JudgeBackend, JudgeRequest
 
 logger = logging.getLogger(__name__)
@@ -614,22 +614,3 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-class QuestionRunConfig(fors.RunConfig):
-    """Config of a learned question set: the best questions, their AUROC, every set tried, the settings.
-
-    Args:
-        **kwargs: JSON-serialisable attributes (see :func:`learn_questions`).
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("method", "vera_questions")
-        super().__init__(**kwargs)
-
-
-class QuestionRun(fors.Run):
-    """A learned question set; it writes no fields."""
-
-    def get_fields(self, samples, key):  # noqa: D102
-        return []

@@ -22,7 +22,7 @@ from typing import Any
 
 import fiftyone.core.runs as fors
 
-from .fields import FieldNames
+from .fields import FieldNames, JudgeFieldNames, VideoFieldNames
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +167,6 @@ class AnomalyEvaluationRun(fors.Run):
 
 
 def _judge_fields(key: str) -> list[str]:
-    from .judge import JudgeFieldNames  # late: judge imports this module
-
     return JudgeFieldNames(key).all()
 
 
@@ -204,3 +202,63 @@ class JudgeRun(fors.Run):
         fields = [f for f in _judge_fields(key) if f in schema]
         if fields:
             dataset.delete_sample_fields(fields)
+
+
+class VideoAnomalyRunConfig(fors.RunConfig):
+    """Config of a video run: expert and/or VLM backend, questions, sampling rate, window, threshold.
+
+    Args:
+        **kwargs: JSON-serialisable attributes (see :func:`score_video`).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("method", "video_anomaly")
+        super().__init__(**kwargs)
+
+
+class VideoAnomalyRun(fors.Run):
+    """A video run; its fields are :class:`VideoFieldNames` of the run key (frame fields included)."""
+
+    def get_fields(self, samples, key):  # noqa: D102
+        return VideoFieldNames(key).all()
+
+    def rename(self, samples, key, new_key):  # noqa: D102
+        dataset = samples._root_dataset
+        old, new = VideoFieldNames(key), VideoFieldNames(new_key)
+        schema, fschema = dataset.get_field_schema(), dataset.get_frame_field_schema() or {}
+        pairs = {o: n for o, n in zip(old.sample_fields(), new.sample_fields()) if o in schema}
+        if pairs:
+            dataset.rename_sample_fields(pairs)
+        fpairs = {o: n for o, n in zip(old.frame_fields(), new.frame_fields()) if o in fschema}
+        if fpairs:
+            dataset.rename_frame_fields(fpairs)
+
+    def cleanup(self, samples, key):  # noqa: D102
+        dataset = samples._root_dataset
+        f = VideoFieldNames(key)
+        schema, fschema = dataset.get_field_schema(), dataset.get_frame_field_schema() or {}
+        sample = [n for n in f.sample_fields() if n in schema]
+        if sample:
+            dataset.delete_sample_fields(sample)
+        frames = [n for n in f.frame_fields() if n in fschema]
+        if frames:
+            dataset.delete_frame_fields(frames)
+
+
+class QuestionRunConfig(fors.RunConfig):
+    """Config of a learned question set: the best questions, their AUROC, every set tried, the settings.
+
+    Args:
+        **kwargs: JSON-serialisable attributes (see :func:`learn_questions`).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("method", "vera_questions")
+        super().__init__(**kwargs)
+
+
+class QuestionRun(fors.Run):
+    """A learned question set; it writes no fields."""
+
+    def get_fields(self, samples, key):  # noqa: D102
+        return []

@@ -50,11 +50,12 @@ import torch
 from PIL import Image
 
 import fiftyone as fo
-import fiftyone.core.runs as fors
 import fiftyone.core.utils as fou
 
 from ._common import check_key, default_output_dir
 from .calibration import Calibration
+from .fields import VideoFieldNames
+from .runs import VideoAnomalyRun, VideoAnomalyRunConfig  # noqa: F401 - the run classes' path before 0.2
 from .experts import Expert
 from .images import ImageLoadError, load_image
 from .models.judge.base import JudgeBackend, JudgeRequest
@@ -68,85 +69,6 @@ SMOOTHING = ("uniform", "gaussian", "none")
 NOT_EXTRACTED = "frame could not be decoded from the video (no image was extracted)"
 EXPLAIN_PROMPT = ("This part of the video was flagged as anomalous. {questions}In one sentence, say what is "
                   "unusual in what you see.")
-
-
-@dataclass(frozen=True)
-class VideoFieldNames:
-    """The sample and frame fields one video run writes, all named from the run key.
-
-    Args:
-        key: the run key.
-    """
-
-    key: str
-
-    @property
-    def label(self) -> str:
-        """Video ``fo.Classification`` anomalous / normal (anomalous when a segment was found)."""
-        return self.key
-
-    @property
-    def score(self) -> str:
-        """Video score: the highest smoothed frame score."""
-        return f"{self.key}_score"
-
-    @property
-    def segments(self) -> str:
-        """``fo.TemporalDetections`` of the anomalous stretches (shown on the App's timeline)."""
-        return f"{self.key}_segments"
-
-    @property
-    def error(self) -> str:
-        """Why the video could not be scored (e.g. no frame could be decoded); None otherwise."""
-        return f"{self.key}_error"
-
-    @property
-    def frame_label(self) -> str:
-        """Frame field: ``fo.Classification`` anomalous / normal (smoothed score vs threshold)."""
-        return self.key
-
-    @property
-    def frame_score(self) -> str:
-        """Frame field: the smoothed score."""
-        return f"{self.key}_score"
-
-    @property
-    def frame_raw_score(self) -> str:
-        """Frame field: the score before smoothing."""
-        return f"{self.key}_raw_score"
-
-    @property
-    def frame_expert_score(self) -> str:
-        """Frame field: the expert's calibrated score (with an expert)."""
-        return f"{self.key}_expert_score"
-
-    @property
-    def frame_vlm_score(self) -> str:
-        """Frame field: the questions' combined P(yes) (with a VLM)."""
-        return f"{self.key}_vlm_score"
-
-    @property
-    def frame_question_scores(self) -> str:
-        """Frame field: list of P(yes), one per question, in the run's order (not with ``combine="joint"``)."""
-        return f"{self.key}_question_scores"
-
-    @property
-    def frame_error(self) -> str:
-        """Frame field: why this sampled frame could not be scored; None otherwise."""
-        return f"{self.key}_error"
-
-    def sample_fields(self) -> list[str]:
-        """The video-level fields."""
-        return [self.label, self.score, self.segments, self.error]
-
-    def frame_fields(self) -> list[str]:
-        """The frame-level fields (names without the ``frames.`` prefix)."""
-        return [self.frame_label, self.frame_score, self.frame_raw_score, self.frame_expert_score,
-                self.frame_vlm_score, self.frame_question_scores, self.frame_error]
-
-    def all(self) -> list[str]:
-        """Every field, frame fields with their ``frames.`` prefix."""
-        return self.sample_fields() + [f"frames.{f}" for f in self.frame_fields()]
 
 
 @dataclass
@@ -757,47 +679,6 @@ def _describe(backend: JudgeBackend) -> dict[str, Any]:
     from .judge import _safe_describe
 
     return _safe_describe(backend)
-
-
-class VideoAnomalyRunConfig(fors.RunConfig):
-    """Config of a video run: expert and/or VLM backend, questions, sampling rate, window, threshold.
-
-    Args:
-        **kwargs: JSON-serialisable attributes (see :func:`score_video`).
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("method", "video_anomaly")
-        super().__init__(**kwargs)
-
-
-class VideoAnomalyRun(fors.Run):
-    """A video run; its fields are :class:`VideoFieldNames` of the run key (frame fields included)."""
-
-    def get_fields(self, samples, key):  # noqa: D102
-        return VideoFieldNames(key).all()
-
-    def rename(self, samples, key, new_key):  # noqa: D102
-        dataset = samples._root_dataset
-        old, new = VideoFieldNames(key), VideoFieldNames(new_key)
-        schema, fschema = dataset.get_field_schema(), dataset.get_frame_field_schema() or {}
-        pairs = {o: n for o, n in zip(old.sample_fields(), new.sample_fields()) if o in schema}
-        if pairs:
-            dataset.rename_sample_fields(pairs)
-        fpairs = {o: n for o, n in zip(old.frame_fields(), new.frame_fields()) if o in fschema}
-        if fpairs:
-            dataset.rename_frame_fields(fpairs)
-
-    def cleanup(self, samples, key):  # noqa: D102
-        dataset = samples._root_dataset
-        f = VideoFieldNames(key)
-        schema, fschema = dataset.get_field_schema(), dataset.get_frame_field_schema() or {}
-        sample = [n for n in f.sample_fields() if n in schema]
-        if sample:
-            dataset.delete_sample_fields(sample)
-        frames = [n for n in f.frame_fields() if n in fschema]
-        if frames:
-            dataset.delete_frame_fields(frames)
 
 
 __all__ = ["VideoFieldNames", "VideoResults", "find_segments", "score_video", "segment_support", "smooth_scores",
