@@ -52,7 +52,26 @@ def str_spec(name: str, frame: bool = False) -> FieldSpec:
 
 
 @dataclass(frozen=True)
-class FieldNames:
+class RunFieldNames:
+    """Base of the field names of one run kind: every name derives from the run key.
+
+    Args:
+        key: the run key; every field name starts with it.
+    """
+
+    key: str
+
+    def specs(self) -> list[FieldSpec]:
+        """The run's fields with their types, in write order (the "done" marker last)."""
+        raise NotImplementedError
+
+    def all(self) -> list[str]:
+        """Every field's path (frame fields with ``frames.``)."""
+        return list(dict.fromkeys(s.path for s in self.specs()))
+
+
+@dataclass(frozen=True)
+class FieldNames(RunFieldNames):
     """The fields that one anomaly-scoring run writes on each sample.
 
     Args:
@@ -102,7 +121,7 @@ class FieldNames:
 
 
 @dataclass(frozen=True)
-class JudgeFieldNames:
+class JudgeFieldNames(RunFieldNames):
     """The fields one judge run writes, all named from the run key.
 
     Args:
@@ -169,7 +188,7 @@ class JudgeFieldNames:
 
 
 @dataclass(frozen=True)
-class VideoFieldNames:
+class VideoFieldNames(RunFieldNames):
     """The sample and frame fields one video run writes, all named from the run key.
 
     Args:

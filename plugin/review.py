@@ -38,9 +38,8 @@ import numpy as np
 import fiftyone as fo
 from fiftyone import ViewField as F
 
-from .fields import FieldNames
-from .judge import JudgeFieldNames
-from .runs import AnomalyScoreRunConfig, expert_run_key
+from .fields import FieldNames, JudgeFieldNames
+from .runs import AnomalyScoreRunConfig, expert_run_key, update_run_config
 from .labels import ANOMALOUS, NORMAL
 
 #: the review field written by default
@@ -517,11 +516,9 @@ def recalibrate_from_review(samples, key: str, field: str = REVIEW_FIELD, rule: 
         calibration = set_threshold(dataset, key, rule=rule, param=param, gt_field=tmp, positive=ANOMALOUS)
     finally:
         dataset.delete_sample_field(tmp)
-    config = dataset.get_run_info(key).config
-    history = json.loads(json.dumps(list(config.threshold_history)))
+    history = json.loads(json.dumps(list(dataset.get_run_info(key).config.threshold_history)))
     history[-1].update(source="review", gt_field=field, num_reviewed_anomalous=n_pos, num_reviewed_normal=n_neg)
-    config.threshold_history = history
-    dataset.update_run_config(key, config)
+    update_run_config(dataset, key, threshold_history=history)
     return calibration
 
 
@@ -536,13 +533,10 @@ def _rethreshold_judge(dataset, target: ReviewTarget, field: str, rule: str, par
     labels = np.asarray([a for a, k in zip(anomalous, keep) if k], dtype=bool)
     threshold = threshold_from_labels(scores, labels, rule, param)  # flags are "score > threshold"
     config = dataset.get_run_info(target.run_key).config
-    thresholds = dict(getattr(config, "review_thresholds", None) or {})
-    thresholds[target.name] = threshold
-    config.review_thresholds = thresholds
-    history = json.loads(json.dumps(list(getattr(config, "threshold_history", None) or [])))
+    thresholds = {**config.review_thresholds, target.name: threshold}
+    history = json.loads(json.dumps(list(config.threshold_history)))
     history.append(dict(target=target.name, score_field=target.score, rule=rule, param=param, threshold=threshold,
                         source="review", gt_field=field, num_reviewed_anomalous=n_pos, num_reviewed_normal=n_neg,
                         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")))
-    config.threshold_history = history
-    dataset.update_run_config(target.run_key, config)
+    update_run_config(dataset, target.run_key, review_thresholds=thresholds, threshold_history=history)
     return threshold

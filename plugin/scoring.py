@@ -128,8 +128,7 @@ class ScoreJob(Job):
 
     def identity(self, config) -> tuple:
         """The expert and its fit: scores of another fit (a re-fit under the same name) are not added to."""
-        fit = getattr(config, "expert_fit_id", None) or getattr(config, "checkpoint", None)
-        return getattr(config, "expert", None), fit
+        return config.expert, config.expert_fit_id or config.checkpoint
 
     def describe_identity(self, config) -> str:
         expert, fit = self.identity(config)
@@ -236,7 +235,7 @@ def score(
     recorded = dataset.get_run_info(key).config if key in dataset.list_runs() else None
     model = spec.load(device=device)  # a broken checkpoint fails here, before any write
     # thresholds/normalisation: a resumed run keeps its own (possibly re-thresholded) calibration
-    cal_dict = getattr(recorded, "calibration", None) if recorded is not None and not overwrite else None
+    cal_dict = recorded.calibration if recorded is not None and not overwrite else None
     cal_dict = cal_dict or spec.options.get("calibration")
     calibration = Calibration.from_dict(cal_dict) if cal_dict and "image_scores" in cal_dict else None
     owns_dir = output_dir is None
@@ -253,7 +252,7 @@ def score(
 def _history(recorded, calibration: Calibration | None, overwrite: bool) -> list[dict[str, Any]]:
     history = []
     if recorded is not None and not overwrite:
-        history = json.loads(json.dumps(list(getattr(recorded, "threshold_history", None) or [])))
+        history = json.loads(json.dumps(list(recorded.threshold_history)))
     if not history and calibration is not None:
         history = [threshold_record(calibration, source="fit")]
     return history
