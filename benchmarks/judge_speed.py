@@ -12,8 +12,8 @@ The "pipelined" rows time what ``fav.judge`` does per batch, from PNG files on d
 cut 3 crops, build the request, run the backend's ``prepare`` (resize to the budget, chat template,
 processor), then ``generate()``; once with every step in turn (``prefetch=0``) and once with the next
 batch prepared in a worker thread while the model answers the current one (``prefetch=1``, the default;
-the same :class:`~fiftyone_anomaly_vlm.judge.Prefetch` class ``judge()`` uses). The share of time spent in
-preparation is printed too: the most overlap can save.
+the same :class:`~fiftyone_anomaly_vlm.engine.Prefetch` class the run engine uses for ``judge()``). The share
+of time spent in preparation is printed too: the most overlap can save.
 
 Usage:
     .venv/bin/python benchmarks/judge_speed.py [--n 32] [--batch-size 8] [--max-new-tokens 24] [--device auto]
@@ -43,7 +43,7 @@ def _requests(n: int, max_new_tokens: int, size: int = 96):
     import numpy as np
     from PIL import Image
 
-    from fiftyone_anomaly_vlm.judge import QUESTION, SYSTEM, build_request
+    from fiftyone_anomaly_vlm.judging import QUESTION, SYSTEM, build_request
 
     rng = np.random.default_rng(0)
     reqs = []
@@ -90,7 +90,8 @@ def _time_pipeline(backend, paths: list[str], batch_size: int, max_new_tokens: i
     """Seconds for the judge's batch loop over ``paths``, and seconds spent preparing (whatever the thread)."""
     from PIL import Image
 
-    from fiftyone_anomaly_vlm.judge import QUESTION, SYSTEM, Prefetch, build_request
+    from fiftyone_anomaly_vlm.engine import Prefetch
+    from fiftyone_anomaly_vlm.judging import QUESTION, SYSTEM, build_request
 
     spent = [0.0]
 

@@ -15,7 +15,7 @@ from .composite import CompositeExpert, ensemble_experts
 from .evaluation import evaluate, label_accuracy
 from .experts import Expert, fit_expert, list_experts, load_expert
 from .fields import FieldNames
-from .judge import JudgeFieldNames, JudgeResults, judge
+from .judging import JudgeFieldNames, JudgeResults, judge
 from .metrics import image_metrics
 from .models import available_models
 from .questions import LearnedQuestions, learn_questions, load_questions

@@ -254,7 +254,8 @@ def run_job(samples, job: Job, key: str, *, overwrite: bool = False, progress: b
         if n:
             writer = OrderedWriter(dataset, job.fields, job.error_field, job.done_field)
             with writer, fou.ProgressBar(total=n, progress=progress) as pb, \
-                    Prefetch(job.prepare, job.batches(rows), job.prefetch) as prepared_items:
+                    Prefetch(job.prepare, job.batches(rows), job.prefetch,
+                             name=f"fav-{job.verb}-prepare") as prepared_items:
                 for prepared in prepared_items:
                     out = job.compute(prepared)
                     writer.submit(out)
@@ -277,6 +278,7 @@ class Prefetch:
         fn: the work for one item.
         items: the items, in order.
         depth: how many items ahead; 0 computes each item in the caller's thread when it is needed.
+        name: the worker thread's name prefix (the engine names it after the verb: ``fav-judge-prepare``).
 
     Example:
         >>> with Prefetch(load_batch, range(0, n, 8), depth=1) as batches:
@@ -284,8 +286,9 @@ class Prefetch:
         ...         run_model(batch)
     """
 
-    def __init__(self, fn, items, depth: int = 1) -> None:
+    def __init__(self, fn, items, depth: int = 1, name: str = "fav-prepare") -> None:
         self.fn = fn
+        self.name = name
         self.items = iter(items)
         self.depth = max(0, int(depth))
         self._pool: ThreadPoolExecutor | None = None
@@ -293,7 +296,7 @@ class Prefetch:
 
     def __enter__(self) -> Prefetch:
         if self.depth:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fav-prepare")
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
             for item in itertools.islice(self.items, self.depth):
                 self._pending.append(self._pool.submit(self.fn, item))
         return self

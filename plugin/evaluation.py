@@ -39,7 +39,7 @@ import fiftyone.core.runs as fors
 import fiftyone.core.utils as fou
 
 from ._common import check_image_collection, check_key
-from .fields import FieldNames
+from .fields import FieldNames, JudgeFieldNames
 from .metrics import binary_image_metrics, f1_max_threshold, image_curves, pixel_metrics, threshold_metrics
 from .runs import AnomalyEvaluationRunConfig
 
@@ -362,7 +362,6 @@ def _check_eval_key(dataset, eval_key: str, reserved: list[str]) -> None:
 def _run_fields(dataset, key: str, score: str) -> tuple[str, str | None, str | None, list[str]]:
     """(score field, label field, heatmap field, the run's own fields) of an expert scoring run, a VLM judge
     run (P(anomalous), its verdict, no heatmap) or a judge run's fused score (``"<judge key>_fused"``)."""
-    from .judge import JudgeFieldNames
     from .review import review_target
 
     try:

@@ -20,8 +20,8 @@ import fiftyone as fo
 import fiftyone.operators as foo
 
 import fiftyone_anomaly_vlm as fav
-from fiftyone_anomaly_vlm.judge import (GRID, JudgeFieldNames, fuse_scores, normalize_location, parse_answer,
-                                        read_heatmap, top_regions)
+from fiftyone_anomaly_vlm.judging import (GRID, JudgeFieldNames, fuse_scores, normalize_location, parse_answer,
+                                           read_heatmap, top_regions)
 from fiftyone_anomaly_vlm.models.judge import JudgeBackend, JudgeRequest, make_backend
 from fiftyone_anomaly_vlm.models.judge.hf import TransformersBackend, answer_token_ids, prepare_image
 
