@@ -7,7 +7,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fiftyone_anomaly_vlm import evaluate
-from fiftyone_anomaly_vlm.review import run_owned_fields, scoring_runs
+from fiftyone_anomaly_vlm.reviewing import run_owned_fields, scoring_runs
 from fiftyone_anomaly_vlm.runs import AnomalyEvaluationRunConfig
 
 from ._forms import check_key, dropdown, nothing_to_choose

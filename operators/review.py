@@ -5,7 +5,7 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fiftyone_anomaly_vlm.review import REVIEW_FIELD, VERDICTS, review, scoring_runs
+from fiftyone_anomaly_vlm.reviewing import REVIEW_FIELD, VERDICTS, review, scoring_runs
 
 from ._forms import dropdown, nothing_to_choose
 

@@ -6,6 +6,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fiftyone_anomaly_vlm import list_experts, score
+from fiftyone_anomaly_vlm.runs import EXPERT_METHODS, runs_of
 
 from ._forms import check_key, device_and_batch, dropdown, nothing_to_choose
 from ._progress import long_running_config, run_with_progress
@@ -31,9 +32,8 @@ class ScoreSamples(foo.Operator):
         key_prop = inputs.str("key", default=expert, required=True, label="Run key",
                               description="Fields: <key>, <key>_score, <key>_map, <key>_mask, <key>_error")
         inputs.bool("overwrite", default=False, label="Score again samples already scored under this key")
-        runs = ctx.dataset.list_runs()
         key = ctx.params.get("key", expert)
-        taken = [k for k in runs if k.endswith("_expert")]
+        taken = runs_of(ctx.dataset, *EXPERT_METHODS)
         check_key(key_prop, key, taken, "Run")
         device_and_batch(inputs, batch_size=16)
         return types.Property(inputs, view=types.View(label="Score samples"))

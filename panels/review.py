@@ -14,7 +14,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 from fiftyone import ViewField as F
 
-from fiftyone_anomaly_vlm.review import (
+from fiftyone_anomaly_vlm.reviewing import (
     REVIEW_FIELD,
     default_threshold,
     flagged_view,

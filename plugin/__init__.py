@@ -18,13 +18,13 @@ from .fields import FieldNames
 from .judging import JudgeFieldNames, JudgeResults, judge
 from .metrics import image_metrics
 from .models import available_models
-from .questions import LearnedQuestions, learn_questions, load_questions
-from .review import (ReviewTarget, flagged_view, recalibrate_from_review, refit_with_reviewed, review,
+from .reviewing import (ReviewTarget, flagged_view, recalibrate_from_review, refit_with_reviewed, review,
                      review_target, reviewed_anomalies, reviewed_normals, run_fields, score_histogram, scoring_runs,
                      threshold_counts)
 from .scoring import ScoreResults, score
 from .thresholds import set_threshold
-from .video import VideoFieldNames, VideoResults, score_video, video_frames
+from .video import (LearnedQuestions, VideoFieldNames, VideoResults, learn_questions, load_questions, score_video,
+                    video_frames)
 
 __all__ = [
     "CompositeExpert",

@@ -19,7 +19,7 @@ import fiftyone as fo
 
 import fiftyone_anomaly_vlm as fav
 from conftest import ROOT
-from fiftyone_anomaly_vlm.review import default_threshold
+from fiftyone_anomaly_vlm.reviewing import default_threshold
 
 CHROMIUM = os.environ.get("FAV_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("FAV_CHROMEDRIVER", shutil.which("chromedriver") or "/usr/bin/chromedriver")

@@ -11,7 +11,7 @@ from fiftyone.operators.executor import ExecutionContext, Executor
 
 import fiftyone_anomaly_vlm as fav
 from fiftyone_anomaly_vlm.panels.review import NO_GT, ReviewPanel, counts_markdown
-from fiftyone_anomaly_vlm.review import default_threshold
+from fiftyone_anomaly_vlm.reviewing import default_threshold
 
 PLUGIN = "@anomaly-vlm/anomaly-vlm"
 

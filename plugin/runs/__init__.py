@@ -18,8 +18,8 @@ Example:
 """
 
 from .base import (CLIP_METHOD, COMPOSITE_METHOD, EVALUATION_METHOD, EXPERT_METHOD, EXPERT_METHODS, JUDGE_METHOD,
-                   QUESTIONS_METHOD, SCORE_METHOD, VIDEO_METHOD, AnomalyRunConfig, FieldsRun, remove_owned_dir,
-                   run_method, runs_of, update_run_config)
+                   QUESTIONS_METHOD, SCORE_METHOD, VIDEO_METHOD, AnomalyRunConfig, FieldsRun, recorded_config,
+                   remove_owned_dir, run_method, run_owned_fields, runs_of, update_run_config)
 from .evaluation import AnomalyEvaluationRun, AnomalyEvaluationRunConfig
 from .expert import (EXPERT_RUN_SUFFIX, ExpertRun, ExpertRunConfig, delete_expert_runs, expert_run_key,
                      register_expert_run)
@@ -33,5 +33,5 @@ __all__ = [
     "EXPERT_METHODS", "EXPERT_RUN_SUFFIX", "ExpertRun", "ExpertRunConfig", "FieldsRun", "JUDGE_METHOD", "JudgeRun",
     "JudgeRunConfig", "QUESTIONS_METHOD", "QuestionRun", "QuestionRunConfig", "SCORE_METHOD", "VIDEO_METHOD",
     "VideoAnomalyRun", "VideoAnomalyRunConfig", "delete_expert_runs", "expert_run_key", "register_expert_run",
-    "remove_owned_dir", "run_method", "runs_of", "update_run_config",
+    "recorded_config", "remove_owned_dir", "run_method", "run_owned_fields", "runs_of", "update_run_config",
 ]

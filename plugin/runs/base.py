@@ -61,6 +61,23 @@ def run_method(samples, key: str) -> str | None:
     return dataset.get_run_info(key).config.method if key in dataset.list_runs() else None
 
 
+def recorded_config(samples, key: str):
+    """Run ``key``'s config, or None for a run whose config class cannot be imported (not ours)."""
+    try:
+        return samples._root_dataset.get_run_info(key).config
+    except Exception:  # noqa: BLE001 - another plugin's run whose class is not installed here
+        return None
+
+
+def run_owned_fields(samples) -> set[str]:
+    """Every field a recorded run wrote (each run's key and the ``fields`` its config lists): never ground truth."""
+    dataset = samples._root_dataset
+    owned = set(dataset.list_runs())
+    for key in owned.copy():
+        owned.update(getattr(recorded_config(dataset, key), "fields", None) or [])
+    return owned
+
+
 def update_run_config(samples, key: str, **changes: Any) -> AnomalyRunConfig:
     """The one way to change a recorded run's config after registration (thresholds, review history):
     loads it, sets ``changes`` and stores it with ``update_run_config``.

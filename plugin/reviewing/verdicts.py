@@ -1,0 +1,251 @@
+"""Human verdicts on flagged samples, and what they feed back: thresholds and a refitted expert.
+
+A verdict is written to a review field (default ``review``) as a ``fo.Classification`` whose label is the
+human's answer and whose attributes keep who/when/which run; the model's own fields are never touched.
+Reviewed samples are tagged ``reviewed`` and ``review:<verdict>``.
+
+Example:
+    >>> fav.review(flagged.limit(3), "accept", key="padim", user="qa")   # the model was right
+    >>> fav.review(flagged.skip(3).limit(1), "relabel", key="padim", label="scratch")
+    >>> fav.recalibrate_from_review(ds, "padim", rule="f1")        # threshold from the human verdicts
+    >>> fav.reviewed_normals(ds).count()                           # can join an expert's normal set
+
+See Also:
+    :func:`fiftyone_anomaly_vlm.set_threshold`, which :func:`recalibrate_from_review` calls.
+"""
+
+from __future__ import annotations
+
+import datetime
+import getpass
+import json
+import uuid
+from typing import Any
+
+import numpy as np
+
+import fiftyone as fo
+from fiftyone import ViewField as F
+
+from ..calibration import threshold_from_labels
+from ..experts import fit_expert
+from ..labels import ANOMALOUS, NORMAL
+from ..runs import COMPOSITE_METHOD, expert_run_key, update_run_config
+from ..thresholds import set_threshold
+from .targets import ReviewTarget, review_target, scoring_runs
+
+#: the review field written by default
+REVIEW_FIELD = "review"
+#: the verdicts :func:`review` accepts
+VERDICTS = ("accept", "reject", "relabel")
+#: tag added to every reviewed sample (plus ``review:<verdict>``)
+REVIEWED_TAG = "reviewed"
+
+
+def _verdict_tag(verdict: str) -> str:
+    return f"review:{verdict}"
+
+
+def _single_run(samples) -> str:
+    runs = scoring_runs(samples)
+    if len(runs) != 1:
+        raise ValueError(f"pass key=: the dataset has {len(runs)} scoring runs {runs}")
+    return runs[0]
+
+
+def review(samples, verdict: str, *, key: str | None = None, user: str | None = None, label: str | None = None,
+           field: str = REVIEW_FIELD) -> int:
+    """Record a human verdict on ``samples`` in a review field and tags; the model's fields stay as they are.
+
+    Args:
+        samples: the reviewed samples (a view, e.g. ``ds.select(ids)``).
+        verdict: ``"accept"`` (the run's label is right), ``"reject"`` (the opposite label is right) or
+            ``"relabel"`` (``label`` is right: ``"normal"``, ``"anomalous"`` or a defect type such as
+            ``"scratch"``, which counts as anomalous).
+        key: the review target judged (:func:`scoring_runs`: an expert run, a VLM judge run or
+            ``"<judge key>_fused"``; default: the dataset's only one).
+        user: the reviewer's name (default: the login name).
+        label: the label for ``"relabel"``.
+        field: the review field.
+
+    Returns:
+        The number of samples reviewed. For accept/reject, samples the run did not label are skipped.
+
+    Raises:
+        ValueError: unknown verdict, relabel without a label, no run to judge, or ``field`` is one of the
+            run's own fields.
+    """
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+    if verdict == "relabel" and not label:
+        raise ValueError("relabel needs label=, e.g. 'normal' or a defect type such as 'scratch'")
+    key = key or _single_run(samples)
+    target = review_target(samples, key)
+    if field == target.run_key or field.startswith(f"{target.run_key}_"):  # every field a run writes is named so
+        raise ValueError(f"field {field!r} belongs to run {target.run_key!r}; reviews go to their own field")
+    dataset = samples._root_dataset
+    user = user or _login()
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    schema = samples.get_field_schema()
+    if target.label is not None and target.label in schema:
+        ids, model_labels = samples.values(["id", f"{target.label}.label"])
+    elif target.score in schema:  # a fused score has no label: the target's threshold decides
+        ids, scores = samples.values(["id", target.score])
+        model_labels = [None if v is None else (ANOMALOUS if v > target.threshold else NORMAL) for v in scores]
+    else:
+        ids = samples.values("id")
+        model_labels = [None] * len(ids)
+    values = {}
+    for sid, model_label in zip(ids, model_labels):
+        if verdict == "relabel":
+            human = label
+        elif model_label not in (ANOMALOUS, NORMAL):  # not scored, or a VLM answer that could not be parsed
+            continue
+        elif verdict == "accept":
+            human = model_label
+        else:
+            human = NORMAL if model_label == ANOMALOUS else ANOMALOUS
+        values[sid] = fo.Classification(label=human, anomalous=human != NORMAL, verdict=verdict,
+                                        model_label=model_label, run_key=key, reviewer=user, timestamp=now)
+    if not values:
+        return 0
+    if field not in dataset.get_field_schema():
+        dataset.add_sample_field(field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Classification)
+    dataset.set_values(field, values, key_field="id")
+    done = dataset.select(list(values))
+    done.untag_samples([_verdict_tag(v) for v in VERDICTS if v != verdict])
+    done.tag_samples([REVIEWED_TAG, _verdict_tag(verdict)])
+    return len(values)
+
+
+def _login() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return "unknown"
+
+
+def reviewed_normals(samples, field: str = REVIEW_FIELD):
+    """The samples a human judged normal (accepted normals, rejected anomalies, relabelled ``normal``).
+
+    They can join an expert's normal set (:func:`refit_with_reviewed`), or a VLM's reference pool.
+    """
+    if field not in samples.get_field_schema():
+        return samples.limit(0)
+    return samples.match(F(f"{field}.anomalous") == False)  # noqa: E712 - a MongoDB expression
+
+
+def reviewed_anomalies(samples, field: str = REVIEW_FIELD):
+    """The samples a human judged anomalous (whatever the defect type)."""
+    if field not in samples.get_field_schema():
+        return samples.limit(0)
+    return samples.match(F(f"{field}.anomalous") == True)  # noqa: E712
+
+
+def refit_with_reviewed(samples, expert: str, *, key: str | None = None, field: str = REVIEW_FIELD,
+                        overwrite: bool = False, **fit_kwargs: Any):
+    """Fit the expert again on its normal set plus the samples reviewed as normal.
+
+    The new expert uses the same model, backbone, input size, weights and split settings as ``expert``
+    (any of them can be overridden through ``fit_kwargs``) and is recorded as a new expert ``key``. A
+    grouped expert (``fit_expert(group_by=...)``) is refitted per group; an ensemble is refused (refit its
+    members, then ensemble them again).
+
+    Args:
+        samples: the dataset (or a view) holding the expert and the reviews.
+        expert: the fitted expert's key (``fit_expert(key=...)``).
+        key: the new expert's key (default: ``<expert>_reviewed``).
+        field: the review field.
+        overwrite: replace an existing expert ``key``.
+        **fit_kwargs: other :func:`fiftyone_anomaly_vlm.fit_expert` arguments.
+
+    Returns:
+        The new :class:`~fiftyone_anomaly_vlm.experts.Expert`.
+    """
+    dataset = samples._root_dataset
+    config = dataset.get_run_info(expert_run_key(expert)).config
+    fitted, group_by = [config], None
+    if getattr(config, "method", None) == COMPOSITE_METHOD:
+        group_by = getattr(config, "group_field", None)
+        if not group_by:
+            raise ValueError(f"expert {expert!r} is an ensemble: refit its members with refit_with_reviewed and "
+                             "combine the new experts with ensemble_experts")
+        fitted = [dataset.get_run_info(expert_run_key(m)).config for m in config.owned_members]
+    base_ids = list(dict.fromkeys(i for c in fitted for i in list(getattr(c, "train_ids", None) or [])
+                                  + list(getattr(c, "holdout_ids", None) or [])))
+    added = [i for i in reviewed_normals(samples, field).values("id") if i not in set(base_ids)]
+    normals = dataset.select(base_ids + added, ordered=True)
+    config = fitted[0]  # a grouped expert's groups share their settings
+    kwargs = dict(model=config.model, pretrained=config.pretrained, backbone=getattr(config, "backbone", None),
+                  image_size=tuple(config.image_size), model_kwargs=getattr(config, "model_kwargs", None) or None,
+                  holdout=getattr(config, "holdout", 0.2), seed=getattr(config, "seed", 51),
+                  device=getattr(config, "device", "auto"), group_by=group_by)
+    kwargs.update(fit_kwargs)
+    return fit_expert(normals, key=key or f"{expert}_reviewed", overwrite=overwrite, **kwargs)
+
+
+def recalibrate_from_review(samples, key: str, field: str = REVIEW_FIELD, rule: str = "f1",
+                            param: float | None = None):
+    """Re-threshold review target ``key`` on the human verdicts (e.g. F1-optimal, or a target recall).
+
+    The verdicts (anomalous whatever the defect type, or normal) are the ground truth. For an expert
+    scoring run this is :func:`fiftyone_anomaly_vlm.set_threshold`: the run's labels and masks are rewritten
+    and a ``threshold_history`` entry with ``source="review"`` and ``gt_field=<field>`` is recorded on the
+    run. For a VLM judge run or its fused score the model's fields stay as they are: the new threshold on
+    P(anomalous) / the fused score is recorded on the judge run (``review_thresholds[key]`` and a
+    ``threshold_history`` entry) and used by :func:`flagged_view`, :func:`default_threshold` and the panel.
+
+    Args:
+        samples: the dataset (or a view) holding run ``key`` and the reviews.
+        key: a review target (:func:`scoring_runs`).
+        field: the review field.
+        rule: ``"f1"`` or ``"recall"``.
+        param: the rule's parameter (target recall for ``"recall"``).
+
+    Returns:
+        For an expert run its new :class:`~fiftyone_anomaly_vlm.calibration.Calibration`; for a VLM or fused
+        score the new threshold (float).
+
+    Raises:
+        ValueError: no reviewed anomaly, or the run cannot be re-thresholded.
+    """
+    dataset = samples._root_dataset
+    target = review_target(dataset, key)
+    reviewed = reviewed_anomalies(dataset, field), reviewed_normals(dataset, field)
+    n_pos, n_neg = reviewed[0].count(), reviewed[1].count()
+    if not n_pos:
+        raise ValueError(f"no sample reviewed as anomalous in {field!r}: review some flagged samples first")
+    if target.kind != "expert":
+        return _rethreshold_judge(dataset, target, field, rule, param, n_pos, n_neg)
+    # set_threshold reads a label field; the reviews' binary meaning goes to a scratch field for the call
+    tmp = f"fav_review_gt_{uuid.uuid4().hex[:8]}"
+    ids, anomalous = dataset.exists(field).values(["id", f"{field}.anomalous"])
+    dataset.add_sample_field(tmp, fo.EmbeddedDocumentField, embedded_doc_type=fo.Classification)
+    try:
+        dataset.set_values(tmp, {i: fo.Classification(label=ANOMALOUS if a else NORMAL)
+                                 for i, a in zip(ids, anomalous) if a is not None}, key_field="id")
+        calibration = set_threshold(dataset, key, rule=rule, param=param, gt_field=tmp, positive=ANOMALOUS)
+    finally:
+        dataset.delete_sample_field(tmp)
+    history = json.loads(json.dumps(list(dataset.get_run_info(key).config.threshold_history)))
+    history[-1].update(source="review", gt_field=field, num_reviewed_anomalous=n_pos, num_reviewed_normal=n_neg)
+    update_run_config(dataset, key, threshold_history=history)
+    return calibration
+
+
+def _rethreshold_judge(dataset, target: ReviewTarget, field: str, rule: str, param: float | None,
+                       n_pos: int, n_neg: int) -> float:
+    """Record a review-based threshold on a judge run's P(anomalous) or fused score."""
+    scores, anomalous = dataset.exists(field).exists(target.score).values([target.score, f"{field}.anomalous"])
+    keep = [a is not None for a in anomalous]
+    scores = np.asarray([s for s, k in zip(scores, keep) if k], dtype=float)
+    labels = np.asarray([a for a, k in zip(anomalous, keep) if k], dtype=bool)
+    threshold = threshold_from_labels(scores, labels, rule, param)  # flags are "score > threshold"
+    config = dataset.get_run_info(target.run_key).config
+    thresholds = {**config.review_thresholds, target.name: threshold}
+    history = json.loads(json.dumps(list(config.threshold_history)))
+    history.append(dict(target=target.name, score_field=target.score, rule=rule, param=param, threshold=threshold,
+                        source="review", gt_field=field, num_reviewed_anomalous=n_pos, num_reviewed_normal=n_neg,
+                        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")))
+    update_run_config(dataset, target.run_key, review_thresholds=thresholds, threshold_history=history)
+    return threshold
