@@ -6,8 +6,8 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fiftyone_anomaly_vlm import list_experts, score_video
-from fiftyone_anomaly_vlm.questions import QuestionRunConfig
-from fiftyone_anomaly_vlm.video import SMOOTHING, VideoAnomalyRunConfig
+from fiftyone_anomaly_vlm.runs import QUESTIONS_METHOD, VIDEO_METHOD, runs_of
+from fiftyone_anomaly_vlm.video import SMOOTHING
 
 from ._forms import check_key, dropdown, nothing_to_choose, vlm_backend_inputs
 from ._progress import long_running_config, run_with_progress
@@ -39,7 +39,8 @@ class ScoreVideo(foo.Operator):
                               description="Fields: <key>, <key>_score, <key>_segments, <key>_error on videos; "
                                           "frames.<key>, frames.<key>_score, frames.<key>_error... on frames")
         inputs.bool("overwrite", default=False, label="Score again videos already scored under this key")
-        taken = [k for k in runs if not isinstance(ctx.dataset.get_run_info(k).config, VideoAnomalyRunConfig)]
+        videos = set(runs_of(ctx.dataset, VIDEO_METHOD))
+        taken = [k for k in runs if k not in videos]
         check_key(key_prop, key, taken, "Run")
 
         experts = list_experts(ctx.dataset)
@@ -48,7 +49,7 @@ class ScoreVideo(foo.Operator):
         inputs.bool("use_vlm", default=not experts, label="Ask a VLM guiding questions (VERA)")
         if p.get("use_vlm", not experts):
             vlm_backend_inputs(inputs, p, API_KEY_SECRET, device=False)
-            learned = [k for k in runs if isinstance(ctx.dataset.get_run_info(k).config, QuestionRunConfig)]
+            learned = runs_of(ctx.dataset, QUESTIONS_METHOD)
             dropdown(inputs, "question_set", [_DEFAULT_Q, _TYPED_Q, *learned],
                      learned[0] if learned else _DEFAULT_Q, "Questions", "A learned set (run key) or your own")
             if p.get("question_set") == _TYPED_Q:
