@@ -49,7 +49,7 @@ def main() -> None:
     import fiftyone_anomaly_vlm as fav
     from fiftyone_anomaly_vlm.models.anomalib_expert import resolve_device
     from fiftyone_anomaly_vlm.models.clip_expert import ClipExpert
-    from fiftyone_anomaly_vlm.synthetic import make_parts_dataset
+    from fiftyone_anomaly_vlm.datasets import make_parts_dataset
 
     device = resolve_device(args.device)
     config = os.path.join(_TMP, "tiny-clip.json")

@@ -40,7 +40,7 @@ def main() -> None:
 
     import fiftyone_anomaly_vlm as fav
     from fiftyone_anomaly_vlm.models.anomalib_expert import resolve_device
-    from fiftyone_anomaly_vlm.synthetic import make_parts_dataset
+    from fiftyone_anomaly_vlm.datasets import make_parts_dataset
 
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)

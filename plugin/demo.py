@@ -17,7 +17,7 @@ import time
 from .experts import fit_expert
 from .metrics import image_metrics
 from .scoring import score
-from .synthetic import make_parts_dataset
+from .datasets import load_elpv, make_parts_dataset
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -40,7 +40,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.time()
     if args.data == "elpv":
-        from .datasets import load_elpv
 
         ds = load_elpv(name, persistent=True, overwrite=True)
         what = "ELPV solar cells (elpv-dataset, CC BY-NC-SA 4.0)"

@@ -34,7 +34,7 @@ import pytest  # noqa: E402
 import fiftyone as fo  # noqa: E402
 
 import fiftyone_anomaly_vlm as fav  # noqa: E402
-from fiftyone_anomaly_vlm.synthetic import make_parts_dataset  # noqa: E402
+from fiftyone_anomaly_vlm.datasets import make_parts_dataset  # noqa: E402
 
 IMAGE_SIZE = 96
 FIT_KWARGS = dict(model="padim", pretrained=False, backbone="resnet18", image_size=IMAGE_SIZE, device="cpu",

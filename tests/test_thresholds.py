@@ -15,7 +15,7 @@ import fiftyone as fo
 
 import fiftyone_anomaly_vlm as fav
 from fiftyone_anomaly_vlm.calibration import Calibration, threshold_from_labels, threshold_from_normals
-from fiftyone_anomaly_vlm.synthetic import make_parts_dataset
+from fiftyone_anomaly_vlm.datasets import make_parts_dataset
 
 from conftest import subprocess_env
 

@@ -22,7 +22,7 @@ import fiftyone_anomaly_vlm as fav
 from fiftyone_anomaly_vlm.models.judge import make_backend
 from fiftyone_anomaly_vlm.questions import (DEFAULT_QUESTIONS, QuestionRunConfig, combine_questions, frame_windows,
                                             load_questions, make_proposer, parse_questions, question_scores)
-from fiftyone_anomaly_vlm.synthetic_video import damage_video, ffmpeg_available, make_video_dataset
+from fiftyone_anomaly_vlm.datasets import damage_video, ffmpeg_available, make_video_dataset
 from fiftyone_anomaly_vlm.video import (VideoAnomalyRunConfig, VideoFieldNames, find_segments, segment_support,
                                         smooth_scores, video_frames)
 

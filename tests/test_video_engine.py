@@ -16,7 +16,7 @@ from fiftyone_anomaly_vlm.fields import VideoFieldNames
 from fiftyone_anomaly_vlm.leases import RunBusyError, RunLease
 from fiftyone_anomaly_vlm.models.judge.base import JudgeAnswer, JudgeBackend
 from fiftyone_anomaly_vlm.runs import QuestionRunConfig, VideoAnomalyRunConfig
-from fiftyone_anomaly_vlm.synthetic_video import ffmpeg_available, make_video_dataset
+from fiftyone_anomaly_vlm.datasets import ffmpeg_available, make_video_dataset
 
 pytestmark = pytest.mark.skipif(not ffmpeg_available(), reason="ffmpeg/ffprobe not installed")
 

@@ -8,6 +8,8 @@ Example:
 
 from __future__ import annotations
 
+import shutil
+
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,10 +21,15 @@ import fiftyone as fo
 
 from .._common import default_output_dir
 from ..engine import check_collection
-from ..synthetic_video import ffmpeg_available
 
 #: the frame error of a frame the video announces but ffmpeg could not decode (e.g. a truncated file)
 NOT_EXTRACTED = "frame could not be decoded from the video (no image was extracted)"
+
+
+
+def ffmpeg_available() -> bool:
+    """Whether the ``ffmpeg`` and ``ffprobe`` executables FiftyOne's video tooling calls are on the PATH."""
+    return shutil.which("ffmpeg") is not None and shutil.which("ffprobe") is not None
 
 
 def check_video_collection(samples, what: str) -> int:

@@ -20,19 +20,15 @@ Example:
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 
 import fiftyone as fo
 
+from ..video.frames import ffmpeg_available
+
 #: label of the inserted stretch
 ANOMALY_LABEL = "intruder"
-
-
-def ffmpeg_available() -> bool:
-    """Whether the ``ffmpeg`` and ``ffprobe`` executables FiftyOne's video tooling calls are on the PATH."""
-    return shutil.which("ffmpeg") is not None and shutil.which("ffprobe") is not None
 
 
 def render_frames(num_frames: int, size: int, rng: np.random.Generator,
