@@ -96,7 +96,14 @@ def _collate(items):
     return items
 
 
-def _resolve_expert(samples, expert: str | Expert) -> Expert:
+def resolve_expert(samples, expert: str | Expert) -> Expert:
+    """The :class:`Expert` named ``expert`` on ``samples``' dataset (or ``expert`` itself, checked).
+
+    Raises:
+        TypeError: neither a name nor an :class:`Expert`.
+        ValueError: no such expert.
+        FileNotFoundError: its checkpoint is missing.
+    """
     if isinstance(expert, Expert):
         if expert.checkpoint and not os.path.isfile(expert.checkpoint):
             raise FileNotFoundError(f"expert checkpoint not found: {expert.checkpoint}")
@@ -229,7 +236,7 @@ def score(
     batch_size = check_positive_int("batch_size", batch_size)
     if num_workers is None:
         num_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
-    spec = _resolve_expert(samples, expert)
+    spec = resolve_expert(samples, expert)
     key = check_key(key or spec.key)
     dataset = samples._root_dataset
     recorded = dataset.get_run_info(key).config if key in dataset.list_runs() else None

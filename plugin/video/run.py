@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +25,8 @@ import fiftyone as fo
 from .._common import check_key
 from ..calibration import Calibration
 from ..engine import BatchOutput, Job, RunStats, check_positive_int, run_job
-from ..experts import Expert, load_expert
+from ..experts import Expert
+from ..scoring import resolve_expert
 from ..fields import VideoFieldNames
 from ..judging import describe_backend
 from ..labels import ANOMALOUS, anomaly_label
@@ -215,16 +215,6 @@ def resolve_questions(samples, questions: str | Sequence[str] | None) -> list[st
     return qs
 
 
-def _expert_spec(samples, expert: str | Expert) -> Expert:
-    if isinstance(expert, Expert):
-        if expert.checkpoint and not os.path.isfile(expert.checkpoint):
-            raise FileNotFoundError(f"expert checkpoint not found: {expert.checkpoint}")
-        return expert
-    if not isinstance(expert, str):
-        raise TypeError(f"expert must be a name or an Expert, got {type(expert).__name__}")
-    return load_expert(samples, expert)
-
-
 def score_video(
     samples,
     key: str = "video",
@@ -297,7 +287,7 @@ def score_video(
 
     spec = model = calibration = expert_threshold = None
     if expert is not None:
-        spec = _expert_spec(samples, expert)
+        spec = resolve_expert(samples, expert)
         model = spec.load(device=device)  # a broken checkpoint fails here, before any write
         cal = spec.options.get("calibration")
         calibration = Calibration.from_dict(cal) if cal and "image_scores" in cal else None
