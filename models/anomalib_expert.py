@@ -17,6 +17,7 @@ See Also:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
@@ -26,8 +27,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
+from . import backbones as fbb
 from .base import ExpertOutput
 
 logger = logging.getLogger(__name__)
@@ -184,14 +188,12 @@ class AnomalibExpert:
         from anomalib.pre_processing import PreProcessor
         from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-        from . import backbones as fbb
-
         classes = _model_classes()
         snake = _name_key(name)
         if snake not in classes:
             msg = f"unknown anomalib model {name!r}; available: {', '.join(sorted(classes))}"
             raise ValueError(msg)
-        model_cls = OfflineEfficientAd if snake == "efficientad" else classes[snake]
+        model_cls = _offline_efficient_ad() if snake == "efficientad" else classes[snake]
         params = inspect.signature(model_cls.__init__).parameters
         kwargs: dict[str, Any] = dict(model_kwargs or {})
         backbone = backbone or kwargs.pop("backbone", None)
@@ -319,7 +321,7 @@ class AnomalibExpert:
             raise ValueError("no held-out normal images for calibration")
         train = _TensorDataset(train_images, train_paths or [f"train_{i}" for i in range(len(train_images))])
         val = _TensorDataset(val_images, val_paths or [f"val_{i}" for i in range(len(val_images))])
-        train_bs = 1 if isinstance(self.model, OfflineEfficientAd) else batch_size
+        train_bs = 1 if isinstance(self.model, _offline_efficient_ad()) else batch_size
         datamodule = _datamodule(train, val, train_batch_size=train_bs, eval_batch_size=batch_size)
         accelerator = "gpu" if self.device.type == "cuda" else "cpu"
         trainer_kwargs: dict[str, Any] = {
@@ -486,52 +488,61 @@ def _pre_processor_size(model: Any) -> tuple[int, int] | None:
     return (int(size[0]), int(size[1]) if len(size) > 1 else int(size[0]))
 
 
-def _efficient_ad_base():
+@functools.cache
+def _offline_efficient_ad() -> type:
+    """:class:`OfflineEfficientAd`, built on first use: importing its base (anomalib's ``EfficientAd``, which
+    loads Lightning, timm and torchmetrics) takes seconds, and the App imports this module at start-up."""
     from anomalib.models import EfficientAd
 
-    return EfficientAd
+    class OfflineEfficientAd(EfficientAd):
+        """anomalib's EfficientAD with its two downloads made explicit.
+
+        anomalib downloads the pretrained teacher and the ImageNette penalty images when training starts.
+        Here ``teacher_weights`` is ``"default"`` (anomalib's download/cache), a local ``.pth`` file, or None
+        (a random teacher: smoke tests only); ``imagenet_dir`` may be any local ``ImageFolder`` of natural
+        images. When it does not exist and the teacher is random, a small folder of noise images stands in.
+
+        Args:
+            teacher_weights: see above.
+            **kwargs: anomalib ``EfficientAd`` arguments (``imagenet_dir``, ``model_size``, ``lr``...).
+        """
+
+        def __init__(self, teacher_weights: str | None = "default", **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.teacher_weights = teacher_weights
+            self.save_hyperparameters({"teacher_weights": teacher_weights})
+
+        def prepare_pretrained_model(self) -> None:
+            """Load the teacher from anomalib's cache/download, a local file, or keep it random."""
+            if self.teacher_weights == "default":
+                super().prepare_pretrained_model()
+            elif self.teacher_weights:
+                state = torch.load(self.teacher_weights, map_location=self.device, weights_only=True)
+                self.model.teacher.load_state_dict(state)
+            else:
+                logger.warning("EfficientAD: random teacher (teacher_weights=None); scores are for smoke tests only")
+
+        def prepare_imagenette_data(self, image_size: tuple[int, int] | torch.Size) -> None:
+            """Use ``imagenet_dir`` when it exists; with a random teacher, generate noise images instead."""
+            if not self.imagenet_dir.is_dir() and not self.teacher_weights:
+                self.imagenet_dir = _noise_image_folder()
+            super().prepare_imagenette_data(image_size)
+
+    # the name checkpoints record (``fav_model_class``) and :meth:`AnomalibExpert.load` resolves
+    OfflineEfficientAd.__qualname__ = "OfflineEfficientAd"
+    return OfflineEfficientAd
 
 
-class OfflineEfficientAd(_efficient_ad_base()):  # type: ignore[misc]
-    """anomalib's EfficientAD with its two downloads made explicit.
-
-    anomalib downloads the pretrained teacher and the ImageNette penalty images when training starts.
-    Here ``teacher_weights`` is ``"default"`` (anomalib's download/cache), a local ``.pth`` file, or None
-    (a random teacher: smoke tests only); ``imagenet_dir`` may be any local ``ImageFolder`` of natural
-    images. When it does not exist and the teacher is random, a small folder of noise images stands in.
-
-    Args:
-        teacher_weights: see above.
-        **kwargs: anomalib ``EfficientAd`` arguments (``imagenet_dir``, ``model_size``, ``lr``...).
-    """
-
-    def __init__(self, teacher_weights: str | None = "default", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.teacher_weights = teacher_weights
-        self.save_hyperparameters({"teacher_weights": teacher_weights})
-
-    def prepare_pretrained_model(self) -> None:
-        """Load the teacher from anomalib's cache/download, a local file, or keep it random."""
-        if self.teacher_weights == "default":
-            super().prepare_pretrained_model()
-        elif self.teacher_weights:
-            state = torch.load(self.teacher_weights, map_location=self.device, weights_only=True)
-            self.model.teacher.load_state_dict(state)
-        else:
-            logger.warning("EfficientAD: random teacher (teacher_weights=None); scores are for smoke tests only")
-
-    def prepare_imagenette_data(self, image_size: tuple[int, int] | torch.Size) -> None:
-        """Use ``imagenet_dir`` when it exists; with a random teacher, generate noise images instead."""
-        if not self.imagenet_dir.is_dir() and not self.teacher_weights:
-            self.imagenet_dir = _noise_image_folder()
-        super().prepare_imagenette_data(image_size)
+def __getattr__(name: str) -> Any:
+    """``from .anomalib_expert import OfflineEfficientAd`` and ``getattr(module, "OfflineEfficientAd")``
+    build the class on first access (PEP 562)."""
+    if name == "OfflineEfficientAd":
+        return _offline_efficient_ad()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _noise_image_folder(n: int = 16) -> Path:
     """A cached ImageFolder of random images (EfficientAD's penalty set when no ImageNette is available)."""
-    import numpy as np
-    from PIL import Image
-
     root = Path(tempfile.gettempdir()) / "fiftyone_anomaly_vlm_noise_images"
     folder = root / "noise"
     if len(list(folder.glob("*.png"))) < n:
