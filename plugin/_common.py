@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import fiftyone as fo
+from fiftyone.core.odm import DatasetSampleDocument, get_default_fields
 
 
 def check_image_collection(samples, what: str) -> int:
@@ -31,10 +32,23 @@ def check_image_collection(samples, what: str) -> int:
     return count
 
 
+#: fields every FiftyOne sample (or frame) has, and names FiftyOne reserves for them: no run may write these
+BUILTIN_FIELDS = frozenset(set(get_default_fields(DatasetSampleDocument, include_private=True))
+                           | {"id", "_id", "media_type", "frames", "frame_number"})
+
+
 def check_key(key: str) -> str:
-    """Run keys become field names: they must be Python identifiers."""
-    if not isinstance(key, str) or not key.isidentifier():
-        msg = f"invalid key {key!r}: use letters, digits and underscores, not starting with a digit"
+    """Run keys become field names: they must be Python identifiers that are not FiftyOne's own fields.
+
+    Raises:
+        ValueError: ``key`` is not an identifier, starts with an underscore (FiftyOne reserves those names
+            for private fields such as ``_rand``), or is a built-in sample field (``id``, ``filepath``,
+            ``tags``, ``metadata``, ``media_type``...). Raised before anything is written.
+    """
+    if not isinstance(key, str) or not key.isidentifier() or key.startswith("_") or key in BUILTIN_FIELDS:
+        msg = (f"invalid key {key!r}: use letters, digits and underscores, starting with a letter, and not the "
+               "name of a built-in sample field (id, filepath, tags, metadata, media_type, created_at, "
+               "last_modified_at, frames)")
         raise ValueError(msg)
     return key
 
