@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,32 +39,66 @@ RULES = ("far", "percentile", "mean_std", "f1", "recall", "value")
 DEFAULT_PARAMS = {"far": 0.01, "percentile": 99.0, "mean_std": 3.0, "recall": 0.95}
 
 
+def check_param(rule: str, param: float | None) -> float | None:
+    """``param`` as a float (None stays None); NaN and infinities fail, whatever the rule.
+
+    Raises:
+        ValueError: a parameter that is not a finite number.
+    """
+    if param is None:
+        return None
+    try:
+        value = float(param)
+    except (TypeError, ValueError):
+        raise ValueError(f"the parameter of threshold rule {rule!r} must be a number, got {param!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"the parameter of threshold rule {rule!r} must be a finite number, got {param!r}")
+    return value
+
+
+def check_threshold(value: float, what: str = "threshold") -> float:
+    """``value`` as a float; a NaN or infinite threshold (from non-finite scores, say) fails.
+
+    Raises:
+        ValueError: ``value`` is not finite.
+    """
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"the {what} came out as {value}, not a finite number; the scores it was chosen "
+                         "from hold NaN or infinite values")
+    return value
+
+
 def threshold_from_normals(scores: np.ndarray, rule: str, param: float | None) -> float:
     """Threshold on raw scores from normal scores only (rules ``far``, ``percentile``, ``mean_std``, ``value``).
 
     Raises:
-        ValueError: unknown rule, a rule that needs anomalies, or a parameter out of range.
+        ValueError: unknown rule, a rule that needs anomalies, a parameter out of range or not finite, or a
+            threshold that is not finite.
     """
     scores = np.asarray(scores, dtype=np.float64)
     if rule not in RULES:
         raise ValueError(f"unknown threshold rule {rule!r}; choose from {RULES}")
+    param = check_param(rule, param)
     if param is None:
         param = DEFAULT_PARAMS.get(rule)
     if rule == "value":
         if param is None:
             raise ValueError("rule 'value' needs the threshold as its parameter")
-        return float(param)
+        return param
     if rule in ("f1", "recall"):
         raise ValueError(f"rule {rule!r} needs labelled anomalies: call set_threshold(..., gt_field=...)")
     if rule == "far":
         if not 0.0 <= param < 1.0:
             raise ValueError(f"false-alarm rate must be in [0, 1), got {param}")
-        return float(np.quantile(scores, 1.0 - param, method="higher")) if param > 0 else float(scores.max())
-    if rule == "percentile":
+        value = np.quantile(scores, 1.0 - param, method="higher") if param > 0 else scores.max()
+    elif rule == "percentile":
         if not 0.0 < param <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {param}")
-        return float(np.percentile(scores, param))
-    return float(scores.mean() + param * scores.std())
+        value = np.percentile(scores, param)
+    else:
+        value = scores.mean() + param * scores.std()
+    return check_threshold(value)
 
 
 def threshold_from_labels(scores: np.ndarray, labels: np.ndarray, rule: str, param: float | None) -> float:
@@ -78,6 +113,10 @@ def threshold_from_labels(scores: np.ndarray, labels: np.ndarray, rule: str, par
 
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=bool)
+    param = check_param(rule, param)
+    if not np.isfinite(scores).all():
+        raise ValueError(f"{int((~np.isfinite(scores)).sum())} of the labelled samples' scores are NaN or "
+                         "infinite; a threshold cannot be chosen from them")
     if not labels.any():
         raise ValueError("the labelled samples hold no anomaly; use a normal-only rule (far, percentile, mean_std)")
     if rule == "f1":
@@ -182,7 +221,8 @@ class Calibration:
             pixel_t = threshold_from_normals(np.asarray(self.map_maxima), rule, param) if rule != "value" \
                 else self.pixel_threshold
         if pixel_threshold is not None:
-            pixel_t = float(pixel_threshold)
+            pixel_t = check_threshold(pixel_threshold, "pixel threshold")
+        image_t, pixel_t = check_threshold(image_t, "image threshold"), check_threshold(pixel_t, "pixel threshold")
         param = DEFAULT_PARAMS.get(rule) if param is None else float(param)
         return Calibration(self.image_scores, self.map_maxima, self.map_low, self.map_high, rule, param,
                            float(image_t), float(pixel_t), dict(self.stats))
