@@ -1,8 +1,9 @@
 """Robust image decoding for scoring and fitting.
 
 Every image becomes a float tensor ``(3, H, W)`` in ``[0, 1]`` at the expert's input size, whatever its
-storage: 8/16-bit, grayscale, palette, RGBA (alpha dropped), CMYK, or very large. Decoding problems raise
-:class:`ImageLoadError` with a short message that the caller stores in the sample's ``<key>_error`` field.
+storage: 8/16-bit, grayscale, palette, RGBA (alpha dropped), CMYK, float, or very large. Decoding problems
+(including float images with NaN or infinite pixels) raise :class:`ImageLoadError` with a short message that
+the caller stores in the sample's ``<key>_error`` field.
 
 Resizing uses torchvision's antialiased bilinear resize, exactly as anomalib's default ``PreProcessor``
 does, so scores match anomalib's own loop on the same images.
@@ -40,7 +41,8 @@ def _to_float_array(img: Image.Image) -> np.ndarray:
         arr = np.clip(arr / hi, 0.0, 1.0)
     elif mode == "F":
         arr = np.asarray(img, dtype=np.float32)
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        _check_finite(arr)
+        lo, hi = float(arr.min()), float(arr.max())
         arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo)
     else:
         if mode != "RGB":
@@ -50,6 +52,16 @@ def _to_float_array(img: Image.Image) -> np.ndarray:
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     return arr
+
+
+def _check_finite(arr: np.ndarray) -> None:
+    """Float images (mode ``F``) may hold NaN or infinite pixels: no score can be computed from them."""
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        n_nan = int(np.isnan(arr).sum())
+        msg = (f"image has {int(bad.sum())} non-finite pixels ({n_nan} NaN, {int(bad.sum()) - n_nan} infinite) "
+               f"of {arr.size}; it cannot be scored")
+        raise ImageLoadError(msg)
 
 
 def _decode(path: str, image_size: tuple[int, int], *, to_array: bool) -> np.ndarray | None:
@@ -65,7 +77,11 @@ def _decode(path: str, image_size: tuple[int, int], *, to_array: bool) -> np.nda
                 img = img.reduce(factor)
             else:
                 img.load()
-            return _to_float_array(img) if to_array else None
+            if to_array:
+                return _to_float_array(img)
+            if img.mode == "F":  # the one mode whose pixels can be NaN or infinite
+                _check_finite(np.asarray(img, dtype=np.float32))
+            return None
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(f"image too large: {exc}") from exc
     except (OSError, SyntaxError, ValueError) as exc:
