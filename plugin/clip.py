@@ -27,9 +27,10 @@ import fiftyone.core.utils as fou
 
 from ._common import check_image_collection, check_key, default_output_dir
 from .experts import EXPERT_LOADERS, Expert
+from .fits import FitFolder
 from .images import ImageLoadError, load_image
 from .models.clip_expert import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipExpert
-from .runs import ExpertRunConfig, expert_run_key, register_expert_run
+from .runs import ExpertRunConfig, expert_run_key
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,46 @@ def create_clip_expert(
 
     owns_dir = output_dir is None
     out_dir = output_dir or default_output_dir(samples, "experts", key)
+    with FitFolder(samples, out_dir, key) as fit:  # the memory goes to the fit's own folder
+        checkpoint, reference_ids, errors = _encode_references(expert, fit, ref_view, k_shot=k_shot, size=size,
+                                                               batch_size=batch_size, seed=seed, progress=progress)
+
+        if isinstance(pretrained, (str, os.PathLike)) and os.path.isfile(str(pretrained)):
+            pretrained = os.path.abspath(str(pretrained))
+        if isinstance(model, str) and (model.endswith(".json") or os.path.isdir(model)) and os.path.exists(model):
+            model = os.path.abspath(model)
+        options = dict(
+            pretrained=pretrained or None,
+            object_name=object_name,
+            object_field=object_field,
+            description=description,
+            scales=list(expert.scales),
+            threshold=float(threshold),
+            sigma=float(sigma),
+            grid_size=list(expert.grid_size),
+            input_size=list(expert.input_size),
+            k_shot=int(k_shot),
+            num_references=len(reference_ids),
+            reference_ids=reference_ids,
+            reference_errors=errors,
+            output_dir=out_dir,
+            owns_output_dir=owns_dir,
+            device=str(expert.device),
+            fit_id=fit.fit_id,
+        )
+        config = ExpertRunConfig(method=CLIP_METHOD, expert=key, model=str(model), model_class=_MODEL_CLASS,
+                                 checkpoint=checkpoint, image_size=list(size), **options)
+        fit.commit(config, run_key)
+    return Expert(key=key, run_key=run_key, model=str(model), model_class=_MODEL_CLASS, checkpoint=checkpoint,
+                  image_size=tuple(size), method=CLIP_METHOD,
+                  options={"expert": key, "model": str(model), "model_class": _MODEL_CLASS,
+                           "checkpoint": checkpoint, "image_size": list(size), **options})
+
+
+def _encode_references(expert: ClipExpert, fit: FitFolder, ref_view, *, k_shot: int, size, batch_size: int,
+                       seed: int, progress) -> tuple[str, list[str], list[dict]]:
+    """Few-shot: encode up to ``k_shot`` references of ``ref_view`` into the expert's memory, saved in the fit's
+    folder; returns (memory path, reference ids, decoding errors). Zero-shot (no view): ("", [], [])."""
     checkpoint, reference_ids, errors = "", [], []
     if ref_view is not None:
         if ref_view.count() > k_shot:
@@ -170,37 +211,8 @@ def create_clip_expert(
         if not images:
             raise ValueError(f"create_clip_expert: none of the {len(ids)} reference images could be decoded")
         expert.set_references(torch.stack(images), batch_size=batch_size)
-        checkpoint = expert.save_memory(os.path.join(out_dir, "memory.pt"))
-
-    if isinstance(pretrained, (str, os.PathLike)) and os.path.isfile(str(pretrained)):
-        pretrained = os.path.abspath(str(pretrained))
-    if isinstance(model, str) and (model.endswith(".json") or os.path.isdir(model)) and os.path.exists(model):
-        model = os.path.abspath(model)
-    options = dict(
-        pretrained=pretrained or None,
-        object_name=object_name,
-        object_field=object_field,
-        description=description,
-        scales=list(expert.scales),
-        threshold=float(threshold),
-        sigma=float(sigma),
-        grid_size=list(expert.grid_size),
-        input_size=list(expert.input_size),
-        k_shot=int(k_shot),
-        num_references=len(reference_ids),
-        reference_ids=reference_ids,
-        reference_errors=errors,
-        output_dir=out_dir,
-        owns_output_dir=owns_dir,
-        device=str(expert.device),
-    )
-    config = ExpertRunConfig(method=CLIP_METHOD, expert=key, model=str(model), model_class=_MODEL_CLASS,
-                             checkpoint=checkpoint, image_size=list(size), **options)
-    register_expert_run(dataset, run_key, config)
-    return Expert(key=key, run_key=run_key, model=str(model), model_class=_MODEL_CLASS, checkpoint=checkpoint,
-                  image_size=tuple(size), method=CLIP_METHOD,
-                  options={"expert": key, "model": str(model), "model_class": _MODEL_CLASS,
-                           "checkpoint": checkpoint, "image_size": list(size), **options})
+        checkpoint = expert.save_memory(fit.file("memory.pt"))
+    return checkpoint, reference_ids, errors
 
 
 def _load_clip(expert: Expert, device) -> ClipExpert:

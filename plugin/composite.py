@@ -39,8 +39,9 @@ from fiftyone import ViewField as F
 from ._common import check_image_collection, check_key, default_output_dir
 from .calibration import Calibration, threshold_from_normals
 from .experts import EXPERT_LOADERS, Expert, _decodable_images, calibrate_expert, load_expert
+from .fits import FitFolder
 from .models.base import ExpertOutput
-from .runs import ExpertRunConfig, expert_run_key, register_expert_run
+from .runs import ExpertRunConfig, expert_run_key
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def group_fields(samples) -> list[str]:
     labels of ``fo.Classification`` fields (``"<field>.label"``), leaving out what the plugin's runs wrote."""
     import fiftyone as fo
 
-    from .review import run_owned_fields
+    from .runs import run_owned_fields
 
     dataset = samples._root_dataset
     owned = run_owned_fields(dataset)
@@ -193,44 +194,49 @@ def _register(samples, key: str, members: dict[str, list[str]], *, group_field: 
               calibration_ids: list[str], owned: list[str], kind: str, threshold: str,
               threshold_param: float | None, batch_size: int, seed: int, device, progress,
               output_dir: str | None = None) -> Expert:
-    """Calibrate the composite on ``calibration_ids`` and record it as the run ``<key>_expert``."""
+    """Calibrate the composite on ``calibration_ids`` and record it as the run ``<key>_expert``.
+
+    Its files go to a fit folder of their own (:class:`~fiftyone_anomaly_vlm.experts.FitFolder`): a composite
+    being replaced stays whole until the new one is recorded.
+    """
     dataset = samples._root_dataset
     run_key = expert_run_key(key)
     out_dir = output_dir or default_output_dir(samples, "experts", key)
-    os.makedirs(out_dir, exist_ok=True)
-    spec_path = os.path.join(out_dir, "composite.json")
-    with open(spec_path, "w") as f:  # the composite's "checkpoint": what it combines, for identity and humans
-        json.dump({"members": members, "group_field": group_field, "image_size": list(image_size)}, f, indent=1)
-    size = tuple(int(s) for s in image_size)
-    expert = Expert(key=key, run_key=run_key, model=kind, model_class=f"{__name__}.CompositeExpert",
-                    checkpoint=spec_path, image_size=size, method=COMPOSITE_METHOD,
-                    options={"members": members, "group_field": group_field, "_dataset_name": dataset.name})
-    model = expert.load(device=device)
-    view = dataset.select(calibration_ids)
-    ids, _paths, images, errors = _decodable_images(view, size, progress)
-    if len(images) < 1:
-        raise ValueError(f"none of the {len(calibration_ids)} calibration samples could be decoded")
-    fields = None
-    if model.needs_fields:
-        by_id = {name: dict(zip(*view.values(["id", name]))) for name in model.needs_fields}
-        fields = {name: [by_id[name][i] for i in ids] for name in model.needs_fields}
-        keep = [i for i, err in enumerate(model.unscorable(fields)) if err is None]
-        images = images.take(keep)
-        fields = {k: [v[i] for i in keep] for k, v in fields.items()}
-        ids = [ids[i] for i in keep]
-        if not images:
-            raise ValueError("no calibration sample belongs to a fitted group")
-    calibration = calibrate_expert(model, images, rule=threshold, param=threshold_param, batch_size=batch_size,
-                                   seed=seed, fields=fields)
-    member_keys = sorted({k for keys in members.values() for k in keys})
-    config = ExpertRunConfig(
-        method=COMPOSITE_METHOD, expert=key, model=kind, model_class=expert.model_class, checkpoint=spec_path,
-        image_size=list(size), members=members, group_field=group_field, member_experts=member_keys,
-        owned_members=owned, combine="mean of calibrated member scores and normalised maps",
-        holdout_ids=ids, num_holdout=len(ids), calibration=calibration.to_dict(), output_dir=out_dir,
-        owns_output_dir=output_dir is None, device=str(model.device),
-    )
-    register_expert_run(dataset, run_key, config)
+    with FitFolder(samples, out_dir, key) as fit:
+        spec_path = fit.file("composite.json")
+        with open(spec_path, "w") as f:  # the composite's "checkpoint": what it combines, for identity and humans
+            json.dump({"members": members, "group_field": group_field, "image_size": list(image_size)}, f,
+                      indent=1)
+        size = tuple(int(s) for s in image_size)
+        expert = Expert(key=key, run_key=run_key, model=kind, model_class=f"{__name__}.CompositeExpert",
+                        checkpoint=spec_path, image_size=size, method=COMPOSITE_METHOD,
+                        options={"members": members, "group_field": group_field, "_dataset_name": dataset.name})
+        model = expert.load(device=device)
+        view = dataset.select(calibration_ids)
+        ids, _paths, images, errors = _decodable_images(view, size, progress)
+        if len(images) < 1:
+            raise ValueError(f"none of the {len(calibration_ids)} calibration samples could be decoded")
+        fields = None
+        if model.needs_fields:
+            by_id = {name: dict(zip(*view.values(["id", name]))) for name in model.needs_fields}
+            fields = {name: [by_id[name][i] for i in ids] for name in model.needs_fields}
+            keep = [i for i, err in enumerate(model.unscorable(fields)) if err is None]
+            images = images.take(keep)
+            fields = {k: [v[i] for i in keep] for k, v in fields.items()}
+            ids = [ids[i] for i in keep]
+            if not images:
+                raise ValueError("no calibration sample belongs to a fitted group")
+        calibration = calibrate_expert(model, images, rule=threshold, param=threshold_param, batch_size=batch_size,
+                                       seed=seed, fields=fields)
+        member_keys = sorted({k for keys in members.values() for k in keys})
+        config = ExpertRunConfig(
+            method=COMPOSITE_METHOD, expert=key, model=kind, model_class=expert.model_class, checkpoint=spec_path,
+            image_size=list(size), members=members, group_field=group_field, member_experts=member_keys,
+            owned_members=owned, combine="mean of calibrated member scores and normalised maps",
+            holdout_ids=ids, num_holdout=len(ids), calibration=calibration.to_dict(), output_dir=out_dir,
+            owns_output_dir=output_dir is None, device=str(model.device), fit_id=fit.fit_id,
+        )
+        fit.commit(config, run_key)
     return load_expert(dataset, key)
 
 

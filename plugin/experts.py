@@ -8,7 +8,11 @@ Example:
     >>> ds.list_runs()
     ['padim_expert']
     >>> fav.load_expert(ds, "padim").checkpoint
-    '/.../anomaly_vlm/parts/experts/padim/model.ckpt'
+    '/.../anomaly_vlm/parts/experts/padim/fit-20250101T120000-1a2b3c4d/model.ckpt'
+
+Every fit writes into a folder of its own, ``<output dir>/<fit_id>`` (recorded as the run's ``fit_id``), and
+the run record is switched to it only once the fit has fully succeeded; the replaced fit's folder is then
+removed. A fit that is killed part way leaves the expert it was replacing exactly as it was (:mod:`.fits`).
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ import fiftyone.core.utils as fou
 
 from ._common import check_image_collection, check_key, default_output_dir
 from .calibration import Calibration, threshold_from_normals
+from .fits import FitFolder
 from .images import DecodedImages, ImageLoadError, check_image
 from .models import AnomalibExpert
-from .runs import ExpertRunConfig, expert_run_key, register_expert_run
+from .runs import ExpertRunConfig, expert_run_key
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +155,8 @@ def fit_expert(
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda:1"``...
         batch_size: training batch size.
         max_epochs: training epochs for models that train (PaDiM/PatchCore always make one pass).
-        output_dir: where the checkpoint goes (default: ``<fo default dataset dir>/anomaly_vlm/<dataset>/experts/<key>``).
+        output_dir: the expert's folder (default: ``<fo default dataset dir>/anomaly_vlm/<dataset>/experts/<key>``);
+            each fit saves its checkpoint in a folder of its own there, ``<output_dir>/<fit_id>/model.ckpt``.
         seed: seed of the held-out split and of torch.
         threshold: threshold rule on the held-out normals: ``"far"`` (false-alarm rate), ``"percentile"``,
             ``"mean_std"`` or ``"value"`` (labelled rules: :func:`fiftyone_anomaly_vlm.set_threshold`).
@@ -196,48 +202,50 @@ def fit_expert(
     for sid, err in errors[:5]:
         logger.warning("fit_expert: skipping sample %s: %s", sid, err)
     val_idx, train_idx = holdout_split(paths, holdout, seed)
-    expert.fit(images.take(train_idx), images.take(val_idx),
-               train_paths=[paths[i] for i in train_idx], val_paths=[paths[i] for i in val_idx],
-               batch_size=batch_size, max_epochs=max_epochs, seed=seed)
 
     owns_dir = output_dir is None
     out_dir = output_dir or default_output_dir(samples, "experts", key)
-    checkpoint = expert.save(os.path.join(out_dir, "model.ckpt"))
-    post = expert.model.post_processor
-    anomalib_post = {
-        name: float(getattr(post, name)) for name in
-        ("image_threshold", "pixel_threshold", "image_min", "image_max", "pixel_min", "pixel_max")
-        if post is not None and hasattr(post, name)
-    }
-    calibration = calibrate_expert(expert, images.take(val_idx), rule=threshold,
-                                   param=threshold_param, batch_size=batch_size, seed=seed)
-    config = ExpertRunConfig(
-        expert=key,
-        model=model,
-        model_class=expert.model_class,
-        checkpoint=checkpoint,
-        output_dir=out_dir,
-        owns_output_dir=owns_dir,
-        image_size=list(size),
-        pretrained=pretrained if isinstance(pretrained, bool) else os.path.abspath(str(pretrained)),
-        backbone=expert.weights_info.get("backbone"),
-        layers=_jsonable(expert.weights_info.get("layers")),
-        weights=_jsonable(expert.weights_info),
-        normalization=expert.weights_info.get("normalization"),
-        model_kwargs=_jsonable(model_kwargs or {}),
-        holdout=holdout,
-        seed=seed,
-        num_train=len(train_idx),
-        num_holdout=len(val_idx),
-        train_ids=[ids[i] for i in train_idx],
-        holdout_ids=[ids[i] for i in val_idx],
-        num_errors=len(errors),
-        errors=[{"id": sid, "error": err} for sid, err in errors[:_MAX_ERRORS_RECORDED]],
-        calibration=calibration.to_dict(),
-        anomalib_postprocessor=anomalib_post,
-        device=str(expert.device),
-    )
-    register_expert_run(dataset, run_key, config)
+    with FitFolder(samples, out_dir, key) as fit:  # the old expert stays as it is until fit.commit
+        expert.fit(images.take(train_idx), images.take(val_idx),
+                   train_paths=[paths[i] for i in train_idx], val_paths=[paths[i] for i in val_idx],
+                   batch_size=batch_size, max_epochs=max_epochs, seed=seed)
+        checkpoint = expert.save(fit.file("model.ckpt"))
+        post = expert.model.post_processor
+        anomalib_post = {
+            name: float(getattr(post, name)) for name in
+            ("image_threshold", "pixel_threshold", "image_min", "image_max", "pixel_min", "pixel_max")
+            if post is not None and hasattr(post, name)
+        }
+        calibration = calibrate_expert(expert, images.take(val_idx), rule=threshold,
+                                       param=threshold_param, batch_size=batch_size, seed=seed)
+        config = ExpertRunConfig(
+            expert=key,
+            model=model,
+            model_class=expert.model_class,
+            checkpoint=checkpoint,
+            output_dir=out_dir,
+            owns_output_dir=owns_dir,
+            image_size=list(size),
+            pretrained=pretrained if isinstance(pretrained, bool) else os.path.abspath(str(pretrained)),
+            backbone=expert.weights_info.get("backbone"),
+            layers=_jsonable(expert.weights_info.get("layers")),
+            weights=_jsonable(expert.weights_info),
+            normalization=expert.weights_info.get("normalization"),
+            model_kwargs=_jsonable(model_kwargs or {}),
+            holdout=holdout,
+            seed=seed,
+            num_train=len(train_idx),
+            num_holdout=len(val_idx),
+            train_ids=[ids[i] for i in train_idx],
+            holdout_ids=[ids[i] for i in val_idx],
+            num_errors=len(errors),
+            errors=[{"id": sid, "error": err} for sid, err in errors[:_MAX_ERRORS_RECORDED]],
+            calibration=calibration.to_dict(),
+            anomalib_postprocessor=anomalib_post,
+            device=str(expert.device),
+            fit_id=fit.fit_id,
+        )
+        fit.commit(config, run_key)
     return Expert(key=key, run_key=run_key, model=model, model_class=expert.model_class, checkpoint=checkpoint,
                   image_size=size)
 

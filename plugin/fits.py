@@ -1,0 +1,149 @@
+"""Fit folders: each fit of an expert writes its files into a folder of its own, ``<output dir>/<fit_id>``.
+
+A re-fit must never touch the expert it replaces until it has fully succeeded: its checkpoint, anomalib's work
+folder and any other file go to the new fit's folder, the run record is switched to it in one write
+(:meth:`FitFolder.commit`), and only then is the replaced fit's folder removed. A fit killed part way leaves
+the old expert exactly as it was. Runs recorded before fit folders existed (checkpoint straight in the
+output folder, no ``fit_id``) still load and delete as before.
+
+Example:
+    >>> with FitFolder(samples, out_dir, "padim") as fit:
+    ...     checkpoint = expert.save(fit.file("model.ckpt"))
+    ...     fit.commit(ExpertRunConfig(expert="padim", checkpoint=checkpoint, fit_id=fit.fit_id, ...), "padim_expert")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+
+from .runs import EXPERT_METHODS, register_expert_run, runs_of
+
+try:  # a running fit holds a lock on its folder, so that a fit beside it never takes it for a leftover
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no locks
+    fcntl = None
+
+logger = logging.getLogger(__name__)
+
+#: a fit's folder name (its ``fit_id``): ``fit-<UTC time>-<random hex>``; group slugs never contain "-"
+_FIT_ID = re.compile(r"^fit-\d{8}T\d{6}-[0-9a-f]{8}$")
+#: a fit folder being set up (renamed to its fit_id once its marker is written and locked)
+_STAGING_PREFIX = ".staging-"
+#: file in each fit folder saying which dataset and expert it belongs to (locked while the fit runs)
+FIT_MARKER = "fit.json"
+
+
+def new_fit_id() -> str:
+    """A new fit id, also the name of the fit's folder: ``fit-20250101T120000-1a2b3c4d``."""
+    return f"fit-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+
+
+def _try_lock(f) -> bool:
+    if fcntl is None:  # pragma: no cover
+        return True
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _expert_configs(dataset) -> list:
+    """Configs of the experts recorded on ``dataset``."""
+    return [dataset.get_run_info(key).config for key in runs_of(dataset, *EXPERT_METHODS)]
+
+
+def _referenced_fit_dirs(dataset) -> set[str]:
+    """Folders holding the checkpoint of an expert recorded on ``dataset`` (real paths)."""
+    out = set()
+    for config in _expert_configs(dataset):
+        checkpoint = getattr(config, "checkpoint", None)
+        if checkpoint:
+            out.add(os.path.realpath(os.path.dirname(checkpoint)))
+        fit_id, out_dir = getattr(config, "fit_id", None), getattr(config, "output_dir", None)
+        if fit_id and out_dir:
+            out.add(os.path.realpath(os.path.join(out_dir, fit_id)))
+    return out
+
+
+class FitFolder:
+    """The folder of one fit, ``<out_dir>/<fit_id>``: everything the fit writes goes there.
+
+    Entering creates the folder with its :data:`FIT_MARKER`, locked until exit. Record the run, then call
+    :meth:`commit`; a fit that fails before that has its folder removed on exit.
+
+    Args:
+        samples: the collection the expert is fitted on (the record goes on its dataset).
+        out_dir: the expert's output folder.
+        expert: the expert's name (written in the marker, for humans).
+    """
+
+    def __init__(self, samples, out_dir: str, expert: str) -> None:
+        self.dataset = samples._root_dataset
+        self.out_dir = out_dir
+        self.expert = expert
+        self.fit_id = new_fit_id()
+        self.path = os.path.join(out_dir, self.fit_id)
+        self.committed = False
+        self._marker = None
+
+    def __enter__(self) -> "FitFolder":
+        os.makedirs(self.out_dir, exist_ok=True)
+        # set up under a staging name and renamed: a folder named by a fit id always holds its locked marker
+        staging = tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{self.fit_id}-", dir=self.out_dir)
+        self._marker = open(os.path.join(staging, FIT_MARKER), "w")
+        _try_lock(self._marker)
+        json.dump({"fit_id": self.fit_id, "expert": self.expert, "dataset": self.dataset.name,
+                   "dataset_id": str(self.dataset._doc.id), "pid": os.getpid()}, self._marker)
+        self._marker.flush()
+        if fcntl is None:  # pragma: no cover - Windows cannot rename a folder holding an open file
+            self._marker.close()
+            self._marker = None
+        os.rename(staging, self.path)
+        return self
+
+    def file(self, name: str) -> str:
+        """Path of the file ``name`` in the fit's folder."""
+        return os.path.join(self.path, name)
+
+    def commit(self, config, run_key: str) -> None:
+        """Record ``config`` (which names this fit's ``fit_id``) as the run ``run_key``, replacing the run there,
+        then remove the files of the replaced fit that no recorded expert uses any more."""
+        dataset = self.dataset
+        if getattr(config, "fit_id", None) != self.fit_id:
+            raise ValueError(f"the run config must record fit_id={self.fit_id!r}")
+        old = dataset.get_run_info(run_key).config if run_key in dataset.list_runs() else None
+        register_expert_run(dataset, run_key, config)
+        self.committed = True
+        if old is not None:
+            _remove_replaced_fit(dataset, old)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._marker is not None:
+            self._marker.close()  # releases the lock
+            self._marker = None
+        if not self.committed:
+            shutil.rmtree(self.path, ignore_errors=True)
+        return False
+
+
+def _remove_replaced_fit(dataset, old) -> None:
+    """After a re-fit: remove the replaced fit's folder unless a recorded expert still uses it. Runs recorded
+    before fit folders wrote their checkpoint straight into the output folder: that file is removed."""
+    fit_id, out_dir = getattr(old, "fit_id", None), getattr(old, "output_dir", None)
+    checkpoint = getattr(old, "checkpoint", None)
+    if fit_id and out_dir:
+        folder = os.path.join(out_dir, fit_id)
+        if os.path.realpath(folder) not in _referenced_fit_dirs(dataset):
+            shutil.rmtree(folder, ignore_errors=True)
+    elif checkpoint and os.path.isfile(checkpoint):
+        in_use = {os.path.realpath(getattr(c, "checkpoint", "") or "") for c in _expert_configs(dataset)}
+        if os.path.realpath(checkpoint) not in in_use:
+            os.remove(checkpoint)
