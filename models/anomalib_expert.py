@@ -307,7 +307,8 @@ class AnomalibExpert:
             val_paths: likewise for ``val_images``.
             batch_size: training batch size (EfficientAD always trains with 1, as anomalib requires).
             max_epochs: override the model's default number of epochs.
-            work_dir: Lightning's ``default_root_dir`` (a temporary folder when None).
+            work_dir: where anomalib's work folder (Lightning's ``default_root_dir``, where its ``Engine`` saves
+                a checkpoint of its own) is made; it is removed after the fit. None: the system temp folder.
             progress: show Lightning's progress bar.
             seed: seed Python, NumPy and torch (Lightning's ``seed_everything``) just before training, so the
                 training order and the models' own sampling (PatchCore's coreset and random projection,
@@ -332,9 +333,11 @@ class AnomalibExpert:
         }
         if max_epochs is not None:
             trainer_kwargs["max_epochs"] = max_epochs
-        with tempfile.TemporaryDirectory() as tmp:
+        if work_dir is not None:
+            os.makedirs(work_dir, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="anomalib-", dir=work_dir) as tmp:
             # anomalib's Engine lets a model's own trainer_arguments win (PaDiM/PatchCore: one epoch).
-            engine = Engine(default_root_dir=work_dir or tmp, **trainer_kwargs)
+            engine = Engine(default_root_dir=tmp, **trainer_kwargs)
             if seed is not None:
                 from lightning.fabric.utilities.seed import seed_everything
 

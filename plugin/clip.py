@@ -135,7 +135,7 @@ def create_clip_expert(
     check_image_collection(samples, "create_clip_expert")
     dataset = samples._root_dataset
     if run_key in dataset.list_runs() and not overwrite:
-        msg = f"an expert named {key!r} already exists (run {run_key!r}); pass overwrite=True or another key"
+        msg = f"an expert named {key!r} already exists; pass overwrite=True or another key"
         raise ValueError(msg)
     if k_shot < 1:
         raise ValueError(f"k_shot must be at least 1, got {k_shot}")

@@ -12,7 +12,8 @@ Example:
 
 Every fit writes into a folder of its own, ``<output dir>/<fit_id>`` (recorded as the run's ``fit_id``), and
 the run record is switched to it only once the fit has fully succeeded; the replaced fit's folder is then
-removed. A fit that is killed part way leaves the expert it was replacing exactly as it was (:mod:`.fits`).
+removed. A fit that is killed part way leaves the expert it was replacing exactly as it was, and its own
+folder is removed by the next fit into the same output folder (:mod:`.fits`).
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def fit_expert(
     check_image_collection(samples, "fit_expert")
     dataset = samples._root_dataset
     if run_key in dataset.list_runs() and not overwrite:
-        msg = f"an expert named {key!r} already exists (run {run_key!r}); pass overwrite=True or another key"
+        msg = f"an expert named {key!r} already exists; pass overwrite=True or another key"
         raise ValueError(msg)
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
@@ -208,7 +209,7 @@ def fit_expert(
     with FitFolder(samples, out_dir, key) as fit:  # the old expert stays as it is until fit.commit
         expert.fit(images.take(train_idx), images.take(val_idx),
                    train_paths=[paths[i] for i in train_idx], val_paths=[paths[i] for i in val_idx],
-                   batch_size=batch_size, max_epochs=max_epochs, seed=seed)
+                   batch_size=batch_size, max_epochs=max_epochs, seed=seed, work_dir=fit.path)
         checkpoint = expert.save(fit.file("model.ckpt"))
         post = expert.model.post_processor
         anomalib_post = {
@@ -305,15 +306,16 @@ def load_expert(samples, key: str) -> Expert:
     dataset = samples._root_dataset
     run_key = expert_run_key(key)
     if run_key not in dataset.list_runs():
-        experts = [k for k in dataset.list_runs() if isinstance(dataset.get_run_info(k).config, ExpertRunConfig)]
+        experts = list_experts(dataset)
         msg = f"no expert named {key!r} on dataset '{dataset.name}'; fitted experts: {experts or 'none'}"
         raise ValueError(msg)
     cfg = dataset.get_run_info(run_key).config
     if not isinstance(cfg, ExpertRunConfig):
-        raise ValueError(f"run {run_key!r} is not a fitted expert")
+        raise ValueError(f"no expert named {key!r} on dataset '{dataset.name}' (its run key {run_key!r} holds a "
+                         f"run of another kind); fitted experts: {list_experts(dataset) or 'none'}")
     checkpoint = getattr(cfg, "checkpoint", "") or ""
     if checkpoint and not os.path.isfile(checkpoint):
-        msg = f"the checkpoint of expert {key!r} is missing: {checkpoint} (refit it with fit_expert)"
+        msg = f"the checkpoint of expert {cfg.expert!r} is missing: {checkpoint} (refit it with fit_expert)"
         raise FileNotFoundError(msg)
     options = {k: v for k, v in cfg.serialize().items() if k not in ("cls", "type", "method")}
     options["_dataset_name"] = dataset.name  # composite experts load their members from it

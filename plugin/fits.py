@@ -3,7 +3,8 @@
 A re-fit must never touch the expert it replaces until it has fully succeeded: its checkpoint, anomalib's work
 folder and any other file go to the new fit's folder, the run record is switched to it in one write
 (:meth:`FitFolder.commit`), and only then is the replaced fit's folder removed. A fit killed part way leaves
-the old expert exactly as it was. Runs recorded before fit folders existed (checkpoint straight in the
+the old expert exactly as it was; the folder it leaves behind is removed by the next fit into the same output
+folder (:func:`remove_orphan_fits`). Runs recorded before fit folders existed (checkpoint straight in the
 output folder, no ``fit_id``) still load and delete as before.
 
 Example:
@@ -73,11 +74,64 @@ def _referenced_fit_dirs(dataset) -> set[str]:
     return out
 
 
+def remove_orphan_fits(dataset, out_dir: str) -> list[str]:
+    """Remove the fit folders under ``out_dir`` that no expert recorded on ``dataset`` uses; return them.
+
+    They are what a killed fit leaves (its checkpoint, anomalib's work folder). Only folders this module
+    made are considered (named by a fit id, holding a :data:`FIT_MARKER` of this dataset); a fit still
+    running holds a lock on its marker and is left alone, as are other datasets' fits sharing the folder.
+    """
+    if not os.path.isdir(out_dir):
+        return []
+    held = []  # (path, open marker holding our lock while we decide)
+    try:
+        for name in sorted(os.listdir(out_dir)):
+            path = os.path.join(out_dir, name)
+            staged = name.startswith(_STAGING_PREFIX)
+            if not (staged or _FIT_ID.match(name)) or not os.path.isdir(path):
+                continue
+            marker = os.path.join(path, FIT_MARKER)
+            try:
+                f = open(marker)
+            except OSError:
+                if not staged:  # no marker: no fit set up this folder to completion; nobody can be using it
+                    held.append((path, None))
+                continue  # a staging folder without a marker may be being set up right now
+            if not _try_lock(f):
+                f.close()  # a running fit
+                continue
+            try:
+                owner = json.load(f).get("dataset_id")
+            except (ValueError, AttributeError):
+                owner = None  # killed while writing the marker
+            if owner not in (None, str(dataset._doc.id)):
+                f.close()  # another dataset's fit sharing a user-chosen output folder
+                continue
+            held.append((path, f))
+        if not held:
+            return []
+        dataset._reload()  # runs recorded by other processes since this dataset was loaded count too
+        referenced = _referenced_fit_dirs(dataset)
+        removed = []
+        for path, _ in held:
+            if os.path.realpath(path) not in referenced:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        if removed:
+            logger.info("removed %d folders of fits that were interrupted: %s", len(removed), removed)
+        return removed
+    finally:
+        for _, f in held:
+            if f is not None:
+                f.close()
+
+
 class FitFolder:
     """The folder of one fit, ``<out_dir>/<fit_id>``: everything the fit writes goes there.
 
-    Entering creates the folder with its :data:`FIT_MARKER`, locked until exit. Record the run, then call
-    :meth:`commit`; a fit that fails before that has its folder removed on exit.
+    Entering removes the leftovers of killed fits in ``out_dir`` (:func:`remove_orphan_fits`) and creates the
+    folder with its :data:`FIT_MARKER`, locked until exit. Record the run, then call :meth:`commit`; a fit
+    that fails before that has its folder removed on exit (a killed one, by the next fit).
 
     Args:
         samples: the collection the expert is fitted on (the record goes on its dataset).
@@ -95,6 +149,7 @@ class FitFolder:
         self._marker = None
 
     def __enter__(self) -> "FitFolder":
+        remove_orphan_fits(self.dataset, self.out_dir)
         os.makedirs(self.out_dir, exist_ok=True)
         # set up under a staging name and renamed: a folder named by a fit id always holds its locked marker
         staging = tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{self.fit_id}-", dir=self.out_dir)

@@ -5,6 +5,7 @@ Kills are real: a child process fits against the same database and sends itself 
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import fiftyone as fo
 
 import fiftyone_anomaly_vlm as fav
 from fiftyone_anomaly_vlm.calibration import Calibration, threshold_from_labels, threshold_from_normals
+from fiftyone_anomaly_vlm.fits import FitFolder, remove_orphan_fits
 from fiftyone_anomaly_vlm.images import ImageLoadError, check_image, load_image
 from fiftyone_anomaly_vlm.runs import ExpertRunConfig
 
@@ -105,13 +107,73 @@ def test_refit_killed_during_calibration_leaves_the_old_expert_exactly_as_it_was
     assert after == before  # exactly the same values, not approximately
     assert before_record["fit_id"] and os.path.isfile(before_record["checkpoint"])
 
-    # a completed re-fit switches to a new folder and removes the old one
+    # a completed re-fit switches to a new folder and removes the old one (and the killed fit's leftovers)
     refit = fav.fit_expert(parts.match_tags("good").match_tags("train", bool=False), key="A", overwrite=True,
                            **FIT_KWARGS)
     record = _expert_record(parts, "A")
     assert record["fit_id"] != before_record["fit_id"] and refit.checkpoint == record["checkpoint"]
     assert record["checkpoint"] == os.path.join(record["output_dir"], record["fit_id"], "model.ckpt")
     assert not os.path.exists(os.path.dirname(before_record["checkpoint"]))
+    assert os.listdir(record["output_dir"]) == [record["fit_id"]]
+
+
+# ----------------------------------------------------------------- defect 2: leftovers of killed fits
+def test_killed_fits_leave_no_checkpoint_nor_anomalib_folder_once_the_next_fit_runs(parts, tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    # killed after the checkpoint is saved, before the record exists
+    out = _child_fit(parts, "B", "train", "fiftyone_anomaly_vlm.models.anomalib_expert:AnomalibExpert.save@after",
+                     tmpdir=tmp)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+    # killed in the middle of anomalib's training
+    out = _child_fit(parts, "B", "train", "anomalib.engine:Engine.fit@call", tmpdir=tmp)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+    parts.reload()
+    assert "B_expert" not in parts.list_runs()
+
+    out = _child_fit(parts, "B", "train", "none", tmpdir=tmp)  # the next fit, to completion
+    assert out.returncode == 0 and "finished" in out.stdout, out.stderr[-3000:]
+    # nothing of anomalib's in the temp folder, not even from the fit killed mid-training (torch's own
+    # compile cache may appear there: it is not ours)
+    assert [n for n in os.listdir(tmp) if not n.startswith("torchinductor")] == []
+    record = _expert_record(parts, "B")
+    fit_dir = os.path.join(record["output_dir"], record["fit_id"])
+    assert os.listdir(record["output_dir"]) == [record["fit_id"]]  # the killed fits' folders are gone
+    assert sorted(os.listdir(fit_dir)) == ["fit.json", "model.ckpt"]  # anomalib's work folder too
+    assert glob.glob(os.path.join(record["output_dir"], "**", "*.ckpt"), recursive=True) == [record["checkpoint"]]
+
+
+def test_orphan_cleanup_leaves_running_fits_and_other_datasets_alone(parts, tmp_path):
+    out_dir = str(tmp_path / "shared")
+    other = fo.Dataset()
+    try:
+        with FitFolder(parts, out_dir, "x") as running:
+            theirs = FitFolder(other, out_dir, "y").__enter__()
+            theirs.committed = True  # as if killed: the lock goes with the process, the folder stays
+            theirs.__exit__(None, None, None)
+            assert remove_orphan_fits(parts, out_dir) == []  # "y" is another dataset's; "x" is running
+            assert sorted(os.listdir(out_dir)) == sorted([running.fit_id, theirs.fit_id])
+            assert remove_orphan_fits(other, out_dir) == [theirs.path]  # its own dataset removes it
+        assert not os.path.exists(out_dir) or os.listdir(out_dir) == []  # "x" failed to commit: removed
+        # a user's own folders in a shared output folder are never touched
+        os.makedirs(os.path.join(out_dir, "mine"))
+        assert remove_orphan_fits(parts, out_dir) == [] and os.listdir(out_dir) == ["mine"]
+    finally:
+        other.delete()
+
+
+def test_messages_name_the_expert_not_its_run_key(parts):
+    fav.fit_expert(parts.match_tags("train"), key="fk1", **FIT_KWARGS)
+    with pytest.raises(ValueError) as exc:
+        fav.fit_expert(parts.match_tags("train"), key="fk1", **FIT_KWARGS)
+    assert "'fk1'" in str(exc.value) and "fk1_expert" not in str(exc.value)
+    with pytest.raises(ValueError) as exc:
+        fav.load_expert(parts, "nope")
+    assert "['fk1']" in str(exc.value) and "fk1_expert" not in str(exc.value)
+    shutil.rmtree(os.path.dirname(fav.load_expert(parts, "fk1").checkpoint))
+    with pytest.raises(FileNotFoundError) as exc:
+        fav.load_expert(parts, "fk1_expert")
+    assert "expert 'fk1'" in str(exc.value)
 
 
 # ----------------------------------------------------------------- records of the earlier layout
