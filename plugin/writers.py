@@ -17,6 +17,8 @@ import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+import fiftyone.core.odm as foo
+
 from .fields import FieldSpec
 
 if TYPE_CHECKING:
@@ -27,36 +29,39 @@ logger = logging.getLogger(__name__)
 _DECLARE_TRIES = 5
 
 
-def _missing(dataset, specs: list[FieldSpec]) -> list[FieldSpec]:
-    schema = dataset.get_field_schema()
-    fschema = (dataset.get_frame_field_schema() or {}) if dataset._has_frame_fields() else {}
-    return [s for s in specs if s.name not in (fschema if s.frame else schema)]
+def _stored_field_names(dataset) -> tuple[set[str], set[str]]:
+    """The sample and frame field names in the dataset's document as stored now (other processes included)."""
+    doc = foo.get_db_conn().datasets.find_one({"_id": dataset._doc.id}, {"sample_fields.name": 1,
+                                                                        "frame_fields.name": 1}) or {}
+    return ({f["name"] for f in doc.get("sample_fields") or []},
+            {f["name"] for f in doc.get("frame_fields") or []})
 
 
 def declare_fields(dataset, specs: list[FieldSpec]) -> None:
     """Create the fields of ``specs`` that the dataset lacks, with their label types (so an all-error batch
     can be written too).
 
-    The schema is re-read from the database first and checked afterwards: another process declaring its
-    own fields on the same dataset at the same moment can make a declaration get lost, which is then redone.
+    The dataset's document is re-read from the database before each declaration (so fields another process
+    declared meanwhile are kept when FiftyOne saves the field list) and the stored schema is checked
+    afterwards: a declaration lost to another process saving at the same moment is redone.
 
     Raises:
         RuntimeError: the fields could not be declared after several tries.
     """
+    missing: list[FieldSpec] = []
     for _ in range(_DECLARE_TRIES):
-        dataset.reload()
-        todo = _missing(dataset, specs)
-        if not todo:
+        stored = _stored_field_names(dataset)
+        missing = [s for s in specs if s.name not in stored[1 if s.frame else 0]]
+        if not missing:
             return
-        for spec in todo:
+        dataset._doc.reload()  # the field list as stored now, not as this process last saw it
+        for spec in missing:
             if spec.frame:
                 dataset.add_frame_field(spec.name, spec.ftype, **spec.kwargs)
             else:
                 dataset.add_sample_field(spec.name, spec.ftype, **spec.kwargs)
-    dataset.reload()
-    if _missing(dataset, specs):
-        raise RuntimeError(f"could not declare fields {[s.path for s in _missing(dataset, specs)]} on dataset "
-                           f"'{dataset.name}' (other processes kept changing its schema)")
+    raise RuntimeError(f"could not declare fields {[s.path for s in missing]} on dataset '{dataset.name}' "
+                       "(other processes kept changing its schema)")
 
 
 class OrderedWriter:
