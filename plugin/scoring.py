@@ -37,7 +37,7 @@ from ._common import check_image_collection, check_key, default_output_dir
 from .engine import BatchOutput, Job, check_positive_int, run_job
 from .experts import Expert, load_expert
 from .fields import FieldNames
-from .calibration import Calibration
+from .calibration import Calibration, calibrated_arrays
 from .images import ImageLoadError, load_image
 from .labels import ANOMALOUS, anomaly_label
 from .runs import AnomalyScoreRunConfig
@@ -270,30 +270,6 @@ def threshold_record(calibration: Calibration, **extra: Any) -> dict[str, Any]:
     return {"rule": calibration.rule, "param": calibration.param, "image_threshold": calibration.image_threshold,
             "pixel_threshold": calibration.pixel_threshold,
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(), **extra}
-
-
-def calibrated_arrays(out, calibration: Calibration | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(scores, labels, maps, masks) of an expert's batch output on the plugin's calibrated scales.
-
-    With a calibration: scores are the share of calibration normals below (:meth:`Calibration.normalize_scores`),
-    maps use the run's two anchors, labels and masks follow its thresholds. Without one (an expert that
-    calibrates itself) the expert's own normalised outputs are returned. Maps are float in ``[0, 1]``.
-    """
-    if calibration is None or out.raw_score is None:
-        scores = out.score.numpy().astype(np.float64)
-        labels = out.label.numpy().astype(bool)
-    else:
-        raw = out.raw_score.numpy()
-        scores = calibration.normalize_scores(raw)
-        labels = raw > calibration.image_threshold
-    if calibration is None or out.raw_map is None:
-        maps = out.anomaly_map.clamp(0, 1).numpy().astype(np.float64)
-        masks = out.mask.numpy().astype(bool)
-    else:
-        raw_map = out.raw_map.numpy()
-        maps = calibration.normalize_map(raw_map)
-        masks = raw_map > calibration.pixel_threshold
-    return scores, labels, maps, masks
 
 
 def _batch_values(out: BatchOutput, fields: FieldNames, ids: list[str], pred, maps_dir: str, masks_dir: str,

@@ -28,8 +28,9 @@ def test_grouped_expert_routes_each_sample_to_its_group(parts):
     cfg = parts.get_run_info("pv_expert").config
     assert cfg.members == {"a": ["pv__a"], "b": ["pv__b"]} and cfg.group_field == "variant.label"
     # calibrated on the groups' own held-out normals, which no member trained on
-    a_cfg = parts.get_run_info("pv__a_expert").config
-    assert set(a_cfg.holdout_ids) <= set(cfg.holdout_ids) and not set(a_cfg.train_ids) & set(cfg.holdout_ids)
+    a_cfg = parts.load_run_results("pv__a_expert")  # fitted state (ids, calibration) is in the run's results
+    held = parts.load_run_results("pv_expert").holdout_ids
+    assert set(a_cfg.holdout_ids) <= set(held) and not set(a_cfg.train_ids) & set(held)
     assert set(parts.select(a_cfg.train_ids).values("variant.label")) == {"a"}
 
     res = fav.score(test, expert="pv", device="cpu")
@@ -73,7 +74,7 @@ def test_grouped_expert_refits_per_group_with_reviewed_normals_and_deletes_its_g
     cfg = parts.get_run_info(new.run_key).config
     assert new.key == "pv_reviewed" and cfg.group_field == "variant.label"
     for group in ("a", "b"):
-        member = parts.get_run_info(f"pv_reviewed__{group}_expert").config
+        member = parts.load_run_results(f"pv_reviewed__{group}_expert")
         added = extra.match(F("variant.label") == group).values("id")
         assert set(added) <= set(member.train_ids) | set(member.holdout_ids)
         assert set(parts.select(member.train_ids).values("variant.label")) == {group}
@@ -104,11 +105,12 @@ def test_ensemble_score_is_the_mean_of_the_members_calibrated_scores(parts):
     spec = fav.ensemble_experts(parts, ["padim", "pv", "patchcore"], key="ens", device="cpu")
     cfg = parts.get_run_info("ens_expert").config
     assert cfg.members == {"*": ["padim", "pv", "patchcore"]} and cfg.num_holdout > 0
-    held = {m: set(parts.get_run_info(f"{m}_expert").config.holdout_ids) for m in ("padim", "pv", "patchcore")}
+    held = {m: set(parts.load_run_results(f"{m}_expert").holdout_ids) for m in ("padim", "pv", "patchcore")}
     assert held["padim"] == held["patchcore"]  # same view, same seed: the same held-out samples
     # a group's fit holds out at least one sample even when none hashes below `holdout`, so the grouped
     # member may hold out a few more; the ensemble calibrates on what no member trained on
-    assert held["padim"] <= held["pv"] and set(cfg.holdout_ids) == held["padim"] & held["pv"]
+    assert held["padim"] <= held["pv"] and set(parts.load_run_results("ens_expert").holdout_ids) == \
+        held["padim"] & held["pv"]
 
     fav.score(test, expert=spec, device="cpu")
     for member in ("padim", "pv", "patchcore"):
@@ -118,7 +120,7 @@ def test_ensemble_score_is_the_mean_of_the_members_calibrated_scores(parts):
     s = np.array(test.values("ens_score"))
     assert np.all((s > 0) & (s < 1))
     # the ensemble is calibrated on its own normals: about 1 % of them above the threshold
-    assert cfg.calibration["rule"] == "far"
+    assert parts.load_run_results("ens_expert").calibration["rule"] == "far"
 
 
 def test_ensemble_needs_shared_holdouts_or_calibration_samples(parts):

@@ -14,7 +14,7 @@ import fiftyone as fo
 
 import fiftyone_anomaly_vlm as fav
 from fiftyone_anomaly_vlm.leases import COLLECTION, RunBusyError, RunLease
-from fiftyone_anomaly_vlm.runs import SCORE_METHOD, runs_of
+from fiftyone_anomaly_vlm.runs import EXPERT_STATE, SCORE_METHOD, expert_state, runs_of
 
 from conftest import FIT_KWARGS, subprocess_env
 
@@ -107,13 +107,19 @@ def test_runs_are_found_by_method(fitted):
     assert runs_of(fitted, SCORE_METHOD) == ["padim", "second"]
 
 
-def _make_legacy(dataset, key: str, cls: str, drop: tuple[str, ...]) -> None:
-    """Rewrite run ``key``'s stored config as the previous release wrote it: its class path and its keys."""
+def _make_legacy(dataset, key: str, cls: str, drop: tuple[str, ...], state_in_config: bool = False) -> None:
+    """Rewrite run ``key``'s stored record as the previous release wrote it: its class path and its keys (an
+    expert's fitted state in its config, no results)."""
     doc = dataset._doc.runs[key]
     config = dict(doc.config)
     config["cls"] = cls
     for name in drop:
         config.pop(name, None)
+    if state_in_config:
+        results = dataset.load_run_results(key, cache=False, load_view=False)
+        config.update({name: getattr(results, name) for name in EXPERT_STATE})
+        doc.results.delete()
+        doc.results = None
     doc.config = config
     doc.save()
     dataset.reload()
@@ -123,7 +129,11 @@ def test_runs_recorded_by_the_previous_release_load_rethreshold_score_and_delete
     """Run documents with the old class paths (fiftyone_anomaly_vlm.runs.<Class>) and without the new
     parameters still list, load, re-threshold, resume scoring, and delete with their fields and PNG files."""
     fav.score(fitted.limit(12), expert="padim", device="cpu", num_workers=0)
-    _make_legacy(fitted, "padim_expert", "fiftyone_anomaly_vlm.runs.ExpertRunConfig", ("fit_id", "owned_members"))
+    state = fitted.load_run_results("padim_expert")
+    _make_legacy(fitted, "padim_expert", "fiftyone_anomaly_vlm.runs.ExpertRunConfig", ("fit_id", "owned_members"),
+                 state_in_config=True)
+    assert fitted.load_run_results("padim_expert", cache=False) is None
+    assert expert_state(fitted, "padim_expert")["holdout_ids"] == state.holdout_ids
     _make_legacy(fitted, "padim", "fiftyone_anomaly_vlm.runs.AnomalyScoreRunConfig", ("expert_fit_id",))
     assert fav.list_experts(fitted) == ["padim"]
     info = fitted.get_run_info("padim")

@@ -77,7 +77,7 @@ def test_fit_matches_anomalib_engine_on_the_same_files(parts, tmp_path):
     kwargs = dict(pretrained=False, backbone="resnet18", image_size=(IMAGE_SIZE, IMAGE_SIZE), device="cpu",
                   model_kwargs={"layers": ["layer2"], "coreset_sampling_ratio": 0.05})
     fav.fit_expert(parts.match_tags("train"), model="patchcore", key="pc", seed=0, **kwargs)
-    config = parts.get_run_info("pc_expert").config
+    config = parts.load_run_results("pc_expert")  # train/held-out ids are fitted state: the run's results
     plugin_bank = fav.load_expert(parts, "pc").load(device="cpu").model.model.memory_bank
 
     path_of = dict(zip(*parts.values(["id", "filepath"])))

@@ -22,7 +22,7 @@ import fiftyone as fo
 
 import fiftyone_anomaly_vlm as fav
 from fiftyone_anomaly_vlm.calibration import Calibration, threshold_from_labels, threshold_from_normals
-from fiftyone_anomaly_vlm.fits import FitFolder, remove_orphan_fits
+from fiftyone_anomaly_vlm.experts.fits import FitFolder, remove_orphan_fits
 from fiftyone_anomaly_vlm.images import ImageLoadError, check_image, load_image
 from fiftyone_anomaly_vlm.runs import ExpertRunConfig
 
@@ -97,7 +97,7 @@ def test_refit_killed_during_calibration_leaves_the_old_expert_exactly_as_it_was
     assert len(before["ids"]) >= 20 and all(s is not None for s in before["raw"])
 
     # re-fit on other normals under the same key; the child kills itself when calibration starts
-    out = _child_fit(parts, "A", "other", "fiftyone_anomaly_vlm.experts.calibrate_expert@call", overwrite=True)
+    out = _child_fit(parts, "A", "other", "fiftyone_anomaly_vlm.experts.single.calibrate_expert@call", overwrite=True)
     assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
     assert "finished" not in out.stdout
 

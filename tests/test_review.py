@@ -161,7 +161,8 @@ def test_refit_with_reviewed_normals(scored):
     new = ds.get_run_info(expert.run_key).config
     assert expert.key == "padim_reviewed"
     assert new.num_train + new.num_holdout == cfg.num_train + cfg.num_holdout + 2
-    assert set(extra.values("id")) <= set(new.train_ids) | set(new.holdout_ids)
+    state = ds.load_run_results(expert.run_key)
+    assert set(extra.values("id")) <= set(state.train_ids) | set(state.holdout_ids)
     assert new.model == cfg.model and new.image_size == cfg.image_size
 
 

