@@ -41,7 +41,7 @@ import fiftyone.core.utils as fou
 from ._common import check_key  # noqa: F401 - re-exported: the engine's key rule
 from .fields import FieldSpec
 from .leases import RunLease
-from .writers import OrderedWriter, declare_fields
+from .writers import BatchOutput, OrderedWriter, declare_fields
 
 logger = logging.getLogger(__name__)
 
@@ -70,26 +70,6 @@ def check_collection(samples, what: str, media_type: str = "image") -> int:
     if count == 0:
         raise ValueError(f"{what}: the view is empty; nothing to do")
     return count
-
-
-@dataclass
-class BatchOutput:
-    """What one computed batch writes.
-
-    Attributes:
-        values: sample field -> {sample id: value}.
-        frame_values: frame field (without ``frames.``) -> {frame id: value}.
-        errors: sample id -> why it failed; the engine writes the message to the job's error field and
-            None to its other sample fields (a sample that fails now keeps nothing of an earlier run).
-        size: samples this batch stands for (progress), done or failed.
-        counts: extra counters of the verb (e.g. ``unparsed``), summed into :attr:`RunStats.counts`.
-    """
-
-    values: dict[str, dict[str, Any]] = field(default_factory=dict)
-    frame_values: dict[str, dict[str, Any]] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
-    size: int = 0
-    counts: Counter = field(default_factory=Counter)
 
 
 @dataclass
@@ -192,7 +172,7 @@ def check_run_key(dataset, key: str, job: Job, overwrite: bool) -> None:
     """
     if key in dataset.list_runs():
         recorded = dataset.get_run_info(key).config
-        if getattr(recorded, "method", None) != job.method:
+        if recorded.method != job.method:
             raise ValueError(f"key {key!r} is already used by a run of another kind; choose another key")
         if not overwrite and job.identity(recorded) != job.identity(job.config()):
             raise ValueError(f"run {key!r} holds results of {job.describe_identity(recorded)}, not of "
@@ -204,6 +184,12 @@ def check_run_key(dataset, key: str, job: Job, overwrite: bool) -> None:
     clash = [s.path for s in job.fields if (fschema if s.frame else schema).get(s.name) is not None]
     if clash:
         raise ValueError(f"fields {clash} exist but belong to no {job.verb} run {key!r}; choose another key")
+
+
+def record_run(samples, key: str, config, results=None, *, cleanup: bool = False) -> None:
+    """Record (or replace) the run ``key`` with ``config`` and optional ``results``: the one place the plugin
+    registers FiftyOne runs. ``cleanup=False`` keeps the fields of a run being replaced (a resumed run)."""
+    samples._root_dataset.register_run(key, config, results=results, overwrite=True, cleanup=cleanup)
 
 
 def clear_fields(samples, specs: list[FieldSpec], done_field: str) -> None:
@@ -242,7 +228,7 @@ def run_job(samples, job: Job, key: str, *, overwrite: bool = False, progress: b
         selected = job.select(samples)
         if overwrite:
             clear_fields(selected, job.fields, job.done_field)
-        dataset.register_run(key, job.config(), overwrite=True, cleanup=False)
+        record_run(dataset, key, job.config())
         declare_fields(dataset, job.fields)
         job.setup(dataset)
         stats.num_selected = selected.count()

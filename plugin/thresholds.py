@@ -21,7 +21,7 @@ import fiftyone.core.utils as fou
 
 from .calibration import Calibration
 from .fields import FieldNames
-from .runs import AnomalyScoreRunConfig
+from .runs import SCORE_METHOD, update_run_config
 from .labels import ANOMALOUS, NORMAL
 from .scoring import HEATMAP_RANGE, threshold_record
 
@@ -64,7 +64,7 @@ def set_threshold(
     if key not in dataset.list_runs():
         raise ValueError(f"no scoring run {key!r} on dataset '{dataset.name}'")
     config = dataset.get_run_info(key).config
-    if not isinstance(config, AnomalyScoreRunConfig) or not getattr(config, "calibration", None):
+    if config.method != SCORE_METHOD or not config.calibration:
         raise ValueError(f"run {key!r} has no normal-only calibration to re-threshold")
     fields = FieldNames(key)
     old = Calibration.from_dict(config.calibration)
@@ -93,11 +93,9 @@ def set_threshold(
                 Image.fromarray((heat > level).astype(np.uint8)).save(mask_path)
     dataset.set_values(fields.label, new_labels, key_field="id")
 
-    config.calibration = new.to_dict()
-    config.normalized_image_threshold = new.normalized_image_threshold
-    config.normalized_pixel_threshold = new.normalized_pixel_threshold
-    history = json.loads(json.dumps(list(getattr(config, "threshold_history", None) or [])))
+    history = json.loads(json.dumps(list(config.threshold_history)))
     history.append(threshold_record(new, source="set_threshold", gt_field=gt_field))
-    config.threshold_history = history
-    dataset.update_run_config(key, config)
+    update_run_config(dataset, key, calibration=new.to_dict(), threshold_history=history,
+                      normalized_image_threshold=new.normalized_image_threshold,
+                      normalized_pixel_threshold=new.normalized_pixel_threshold)
     return new

@@ -15,18 +15,38 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
 
 import fiftyone.core.odm as foo
 
 from .fields import FieldSpec
 
-if TYPE_CHECKING:
-    from .engine import BatchOutput
-
 logger = logging.getLogger(__name__)
 
 _DECLARE_TRIES = 5
+
+
+@dataclass
+class BatchOutput:
+    """What one computed batch writes.
+
+    Attributes:
+        values: sample field -> {sample id: value}.
+        frame_values: frame field (without ``frames.``) -> {frame id: value}.
+        errors: sample id -> why it failed; the engine writes the message to the job's error field and
+            None to its other sample fields (a sample that fails now keeps nothing of an earlier run).
+        size: samples this batch stands for (progress), done or failed.
+        counts: extra counters of the verb (e.g. ``unparsed``), summed into :attr:`RunStats.counts`.
+    """
+
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    frame_values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    size: int = 0
+    counts: Counter = field(default_factory=Counter)
+
 
 
 def _stored_field_names(dataset) -> tuple[set[str], set[str]]:

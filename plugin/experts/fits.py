@@ -65,10 +65,10 @@ def _referenced_fit_dirs(dataset) -> set[str]:
     """Folders holding the checkpoint of an expert recorded on ``dataset`` (real paths)."""
     out = set()
     for config in _expert_configs(dataset):
-        checkpoint = getattr(config, "checkpoint", None)
+        checkpoint = config.checkpoint
         if checkpoint:
             out.add(os.path.realpath(os.path.dirname(checkpoint)))
-        fit_id, out_dir = getattr(config, "fit_id", None), getattr(config, "output_dir", None)
+        fit_id, out_dir = config.fit_id, config.output_dir
         if fit_id and out_dir:
             out.add(os.path.realpath(os.path.join(out_dir, fit_id)))
     return out
@@ -172,7 +172,7 @@ class FitFolder:
         """Record ``config`` (which names this fit's ``fit_id``) as the run ``run_key``, replacing the run there,
         then remove the files of the replaced fit that no recorded expert uses any more."""
         dataset = self.dataset
-        if getattr(config, "fit_id", None) != self.fit_id:
+        if config.fit_id != self.fit_id:
             raise ValueError(f"the run config must record fit_id={self.fit_id!r}")
         old = dataset.get_run_info(run_key).config if run_key in dataset.list_runs() else None
         register_expert_run(dataset, run_key, config)
@@ -192,8 +192,7 @@ class FitFolder:
 def _remove_replaced_fit(dataset, old) -> None:
     """After a re-fit: remove the replaced fit's folder unless a recorded expert still uses it. Runs recorded
     before fit folders wrote their checkpoint straight into the output folder: that file is removed."""
-    fit_id, out_dir = getattr(old, "fit_id", None), getattr(old, "output_dir", None)
-    checkpoint = getattr(old, "checkpoint", None)
+    fit_id, out_dir, checkpoint = old.fit_id, old.output_dir, old.checkpoint
     if fit_id and out_dir:
         folder = os.path.join(out_dir, fit_id)
         if os.path.realpath(folder) not in _referenced_fit_dirs(dataset):

@@ -111,7 +111,7 @@ class JudgeJob(Job):
     def identity(self, config) -> Any:
         """The model that answered: a run judged by another model is not added to without ``overwrite``.
         Reads ``config.backend["model"]``, as every release recorded it."""
-        backend = getattr(config, "backend", None) or {}
+        backend = config.backend or {}
         return backend.get("model") if isinstance(backend, Mapping) else getattr(backend, "model", None)
 
     def describe_identity(self, config) -> str:

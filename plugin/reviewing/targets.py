@@ -74,7 +74,7 @@ def review_target(samples, name: str) -> ReviewTarget:
         for judge_key in _judges_of(dataset, name):  # the VLM's verdict on the same samples
             jf = JudgeFieldNames(judge_key)
             show += [jf.label, jf.defect, jf.location, jf.explanation]
-        value = getattr(config, "normalized_image_threshold", None)
+        value = config.normalized_image_threshold
         return ReviewTarget(name, name, "expert", fields.score, fields.label,
                             tuple(f for f in show if f in schema), float(value) if value is not None else 0.5)
     kind, key = "vlm", name
@@ -86,11 +86,11 @@ def review_target(samples, name: str) -> ReviewTarget:
                          f"choose one of {scoring_runs(dataset)}")
     jf = JudgeFieldNames(key)
     show = [jf.label, jf.defect, jf.location, jf.explanation, jf.regions]
-    expert = getattr(config, "expert", None)
+    expert = config.expert
     if expert:
         show += [FieldNames(expert).map, FieldNames(expert).label]
     # the judge labels a sample anomalous when P(anomalous) >= 0.5, unless reviews moved the threshold
-    threshold = float((getattr(config, "review_thresholds", None) or {}).get(name, 0.5))
+    threshold = float(config.review_thresholds.get(name, 0.5))
     if kind == "fused":
         return ReviewTarget(name, key, "fused", jf.fused, None, tuple(f for f in show if f in schema), threshold)
     return ReviewTarget(name, key, "vlm", jf.p_anomalous, jf.label, tuple(f for f in show if f in schema), threshold)

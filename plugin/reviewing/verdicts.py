@@ -166,7 +166,7 @@ def refit_with_reviewed(samples, expert: str, *, key: str | None = None, field: 
     config = dataset.get_run_info(expert_run_key(expert)).config
     keys, group_by = [expert_run_key(expert)], None
     if config.method == COMPOSITE_METHOD:
-        group_by = getattr(config, "group_field", None)  # a composite-only parameter
+        group_by = config.group_field
         if not group_by:
             raise ValueError(f"expert {expert!r} is an ensemble: refit its members with refit_with_reviewed and "
                              "combine the new experts with ensemble_experts")
@@ -176,10 +176,9 @@ def refit_with_reviewed(samples, expert: str, *, key: str | None = None, field: 
     added = [i for i in reviewed_normals(samples, field).values("id") if i not in set(base_ids)]
     normals = dataset.select(base_ids + added, ordered=True)
     config = dataset.get_run_info(keys[0]).config  # a grouped expert's groups share their settings
-    kwargs = dict(model=config.model, pretrained=config.pretrained, backbone=getattr(config, "backbone", None),
-                  image_size=tuple(config.image_size), model_kwargs=getattr(config, "model_kwargs", None) or None,
-                  holdout=getattr(config, "holdout", 0.2), seed=getattr(config, "seed", 51),
-                  device=getattr(config, "device", "auto"), group_by=group_by)
+    kwargs = dict(model=config.model, pretrained=config.pretrained, backbone=config.backbone,
+                  image_size=tuple(config.image_size), model_kwargs=config.model_kwargs or None,
+                  holdout=config.holdout, seed=config.seed, device=config.device or "auto", group_by=group_by)
     kwargs.update(fit_kwargs)
     return fit_expert(normals, key=key or f"{expert}_reviewed", overwrite=overwrite, **kwargs)
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import fiftyone.core.runs as fors
 
+from ..engine import record_run
 from .base import EXPERT_METHOD, AnomalyRunConfig, remove_owned_dir
 
 #: suffix of the run key under which a fitted expert is recorded (``fit_expert(key="padim")`` -> ``padim_expert``)
@@ -47,7 +48,16 @@ class ExpertRunConfig(AnomalyRunConfig):
         holdout_ids: the held-out normals' sample ids (fitted state, as ``calibration``).
         errors: the first decoding errors, ``{"id", "error"}`` (fitted state, as ``calibration``).
         num_holdout: the number of held-out normals.
+        num_train: the number of training samples.
         device: where it was fitted.
+        pretrained: the backbone weights asked for (True/False or a file).
+        backbone: the timm backbone; ``layers``: its feature layers; ``weights``: where the weights came from;
+            ``normalization``: the input mean/std.
+        model_kwargs: other arguments of the anomalib model class.
+        holdout: the held-out share; ``seed``: the split and training seed.
+        group_field: a per-group composite's field (None for an ensemble or a single model).
+        members: a composite's groups -> member expert names; ``owned_members``: the members it fitted itself
+            (deleted with it).
         method: the kind (see above).
         **kwargs: the kind's own parameters (backbone, layers, weights, train ids, members...).
     """
@@ -59,15 +69,22 @@ class ExpertRunConfig(AnomalyRunConfig):
                  owns_output_dir: bool = False, image_size: list[int] | None = None,
                  calibration: dict[str, Any] | None = None, train_ids: list[str] | None = None,
                  holdout_ids: list[str] | None = None, errors: list[dict] | None = None,
-                 num_holdout: int | None = None, device: str | None = None, method: str | None = None,
-                 **kwargs: Any) -> None:
+                 num_holdout: int | None = None, num_train: int | None = None, device: str | None = None,
+                 pretrained: bool | str | None = None, backbone: str | None = None, layers: list[str] | None = None,
+                 weights: dict[str, Any] | None = None, normalization: dict[str, Any] | None = None,
+                 model_kwargs: dict[str, Any] | None = None, holdout: float = 0.2, seed: int = 51,
+                 group_field: str | None = None, members: dict[str, list[str]] | None = None,
+                 owned_members: list[str] | None = None, method: str | None = None, **kwargs: Any) -> None:
         self.expert, self.model, self.model_class = expert, model, model_class
         self.checkpoint, self.fit_id = checkpoint, fit_id
         self.output_dir, self.owns_output_dir, self.image_size = output_dir, owns_output_dir, image_size
-        self.num_holdout, self.device = num_holdout, device
+        self.num_holdout, self.num_train, self.device = num_holdout, num_train, device
+        self.pretrained, self.backbone, self.layers, self.weights = pretrained, backbone, layers, weights
+        self.normalization, self.model_kwargs = normalization, dict(model_kwargs or {})
+        self.holdout, self.seed = holdout, seed
+        self.group_field, self.members, self.owned_members = group_field, members, list(owned_members or [])
         state = dict(calibration=calibration, train_ids=train_ids, holdout_ids=holdout_ids, errors=errors)
         self._state = {name: value for name, value in state.items() if value is not None}
-        kwargs.setdefault("owned_members", [])
         super().__init__(method=method, **kwargs)
 
 
@@ -128,7 +145,7 @@ def register_expert_run(dataset, run_key: str, config: ExpertRunConfig) -> None:
     """
     old = list(dataset.get_run_info(run_key).config.owned_members) if run_key in dataset.list_runs() else []
     results = ExpertRunResults(dataset, config, run_key, **config.fitted_state())
-    dataset.register_run(run_key, config, results=results, overwrite=True, cleanup=False)
+    record_run(dataset, run_key, config, results)
     keep = set(config.owned_members)
     delete_expert_runs(dataset, [m for m in old if m not in keep])
 

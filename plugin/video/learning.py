@@ -27,41 +27,15 @@ import numpy as np
 import fiftyone.core.utils as fou
 
 from .._common import check_key
-from ..engine import Job, check_run_key
+from ..engine import Job, check_run_key, record_run
 from ..judging import describe_backend
 from ..leases import RunLease
 from ..models.judge.base import JudgeBackend
 from ..runs import QUESTIONS_METHOD, QuestionRunConfig
 from .frames import check_video_collection, extract_frames, load_frame_images
-from .proposers import describe_proposer, make_proposer, optimizer_prompt, parse_questions
+from .proposers import QuestionSetResult, describe_proposer, make_proposer, optimizer_prompt, parse_questions
 from .questions import DEFAULT_QUESTIONS, check_combine, combine_questions, question_scores
 from .timeline import smooth_scores
-
-
-@dataclass
-class QuestionSetResult:
-    """One question set tried by :func:`learn_questions`.
-
-    Attributes:
-        questions: the set (empty when the proposal could not be parsed).
-        auroc: its AUROC on the validation view (None when not evaluated).
-        source: ``"initial"``, ``"candidate"`` (given by the user) or ``"proposal"`` (from the optimizer).
-        iteration: optimizer iteration (0 for initial and candidates).
-        status: ``"evaluated"``, ``"unparsed"``, ``"duplicate"``, ``"error"`` or ``"no_score"`` (every
-            frame failed).
-        question_aurocs: each question's AUROC alone (``max``/``mean`` only).
-        text: the proposer's raw text (proposals only; cut to 1,000 characters).
-        error: what went wrong, if anything.
-    """
-
-    questions: list[str]
-    auroc: float | None = None
-    source: str = "candidate"
-    iteration: int = 0
-    status: str = "evaluated"
-    question_aurocs: list[float | None] | None = None
-    text: str | None = None
-    error: str | None = None
 
 
 @dataclass
@@ -103,7 +77,7 @@ class QuestionJob(Job):
         self.result: dict[str, Any] = dict(questions=[], auroc=None, history=[], num_videos=0, num_frames=0)
 
     def identity(self, config) -> tuple[str, ...]:
-        return tuple(getattr(config, "questions", None) or ())
+        return tuple(config.questions or ())
 
     def describe_identity(self, config) -> str:
         questions = list(self.identity(config))
@@ -270,7 +244,7 @@ def learn_questions(
         num_frames = sum(len(images) for images in clips)
         job.result = dict(questions=best.questions, auroc=best.auroc, num_videos=len(clips), num_frames=num_frames,
                           history=[_jsonable(asdict(h)) for h in history])
-        dataset.register_run(key, job.config(), overwrite=True)
+        record_run(dataset, key, job.config(), cleanup=True)
     return LearnedQuestions(key=key, questions=best.questions, auroc=best.auroc, level=job.settings["level"],
                             history=history, num_videos=len(clips), num_frames=num_frames)
 
@@ -341,7 +315,7 @@ def load_questions(samples, key: str) -> list[str]:
     if key not in dataset.list_runs():
         raise ValueError(f"no learned question set {key!r} on dataset '{dataset.name}'")
     cfg = dataset.get_run_info(key).config
-    if getattr(cfg, "method", None) != QUESTIONS_METHOD:
+    if cfg.method != QUESTIONS_METHOD:
         raise ValueError(f"run {key!r} is not a learned question set")
     return list(cfg.questions)
 

@@ -11,14 +11,38 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..models.judge.base import JudgeBackend, JudgeRequest
 
-if TYPE_CHECKING:
-    from .learning import QuestionSetResult
+@dataclass
+class QuestionSetResult:
+    """One question set tried by :func:`learn_questions`.
+
+    Attributes:
+        questions: the set (empty when the proposal could not be parsed).
+        auroc: its AUROC on the validation view (None when not evaluated).
+        source: ``"initial"``, ``"candidate"`` (given by the user) or ``"proposal"`` (from the optimizer).
+        iteration: optimizer iteration (0 for initial and candidates).
+        status: ``"evaluated"``, ``"unparsed"``, ``"duplicate"``, ``"error"`` or ``"no_score"`` (every
+            frame failed).
+        question_aurocs: each question's AUROC alone (``max``/``mean`` only).
+        text: the proposer's raw text (proposals only; cut to 1,000 characters).
+        error: what went wrong, if anything.
+    """
+
+    questions: list[str]
+    auroc: float | None = None
+    source: str = "candidate"
+    iteration: int = 0
+    status: str = "evaluated"
+    question_aurocs: list[float | None] | None = None
+    text: str | None = None
+    error: str | None = None
+
 
 OPTIMIZER_SYSTEM = ("You design short yes/no questions that a vision-language model answers about video frames "
                     "in order to detect anomalous events.")

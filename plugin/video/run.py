@@ -104,8 +104,7 @@ class VideoJob(Job):
 
     def identity(self, config) -> tuple:
         """The expert fit, the VLM and the questions: frame scores of another of them are not added to."""
-        return (getattr(config, "expert", None), getattr(config, "expert_checkpoint", None),
-                (getattr(config, "backend", None) or {}).get("model"), tuple(getattr(config, "questions", None) or ()))
+        return config.expert, config.expert_checkpoint, (config.backend or {}).get("model"), tuple(config.questions)
 
     def describe_identity(self, config) -> str:
         expert, checkpoint, model, questions = self.identity(config)
