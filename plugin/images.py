@@ -156,3 +156,13 @@ class DecodedImages(Sequence):
     def take(self, indices) -> DecodedImages:
         """The images at ``indices`` (still lazy)."""
         return DecodedImages([self.paths[int(i)] for i in indices], self.image_size)
+
+
+def read_heatmap(map_path: str) -> np.ndarray:
+    """A stored 16-bit (or 8-bit) heatmap PNG as a float array in [0, 1]."""
+    with Image.open(map_path) as im:
+        arr = np.asarray(im).astype(np.float64)
+    if arr.ndim == 3:
+        arr = arr[..., 0]
+    hi = 65535.0 if arr.max(initial=0) > 255 or str(im.mode).startswith("I") else 255.0
+    return np.clip(arr / hi, 0.0, 1.0)

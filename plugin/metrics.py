@@ -64,6 +64,20 @@ def binary_image_metrics(scores, labels) -> dict[str, float]:
     return out
 
 
+def auroc(scores, labels) -> float | None:
+    """Image AUROC with anomalib's metric; None when ``labels`` hold one class. Non-finite scores are left out."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    ok = np.isfinite(s)
+    if len(np.unique(y[ok])) < 2:
+        return None
+    from anomalib.metrics import AUROC  # heavy: loaded when a metric is computed
+
+    metric = AUROC(fields=["pred_score", "gt_label"])
+    metric.update(SimpleNamespace(pred_score=_unit(s[ok])[0], gt_label=torch.as_tensor(y[ok]).long()))
+    return float(metric.compute())
+
+
 def image_metrics(samples, key: str, gt_field: str = "ground_truth", positive: str = "anomalous") -> dict[str, float]:
     """Metrics of run ``key``'s image scores on the samples that have a score and a ground-truth label.
 

@@ -22,8 +22,9 @@ import fiftyone.core.utils as fou
 from .calibration import Calibration
 from .fields import FieldNames
 from .runs import SCORE_METHOD, update_run_config
+from .images import read_heatmap
 from .labels import ANOMALOUS, NORMAL
-from .scoring import HEATMAP_RANGE, threshold_record
+from .scoring import threshold_record
 
 
 def set_threshold(
@@ -85,12 +86,11 @@ def set_threshold(
         anomalous = r > new.image_threshold
         new_labels[sid] = fo.Classification(label=ANOMALOUS if anomalous else NORMAL,
                                             confidence=s if anomalous else 1.0 - s, anomaly_score=s)
-    level = new.normalized_pixel_threshold * HEATMAP_RANGE[1]
     with fou.ProgressBar(total=len(ids), progress=progress) as pb:
         for map_path, mask_path in pb(zip(map_paths, mask_paths)):
             if map_path and mask_path and os.path.isfile(map_path):
-                heat = np.asarray(Image.open(map_path))
-                Image.fromarray((heat > level).astype(np.uint8)).save(mask_path)
+                Image.fromarray((read_heatmap(map_path) > new.normalized_pixel_threshold).astype(np.uint8)).save(
+                    mask_path)
     dataset.set_values(fields.label, new_labels, key_field="id")
 
     history = json.loads(json.dumps(list(config.threshold_history)))

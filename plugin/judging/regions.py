@@ -11,20 +11,11 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from ..images import read_heatmap
 from .prompt import GRID
 
 #: side of a crop as a share of the map's shorter side
 CROP_FRACTION = 1 / 3
-
-
-def read_heatmap(map_path: str) -> np.ndarray:
-    """A stored 16-bit (or 8-bit) heatmap PNG as a float array in [0, 1]."""
-    with Image.open(map_path) as im:
-        arr = np.asarray(im).astype(np.float64)
-    if arr.ndim == 3:
-        arr = arr[..., 0]
-    hi = 65535.0 if arr.max(initial=0) > 255 or str(im.mode).startswith("I") else 255.0
-    return np.clip(arr / hi, 0.0, 1.0)
 
 
 def top_regions(heatmap: np.ndarray, n: int, fraction: float = CROP_FRACTION) -> list[tuple[int, int, int, int, float]]:

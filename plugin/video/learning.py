@@ -30,6 +30,7 @@ from .._common import check_key
 from ..engine import Job, check_run_key, record_run
 from ..judging import describe_backend
 from ..leases import RunLease
+from ..metrics import auroc
 from ..models.judge.base import JudgeBackend
 from ..runs import QUESTIONS_METHOD, QuestionRunConfig
 from .frames import check_video_collection, extract_frames, load_frame_images
@@ -122,7 +123,7 @@ class _SetScorer:
                 scores.extend(s.tolist())
             else:
                 scores.append(float(np.nanmax(s)) if np.isfinite(s).any() else np.nan)
-        return _auroc(self.y_true, np.asarray(scores, dtype=np.float64)[self.known])
+        return auroc(self.y_true, np.asarray(scores, dtype=np.float64)[self.known])
 
     def score_set(self, qs: list[str], source: str, iteration: int, text: str | None = None) -> None:
         """Score one set and add it to the history (a set tried before is recorded as a duplicate)."""
@@ -329,16 +330,6 @@ def _positive(value: Any, positive_label: str) -> bool | None:
     if isinstance(label, (int, float)):
         return bool(label > 0)
     return str(label) == positive_label
-
-
-def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    ok = np.isfinite(scores)
-    y, s = labels[ok], scores[ok]
-    if len(np.unique(y)) < 2:
-        return None
-    return float(roc_auc_score(y, s))
 
 
 def _jsonable(value: Any) -> Any:
