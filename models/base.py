@@ -1,11 +1,19 @@
-"""The interface every vision expert implements."""
+"""The interface every vision expert implements, and the device rule they share."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``"auto"``/None -> CUDA when present, else CPU; anything else is passed to ``torch.device``."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 @dataclass
@@ -37,12 +45,25 @@ class VisionExpert(Protocol):
     Implementations take float images ``(N, 3, H, W)`` in ``[0, 1]`` at :attr:`image_size` and apply their
     own normalisation. An expert that needs per-sample values (e.g. the object name of each sample's
     class) lists the sample fields in ``needs_fields``; :func:`fiftyone_anomaly_vlm.score` then calls
-    ``predict(images, fields={name: [one value per image]})``.
+    ``predict(images, fields={name: [one value per image]})``, after asking :meth:`unscorable` which
+    images it cannot score.
+
+    The adapters subclass this protocol explicitly, so they inherit the defaults of its optional
+    capabilities (no sample fields; every image scorable) and callers use them without probing.
     """
 
     image_size: tuple[int, int]
     device: torch.device
+    #: sample fields whose per-image values :meth:`predict` needs (empty: none)
+    needs_fields: Sequence[str] = ()
 
     def predict(self, images: torch.Tensor) -> ExpertOutput:
         """Score a batch of images."""
         ...
+
+    def unscorable(self, fields: Mapping[str, Sequence[Any]] | None) -> list[str | None]:
+        """Per image (one value per image in each of ``fields``): why it cannot be scored, or None.
+
+        The default scores every image.
+        """
+        return [None] * len(next(iter(fields.values()))) if fields else []

@@ -44,7 +44,6 @@ See Also:
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -53,208 +52,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .anomalib_expert import resolve_device
-from .base import ExpertOutput
+from .base import ExpertOutput, VisionExpert, resolve_device
+from .clip_loading import DEFAULT_MODEL, DEFAULT_PRETRAINED, load_open_clip
+from .clip_prompts import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, prompt_ensemble
+from .clip_windows import class_scores, harmonic_aggregation, memory_distance, sliding_windows, smooth_maps
 
-logger = logging.getLogger(__name__)
-
-#: WinCLIP's default backbone and weights
-DEFAULT_MODEL = "ViT-B-16-plus-240"
-DEFAULT_PRETRAINED = "laion400m_e31"
-
-#: state words of the compositional prompt ensemble (WinCLIP, appendix)
-NORMAL_STATES = ["{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
-                 "{} without damage"]
-ANOMALOUS_STATES = ["damaged {}", "{} with flaw", "{} with defect", "{} with damage"]
-#: templates of the compositional prompt ensemble (WinCLIP, appendix)
-TEMPLATES = [
-    "a cropped photo of the {}.", "a cropped photo of a {}.", "a close-up photo of a {}.",
-    "a close-up photo of the {}.", "a bright photo of a {}.", "a bright photo of the {}.",
-    "a dark photo of the {}.", "a dark photo of a {}.", "a jpeg corrupted photo of a {}.",
-    "a jpeg corrupted photo of the {}.", "a blurry photo of the {}.", "a blurry photo of a {}.",
-    "a photo of a {}.", "a photo of the {}.", "a photo of a small {}.", "a photo of the small {}.",
-    "a photo of a large {}.", "a photo of the large {}.", "a photo of the {} for visual inspection.",
-    "a photo of a {} for visual inspection.", "a photo of the {} for anomaly detection.",
-    "a photo of a {} for anomaly detection.",
-]
+__all__ = ["ANOMALOUS_STATES", "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "NORMAL_STATES", "TEMPLATES", "ClipExpert",
+           "harmonic_aggregation", "load_open_clip", "prompt_ensemble", "sliding_windows"]
 
 
-def prompt_ensemble(object_name: str) -> tuple[list[str], list[str]]:
-    """The normal and anomalous prompts (state words x templates) for ``object_name``.
-
-    Example:
-        >>> normal, anomalous = prompt_ensemble("bottle")
-        >>> normal[1], anomalous[0]
-        ('a cropped photo of the flawless bottle.', 'a cropped photo of the damaged bottle.')
-    """
-    def build(states: list[str]) -> list[str]:
-        return [t.format(s.format(object_name)) for s in states for t in TEMPLATES]
-
-    return build(NORMAL_STATES), build(ANOMALOUS_STATES)
-
-
-def _hf_cached(repo_and_file: str) -> bool | None:
-    """Whether an open_clip ``hf_hub`` entry is in the local Hugging Face cache (None: cannot tell)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - open_clip depends on huggingface_hub
-        return None
-    model_id, filename = os.path.split(repo_and_file)
-    for name in [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]:
-        found = try_to_load_from_cache(model_id, name)
-        if isinstance(found, str):
-            return True
-    return False
-
-
-def _hub_offline() -> bool:
-    try:
-        from huggingface_hub import constants
-    except ImportError:  # pragma: no cover
-        return bool(os.environ.get("HF_HUB_OFFLINE"))
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face endpoint answers a TCP connection within ``timeout`` seconds.
-
-    huggingface_hub retries an unreachable host for about a minute before giving up; this probe makes an
-    air-gapped machine fail at once. Behind an HTTP(S) proxy the probe is skipped (the proxy decides).
-    """
-    import socket
-    from urllib.parse import urlparse
-
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        endpoint = constants.ENDPOINT
-    except ImportError:  # pragma: no cover
-        endpoint = "https://huggingface.co"
-    url = urlparse(endpoint)
-    try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                      timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _offline_hint(model: str, pretrained: Any) -> str:
-    return (
-        f"Pass local weights instead: pretrained='/path/to/checkpoint.pt' (the open_clip checkpoint of "
-        f"{model!r}, e.g. downloaded once with open_clip on a connected machine), or "
-        "model='local-dir:/path/to/folder' (a folder holding open_clip_config.json and "
-        "open_clip_model.safetensors, as open_clip's push_to_hub/save writes)"
-    )
-
-
-def load_open_clip(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETRAINED):
-    """Create an open_clip model, its tokenizer and preprocessing config without surprise downloads.
-
-    Args:
-        model: an open_clip model name (``open_clip.list_models()``), a config registered with
-            ``open_clip.add_model_config``, the path of such a ``.json`` config (registered here), a
-            ``"local-dir:/path"`` folder (``open_clip_config.json`` + weights) or a plain folder path, or
-            ``"hf-hub:org/repo"``.
-        pretrained: a pretrained tag of ``model`` (``open_clip.list_pretrained_tags_by_model``), a local
-            checkpoint file, or None/"" for random weights (tests only; seeded, so every load gives the same
-            model). Ignored for folders and hub ids.
-
-    Returns:
-        ``(clip_model, tokenizer, preprocess_cfg)``; the model is in eval mode on the CPU.
-
-    Raises:
-        RuntimeError: the weights are neither local nor downloadable (the message says what to pass).
-        ValueError: unknown model name or pretrained tag.
-        FileNotFoundError: a local folder or file that does not exist.
-    """
-    try:
-        import open_clip
-    except ImportError as exc:  # pragma: no cover - a declared dependency
-        raise ImportError("the CLIP expert needs open_clip: pip install open_clip_torch") from exc
-
-    name = str(model)
-    if name.endswith(".json") and os.path.isfile(name):
-        open_clip.add_model_config(name)
-        name = Path(name).stem
-    elif os.path.isdir(name):
-        name = f"local-dir:{os.path.abspath(name)}"
-    tag = pretrained or None
-    if name.startswith(("local-dir:", "hf-hub:")):
-        tag = None
-        if name.startswith("local-dir:") and not os.path.isdir(name[len("local-dir:"):]):
-            raise FileNotFoundError(f"open_clip model folder not found: {name[len('local-dir:'):]}")
-        if name.startswith("hf-hub:") and _hub_offline():
-            msg = f"cannot load {name!r}: HF_HUB_OFFLINE is set. {_offline_hint(name, pretrained)}"
-            raise RuntimeError(msg)
-    else:
-        if name not in open_clip.list_models():
-            raise ValueError(f"unknown open_clip model {name!r}; known: {', '.join(open_clip.list_models())}")
-        if tag is not None and not os.path.isfile(str(tag)):
-            cfg = open_clip.get_pretrained_cfg(name, str(tag))
-            if not cfg:
-                if os.sep in str(tag) or str(tag).endswith((".pt", ".pth", ".bin", ".safetensors")):
-                    raise FileNotFoundError(f"open_clip checkpoint not found: {tag}")
-                tags = open_clip.list_pretrained_tags_by_model(name)
-                raise ValueError(f"unknown pretrained tag {tag!r} for {name!r}; known: {tags or 'none'}")
-            # fail fast (no network attempt) when the weights are not cached and the hub is off
-            cached = _hf_cached(cfg["hf_hub"]) if cfg.get("hf_hub") else None
-            if cached is False and (_hub_offline() or not _hub_reachable()):
-                why = "HF_HUB_OFFLINE is set" if _hub_offline() else "the Hugging Face hub cannot be reached"
-                msg = (f"the weights of open_clip {name!r} / {tag!r} are not in the local Hugging Face cache "
-                       f"and {why}, so they cannot be downloaded. {_offline_hint(name, tag)}")
-                raise RuntimeError(msg)
-        elif tag is None:
-            logger.warning("CLIP expert %r with random weights (pretrained=None): for tests only", name)
-    try:
-        # random weights (tests) are seeded, so a recorded expert rebuilds the same model in any process
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            clip_model, _, _ = open_clip.create_model_and_transforms(name, pretrained=tag)
-    except RuntimeError as exc:
-        text = str(exc).lower()
-        if any(w in text for w in ("download", "connection", "offline", "resolve", "hub", "http", "url")):
-            raise RuntimeError(f"could not get the weights of open_clip {name!r} / {tag!r}: {exc}. "
-                               f"{_offline_hint(name, tag)}") from exc
-        raise
-    tokenizer = open_clip.get_tokenizer(name)
-    preprocess_cfg = dict(getattr(clip_model.visual, "preprocess_cfg", None) or {})
-    clip_model.eval()
-    return clip_model, tokenizer, preprocess_cfg
-
-
-def harmonic_aggregation(window_scores: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
-    """Spread window scores to patches with a harmonic mean over the windows covering each patch.
-
-    Args:
-        window_scores: ``(N, W)`` scores in ``(0, 1]`` of ``W`` windows.
-        coverage: ``(W, L)`` float, 1 where window ``w`` covers patch ``l``.
-
-    Returns:
-        ``(N, L)`` patch scores.
-    """
-    inverse = 1.0 / window_scores.clamp_min(1e-6)
-    count = coverage.sum(dim=0).clamp_min(1.0)
-    return count / (inverse @ coverage).clamp_min(1e-12)
-
-
-def sliding_windows(grid: tuple[int, int], size: int) -> torch.Tensor:
-    """Patch indices of every ``size x size`` window (stride 1) on a ``grid`` of patch tokens.
-
-    Returns:
-        ``(W, size * size)`` long tensor of row-major patch indices.
-    """
-    gh, gw = grid
-    if size > min(gh, gw):
-        raise ValueError(f"window size {size} does not fit the {gh}x{gw} patch grid")
-    base = (torch.arange(size)[:, None] * gw + torch.arange(size)[None, :]).reshape(-1)
-    starts = (torch.arange(gh - size + 1)[:, None] * gw + torch.arange(gw - size + 1)[None, :]).reshape(-1)
-    return starts[:, None] + base[None, :]
-
-
-class ClipExpert:
+class ClipExpert(VisionExpert):
     """WinCLIP-style zero-/few-shot anomaly expert on an open_clip vision transformer.
 
     Args:
@@ -489,18 +296,6 @@ class ClipExpert:
         self.memory = {k: v.to(self.device) for k, v in data["memory"].items()}
 
     # ------------------------------------------------------------------ scoring
-    def _class_scores(self, emb: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """P(anomalous) of embeddings ``(N, ..., E)`` against per-image text ``(N, 2, E)``."""
-        shape = emb.shape
-        logits = self.logit_scale * torch.einsum("nte,nke->ntk", emb.reshape(shape[0], -1, shape[-1]), text)
-        return logits.softmax(dim=-1)[..., 1].reshape(shape[:-1])
-
-    @staticmethod
-    def _distance(emb: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """``(1 - max cosine similarity to the memory) / 2`` for embeddings ``(N, T, E)``."""
-        sims = torch.stack([(e @ memory.T).amax(dim=-1) for e in emb])
-        return ((1.0 - sims) / 2.0).clamp(0.0, 1.0)
-
     def _object_names(self, n: int, fields: Mapping[str, Sequence[Any]] | None) -> list[str]:
         values: Sequence[Any] = [None] * n
         if self.object_field and fields and self.object_field in fields:
@@ -510,19 +305,6 @@ class ClipExpert:
             v = getattr(v, "label", v)
             names.append(str(v) if v not in (None, "") else self.object_name)
         return names
-
-    def _smooth(self, maps: torch.Tensor) -> torch.Tensor:
-        """Upsample grid maps ``(N, gh, gw)`` to :attr:`image_size` and Gaussian-smooth them."""
-        from torchvision.transforms.v2 import functional as TF
-
-        up = F.interpolate(maps[:, None], size=self.image_size, mode="bilinear", align_corners=False)
-        if self.sigma > 0:
-            ks = 2 * int(4.0 * self.sigma + 0.5) + 1
-            limit = min(self.image_size)
-            ks = min(ks, limit - 1 if limit % 2 == 0 else limit)  # reflect padding needs padding < size
-            if ks >= 3:
-                up = TF.gaussian_blur(up, kernel_size=[ks, ks], sigma=[self.sigma, self.sigma])
-        return up[:, 0].clamp(0.0, 1.0)
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, fields: Mapping[str, Sequence[Any]] | None = None) -> ExpertOutput:
@@ -543,27 +325,27 @@ class ClipExpert:
         text = torch.stack([self.text_embeddings(name) for name in names])  # (N, 2, E)
         global_emb, patch_emb, windows = self.encode_image(images)
         gh, gw = self.grid_size
-        global_score = self._class_scores(global_emb[:, None], text)[:, 0]  # (N,)
+        global_score = class_scores(global_emb[:, None], text, self.logit_scale)[:, 0]  # (N,)
 
         # zero-shot map: harmonic mean over the global score and each scale's harmonically aggregated windows
         per_scale = [global_score[:, None].expand(n, gh * gw)]
         for s, w in windows.items():
-            per_scale.append(harmonic_aggregation(self._class_scores(w, text), self._coverage[s]))
+            per_scale.append(harmonic_aggregation(class_scores(w, text, self.logit_scale), self._coverage[s]))
         stacked = torch.stack(per_scale)
         text_map = stacked.shape[0] / (1.0 / stacked.clamp_min(1e-6)).sum(dim=0)
         image_score = (global_score + text_map.amax(dim=-1)) / 2.0
         grid_map = text_map
 
         if self.memory is not None:  # WinCLIP+: distance to the nearest normal patch/window, per scale
-            visual = [self._distance(patch_emb, self.memory["patch"])]
+            visual = [memory_distance(patch_emb, self.memory["patch"])]
             for s, w in windows.items():
-                dist = self._distance(w, self.memory[f"window_{s}"])
+                dist = memory_distance(w, self.memory[f"window_{s}"])
                 visual.append(harmonic_aggregation(dist.clamp_min(1e-6), self._coverage[s]))
             visual_map = torch.stack(visual).mean(dim=0)
             grid_map = (text_map + visual_map) / 2.0
             image_score = (image_score + visual_map.amax(dim=-1)) / 2.0
 
-        anomaly_map = self._smooth(grid_map.reshape(n, gh, gw))
+        anomaly_map = smooth_maps(grid_map.reshape(n, gh, gw), self.image_size, self.sigma)
         score = image_score.clamp(0.0, 1.0)
         return ExpertOutput(
             raw_score=score.float().cpu(),

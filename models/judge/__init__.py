@@ -1,13 +1,19 @@
-"""VLM judge backends: one interface (:class:`JudgeBackend`), chosen by name."""
+"""VLM judge backends: one interface (:class:`JudgeBackend`), chosen by name.
+
+Both backends import their heavy library (``transformers``, ``httpx``) only when one is built or used, so
+importing this package stays cheap.
+"""
 
 from .base import JudgeAnswer, JudgeBackend, JudgeRequest, p_yes_from_logprobs
+from .hf import TransformersBackend
+from .openai_compat import OpenAICompatBackend
 
 #: backend names accepted by :func:`make_backend`
 BACKENDS = ("transformers", "openai")
 
 
 def make_backend(name: str = "transformers", **kwargs) -> JudgeBackend:
-    """Build a judge backend by name; its module (and heavy imports) load only when chosen.
+    """Build a judge backend by name.
 
     Args:
         name: ``"transformers"`` (:class:`~.hf.TransformersBackend`: ``model``, ``revision``, ``dtype``,
@@ -22,14 +28,11 @@ def make_backend(name: str = "transformers", **kwargs) -> JudgeBackend:
         ValueError: unknown name.
     """
     if name in ("transformers", "hf", "local"):
-        from .hf import TransformersBackend
-
         return TransformersBackend(**kwargs)
     if name in ("openai", "openai_compat", "server"):
-        from .openai_compat import OpenAICompatBackend
-
         return OpenAICompatBackend(**kwargs)
     raise ValueError(f"unknown judge backend {name!r}; choose one of {BACKENDS}")
 
 
-__all__ = ["BACKENDS", "JudgeAnswer", "JudgeBackend", "JudgeRequest", "make_backend", "p_yes_from_logprobs"]
+__all__ = ["BACKENDS", "JudgeAnswer", "JudgeBackend", "JudgeRequest", "OpenAICompatBackend", "TransformersBackend",
+           "make_backend", "p_yes_from_logprobs"]

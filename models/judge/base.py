@@ -102,6 +102,10 @@ def p_yes_from_logprobs(logprobs: Mapping[str, float] | Iterable[tuple[str, floa
     return 1.0 / (1.0 + math.exp(math.log(p_n) - math.log(p_y))), p_y + p_n
 
 
+class BackendUnavailable(RuntimeError):
+    """A judge backend cannot answer at all (server unreachable, key refused): found by :meth:`JudgeBackend.check`."""
+
+
 class JudgeBackend(ABC):
     """A VLM that answers batches of :class:`JudgeRequest` objects.
 
@@ -115,6 +119,16 @@ class JudgeBackend(ABC):
     @abstractmethod
     def judge(self, requests: list[JudgeRequest]) -> list[JudgeAnswer]:
         """Answer every request, in order."""
+
+    def check(self) -> None:
+        """Fail fast, before a run is recorded, when this backend cannot answer at all.
+
+        Cheap (at most one request, no retries). The default does nothing: a local model is loaded when the
+        backend is built, so an unusable one has failed already.
+
+        Raises:
+            BackendUnavailable: one clear message (naming the server, never a secret).
+        """
 
     def prepare(self, requests: list[JudgeRequest]) -> Any:
         """CPU work on a batch that may run in another thread while :meth:`judge_prepared` runs the previous one.

@@ -33,75 +33,16 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from PIL import Image
 
-from .base import NO_WORDS, YES_WORDS, JudgeAnswer, JudgeBackend, JudgeRequest, normalize_token
+from ..base import resolve_device
+from .base import JudgeAnswer, JudgeBackend, JudgeRequest
+from .hf_inputs import MAX_ASPECT, answer_token_ids, prepare_image, set_pixel_budget
+
+__all__ = ["MAX_ASPECT", "PreparedBatch", "TransformersBackend", "answer_token_ids", "prepare_image"]
 
 logger = logging.getLogger(__name__)
-
-#: longest side / shortest side allowed before padding (Qwen processors raise above 200)
-MAX_ASPECT = 100.0
-
-# (tokenizer class, name_or_path, vocab size) -> (yes ids, no ids); computing them decodes the whole vocab
-_ID_CACHE: dict[tuple[str, str, int], tuple[list[int], list[int]]] = {}
-
-
-def answer_token_ids(tokenizer) -> tuple[list[int], list[int]]:
-    """Ids of every token that decodes to a spelling of yes / of no (``" Yes"``, ``"yes"``, ``"NO"``...).
-
-    Args:
-        tokenizer: a ``transformers`` tokenizer (or a processor's ``.tokenizer``).
-
-    Returns:
-        ``(yes_ids, no_ids)``; cached per tokenizer (name, class and size).
-    """
-    key = (type(tokenizer).__name__, str(getattr(tokenizer, "name_or_path", "")), len(tokenizer))
-    if key not in _ID_CACHE:
-        n = len(tokenizer)
-        texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
-        yes, no = [], []
-        for i, text in enumerate(texts):
-            word = normalize_token(text)
-            if word in YES_WORDS:
-                yes.append(i)
-            elif word in NO_WORDS:
-                no.append(i)
-        _ID_CACHE[key] = (yes, no)
-    return _ID_CACHE[key]
-
-
-def prepare_image(image: Image.Image, max_pixels: int | None = None, max_aspect: float = MAX_ASPECT) -> Image.Image:
-    """RGB, at most ``max_pixels`` pixels, and thin images padded to ``max_aspect`` (processors reject them).
-
-    Args:
-        image: any PIL image (grey, RGBA, 16-bit...).
-        max_pixels: pixel budget; larger images are shrunk keeping their aspect ratio.
-        max_aspect: longest/shortest side above which the short side is padded (black).
-
-    Returns:
-        A new RGB image.
-    """
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        import numpy as np
-
-        arr = np.asarray(image, dtype=np.float32)
-        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
-        arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
-        image = Image.fromarray(arr.astype(np.uint8))
-    image = image.convert("RGB")
-    w, h = image.size
-    if w < 1 or h < 1:
-        raise ValueError(f"empty image ({w}x{h})")
-    if max_pixels and w * h > max_pixels:
-        s = math.sqrt(max_pixels / (w * h))
-        image = image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
-        w, h = image.size
-    if max(w, h) / min(w, h) > max_aspect:
-        side = math.ceil(max(w, h) / max_aspect)
-        canvas = Image.new("RGB", (w, side) if w > h else (side, h))
-        canvas.paste(image, (0, (side - h) // 2) if w > h else ((side - w) // 2, 0))
-        image = canvas
-    return image
 
 
 @dataclass
@@ -120,17 +61,7 @@ class PreparedBatch:
     chunks: list[tuple[list[tuple[int, str, list[Image.Image]]], Any]] = field(default_factory=list)
 
 
-def _device(device: str | None) -> str:
-    import torch
-
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def _dtype(dtype: Any, device: str):
-    import torch
-
     if dtype in (None, "auto"):
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -178,14 +109,13 @@ class TransformersBackend(JudgeBackend):
         trust_remote_code: bool = False,
     ) -> None:
         try:
-            import torch  # noqa: F401
             from transformers import AutoModelForImageTextToText, AutoProcessor
         except ImportError as exc:  # pragma: no cover - transformers is a declared dependency
             raise ImportError("the transformers judge backend needs `pip install transformers torch`") from exc
 
         self.model_name = str(model)
         self.revision = revision
-        self.device = _device(device)
+        self.device = str(resolve_device(device))
         self.torch_dtype = _dtype(dtype, self.device)
         self.max_pixels = int(max_pixels) if max_pixels else None
         self.batch_size = max(1, int(batch_size))
@@ -193,7 +123,7 @@ class TransformersBackend(JudgeBackend):
         self.model_kwargs = dict(model_kwargs or {})
         common = dict(revision=revision, trust_remote_code=trust_remote_code)
         self.processor = AutoProcessor.from_pretrained(self.model_name, **common, **self.processor_kwargs)
-        self.pixel_budget = _set_pixel_budget(self.processor, self.max_pixels) if self.max_pixels else None
+        self.pixel_budget = set_pixel_budget(self.processor, self.max_pixels) if self.max_pixels else None
         self.model = AutoModelForImageTextToText.from_pretrained(
             self.model_name, **common, dtype=self.torch_dtype, **self.model_kwargs).to(self.device).eval()
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
@@ -330,8 +260,6 @@ class TransformersBackend(JudgeBackend):
         return dict(enc)
 
     def _generate(self, enc: dict[str, Any], max_new_tokens: int) -> list[JudgeAnswer]:
-        import torch
-
         enc = {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in enc.items()}
         if "pixel_values" in enc and enc["pixel_values"].is_floating_point():
             enc["pixel_values"] = enc["pixel_values"].to(self.torch_dtype)
@@ -353,8 +281,6 @@ class TransformersBackend(JudgeBackend):
         return answers
 
     def _p_yes(self, logp) -> tuple[float | None, float | None]:
-        import torch
-
         if not self.yes_ids or not self.no_ids:
             return None, None
         ly = torch.logsumexp(logp[self.yes_ids], dim=0).item()
@@ -363,52 +289,6 @@ class TransformersBackend(JudgeBackend):
         d = ly - ln
         p = 1.0 / (1.0 + math.exp(-d)) if d > -700 else 0.0
         return p, min(1.0, mass)
-
-
-def _set_pixel_budget(processor, max_pixels: int) -> str | None:
-    """Make the processor itself respect ``max_pixels`` per image, where its family sizes images on its own.
-
-    Shrinking images first is not enough everywhere: some processors enlarge or tile them.
-
-    - Qwen-VL family (``merge_size``, ``size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}``):
-      the budget becomes ``longest_edge`` (and caps ``shortest_edge``).
-    - Idefics3 / SmolVLM (``max_image_size`` tiles): images are resized so their longest side is
-      ``size["longest_edge"]`` (up or down) and cut into tiles; that side becomes the largest multiple of the
-      tile side that fits the budget (at least one tile).
-    - InternVL (``crop_to_patches``, ``max_patches``): at most ``max_pixels // tile area`` tiles (at least 1).
-
-    Others (LLaVA-OneVision picks its grid from the image size, so shrinking first bounds it) are left alone.
-
-    Returns:
-        The family the budget was applied for (``"qwen"``, ``"idefics3"``, ``"internvl"``), or None.
-    """
-    ip = getattr(processor, "image_processor", None)
-    if ip is None:
-        return None
-    size = getattr(ip, "size", None)
-    if hasattr(ip, "merge_size") and size is not None:
-        try:
-            lo, hi = size["shortest_edge"], size["longest_edge"]
-        except (KeyError, TypeError):
-            return None
-        if lo is None or hi is None:
-            return None
-        ip.size = {"shortest_edge": min(int(lo), max_pixels), "longest_edge": int(max_pixels)}
-        return "qwen"
-    tile = getattr(ip, "max_image_size", None)
-    if isinstance(tile, dict) and tile.get("longest_edge") and getattr(ip, "do_image_splitting", False):
-        side = int(tile["longest_edge"])
-        ip.size = {"longest_edge": side * max(1, math.isqrt(max_pixels) // side)}
-        return "idefics3"
-    if getattr(ip, "crop_to_patches", None) is not None and getattr(ip, "max_patches", None) and size is not None:
-        try:
-            area = int(size["height"]) * int(size["width"])
-        except (KeyError, TypeError):
-            return None
-        ip.max_patches = max(1, min(int(ip.max_patches), max_pixels // area))
-        ip.min_patches = min(int(getattr(ip, "min_patches", 1) or 1), ip.max_patches)
-        return "internvl"
-    return None
 
 
 def _jsonable(v: Any) -> bool:

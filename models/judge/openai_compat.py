@@ -41,18 +41,22 @@ import os
 import random
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
 from PIL import Image
 
-from .base import JudgeAnswer, JudgeBackend, JudgeRequest, p_yes_from_logprobs
+from .base import BackendUnavailable, JudgeAnswer, JudgeBackend, JudgeRequest, p_yes_from_logprobs
+
+if TYPE_CHECKING:  # httpx loads when a request is sent: this module is imported with the judge backends
+    import httpx
 
 logger = logging.getLogger(__name__)
 
 #: statuses worth retrying: rate limit, request timeout, conflict, server errors
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+#: seconds the pre-check (:meth:`OpenAICompatBackend.check`) waits for the server, at most
+CHECK_TIMEOUT = 5.0
 
 
 class _Retryable(Exception):
@@ -227,6 +231,51 @@ class OpenAICompatBackend(JudgeBackend):
             "extra_body": self.extra_body,
         }
 
+    def check(self) -> None:
+        """One ``GET {base_url}/models`` (short timeout, no retries): fail at once when the server cannot be used.
+
+        Unreachable (refused, unknown host, no answer within :data:`CHECK_TIMEOUT` s), a refused key
+        (401/403) or a server error (5xx) raise; a server without ``/models`` (404/405/501) passes, and a
+        model missing from the list is only logged (servers resolve aliases such as Ollama's ``:latest``).
+
+        Raises:
+            BackendUnavailable: naming the server URL (without credentials); never the API key.
+        """
+        import httpx
+
+        where = _public_url(self.base_url)
+        headers = dict(self._headers)
+        if self.__api_key:
+            headers["Authorization"] = f"Bearer {self.__api_key}"
+        timeout = min(self.timeout, CHECK_TIMEOUT)
+        try:
+            with httpx.Client(headers=headers, timeout=httpx.Timeout(timeout)) as client:
+                response = client.get(f"{self.base_url}/models")
+        except httpx.TimeoutException:
+            raise BackendUnavailable(f"the VLM server at {where} did not answer within {timeout:g} s; is it "
+                                     "running and is base_url right?") from None
+        except (httpx.HTTPError, OSError) as e:
+            raise BackendUnavailable(f"cannot reach the VLM server at {where} ({type(e).__name__}: "
+                                     f"{self._redact(str(e))[:200]}); start it or fix base_url") from None
+        status, answer = response.status_code, self._redact(_error_message(response))
+        if status in (401, 403):
+            raise BackendUnavailable(f"the VLM server at {where} refused the API key ({answer}); check the key "
+                                     f"(api_key or ${self.api_key_env})")
+        if status >= 500 and status != 501:
+            raise BackendUnavailable(f"the VLM server at {where} answered {answer}")
+        if status == 200:
+            try:
+                served = [m.get("id") for m in response.json().get("data", []) if isinstance(m, Mapping)]
+            except (ValueError, AttributeError):
+                served = []
+            if served and self.model not in served:
+                logger.warning("the VLM server at %s does not list model %r (it serves %s)", where, self.model,
+                               ", ".join(map(str, served[:10])))
+
+    def _redact(self, text: str) -> str:
+        """``text`` with the API key, if any, blanked out."""
+        return text.replace(self.__api_key, "***") if self.__api_key else text
+
     # -- public API ------------------------------------------------------------------------------------
     def judge(self, requests: list[JudgeRequest]) -> list[JudgeAnswer]:
         """Answer every request, in order, with up to ``max_concurrency`` in flight.
@@ -245,6 +294,8 @@ class OpenAICompatBackend(JudgeBackend):
 
     async def ajudge(self, requests: list[JudgeRequest]) -> list[JudgeAnswer]:
         """Async :meth:`judge`."""
+        import httpx
+
         headers = {"Content-Type": "application/json", **self._headers}
         if self.__api_key:
             headers["Authorization"] = f"Bearer {self.__api_key}"
@@ -303,6 +354,8 @@ class OpenAICompatBackend(JudgeBackend):
         return self._parse(data, meta)
 
     async def _post(self, client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Any:
+        import httpx
+
         try:
             response = await client.post(url, content=json.dumps(body).encode("utf-8"))
         except httpx.TimeoutException as e:

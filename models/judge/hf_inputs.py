@@ -1,0 +1,123 @@
+"""What a local ``transformers`` judge feeds its model: images within budget, and the yes/no token ids.
+
+- :func:`prepare_image`: RGB, shrunk to a pixel budget, thin images padded (processors reject them).
+- :func:`set_pixel_budget`: make a processor that resizes or tiles images itself respect the budget too.
+- :func:`answer_token_ids`: every token id that decodes to a spelling of yes / of no, cached per tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+from .base import NO_WORDS, YES_WORDS, normalize_token
+
+#: longest side / shortest side allowed before padding (Qwen processors raise above 200)
+MAX_ASPECT = 100.0
+
+# (tokenizer class, name_or_path, vocab size) -> (yes ids, no ids); computing them decodes the whole vocab
+_ID_CACHE: dict[tuple[str, str, int], tuple[list[int], list[int]]] = {}
+
+
+def answer_token_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """Ids of every token that decodes to a spelling of yes / of no (``" Yes"``, ``"yes"``, ``"NO"``...).
+
+    Args:
+        tokenizer: a ``transformers`` tokenizer (or a processor's ``.tokenizer``).
+
+    Returns:
+        ``(yes_ids, no_ids)``; cached per tokenizer (name, class and size).
+    """
+    key = (type(tokenizer).__name__, str(getattr(tokenizer, "name_or_path", "")), len(tokenizer))
+    if key not in _ID_CACHE:
+        n = len(tokenizer)
+        texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
+        yes, no = [], []
+        for i, text in enumerate(texts):
+            word = normalize_token(text)
+            if word in YES_WORDS:
+                yes.append(i)
+            elif word in NO_WORDS:
+                no.append(i)
+        _ID_CACHE[key] = (yes, no)
+    return _ID_CACHE[key]
+
+
+def prepare_image(image: Image.Image, max_pixels: int | None = None, max_aspect: float = MAX_ASPECT) -> Image.Image:
+    """RGB, at most ``max_pixels`` pixels, and thin images padded to ``max_aspect`` (processors reject them).
+
+    Args:
+        image: any PIL image (grey, RGBA, 16-bit...).
+        max_pixels: pixel budget; larger images are shrunk keeping their aspect ratio.
+        max_aspect: longest/shortest side above which the short side is padded (black).
+
+    Returns:
+        A new RGB image.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float32)
+        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
+        arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
+        image = Image.fromarray(arr.astype(np.uint8))
+    image = image.convert("RGB")
+    w, h = image.size
+    if w < 1 or h < 1:
+        raise ValueError(f"empty image ({w}x{h})")
+    if max_pixels and w * h > max_pixels:
+        s = math.sqrt(max_pixels / (w * h))
+        image = image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
+        w, h = image.size
+    if max(w, h) / min(w, h) > max_aspect:
+        side = math.ceil(max(w, h) / max_aspect)
+        canvas = Image.new("RGB", (w, side) if w > h else (side, h))
+        canvas.paste(image, (0, (side - h) // 2) if w > h else ((side - w) // 2, 0))
+        image = canvas
+    return image
+
+
+def set_pixel_budget(processor, max_pixels: int) -> str | None:
+    """Make the processor itself respect ``max_pixels`` per image, where its family sizes images on its own.
+
+    Shrinking images first is not enough everywhere: some processors enlarge or tile them.
+
+    - Qwen-VL family (``merge_size``, ``size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}``):
+      the budget becomes ``longest_edge`` (and caps ``shortest_edge``).
+    - Idefics3 / SmolVLM (``max_image_size`` tiles): images are resized so their longest side is
+      ``size["longest_edge"]`` (up or down) and cut into tiles; that side becomes the largest multiple of the
+      tile side that fits the budget (at least one tile).
+    - InternVL (``crop_to_patches``, ``max_patches``): at most ``max_pixels // tile area`` tiles (at least 1).
+
+    Others (LLaVA-OneVision picks its grid from the image size, so shrinking first bounds it) are left alone.
+
+    Returns:
+        The family the budget was applied for (``"qwen"``, ``"idefics3"``, ``"internvl"``), or None.
+    """
+    ip = getattr(processor, "image_processor", None)
+    if ip is None:
+        return None
+    size = getattr(ip, "size", None)
+    if hasattr(ip, "merge_size") and size is not None:
+        try:
+            lo, hi = size["shortest_edge"], size["longest_edge"]
+        except (KeyError, TypeError):
+            return None
+        if lo is None or hi is None:
+            return None
+        ip.size = {"shortest_edge": min(int(lo), max_pixels), "longest_edge": int(max_pixels)}
+        return "qwen"
+    tile = getattr(ip, "max_image_size", None)
+    if isinstance(tile, dict) and tile.get("longest_edge") and getattr(ip, "do_image_splitting", False):
+        side = int(tile["longest_edge"])
+        ip.size = {"longest_edge": side * max(1, math.isqrt(max_pixels) // side)}
+        return "idefics3"
+    if getattr(ip, "crop_to_patches", None) is not None and getattr(ip, "max_patches", None) and size is not None:
+        try:
+            area = int(size["height"]) * int(size["width"])
+        except (KeyError, TypeError):
+            return None
+        ip.max_patches = max(1, min(int(ip.max_patches), max_pixels // area))
+        ip.min_patches = min(int(getattr(ip, "min_patches", 1) or 1), ip.max_patches)
+        return "internvl"
+    return None
