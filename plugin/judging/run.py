@@ -131,6 +131,7 @@ def judge(
         ValueError: empty view, bad key or batch size, unknown expert run, a ``key`` used by another kind of
             run or by another model (without ``overwrite``), no candidate reference, bad ``fuse``.
         TypeError: ``backend`` is not a ``JudgeBackend``.
+        BackendUnavailable: the backend's pre-check failed (e.g. the server cannot be reached); nothing recorded.
         RunBusyError: another process is writing the run ``key``.
     """
     n_total = check_collection(samples, "judge")
@@ -151,6 +152,7 @@ def judge(
         raise ValueError("only_flagged needs an expert (the samples it labelled anomalous)")
     if class_field is not None and class_field not in dataset.get_field_schema():
         raise ValueError(f"class_field {class_field!r} is not a field of this dataset")
+    backend.check()  # an unreachable server fails here, once, before a run is recorded
     job = JudgeJob(samples, key, backend, expert=expert, reference=reference, knowledge=knowledge,
                    class_field=class_field, crops=crops, use_expert_verdict=use_expert_verdict,
                    only_flagged=only_flagged, batch_size=batch_size, fuse=fuse, max_new_tokens=max_new_tokens,

@@ -204,6 +204,7 @@ def learn_questions(
         ValueError: bad key, a key used by a run of another kind, an existing question run ``key`` without
             ``overwrite``, not a video view, a label field that is missing or has only one class, bad
             ``combine``/``smoothing``, or no set could be scored.
+        BackendUnavailable: a VLM server (backend or proposer) cannot be reached; nothing recorded.
         RunBusyError: another process is working on the run ``key``.
     """
     check_video_collection(samples, "learn_questions")
@@ -225,6 +226,8 @@ def learn_questions(
     schema = dataset.get_frame_field_schema() if frame_level else dataset.get_field_schema()
     if name not in (schema or {}):
         raise ValueError(f"label field {label_field!r} not found on the dataset")
+    for vlm in {id(b): b for b in (backend, proposer) if isinstance(b, JudgeBackend)}.values():
+        vlm.check()  # an unreachable server fails here, once, before any work
 
     with RunLease(dataset, key, job.verb):
         clips, y = _validation_clips(samples, label_field, positive_label, fps, frames_dir)

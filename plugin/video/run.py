@@ -271,6 +271,7 @@ def score_video(
         ValueError: not a video view, empty, no ffmpeg, neither expert nor backend, bad key or batch size, a
             key in use by another kind of run or holding scores of another expert fit, VLM or question set
             (without ``overwrite``), unknown question run, bad ``combine``/``smoothing``.
+        BackendUnavailable: the backend's pre-check failed (e.g. the server cannot be reached); nothing recorded.
         RunBusyError: another process is writing the run ``key``.
     """
     n_total = check_video_collection(samples, "score_video")
@@ -295,6 +296,8 @@ def score_video(
         parts = [t for t in (expert_threshold, 0.5 if backend is not None else None) if t is not None]
         threshold = float(np.mean(parts))
     threshold = float(threshold)
+    if backend is not None:
+        backend.check()  # an unreachable server fails here, once, before a run is recorded
 
     scorer = FrameScorer(model=model, calibration=calibration, image_size=spec.image_size if spec else None,
                          batch_size=batch_size, backend=backend, questions=qs, combine=combine,
