@@ -17,7 +17,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF
 
 # Decoding an image larger than this many pixels first shrinks it with PIL's cheap ``reduce`` (box filter
 # by an integer factor), so an 8000x8000 photo does not become a 768 MB float tensor.
@@ -121,6 +120,9 @@ def load_image(path: str, image_size: tuple[int, int]) -> torch.Tensor:
     arr = _decode(path, image_size, to_array=True)
     tensor = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
     if tuple(tensor.shape[-2:]) != tuple(image_size):
+        # imported here: torchvision takes over a second to import, and the App imports this module at start-up
+        from torchvision.transforms.v2 import functional as TF
+
         tensor = TF.resize(tensor, list(image_size), antialias=True)
     return tensor.clamp_(0.0, 1.0)
 
