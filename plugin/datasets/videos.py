@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 
+import eta.core.video as etav
 import numpy as np
 
 import fiftyone as fo
@@ -83,8 +84,6 @@ def write_video(path: str, frames: np.ndarray, fps: float) -> str:
     Raises:
         RuntimeError: ffmpeg is not installed.
     """
-    import eta.core.video as etav
-
     if not ffmpeg_available():
         raise RuntimeError("ffmpeg/ffprobe not found: install the system package (apt-get install ffmpeg)")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
