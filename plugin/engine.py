@@ -188,8 +188,9 @@ def check_run_key(dataset, key: str, job: Job, overwrite: bool) -> None:
 
 def record_run(samples, key: str, config, results=None, *, cleanup: bool = False) -> None:
     """Record (or replace) the run ``key`` with ``config`` and optional ``results``: the one place the plugin
-    registers FiftyOne runs. ``cleanup=False`` keeps the fields of a run being replaced (a resumed run)."""
-    samples._root_dataset.register_run(key, config, results=results, overwrite=True, cleanup=cleanup)
+    registers FiftyOne runs (on a view, the view is recorded with the run). ``cleanup=False`` keeps the fields of
+    a run being replaced (a resumed run)."""
+    samples.register_run(key, config, results=results, overwrite=True, cleanup=cleanup)
 
 
 def clear_fields(samples, specs: list[FieldSpec], done_field: str) -> None:

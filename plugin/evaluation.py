@@ -36,6 +36,7 @@ import numpy as np
 import fiftyone.core.runs as fors
 
 from ._common import check_image_collection, check_key
+from .engine import record_run
 from .fields import FieldNames, JudgeFieldNames
 from .ground_truth import field_kind, gt_labels, label_accuracy, pixel_pass
 from .metrics import binary_image_metrics, f1_max_threshold, image_curves, pixel_metrics, threshold_metrics
@@ -277,7 +278,7 @@ def evaluate(
     )
     results = AnomalyEvaluationResults(samples, config, eval_key, metrics=metrics, roc=curves["roc"],
                                        pr=curves["pr"], pixel_roc=pix.get("pixel_roc"), pro=pix.get("pro"))
-    samples.register_run(eval_key, config, results=results, overwrite=True)
+    record_run(samples, eval_key, config, results, cleanup=True)
     if outcomes:
         dataset.set_values(eval_key, outcomes, key_field="id")
     return results
