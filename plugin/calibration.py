@@ -16,6 +16,12 @@ picks the rule:
 The pixel threshold applies the same rule to the per-image maxima of the normal maps, so "far 0.01" also
 means a mask appears on about 1 % of good samples.
 
+Uncertainty: a false-alarm rate set from n held-out normals is only as sure as n allows (5 normals cannot
+show a 1 % rate). Every threshold records, in ``stats["far"]``, how many of the n normals lie above it and
+the exact (Clopper-Pearson) 95 % interval of the true false-alarm rate at that threshold; a
+:class:`ThresholdUncertaintyWarning` (also logged) says so when the interval's upper bound is more than
+:data:`MAX_FAR_RATIO` times the requested rate, or when n < 1 / rate.
+
 Scores: ``<key>_score`` is the share of calibration normals that score below the sample (linear between
 calibration scores, hyperbolic tails beyond them, so it keeps the ranking): 0.99 reads "higher than
 99 % of known-good samples". Heatmaps are normalised with two dataset-level anchors (never per image):
@@ -29,14 +35,87 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy import stats as scipy_stats
+
+logger = logging.getLogger(__name__)
 
 RULES = ("far", "percentile", "mean_std", "f1", "recall", "value")
 DEFAULT_PARAMS = {"far": 0.01, "percentile": 99.0, "mean_std": 3.0, "recall": 0.95}
+#: confidence of the recorded false-alarm interval
+FAR_CONFIDENCE = 0.95
+#: warn when the interval's upper bound exceeds the requested false-alarm rate this many times
+MAX_FAR_RATIO = 3.0
+
+
+class ThresholdUncertaintyWarning(UserWarning):
+    """A threshold was set from too few samples to keep the false-alarm (or recall) rate it promises."""
+
+
+def rate_interval(k: int, n: int, confidence: float = FAR_CONFIDENCE) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) interval of a rate observed as ``k`` events in ``n`` trials."""
+    if n < 1:
+        return 0.0, 1.0
+    a = (1.0 - confidence) / 2.0
+    lo = 0.0 if k <= 0 else float(scipy_stats.beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k >= n else float(scipy_stats.beta.ppf(1.0 - a, k + 1, n - k))
+    return lo, hi
+
+
+def requested_far(rule: str, param: float | None) -> float | None:
+    """The false-alarm rate a normal-only rule promises (``mean_std``: the Gaussian tail beyond k sigma)."""
+    param = DEFAULT_PARAMS.get(rule) if param is None else float(param)
+    if rule == "far":
+        return param
+    if rule == "percentile":
+        return 1.0 - param / 100.0
+    if rule == "mean_std":
+        return float(scipy_stats.norm.sf(param))
+    return None
+
+
+def far_uncertainty(normal_scores, threshold: float, rule: str, param: float | None,
+                    confidence: float = FAR_CONFIDENCE) -> dict[str, Any]:
+    """What ``n`` held-out normals say about the false-alarm rate at ``threshold`` (flagged: score > threshold).
+
+    Returns:
+        ``rate`` (requested, None for labelled or value rules), ``num_normals``, ``num_above``, ``interval``
+        ``[lo, hi]`` of the true rate, ``confidence`` and ``too_wide`` (the warning condition).
+    """
+    scores = np.asarray(normal_scores, dtype=np.float64)
+    n, k = int(scores.size), int(np.sum(scores > threshold))
+    lo, hi = rate_interval(k, n, confidence)
+    rate = requested_far(rule, param)
+    too_wide = bool(rate is not None and rate > 0 and (hi > MAX_FAR_RATIO * rate or n < 1.0 / rate))
+    return {"rate": rate, "num_normals": n, "num_above": k, "interval": [lo, hi], "confidence": confidence,
+            "too_wide": too_wide}
+
+
+def describe_far(info: dict[str, Any]) -> str:
+    """One line for a threshold's false-alarm uncertainty, e.g. ``far 0.01: 0 of 5 normals above, ...``."""
+    lo, hi = info["interval"]
+    text = (f"{info['num_above']} of {info['num_normals']} held-out normals above it; true false-alarm rate "
+            f"{lo:.1%}-{hi:.1%} ({info['confidence']:.0%} interval)")
+    if info.get("rate") is not None:
+        text += f", requested {info['rate']:.2%}"
+    return text
+
+
+def warn_if_uncertain(info: dict[str, Any], what: str = "threshold") -> None:
+    """Log and ``warnings.warn`` (:class:`ThresholdUncertaintyWarning`) when ``info["too_wide"]``."""
+    if not info.get("too_wide"):
+        return
+    need = math.ceil(MAX_FAR_RATIO / info["rate"]) if info["rate"] else None
+    message = (f"{what}: {describe_far(info)}. Too few held-out normals to promise that rate"
+               + (f"; hold out more good samples (hundreds for a 1 % rate, e.g. {need}+)" if need else ""))
+    logger.warning(message)
+    warnings.warn(message, ThresholdUncertaintyWarning, stacklevel=3)
 
 
 def check_param(rule: str, param: float | None) -> float | None:
@@ -193,7 +272,9 @@ class Calibration:
             "map_max": _summary(map_maxima),
             "pixel": {"median": low, "p99": float(np.quantile(pixel_sample, 0.99)),
                       "max": float(pixel_sample.max())},
+            "far": far_uncertainty(image_scores, image_t, rule, param),
         }
+        warn_if_uncertain(stats["far"], f"image threshold ({rule} {param})")
         return cls([float(v) for v in image_scores], [float(v) for v in map_maxima], low, high, rule, param,
                     image_t, pixel_t, stats)
 
@@ -224,8 +305,16 @@ class Calibration:
             pixel_t = check_threshold(pixel_threshold, "pixel threshold")
         image_t, pixel_t = check_threshold(image_t, "image threshold"), check_threshold(pixel_t, "pixel threshold")
         param = DEFAULT_PARAMS.get(rule) if param is None else float(param)
+        far = far_uncertainty(self.image_scores, image_t, rule, param)
+        warn_if_uncertain(far, f"image threshold ({rule} {param})")
         return Calibration(self.image_scores, self.map_maxima, self.map_low, self.map_high, rule, param,
-                           float(image_t), float(pixel_t), dict(self.stats))
+                           float(image_t), float(pixel_t), {**self.stats, "far": far})
+
+    @property
+    def far(self) -> dict[str, Any]:
+        """The false-alarm uncertainty of the image threshold (:func:`far_uncertainty`), also for old records."""
+        return self.stats.get("far") or far_uncertainty(self.image_scores, self.image_threshold, self.rule,
+                                                        self.param)
 
     # ----------------------------------------------------------------- transforms
     def normalize_scores(self, raw) -> np.ndarray:

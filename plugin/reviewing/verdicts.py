@@ -19,7 +19,9 @@ from __future__ import annotations
 import datetime
 import getpass
 import json
+import logging
 import uuid
+import warnings
 from typing import Any
 
 import numpy as np
@@ -27,8 +29,9 @@ import numpy as np
 import fiftyone as fo
 from fiftyone import ViewField as F
 
-from ..calibration import threshold_from_labels
+from ..calibration import ThresholdUncertaintyWarning, rate_interval, threshold_from_labels
 from ..experts import fit_expert
+from ..fields import FieldNames
 from ..labels import ANOMALOUS, NORMAL
 from ..runs import COMPOSITE_METHOD, expert_run_key, expert_state, update_run_config
 from ..thresholds import set_threshold
@@ -40,6 +43,10 @@ REVIEW_FIELD = "review"
 VERDICTS = ("accept", "reject", "relabel")
 #: tag added to every reviewed sample (plus ``review:<verdict>``)
 REVIEWED_TAG = "reviewed"
+#: a review-based threshold warns when its false-alarm or recall interval (95 %) is wider than this
+MAX_REVIEW_INTERVAL = 0.3
+
+logger = logging.getLogger(__name__)
 
 
 def _verdict_tag(verdict: str) -> str:
@@ -218,7 +225,7 @@ def recalibrate_from_review(samples, key: str, field: str = REVIEW_FIELD, rule: 
         return _rethreshold_judge(dataset, target, field, rule, param, n_pos, n_neg)
     # set_threshold reads a label field; the reviews' binary meaning goes to a scratch field for the call
     tmp = f"fav_review_gt_{uuid.uuid4().hex[:8]}"
-    ids, anomalous = dataset.exists(field).values(["id", f"{field}.anomalous"])
+    ids, anomalous, raw = dataset.exists(field).values(["id", f"{field}.anomalous", FieldNames(key).raw_score])
     dataset.add_sample_field(tmp, fo.EmbeddedDocumentField, embedded_doc_type=fo.Classification)
     try:
         dataset.set_values(tmp, {i: fo.Classification(label=ANOMALOUS if a else NORMAL)
@@ -227,9 +234,28 @@ def recalibrate_from_review(samples, key: str, field: str = REVIEW_FIELD, rule: 
     finally:
         dataset.delete_sample_field(tmp)
     history = json.loads(json.dumps(list(dataset.get_run_info(key).config.threshold_history)))
-    history[-1].update(source="review", gt_field=field, num_reviewed_anomalous=n_pos, num_reviewed_normal=n_neg)
+    keep = [(s, a) for s, a in zip(raw, anomalous) if a is not None and s is not None]
+    uncertainty = _warn_if_few_reviews(key, np.array([s for s, _ in keep], dtype=float),
+                                       np.array([a for _, a in keep], dtype=bool), calibration.image_threshold)
+    history[-1].update(source="review", gt_field=field, num_reviewed_anomalous=n_pos, num_reviewed_normal=n_neg,
+                       **uncertainty)
     update_run_config(dataset, key, threshold_history=history)
     return calibration
+
+
+def _warn_if_few_reviews(key: str, scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, list]:
+    """The 95 % intervals of the false-alarm rate and recall the reviews show at ``threshold``; warn when wide."""
+    flagged = scores > threshold
+    n_neg, n_pos = int((~labels).sum()), int(labels.sum())
+    far = rate_interval(int(flagged[~labels].sum()), n_neg)
+    recall = rate_interval(int(flagged[labels].sum()), n_pos)
+    if max(far[1] - far[0], recall[1] - recall[0]) > MAX_REVIEW_INTERVAL:
+        message = (f"threshold of {key!r} from {n_pos} anomalous and {n_neg} normal reviews: false-alarm rate "
+                   f"{far[0]:.0%}-{far[1]:.0%}, recall {recall[0]:.0%}-{recall[1]:.0%} (95 % intervals); "
+                   "review more samples before trusting it")
+        logger.warning(message)
+        warnings.warn(message, ThresholdUncertaintyWarning, stacklevel=3)
+    return {"far_interval": list(far), "recall_interval": list(recall)}
 
 
 def _rethreshold_judge(dataset, target: ReviewTarget, field: str, rule: str, param: float | None,
@@ -240,11 +266,13 @@ def _rethreshold_judge(dataset, target: ReviewTarget, field: str, rule: str, par
     scores = np.asarray([s for s, k in zip(scores, keep) if k], dtype=float)
     labels = np.asarray([a for a, k in zip(anomalous, keep) if k], dtype=bool)
     threshold = threshold_from_labels(scores, labels, rule, param)  # flags are "score > threshold"
+    uncertainty = _warn_if_few_reviews(target.name, scores, labels, threshold)
     config = dataset.get_run_info(target.run_key).config
     thresholds = {**config.review_thresholds, target.name: threshold}
     history = json.loads(json.dumps(list(config.threshold_history)))
     history.append(dict(target=target.name, score_field=target.score, rule=rule, param=param, threshold=threshold,
                         source="review", gt_field=field, num_reviewed_anomalous=n_pos, num_reviewed_normal=n_neg,
+                        **uncertainty,
                         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")))
     update_run_config(dataset, target.run_key, review_thresholds=thresholds, threshold_history=history)
     return threshold
