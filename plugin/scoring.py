@@ -133,7 +133,7 @@ class ScoreJob(Job):
         self.maps_dir, self.masks_dir = os.path.join(out_dir, "maps"), os.path.join(out_dir, "masks")
         self.batch_size, self.num_workers, self.history = batch_size, num_workers, history
         # experts that read sample fields (e.g. a per-class object name) declare them in `needs_fields`
-        self.needs = list(getattr(model, "needs_fields", ()) or ())
+        self.needs = list(model.needs_fields)
 
     def identity(self, config) -> tuple:
         """The expert and its fit: scores of another fit (a re-fit under the same name) are not added to."""
@@ -178,7 +178,7 @@ class ScoreJob(Job):
         ok = [(sid, img) for sid, img, err in items if err is None]
         failed = {sid: err for sid, _, err in items if err is not None}
         needs = self.needs
-        if needs and hasattr(self.model, "unscorable"):  # e.g. a sample of a group without an expert
+        if needs:  # e.g. a sample of a group without an expert
             why = self.model.unscorable({n: [self.values[n][sid] for sid, _ in ok] for n in needs})
             failed.update({sid: err for (sid, _), err in zip(ok, why) if err})
             ok = [item for item, err in zip(ok, why) if not err]

@@ -30,13 +30,13 @@ import torch
 import torch.nn.functional as nnf
 
 from ..calibration import Calibration, calibrated_arrays
-from ..models.base import ExpertOutput
+from ..models.base import ExpertOutput, VisionExpert
 
 #: group name of members that score every sample (ensembles)
 ALL = "*"
 
 
-class CompositeExpert:
+class CompositeExpert(VisionExpert):
     """Routes each image to the members of its group and averages their calibrated outputs.
 
     Args:
@@ -53,11 +53,10 @@ class CompositeExpert:
         self.members = members
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.group_field = group_field
-        inner = {f for group in members.values() for model, _, _ in group
-                 for f in (getattr(model, "needs_fields", ()) or ())}
+        inner = {f for group in members.values() for model, _, _ in group for f in model.needs_fields}
         self.needs_fields = sorted(inner | ({group_field} if group_field else set()))
         first = next(iter(members.values()))[0][0]
-        self.device = getattr(first, "device", torch.device("cpu"))
+        self.device = first.device
 
     def group_of(self, value: Any) -> str:
         """The group of a sample whose ``group_field`` holds ``value`` (:data:`ALL` without a group field)."""
@@ -100,7 +99,7 @@ class CompositeExpert:
                 x = images[idx]
                 if tuple(x.shape[-2:]) != tuple(size):
                     x = nnf.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
-                needs = list(getattr(model, "needs_fields", ()) or ())
+                needs = list(model.needs_fields)
                 if needs:
                     out = model.predict(x, fields={k: [fields[k][i] for i in idx] for k in needs})
                 else:

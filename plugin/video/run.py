@@ -99,7 +99,7 @@ class VideoJob(Job):
         self.names = VideoFieldNames(key)
         self.fields = self.names.specs()
         self.error_field, self.done_field = self.names.error, self.names.score
-        self.needs = list(getattr(scorer.model, "needs_fields", ()) or ())
+        self.needs = list(scorer.model.needs_fields) if scorer.model is not None else []  # None: VLM only
         self.threshold = float(settings["threshold"])
 
     def identity(self, config) -> tuple:
