@@ -244,6 +244,8 @@ def score(
     key = check_key(key or spec.key)
     dataset = samples._root_dataset
     recorded = dataset.get_run_info(key).config if key in dataset.list_runs() else None
+    if recorded is not None and recorded.method != ScoreJob.method:
+        recorded = None  # another kind of run: the engine refuses the key before anything is written
     model = spec.load(device=device)  # a broken checkpoint fails here, before any write
     # thresholds/normalisation: a resumed run keeps its own (possibly re-thresholded) calibration
     cal_dict = recorded.calibration if recorded is not None and not overwrite else None
