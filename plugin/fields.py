@@ -51,6 +51,17 @@ def str_spec(name: str, frame: bool = False) -> FieldSpec:
     return FieldSpec(name, fo.StringField, {}, frame)
 
 
+class Suffix:
+    """A field name made of the run key and a suffix: ``Suffix("_score", doc)`` on a field-names class gives
+    ``"<key>_score"`` on its instances (``doc`` says what the field holds)."""
+
+    def __init__(self, suffix: str, doc: str) -> None:
+        self.suffix, self.__doc__ = suffix, doc
+
+    def __get__(self, names, owner=None):
+        return self if names is None else f"{names.key}{self.suffix}"
+
+
 @dataclass(frozen=True)
 class RunFieldNames:
     """Base of the field names of one run kind: every name derives from the run key.
@@ -80,35 +91,13 @@ class FieldNames(RunFieldNames):
 
     key: str
 
-    @property
-    def label(self) -> str:
-        """``fo.Classification`` normal/anomalous with the normalised score as confidence."""
-        return self.key
-
-    @property
-    def score(self) -> str:
-        """Float image score in (0, 1): the share of known-good calibration samples scoring below it."""
-        return f"{self.key}_score"
-
-    @property
-    def raw_score(self) -> str:
-        """Float image anomaly score as the model produced it, before normalisation."""
-        return f"{self.key}_raw_score"
-
-    @property
-    def map(self) -> str:
-        """``fo.Heatmap`` of the normalised anomaly map (one ``range`` for the whole run)."""
-        return f"{self.key}_map"
-
-    @property
-    def mask(self) -> str:
-        """``fo.Segmentation`` of the thresholded anomaly map (1 = anomalous)."""
-        return f"{self.key}_mask"
-
-    @property
-    def error(self) -> str:
-        """Short message where the sample could not be scored; absent (None) otherwise."""
-        return f"{self.key}_error"
+    label = Suffix("", "``fo.Classification`` normal/anomalous with the normalised score as confidence.")
+    score = Suffix("_score", "Float image score in (0, 1): the share of known-good calibration samples scoring below"
+                             " it.")
+    raw_score = Suffix("_raw_score", "Float image anomaly score as the model produced it, before normalisation.")
+    map = Suffix("_map", "``fo.Heatmap`` of the normalised anomaly map (one ``range`` for the whole run).")
+    mask = Suffix("_mask", "``fo.Segmentation`` of the thresholded anomaly map (1 = anomalous).")
+    error = Suffix("_error", "Short message where the sample could not be scored; absent (None) otherwise.")
 
     def all(self) -> list[str]:
         """Every field of the run, label first."""
@@ -130,50 +119,18 @@ class JudgeFieldNames(RunFieldNames):
 
     key: str
 
-    @property
-    def label(self) -> str:
-        """``fo.Classification`` anomalous / normal / unparsed, with ``p_anomalous`` and ``answered_mass``."""
-        return self.key
-
-    @property
-    def p_anomalous(self) -> str:
-        """Float P(anomalous) from the first answer token's yes/no probabilities."""
-        return f"{self.key}_p_anomalous"
-
-    @property
-    def defect(self) -> str:
-        """``fo.Classification`` of the defect type the model named (``"none"`` when it saw none)."""
-        return f"{self.key}_defect"
-
-    @property
-    def location(self) -> str:
-        """``fo.Classification`` with a 3x3 grid word (``"top left"`` ... ``"bottom right"``) or ``"none"``."""
-        return f"{self.key}_location"
-
-    @property
-    def explanation(self) -> str:
-        """The model's one-sentence explanation."""
-        return f"{self.key}_explanation"
-
-    @property
-    def answer(self) -> str:
-        """The raw answer text (generated tokens only)."""
-        return f"{self.key}_answer"
-
-    @property
-    def regions(self) -> str:
-        """``fo.Detections`` of the expert regions shown to the model as crops."""
-        return f"{self.key}_regions"
-
-    @property
-    def error(self) -> str:
-        """Message where the sample could not be judged; None otherwise."""
-        return f"{self.key}_error"
-
-    @property
-    def fused(self) -> str:
-        """Float: the expert's score and P(anomalous) combined (only with an expert)."""
-        return f"{self.key}_fused"
+    label = Suffix("", "``fo.Classification`` anomalous / normal / unparsed, with ``p_anomalous`` and "
+                       "``answered_mass``.")
+    p_anomalous = Suffix("_p_anomalous", "Float P(anomalous) from the first answer token's yes/no probabilities.")
+    defect = Suffix("_defect", '``fo.Classification`` of the defect type the model named (``"none"`` when it saw '
+                               "none).")
+    location = Suffix("_location", '``fo.Classification`` with a 3x3 grid word (``"top left"`` ... ``"bottom '
+                                   'right"``) or ``"none"``.')
+    explanation = Suffix("_explanation", "The model's one-sentence explanation.")
+    answer = Suffix("_answer", "The raw answer text (generated tokens only).")
+    regions = Suffix("_regions", "``fo.Detections`` of the expert regions shown to the model as crops.")
+    error = Suffix("_error", "Message where the sample could not be judged; None otherwise.")
+    fused = Suffix("_fused", "Float: the expert's score and P(anomalous) combined (only with an expert).")
 
     def all(self) -> list[str]:
         """Every field of the run, label first."""
@@ -197,60 +154,19 @@ class VideoFieldNames(RunFieldNames):
 
     key: str
 
-    @property
-    def label(self) -> str:
-        """Video ``fo.Classification`` anomalous / normal (anomalous when a segment was found)."""
-        return self.key
-
-    @property
-    def score(self) -> str:
-        """Video score: the highest smoothed frame score."""
-        return f"{self.key}_score"
-
-    @property
-    def segments(self) -> str:
-        """``fo.TemporalDetections`` of the anomalous stretches (shown on the App's timeline)."""
-        return f"{self.key}_segments"
-
-    @property
-    def error(self) -> str:
-        """Why the video could not be scored (e.g. no frame could be decoded); None otherwise."""
-        return f"{self.key}_error"
-
-    @property
-    def frame_label(self) -> str:
-        """Frame field: ``fo.Classification`` anomalous / normal (smoothed score vs threshold)."""
-        return self.key
-
-    @property
-    def frame_score(self) -> str:
-        """Frame field: the smoothed score."""
-        return f"{self.key}_score"
-
-    @property
-    def frame_raw_score(self) -> str:
-        """Frame field: the score before smoothing."""
-        return f"{self.key}_raw_score"
-
-    @property
-    def frame_expert_score(self) -> str:
-        """Frame field: the expert's calibrated score (with an expert)."""
-        return f"{self.key}_expert_score"
-
-    @property
-    def frame_vlm_score(self) -> str:
-        """Frame field: the questions' combined P(yes) (with a VLM)."""
-        return f"{self.key}_vlm_score"
-
-    @property
-    def frame_question_scores(self) -> str:
-        """Frame field: list of P(yes), one per question, in the run's order (not with ``combine="joint"``)."""
-        return f"{self.key}_question_scores"
-
-    @property
-    def frame_error(self) -> str:
-        """Frame field: why this sampled frame could not be scored; None otherwise."""
-        return f"{self.key}_error"
+    label = Suffix("", "Video ``fo.Classification`` anomalous / normal (anomalous when a segment was found).")
+    score = Suffix("_score", "Video score: the highest smoothed frame score.")
+    segments = Suffix("_segments", "``fo.TemporalDetections`` of the anomalous stretches (shown on the App's "
+                                   "timeline).")
+    error = Suffix("_error", "Why the video could not be scored (e.g. no frame could be decoded); None otherwise.")
+    frame_label = Suffix("", "Frame field: ``fo.Classification`` anomalous / normal (smoothed score vs threshold).")
+    frame_score = Suffix("_score", "Frame field: the smoothed score.")
+    frame_raw_score = Suffix("_raw_score", "Frame field: the score before smoothing.")
+    frame_expert_score = Suffix("_expert_score", "Frame field: the expert's calibrated score (with an expert).")
+    frame_vlm_score = Suffix("_vlm_score", "Frame field: the questions' combined P(yes) (with a VLM).")
+    frame_question_scores = Suffix("_question_scores", "Frame field: list of P(yes), one per question, in the run's "
+                                                       'order (not with ``combine="joint"``).')
+    frame_error = Suffix("_error", "Frame field: why this sampled frame could not be scored; None otherwise.")
 
     def sample_fields(self) -> list[str]:
         """The video-level fields."""
