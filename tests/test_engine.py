@@ -158,3 +158,32 @@ def test_lease_heartbeat_keeps_a_long_run_alive(fitted):
         other = RunLease(fitted, "beat", "score", timeout=1.0)
         with pytest.raises(RunBusyError):  # a live holder's age is its last heartbeat, not its start
             other.acquire()
+
+
+@pytest.mark.parametrize("old_cls, method, fields", [
+    ("fiftyone_anomaly_vlm.runs.JudgeRunConfig", "vlm_judge", ["old", "old_p_anomalous", "old_error"]),
+    ("fiftyone_anomaly_vlm.video.VideoAnomalyRunConfig", "video_anomaly", []),
+    ("fiftyone_anomaly_vlm.questions.QuestionRunConfig", "vera_questions", []),
+    ("fiftyone_anomaly_vlm.runs.AnomalyEvaluationRunConfig", "anomaly_evaluation", ["old"]),
+])
+def test_other_run_kinds_recorded_by_the_previous_release_load_list_and_delete(parts, old_cls, method, fields):
+    """Judge, video, question and evaluation runs stored with the 0.1 class paths and kwargs (including keys
+    the typed classes do not name) load as the typed classes, are found by method, and delete their fields."""
+    import fiftyone.core.runs as fors
+
+    parts.register_run("old", fors.RunConfig(method=method))
+    for name in fields:
+        parts.add_sample_field(name, fo.FloatField)
+        parts.set_values(name, [0.5] * len(parts))
+    doc = parts._doc.runs["old"]
+    doc.config = {"cls": old_cls, "type": "run", "method": method, "fields": fields, "a_key_of_0_1": 3,
+                  "backend": {"model": "m"}, "questions": ["Is it red?"]}
+    doc.save()
+    parts.reload()
+    config = parts.get_run_info("old").config
+    assert config.method == method and config.a_key_of_0_1 == 3
+    assert type(config).__module__.startswith("fiftyone_anomaly_vlm.runs.")
+    assert parts.list_runs(method=method) == ["old"]
+    parts.delete_run("old")
+    assert "old" not in parts.list_runs()
+    assert not [f for f in fields if f in parts.get_field_schema()]
