@@ -123,7 +123,7 @@ class _SetScorer:
                 scores.extend(s.tolist())
             else:
                 scores.append(float(np.nanmax(s)) if np.isfinite(s).any() else np.nan)
-        return auroc(self.y_true, np.asarray(scores, dtype=np.float64)[self.known])
+        return auroc(np.asarray(scores, dtype=np.float64)[self.known], self.y_true)
 
     def score_set(self, qs: list[str], source: str, iteration: int, text: str | None = None) -> None:
         """Score one set and add it to the history (a set tried before is recorded as a duplicate)."""
