@@ -89,7 +89,6 @@ FORBIDDEN_LAYERS = {
     "core": {"operators", "panels"},
     "models": {"core", "operators", "panels"},
 }
-IN_PROGRESS = pytest.mark.xfail(strict=False, reason="layout issue #16 in progress")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -367,32 +366,27 @@ def test_package_layout_matches_pyproject():
     assert all((REPO / folder / "__init__.py").is_file() for folder in ROOTS)
 
 
-@IN_PROGRESS
 def test_no_import_cycles():
     cycles = find_cycles(REPO)
     assert not cycles, _report("import cycles (module-level imports)", cycles)
 
 
-@IN_PROGRESS
 def test_modules_within_size_limit():
     big = find_oversize_modules(REPO)
     assert not big, _report(f"modules over {MAX_MODULE_LINES} lines", big)
 
 
-@IN_PROGRESS
 def test_layer_boundaries():
     forbidden = find_forbidden_imports(REPO)
     assert not forbidden, _report("imports against operators/panels -> core -> models", forbidden)
 
 
-@IN_PROGRESS
 def test_no_imports_inside_functions():
     lazy = find_function_imports(REPO)
     assert not lazy, _report(f"imports inside functions (allowed: {', '.join(sorted(LAZY_IMPORT_ALLOWLIST))})",
                              lazy)
 
 
-@IN_PROGRESS
 def test_no_private_imports_across_modules():
     private = find_private_imports(REPO)
     assert not private, _report("private names imported from another module", private)
