@@ -1,68 +1,41 @@
-"""Panel 'Anomaly review': score histogram, threshold, flagged samples and human verdicts.
+"""Panel 'Anomaly review': score histogram, threshold, flagged samples, human verdicts and evaluations.
 
-A thin layer over :mod:`fiftyone_anomaly_vlm.review`: every handler calls one of its functions and keeps
-only small values (run, field names, threshold, counts) in ``ctx.panel.state``; the histogram traces go to
+A thin layer over :mod:`fiftyone_anomaly_vlm.reviewing`: every handler calls one core function and keeps
+only small values (run, field names, threshold, counts, markdown) in ``ctx.panel.state``; plot traces go to
 ``ctx.panel.data`` (write-only, not sent back with every event). ``render`` reads state only, no database.
+Inputs declared inside a stack live under the stack's name in the state (``actions.relabel_label``).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import fiftyone as fo
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 from fiftyone import ViewField as F
 
-from fiftyone_anomaly_vlm.reviewing import (
-    REVIEW_FIELD,
-    default_threshold,
-    flagged_view,
-    recalibrate_from_review,
-    review,
-    review_target,
-    run_fields,
-    run_owned_fields,
-    score_histogram,
-    scoring_runs,
-    threshold_counts,
-)
+from fiftyone_anomaly_vlm import set_threshold
+from fiftyone_anomaly_vlm.reviewing import (REVIEW_FIELD, default_threshold, flagged_view, recalibrate_from_review,
+                                            review, review_target, run_fields, score_histogram, scoring_runs,
+                                            threshold_counts)
 
-NO_GT = "(none)"
+from .review_parts import (NO_GT, calibration_of, counts_markdown, curve_traces, errors_markdown,
+                           evaluation_markdown, evaluations_of, gt_candidates, histogram_title, histogram_traces,
+                           raw_threshold, run_errors)
+
+__all__ = ["NO_GT", "ReviewPanel", "counts_markdown", "gt_candidates", "histogram_traces"]
+
 BINS = 40
-_COLORS = {"anomalous": "#e4572e", "normal": "#4c9f70", "unlabelled": "#9e9e9e", "all": "#ff6d04"}
-
-
-def gt_candidates(dataset) -> list[str]:
-    """Classification fields that can serve as ground truth (the runs' own fields and the review field excluded)."""
-    schema = dataset.get_field_schema(embedded_doc_type=fo.Classification)
-    own = run_owned_fields(dataset)
-    return [name for name in schema if name not in own and name != REVIEW_FIELD]
-
-
-def histogram_traces(hist: dict[str, Any]) -> list[dict[str, Any]]:
-    """Plotly bar traces of :func:`score_histogram` output (one per ground-truth class, stacked)."""
-    edges = hist["edges"]
-    lefts = edges[:-1]
-    width = [b - a for a, b in zip(edges[:-1], edges[1:])]
-    series = hist.get("series") or {"all": hist["counts"]}
-    return [{"type": "bar", "name": name, "x": lefts, "y": counts, "width": width, "offset": 0,
-             "marker": {"color": _COLORS.get(name, "#6d8fd1")}}
-            for name, counts in series.items()]
-
-
-def counts_markdown(counts: dict[str, Any] | None) -> str:
-    """The counts line shown under the histogram."""
-    if not counts:
-        return ""
-    text = (f"**{counts['above']}** above / **{counts['below']}** below threshold "
-            f"{counts['threshold']:.3f} ({counts['total']} scored)")
-    if counts.get("gt_field"):
-        def pct(v):
-            return "n/a" if v is None else f"{100 * v:.1f} %"
-        text += (f"  \nvs `{counts['gt_field']}` ({counts['labelled']} labelled): precision {pct(counts['precision'])}, "
-                 f"recall {pct(counts['recall'])} (TP {counts['tp']}, FP {counts['fp']}, FN {counts['fn']})")
-    return text
+CURVES_LAYOUT = {
+    "height": 340, "showlegend": True, "legend": {"orientation": "h", "x": 0, "y": -0.3},
+    "margin": {"t": 40, "l": 50, "b": 60, "r": 10},
+    "xaxis": {"domain": [0, 0.42], "range": [0, 1], "title": {"text": "false-positive rate"}},
+    "yaxis": {"range": [0, 1.02], "title": {"text": "true-positive rate"}},
+    "xaxis2": {"domain": [0.58, 1], "range": [0, 1], "title": {"text": "recall"}},
+    "yaxis2": {"anchor": "x2", "range": [0, 1.02], "title": {"text": "precision"}},
+    "annotations": [{"text": "ROC", "x": 0.21, "y": 1.08, "xref": "paper", "yref": "paper", "showarrow": False},
+                    {"text": "Precision-recall", "x": 0.79, "y": 1.08, "xref": "paper", "yref": "paper",
+                     "showarrow": False}],
+}
+RELABEL_PATH = "actions.relabel_label"
 
 
 class ReviewPanel(foo.Panel):
@@ -77,7 +50,8 @@ class ReviewPanel(foo.Panel):
             icon="fact_check",
             help_markdown=("Pick a scoring run, move the threshold, load the flagged samples into the grid, "
                            "then accept / reject / relabel the selected samples. Verdicts go to the "
-                           f"`{REVIEW_FIELD}` field and tags; the model's fields are never changed."),
+                           f"`{REVIEW_FIELD}` field and tags; the model's fields are never changed. "
+                           "'Apply threshold' rewrites the run's labels and masks at the slider's threshold."),
         )
 
     # ---- events -------------------------------------------------------------------------------------------
@@ -88,10 +62,8 @@ class ReviewPanel(foo.Panel):
         state = ctx.panel.state
         run = state.run if state.run in runs else (runs[0] if runs else None)
         gt = state.gt_field if state.gt_field in gts else ("ground_truth" if "ground_truth" in gts else NO_GT)
-        state.set({"runs": runs, "gt_fields": gts, "run": run, "gt_field": gt})
-        if run:
-            state.threshold = default_threshold(ctx.dataset, run)
-            self._refresh(ctx)
+        state.set({"runs": runs, "gt_fields": gts, "gt_field": gt, "controls.gt_field": gt})
+        self._select_run(ctx, run)
 
     def on_change_dataset(self, ctx):
         """A new dataset: start over."""
@@ -99,22 +71,24 @@ class ReviewPanel(foo.Panel):
         self.on_load(ctx)
 
     def on_change_run(self, ctx):
-        """Another run: its own threshold, histogram and counts."""
-        run = ctx.params.get("value") or ctx.panel.state.run
-        ctx.panel.state.run = run
-        ctx.panel.state.threshold = default_threshold(ctx.dataset, run)
-        self._refresh(ctx)
+        """Another run: its own threshold, histogram, counts, errors and evaluations."""
+        self._select_run(ctx, ctx.params.get("value") or ctx.panel.state.run)
 
     def on_change_gt(self, ctx):
         """Another ground-truth field (or none)."""
-        ctx.panel.state.gt_field = ctx.params.get("value") or NO_GT
+        gt = ctx.params.get("value") or NO_GT
+        ctx.panel.state.set({"gt_field": gt, "controls.gt_field": gt})
         self._refresh(ctx)
 
     def on_change_threshold(self, ctx):
         """New threshold: recount (the histogram stays; only its threshold line moves)."""
         value = ctx.params.get("value", ctx.panel.state.threshold)
-        ctx.panel.state.threshold = float(value)
+        ctx.panel.state.set({"threshold": float(value), "confirm": None})
         self._update_counts(ctx)
+
+    def on_change_evaluation(self, ctx):
+        """Another evaluation of the run: its metrics and curves."""
+        self._show_evaluation(ctx, ctx.params.get("value"))
 
     def on_histogram_click(self, ctx):
         """Clicking a bar shows the samples of that bin in the grid, highest score first."""
@@ -147,7 +121,7 @@ class ReviewPanel(foo.Panel):
 
     def relabel(self, ctx):
         """The selected samples get the label typed in the panel (``normal`` or a defect type)."""
-        label = (ctx.panel.state.relabel_label or "").strip()
+        label = (ctx.panel.state.get(RELABEL_PATH) or "").strip()
         if not label:
             ctx.ops.notify("Type a label first (e.g. 'normal' or 'scratch')", variant="warning")
             return
@@ -161,29 +135,85 @@ class ReviewPanel(foo.Panel):
         except ValueError as e:
             ctx.ops.notify(str(e), variant="warning")
             return
-        ctx.panel.state.threshold = default_threshold(ctx.dataset, run)
+        ctx.panel.state.set({"threshold": default_threshold(ctx.dataset, run), "confirm": None})
         self._update_counts(ctx)
         ctx.ops.notify(f"Threshold of '{run}' recalibrated from reviews: {ctx.panel.state.threshold:.3f}",
                        variant="success")
         ctx.ops.reload_samples()
+
+    def ask_apply_threshold(self, ctx):
+        """First step of 'Apply threshold': say what it will do and ask to confirm."""
+        run, counts = ctx.panel.state.run, ctx.panel.state.counts or {}
+        if calibration_of(ctx.dataset, run) is None:
+            ctx.ops.notify(f"'{run}' is not an expert scoring run with a calibration: its labels cannot be "
+                           "re-thresholded (use 'Recalibrate from reviews')", variant="warning")
+            return
+        ctx.panel.state.confirm = (f"Rewrite the labels and masks of **{run}** at threshold "
+                                   f"**{ctx.panel.state.threshold:.3f}**? {counts.get('above', '?')} of "
+                                   f"{counts.get('total', '?')} samples will be labelled anomalous.")
+
+    def apply_threshold(self, ctx):
+        """Confirmed: ``set_threshold(rule="value")`` at the raw threshold matching the slider's value."""
+        run, value = ctx.panel.state.run, float(ctx.panel.state.threshold)
+        ctx.panel.state.confirm = None
+        try:
+            set_threshold(ctx.dataset, run, rule="value", param=raw_threshold(calibration_of(ctx.dataset, run), value))
+        except ValueError as e:
+            ctx.ops.notify(str(e), variant="error")
+            return
+        ctx.panel.state.threshold = default_threshold(ctx.dataset, run)
+        self._update_counts(ctx)
+        ctx.ops.notify(f"Threshold of '{run}' set to {value:.3f}: {ctx.panel.state.counts['above']} samples "
+                       "labelled anomalous", variant="success")
+        ctx.ops.reload_samples()
+
+    def cancel_apply(self, ctx):
+        """The threshold is not applied."""
+        ctx.panel.state.confirm = None
+
+    def refresh(self, ctx):
+        """Read the runs and evaluations again (after running an operator)."""
+        self.on_load(ctx)
 
     # ---- helpers ------------------------------------------------------------------------------------------
     def _gt(self, ctx) -> str | None:
         gt = ctx.panel.state.gt_field
         return None if not gt or gt == NO_GT else gt
 
+    def _select_run(self, ctx, run: str | None) -> None:
+        ctx.panel.state.set({"run": run, "controls.run": run, "confirm": None})
+        if not run:
+            return
+        ctx.panel.state.threshold = default_threshold(ctx.dataset, run)
+        self._refresh(ctx)
+        evals = evaluations_of(ctx.dataset, run)
+        ctx.panel.state.evaluations = evals
+        self._show_evaluation(ctx, evals[-1] if evals else None)
+
     def _refresh(self, ctx) -> None:
         run = ctx.panel.state.run
         hist = score_histogram(ctx.dataset, run, bins=BINS, gt_field=self._gt(ctx))
         ctx.panel.data.histogram = histogram_traces(hist)
-        ctx.panel.state.num_scored = hist["count"]
-        ctx.panel.state.score_field = hist["field"]
-        self._update_counts(ctx)
+        errors = run_errors(ctx.dataset, run)
+        # one patch: the title, the counts and the errors always describe the same run
+        ctx.panel.state.set({"num_scored": hist["count"], "score_field": hist["field"],
+                             "title": histogram_title(run, hist),
+                             "errors_md": errors_markdown(run, hist["count"], errors),
+                             "counts": self._counts(ctx)})
+
+    def _counts(self, ctx) -> dict:
+        return threshold_counts(ctx.dataset, ctx.panel.state.run, ctx.panel.state.threshold, gt_field=self._gt(ctx))
 
     def _update_counts(self, ctx) -> None:
-        counts = threshold_counts(ctx.dataset, ctx.panel.state.run, ctx.panel.state.threshold,
-                                  gt_field=self._gt(ctx))
-        ctx.panel.state.counts = counts
+        ctx.panel.state.counts = self._counts(ctx)
+
+    def _show_evaluation(self, ctx, key: str | None) -> None:
+        if not key:
+            ctx.panel.state.set({"eval_key": None, "eval_md": None})
+            return
+        results = ctx.dataset.load_run_results(key, cache=False)
+        ctx.panel.data.eval_curves = curve_traces(results)
+        ctx.panel.state.set({"eval_key": key, "eval_md": evaluation_markdown(results)})
 
     def _targets(self, ctx) -> list[str]:
         if ctx.selected:
@@ -209,25 +239,22 @@ class ReviewPanel(foo.Panel):
         if not runs:
             panel.md("No scoring run on this dataset yet: fit an expert and run **Anomaly: score samples**.",
                      name="empty")
+            panel.btn("refresh", label="Refresh", icon="refresh", on_click=self.refresh)
             return types.Property(panel, view=types.GridView(orientation="vertical", padding=2))
 
         controls = panel.h_stack("controls", align_x="left", gap=2)
-        run_choices = types.DropdownView()
-        for r in runs:
-            run_choices.add_choice(r, label=r)
-        controls.enum("run", run_choices.values(), label="Run", default=state.run, view=run_choices,
-                      on_change=self.on_change_run)
-        gt_choices = types.DropdownView()
-        for g in [NO_GT] + list(state.gt_fields or []):
-            gt_choices.add_choice(g, label=g)
-        controls.enum("gt_field", gt_choices.values(), label="Ground truth", default=state.gt_field or NO_GT,
-                      view=gt_choices, on_change=self.on_change_gt)
+        _dropdown(controls, "run", runs, state.run, "Run", self.on_change_run)
+        _dropdown(controls, "gt_field", [NO_GT, *(state.gt_fields or [])], state.gt_field or NO_GT, "Ground truth",
+                  self.on_change_gt)
+        controls.btn("refresh", label="Refresh", icon="refresh", on_click=self.refresh)
 
+        if state.errors_md:
+            panel.view("errors", types.Warning(label="Samples without a score", description=state.errors_md))
         threshold = float(state.threshold if state.threshold is not None else 0.5)
         panel.plot(
             "histogram",
             layout={
-                "title": {"text": f"{state.score_field or state.run} ({state.num_scored or 0} samples)"},
+                "title": {"text": state.title or str(state.run)},
                 "barmode": "stack", "showlegend": True, "height": 320,
                 "xaxis": {"title": {"text": "score"}, "range": [0, 1]},
                 "yaxis": {"title": {"text": "samples"}},
@@ -239,16 +266,48 @@ class ReviewPanel(foo.Panel):
             on_click=self.on_histogram_click,
         )
         panel.float("threshold", label="Threshold", default=threshold, min=0.0, max=1.0,
-                    view=types.SliderView(componentsProps={"slider": {"min": 0, "max": 1, "step": 0.001}}),
+                    view=types.SliderView(min=0, max=1, view_multiple_of=0.001, label="Threshold"),
                     on_change=self.on_change_threshold)
         panel.md(counts_markdown(state.counts), name="counts_text")  # not "counts": md shows that state value
+        self._render_actions(panel, state)
+        self._render_evaluation(panel, state)
+        return types.Property(panel, view=types.GridView(orientation="vertical", gap=2, padding=2))
 
+    def _render_actions(self, panel, state) -> None:
         actions = panel.h_stack("actions", align_x="left", gap=1)
         actions.btn("show_flagged", label="Show flagged", icon="filter_alt", variant="contained",
                     on_click=self.show_flagged)
         actions.btn("accept", label="Accept", icon="check", on_click=self.accept)
         actions.btn("reject", label="Reject", icon="close", on_click=self.reject)
-        actions.str("relabel_label", label="Relabel as", view=types.TextFieldView(placeholder="normal, scratch, ..."))
+        actions.str("relabel_label", label="Relabel as",
+                    view=types.TextFieldView(placeholder="normal, scratch, ...",
+                                             componentsProps={"container": {"sx": {"minWidth": "12rem"}}}))
         actions.btn("relabel", label="Relabel", icon="edit", on_click=self.relabel)
-        actions.btn("recalibrate", label="Recalibrate from reviews", icon="tune", on_click=self.recalibrate)
-        return types.Property(panel, view=types.GridView(orientation="vertical", gap=2, padding=2))
+        thresholds = panel.h_stack("threshold_actions", align_x="left", gap=1)
+        thresholds.btn("apply_threshold", label="Apply threshold", icon="done_all", on_click=self.ask_apply_threshold)
+        thresholds.btn("recalibrate", label="Recalibrate from reviews", icon="tune", on_click=self.recalibrate)
+        if state.confirm:
+            confirm = panel.h_stack("confirm_apply", align_x="left", gap=1)
+            confirm.md(state.confirm, name="confirm_text")
+            confirm.btn("confirm_threshold", label="Confirm", icon="check", variant="contained",
+                        on_click=self.apply_threshold)
+            confirm.btn("cancel_threshold", label="Cancel", on_click=self.cancel_apply)
+
+    def _render_evaluation(self, panel, state) -> None:
+        evals = state.evaluations or []
+        if not evals:
+            panel.md(f"No evaluation of **{state.run}** yet: run **Anomaly: evaluate against ground truth**.",
+                     name="no_evaluation")
+            return
+        _dropdown(panel, "eval_key", evals, state.eval_key or evals[-1], "Evaluation", self.on_change_evaluation)
+        if state.eval_md:
+            panel.md(state.eval_md, name="eval_metrics")
+            # one figure, two subplots: plots side by side in a stack widen the panel past its space
+            panel.plot("eval_curves", layout=CURVES_LAYOUT, config={"displayModeBar": False})
+
+
+def _dropdown(stack, name: str, values: list[str], default: str | None, label: str, on_change) -> None:
+    choices = types.DropdownView()
+    for v in values:
+        choices.add_choice(v, label=v)
+    stack.enum(name, choices.values(), label=label, default=default, view=choices, on_change=on_change)

@@ -1,12 +1,16 @@
-"""End to end: the App served by this test, headless Chromium opens the review panel, its histogram renders.
+"""End to end in the App served by this test, driven in headless Chromium: the review panel, clicked through.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``scripts/setup.sh`` installs them where apt exists) and
-``selenium`` (the ``test`` extra). Skipped, with the reason, when any of them is missing or Chromium cannot
-start. Saves ``docs/review-panel.png`` (the README's screenshot).
+``selenium`` (the ``test`` extra). Browser tests skip, with the reason, when any of them is missing or Chromium
+cannot start. The walk-through saves the README's screenshots (``docs/review-*.png``).
+
+The helpers here (``browser``, ``served_app``, ``run_operator``...) are shared with ``test_app_*.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import socket
@@ -14,27 +18,37 @@ import tempfile
 import time
 
 import pytest
+from PIL import Image
 
 import fiftyone as fo
 
 import fiftyone_anomaly_vlm as fav
 from conftest import ROOT
+from fiftyone_anomaly_vlm.panels.review import BINS
 from fiftyone_anomaly_vlm.reviewing import default_threshold
 
 CHROMIUM = os.environ.get("FAV_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("FAV_CHROMEDRIVER", shutil.which("chromedriver") or "/usr/bin/chromedriver")
-SCREENSHOT = ROOT / "docs" / "review-panel.png"
+DOCS = ROOT / "docs"
+IN_PANEL = "[data-cy=panel-content-anomaly_review]"
+PANEL = fo.Space(children=[fo.Panel(type="Samples", pinned=True), fo.Panel(type="anomaly_review")],
+                 orientation="horizontal")
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e '.[test]')")
-if not os.path.isfile(CHROMIUM) or not os.path.isfile(CHROMEDRIVER):
-    pytest.skip(f"no Chromium/driver at {CHROMIUM} / {CHROMEDRIVER} (apt-get install chromium chromium-driver, "
-                "or scripts/setup.sh)", allow_module_level=True)
+try:
+    from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    MISSING = None if os.path.isfile(CHROMIUM) and os.path.isfile(CHROMEDRIVER) else (
+        f"no Chromium/driver at {CHROMIUM} / {CHROMEDRIVER} (apt-get install chromium chromium-driver, "
+        "or scripts/setup.sh)")
+except ImportError:
+    MISSING = "selenium not installed (pip install -e '.[test]')"
 
-from selenium.common.exceptions import WebDriverException  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
 
-
+# ---- helpers shared with test_app_*.py ------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -43,13 +57,17 @@ def _free_port() -> int:
 
 @pytest.fixture
 def browser():
+    """Headless Chromium (skips the test, with the reason, where it is missing or cannot start)."""
+    if MISSING:
+        pytest.skip(MISSING)
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     profile = tempfile.mkdtemp(prefix="fav-chromium-")
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", f"--user-data-dir={profile}", "--window-size=1600,1000"):
+                "--no-first-run", f"--user-data-dir={profile}", "--window-size=1700,1000"):
         opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     try:
         driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     except WebDriverException as e:
@@ -60,49 +78,302 @@ def browser():
     shutil.rmtree(profile, ignore_errors=True)
 
 
-def _wait(what, predicate, timeout):
+@contextlib.contextmanager
+def served_app(driver, samples, spaces=None):
+    """Serve the App on ``samples`` (a dataset or view), open it in ``driver``; yields the session."""
+    port = _free_port()
+    session = fo.launch_app(samples, spaces=spaces, address="127.0.0.1", port=port, remote=True, auto=False)
+    try:
+        driver.get(f"http://127.0.0.1:{port}/datasets/{samples._root_dataset.name}")
+        _wait("the grid", lambda: driver.find_elements(By.CSS_SELECTOR, "[data-cy=looker]"), 90)
+        _click_text(driver, "button", "Dismiss")  # the App's promotional pop-up, if shown
+        yield session
+    finally:
+        if os.environ.get("FAV_BROWSER_DEBUG"):  # a folder: the page as the test left it
+            driver.save_screenshot(os.path.join(os.environ["FAV_BROWSER_DEBUG"], "last.png"))
+        session.close()
+
+
+def _wait(what, predicate, timeout=30):
     end = time.time() + timeout
     while time.time() < end:
-        value = predicate()
+        try:
+            value = predicate()
+        except StaleElementReferenceException:  # the App drew that element again: look again
+            value = None
         if value:
             return value
-        time.sleep(0.5)
+        time.sleep(0.3)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _click_text(driver, tag, text):
-    found = driver.find_elements(By.XPATH, f"//{tag}[contains(normalize-space(.), '{text}')]")
+    found = [e for e in driver.find_elements(By.XPATH, f"//{tag}[normalize-space(.)='{text}']") if e.is_displayed()]
+    found = found or [e for e in driver.find_elements(By.XPATH, f"//{tag}[contains(normalize-space(.), '{text}')]")
+                      if e.is_displayed()]
     if found:
-        driver.execute_script("arguments[0].click();", found[0])
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click();", found[0])
     return bool(found)
 
 
-def test_review_panel_renders_in_the_app(fitted, browser):
+def _click(driver, tag, text):
+    assert _click_text(driver, tag, text), f"no <{tag}> '{text}' on the page"
+
+
+def _text(driver) -> str:
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def _notification(driver, contains: str, timeout=60) -> str:
+    """Wait for an App notification (snackbar) holding ``contains``; returns its text."""
+    def find():
+        alerts = driver.find_elements(By.CSS_SELECTOR, ".MuiSnackbar-root, [role=alert]")
+        return next((a.text for a in alerts if contains in a.text), None)
+    return _wait(f"a notification with {contains!r} (page: {_text(driver)[-600:]!r})", find, timeout)
+
+
+def _dismiss_notifications(driver) -> None:
+    for close in driver.find_elements(By.CSS_SELECTOR, ".MuiSnackbar-root button"):
+        driver.execute_script("arguments[0].click();", close)
+    _wait("notifications closed", lambda: not driver.find_elements(By.CSS_SELECTOR, ".MuiSnackbar-root"), 20)
+
+
+def _input_after_label(driver, label: str):
+    """The text input of the form field labelled ``label`` (the first one after that text)."""
+    return driver.find_element(By.XPATH, f"//*[normalize-space(text())='{label}']/following::input[1]")
+
+
+def run_operator(driver, search: str, title: str, texts: dict[str, str] | None = None,
+                 choices: list[str] | None = None) -> None:
+    """Open the operator browser (backtick), pick the operator found by ``search``, fill the form and click
+    Execute (immediate execution, also where the operator offers delegation)."""
+    ActionChains(driver).send_keys("`").perform()
+    _wait("the operator browser", lambda: driver.find_elements(By.CSS_SELECTOR, "input[placeholder*='earch']"), 20)
+    ActionChains(driver).send_keys(search).perform()
+    _wait(f"'{title}' in the operator browser", lambda: title in _text(driver), 20)
+    ActionChains(driver).send_keys(Keys.ENTER).perform()
+    _wait(f"the form of '{title}'", lambda: driver.find_elements(By.XPATH, "//button[normalize-space(.)='Execute']"),
+          30)
+    for label in choices or []:
+        _click(driver, "label", label)
+    for label, value in (texts or {}).items():
+        field = _input_after_label(driver, label)
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys(value)
+    _wait("the form to accept the values", lambda: driver.find_element(
+        By.XPATH, "//button[normalize-space(.)='Execute']").is_enabled(), 30)
+    _click(driver, "button", "Execute")
+
+
+def save_png(driver, name: str, width: int = 1280) -> None:
+    """A small screenshot for the README: docs/<name>.png, ``width`` pixels wide, a 256-colour palette PNG."""
+    image = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+    image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
+    DOCS.mkdir(exist_ok=True)
+    image.quantize(colors=256).save(DOCS / f"{name}.png", optimize=True)
+
+
+def _thumbnails_drawn(driver) -> bool:
+    canvases = driver.find_elements(By.CSS_SELECTOR, "[data-cy=looker] canvas")
+    return bool(canvases) and all(c.get_attribute("canvas-loaded") == "true" for c in canvases)
+
+
+def _scroll_panel_to(driver, element, block="start") -> None:
+    driver.execute_script(f"arguments[0].scrollIntoView({{block: '{block}'}});", element)
+
+
+# ---- the review panel, clicked through ----------------------------------------------------------------------
+def _combobox(driver, value: str):
+    return _wait(f"the dropdown showing {value!r}", lambda: next(
+        (c for c in driver.find_elements(By.CSS_SELECTOR, "[role=combobox]") if c.text == value), None), 20)
+
+
+def _choose(driver, current: str, value: str) -> None:
+    box = _combobox(driver, current)
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
+    ActionChains(driver).move_to_element(box).click().perform()
+    option = _wait(f"option {value!r}", lambda: next(
+        (o for o in driver.find_elements(By.CSS_SELECTOR, "li[role=option]") if o.text == value), None), 10)
+    option.click()
+    _combobox(driver, value)
+
+
+def _histogram_title(driver) -> str:
+    titles = [t.text for t in driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .gtitle")]
+    return titles[0] if titles else ""
+
+
+def _counts_line(driver) -> str:
+    found = driver.find_elements(By.XPATH, "//p[contains(., 'below threshold')]")
+    return found[0].text if found else ""
+
+
+def _expect_run_shown(driver, ds, run: str) -> None:
+    """The histogram title and the counts line describe ``run`` (as the core computes them)."""
+    hist = fav.score_histogram(ds, run, bins=BINS, gt_field="ground_truth")
+    counts = fav.threshold_counts(ds, run, default_threshold(ds, run), gt_field="ground_truth")
+    title = f"{run}: {hist['field']} ({hist['count']} samples)"
+    line = f"{counts['above']} above / {counts['below']} below threshold {counts['threshold']:.3f}"
+    _wait(f"title {title!r} and counts {line!r}",
+          lambda: _histogram_title(driver) == title and line in _counts_line(driver), 30)
+
+
+def _select_tiles(driver, indices) -> None:
+    """Tick exactly the grid's thumbnails at ``indices`` (their order is the view's order), one click at a time
+    until the ticks shown are those (the grid redraws its thumbnails after each review)."""
+    wanted = set(indices)
+
+    def step():
+        boxes = driver.find_elements(By.CSS_SELECTOR, "[data-cy=looker] input[data-cy^=looker-checkbox-input]")
+        wrong = [b for i, b in enumerate(boxes) if b.is_selected() != (i in wanted)]
+        if boxes and not wrong:
+            return True
+        if wrong:
+            driver.execute_script("arguments[0].parentElement.click();", wrong[0])
+        return False
+    _wait(f"thumbnails {sorted(wanted)} ticked", step, 30)
+
+
+def _click_panel_button(driver, label: str) -> None:
+    _click(driver, "button", label)
+
+
+@pytest.fixture
+def review_dataset(fitted):
+    """Two scoring runs (one whose samples all errored) and an evaluation, made from Python."""
     ds = fitted
     fav.score(ds, expert="padim", device="cpu", batch_size=16)
-    n_flagged = fav.flagged_view(ds, "padim", threshold=default_threshold(ds, "padim")).count()
+    fav.evaluate(ds, "padim", "ground_truth")
+    missing = [fo.Sample(filepath=f"/nonexistent/fav/part_{i}.png", tags=["broken"]) for i in range(4)]
+    ds.add_samples(missing)
+    fav.score(ds.match_tags("broken"), expert="padim", key="broken", device="cpu")
+    return ds
 
-    spaces = fo.Space(children=[fo.Panel(type="Samples", pinned=True), fo.Panel(type="anomaly_review")],
-                      orientation="horizontal")
-    port = _free_port()
-    session = fo.launch_app(ds, spaces=spaces, address="127.0.0.1", port=port, remote=True, auto=False)
-    try:
-        browser.get(f"http://127.0.0.1:{port}/datasets/{ds.name}")
-        # the panel loads the plugin's Python panel, which draws the histogram with plotly
-        _wait("the review panel's plotly histogram", lambda: browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot"),
-              60)
-        _wait("histogram bars", lambda: browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot g.point path"), 20)
-        body = browser.find_element(By.TAG_NAME, "body")
-        assert "Panel \"anomaly_review\" no longer exists" not in body.text
-        _wait("the counts line", lambda: "above" in body.text and "precision" in body.text, 20)
-        _click_text(browser, "button", "Dismiss")  # the App's promotional pop-up, if shown
 
-        # "Show flagged" loads the flagged samples into the grid, highest score first
-        buttons = [" ".join(b.get_attribute("textContent").split()) for b in browser.find_elements(By.TAG_NAME, "button")]
-        assert _click_text(browser, "button", "Show flagged"), buttons
-        _wait(f"{n_flagged} flagged samples in the grid", lambda: f"{n_flagged} samples" in body.text, 30)
-        time.sleep(2)  # let the grid draw its thumbnails
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        assert browser.save_screenshot(str(SCREENSHOT))
-    finally:
-        session.close()
+def test_review_panel_walkthrough(review_dataset, browser):
+    ds, driver = review_dataset, browser
+    with served_app(driver, ds, spaces=PANEL) as session:
+        _wait("the review panel's histogram", lambda: driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot"), 60)
+        assert "Panel \"anomaly_review\" no longer exists" not in _text(driver)
+        first = sorted(fav.scoring_runs(ds))[0]
+        _expect_run_shown(driver, ds, first)
+
+        # switching runs: title, counts and the errors always describe the selected run
+        _choose(driver, first, "padim")
+        _expect_run_shown(driver, ds, "padim")
+        _choose(driver, "padim", "broken")
+        _expect_run_shown(driver, ds, "broken")
+        _wait("the errors of 'broken'", lambda: "all 4 samples it processed errored" in _text(driver), 20)
+        assert "file not found: /nonexistent/fav/part_0.png" in _text(driver)
+        _choose(driver, "broken", "padim")
+        _expect_run_shown(driver, ds, "padim")
+        assert "samples it processed errored" not in _text(driver)
+
+        # the recorded evaluation: metrics table and ROC / precision-recall curves
+        metrics = ds.load_run_results("padim_eval").metrics
+        _wait("the evaluation's metrics", lambda: f"{metrics['auroc']:.4f}" in _text(driver), 20)
+        assert f"{metrics['ap']:.4f}" in _text(driver)
+        subplots = [t.text for t in driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .annotation-text")]
+        assert {"ROC", "Precision-recall"} <= set(subplots), subplots
+        assert f"ROC, AUROC {metrics['auroc']:.3f}" in _text(driver)  # the legend of the recorded curve
+        _scroll_panel_to(driver, driver.find_elements(By.CSS_SELECTOR, f"{IN_PANEL} .js-plotly-plot")[-1], "end")
+        save_png(driver, "review-evaluation")
+
+        # a histogram bar: the grid shows that bin's samples
+        hist = fav.score_histogram(ds, "padim", bins=BINS)
+        bars = [b for b in driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot g.point path")
+                if b.size["height"] > 3]
+        bar = max(bars, key=lambda b: b.rect["x"])  # the highest-score bin with samples
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", bar)
+        ActionChains(driver).move_to_element(bar).click().perform()
+        n_bin = next(c for c in reversed(hist["counts"]) if c)
+        _wait(f"the {n_bin} samples of the bin in the grid", lambda: f"{n_bin} samples" in _text(driver)
+              or (n_bin == 1 and "1 sample" in _text(driver)), 30)
+        edges = hist["edges"]
+        top = max(i for i, c in enumerate(hist["counts"]) if c)
+        shown = _wait("the App's view in the Python session", lambda: session.view, 30).values("padim_score")
+        assert len(shown) == n_bin and all(edges[top] <= s <= edges[top + 1] for s in shown), shown
+
+        # Show flagged: the samples above the threshold, highest first
+        threshold = default_threshold(ds, "padim")
+        flagged = fav.flagged_view(ds, "padim", threshold=threshold)
+        assert len(flagged) >= 4
+        _click_panel_button(driver, "Show flagged")
+        _wait(f"{len(flagged)} flagged samples in the grid", lambda: f"{len(flagged)} samples" in _text(driver), 30)
+        ids = flagged.values("id")
+        _wait("the thumbnails drawn", lambda: _thumbnails_drawn(driver), 30)
+        _scroll_panel_to(driver, _combobox(driver, "padim"))
+        save_png(driver, "review-panel")
+
+        # Accept two, Reject one, Relabel one: the review field and the tags in the database
+        _select_tiles(driver, [0, 1])
+        _click_panel_button(driver, "Accept")
+        _notification(driver, "accept: 2 sample(s) reviewed")
+        ds.reload()  # the App's server wrote the review field
+        assert ds.select(ids[:2]).values("review.verdict") == ["accept", "accept"]
+        assert all({"reviewed", "review:accept"} <= set(t) for t in ds.select(ids[:2]).values("tags"))
+        assert ds.count("review") == 2
+        _dismiss_notifications(driver)
+
+        _select_tiles(driver, [2])
+        _click_panel_button(driver, "Reject")
+        _notification(driver, "reject: 1 sample(s) reviewed")
+        ds.reload()
+        sample = ds[ids[2]]
+        assert sample.review.verdict == "reject" and sample.review.label == "normal"
+        assert "review:reject" in sample.tags and ds.count("review") == 3
+        _dismiss_notifications(driver)
+
+        _select_tiles(driver, [3])
+        field = driver.find_element(By.XPATH, "//input[@placeholder='normal, scratch, ...']")
+        assert field.size["width"] >= 120, field.size  # 'scratch' fits (it was 59 px: 'scrat')
+        field.send_keys("scratch")
+        field.send_keys(Keys.TAB)
+        _click_panel_button(driver, "Relabel")
+        _notification(driver, "relabel: 1 sample(s) reviewed")
+        ds.reload()
+        sample = ds[ids[3]]
+        assert sample.review.label == "scratch" and sample.review.verdict == "relabel"
+        assert {"reviewed", "review:relabel"} <= set(sample.tags) and ds.count("review") == 4
+        _dismiss_notifications(driver)
+        _select_tiles(driver, [])
+
+        # Apply threshold: the slider's value (calibrated scale) becomes the run's threshold, after confirming
+        slider = driver.find_element(By.CSS_SELECTOR, f"{IN_PANEL} .MuiSlider-root")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", slider)
+        # a click at 30 % of the track (offsets count from the element's centre)
+        ActionChains(driver).move_to_element_with_offset(slider, -int(slider.size["width"] * 0.2), 0).click().perform()
+        def slider_value():  # the slider is drawn again after each change: find it each time
+            found = driver.find_elements(By.CSS_SELECTOR, f"{IN_PANEL} .MuiSlider-root input[type=range]")
+            return float(found[0].get_attribute("value")) if found else None
+        value = _wait("the slider's new value", lambda: (
+            lambda v: v if v is not None and abs(v - threshold) > 0.05 else None)(slider_value()), 20)
+        counts = fav.threshold_counts(ds, "padim", value)
+        _wait("the counts at the new threshold", lambda: f"{counts['above']} above / {counts['below']} below "
+              f"threshold {value:.3f}" in _counts_line(driver), 20)
+        _click_panel_button(driver, "Apply threshold")
+        _wait("the confirmation", lambda: f"Rewrite the labels and masks of padim at threshold {value:.3f}"
+              in _text(driver), 20)
+        assert ds.get_run_info("padim").config.normalized_image_threshold == pytest.approx(threshold)  # not yet
+        save_png(driver, "review-apply-threshold")
+        _click_panel_button(driver, "Confirm")
+        _notification(driver, f"Threshold of 'padim' set to {value:.3f}")
+        ds.reload()
+        config = ds.get_run_info("padim").config
+        assert config.threshold_history[-1]["rule"] == "value"
+        assert config.normalized_image_threshold == pytest.approx(value, abs=1e-9)
+        assert ds.count_values("padim.label").get("anomalous", 0) == counts["above"]
+        _dismiss_notifications(driver)
+
+        # Recalibrate from the reviews: F1-optimal threshold on the verdicts, recorded on the run
+        n_history = len(config.threshold_history)
+        _click_panel_button(driver, "Recalibrate from reviews")
+        _notification(driver, "recalibrated from reviews")
+        ds.reload()
+        config = ds.get_run_info("padim").config
+        assert len(config.threshold_history) == n_history + 1
+        assert config.threshold_history[-1]["source"] == "review"
+        new = config.normalized_image_threshold
+        _wait("the recalibrated threshold in the panel", lambda: f"threshold {new:.3f}" in _counts_line(driver), 20)
+        counts = fav.threshold_counts(ds, "padim", new)
+        assert f"{counts['above']} above / {counts['below']} below threshold {new:.3f}" in _counts_line(driver)

@@ -10,7 +10,9 @@ import fiftyone.operators as foo
 from fiftyone.operators.executor import ExecutionContext, Executor
 
 import fiftyone_anomaly_vlm as fav
+from fiftyone_anomaly_vlm.calibration import Calibration
 from fiftyone_anomaly_vlm.panels.review import NO_GT, ReviewPanel, counts_markdown
+from fiftyone_anomaly_vlm.panels.review_parts import raw_threshold
 from fiftyone_anomaly_vlm.reviewing import default_threshold
 
 PLUGIN = "@anomaly-vlm/anomaly-vlm"
@@ -208,7 +210,8 @@ def test_panel_handlers_drive_the_core(scored):
     # render reads state only and lays out the plot, the slider and the buttons
     form = panel.render(ctx).type.properties
     assert {"controls", "histogram", "threshold", "counts_text", "actions"} <= set(form)
-    assert {"show_flagged", "accept", "reject", "relabel", "recalibrate"} <= set(form["actions"].type.properties)
+    buttons = set(form["actions"].type.properties) | set(form["threshold_actions"].type.properties)
+    assert {"show_flagged", "accept", "reject", "relabel", "recalibrate"} <= buttons
     assert "precision" in counts_markdown(state["counts"])
 
     ctx, _ = _panel_ctx(ds, state, value=0.5)
@@ -234,7 +237,7 @@ def test_panel_handlers_drive_the_core(scored):
     ctx, ex = _panel_ctx(ds, state, selected=ids)
     panel.accept(ctx)
     assert ds.select(ids).values("review.verdict") == ["accept", "accept"]
-    state["relabel_label"] = "stain"
+    state["actions"] = {"relabel_label": "stain"}  # the App sends the input under its stack (the Relabel bug)
     ctx, _ = _panel_ctx(ds, state, selected=ids[:1])
     panel.relabel(ctx)
     assert ds[ids[0]]["review"].label == "stain"
@@ -258,6 +261,18 @@ def test_panel_without_runs_says_what_to_do(parts):
     assert state["run"] is None
     form = ReviewPanel().render(ctx).type.properties
     assert "empty" in form and "histogram" not in form
+
+
+@pytest.mark.parametrize("value", [0.0, 1e-6, 0.01, 0.3, 0.5, 0.777, 0.999, 1.0])
+def test_apply_threshold_inverts_the_calibrated_scale(value):
+    rng = np.random.default_rng(0)
+    cal = Calibration.from_normals(rng.normal(10, 2, 60), rng.normal(5, 1, 60), rng.normal(1, 0.5, 500))
+    raw = raw_threshold(cal, value)
+    samples = rng.normal(10, 6, 5000)
+    if 0 < value < 1:  # the boundary itself (at 0 and 1 no raw score has that calibrated score)
+        samples = np.concatenate([samples, [raw, np.nextafter(raw, np.inf)]])
+    # a raw score is above the raw threshold exactly when its calibrated score is above the slider's value
+    assert ((samples > raw) == (cal.normalize_scores(samples) > value)).all()
 
 
 @pytest.fixture(scope="module")
