@@ -1,17 +1,29 @@
-"""One progress adapter for every long operator.
+"""One progress adapter and one error path for every long operator.
 
 Delegated runs report through ``ctx.set_progress`` (stored with the delegated operation, shown in the
 Runs list); immediate runs execute the work in a worker thread and the operator, a generator, yields
 ``set_progress`` triggers to the App while it waits.
+
+Errors: FiftyOne 1.22 streams a generator operator's messages to the App and has no error path for them
+(``fiftyone/operators/server.py``, ``create_response_generator``): an exception ends the stream without a
+word and the App's progress dialog waits forever. :func:`reports_errors` wraps ``execute`` so that, for a
+run the App started, the exception becomes an error notification with its message, the progress dialog
+ends on that message and the full traceback goes to the browser console. Delegated runs and runs started
+from Python (``foo.execute_operator``) raise as before: the delegated operation is marked failed with the
+error, the Python caller gets the exception.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
+import traceback
 from collections.abc import Callable, Generator
 from typing import Any
 
 import fiftyone as fo
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
 
 
 def run_with_progress(ctx, label: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Generator:
@@ -55,11 +67,52 @@ def run_with_progress(ctx, label: str, fn: Callable[..., Any], *args: Any, **kwa
     return box.get("result")
 
 
+def started_from_app(ctx) -> bool:
+    """Whether the App's server streams this immediate run to the browser.
+
+    The server's execute endpoints require ``operator_uri`` in the request body, which becomes
+    ``ctx.request_params``; ``foo.execute_operator`` (Python) passes no such key, and a delegated run has
+    ``ctx.delegated`` set.
+    """
+    return not ctx.delegated and ctx.executor is not None and "operator_uri" in (ctx.request_params or {})
+
+
+def failure_messages(ctx, title: str, exc: BaseException) -> list:
+    """The App messages that report a failed run: an error notification with the exception's message, the
+    progress dialog replaced by that message (its Done button closes it), the traceback in the console."""
+    message = str(exc) or type(exc).__name__
+    outputs = types.Object()
+    outputs.view("error", types.Error(label=title, description=message))
+    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return [ctx.ops.notify(message, variant="error"),
+            ctx.ops.show_output(types.Property(outputs).to_json(), {}),
+            ctx.log(f"{title}: {trace}")]
+
+
+def reports_errors(execute: Callable) -> Callable:
+    """Decorate a generator ``execute`` so that a run started in the App reports its failure there.
+
+    See the module docs; nothing else changes (a failed run writes what the core wrote before raising,
+    which is nothing for the core's whole-run checks).
+    """
+
+    @functools.wraps(execute)
+    def execute_reporting_errors(self, ctx):
+        try:
+            return (yield from execute(self, ctx))
+        except Exception as exc:
+            if not started_from_app(ctx):
+                raise
+            for message in failure_messages(ctx, f"{self.config.label} failed", exc):
+                yield message
+            return None
+
+    return execute_reporting_errors
+
+
 def long_running_config(name: str, label: str, description: str, icon: str, delegate_by_default: bool = True):
     """The ``OperatorConfig`` shared by the plugin's long operators: dynamic forms, progress as a
     generator, immediate or delegated execution (delegated chosen by default for model work)."""
-    import fiftyone.operators as foo
-
     return foo.OperatorConfig(
         name=name,
         label=label,

@@ -9,7 +9,7 @@ import fiftyone.operators.types as types
 from fiftyone_anomaly_vlm import create_clip_expert, list_experts
 
 from ._forms import check_key, dropdown
-from ._progress import long_running_config, run_with_progress
+from ._progress import long_running_config, reports_errors, run_with_progress
 
 _WEIGHTS = {"tag": "open_clip pretrained tag (from the Hugging Face cache, or downloaded once)",
             "file": "Local checkpoint file (offline)", "none": "None: random weights (smoke tests)"}
@@ -63,6 +63,7 @@ class CreateClipExpert(foo.Operator):
                    description="'auto' uses CUDA when present, else CPU; or 'cpu', 'cuda:0', ...")
         return types.Property(inputs, view=types.View(label="CLIP zero/few-shot expert"))
 
+    @reports_errors
     def execute(self, ctx):
         p = ctx.params
         weights = p.get("weights", "tag")

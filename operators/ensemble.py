@@ -8,7 +8,7 @@ import fiftyone.operators.types as types
 from fiftyone_anomaly_vlm import ensemble_experts, list_experts
 
 from ._forms import check_key, device_and_batch, nothing_to_choose
-from ._progress import long_running_config, run_with_progress
+from ._progress import long_running_config, reports_errors, run_with_progress
 
 
 class EnsembleExperts(foo.Operator):
@@ -42,6 +42,7 @@ class EnsembleExperts(foo.Operator):
         device_and_batch(inputs, batch_size=8)
         return types.Property(inputs, view=types.View(label="Ensemble experts"))
 
+    @reports_errors
     def execute(self, ctx):
         p = ctx.params
         expert = yield from run_with_progress(

@@ -7,11 +7,11 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fiftyone_anomaly_vlm import evaluate
-from fiftyone_anomaly_vlm.reviewing import run_owned_fields, scoring_runs
+from fiftyone_anomaly_vlm.reviewing import review_target, run_owned_fields, scoring_runs
 from fiftyone_anomaly_vlm.runs import AnomalyEvaluationRunConfig
 
 from ._forms import check_key, dropdown, nothing_to_choose
-from ._progress import long_running_config, run_with_progress
+from ._progress import long_running_config, reports_errors, run_with_progress
 
 _GT_TYPES = (fo.Classification, fo.Segmentation)
 
@@ -30,6 +30,25 @@ def _gt_fields(dataset, run: str) -> tuple[list[str], list[str]]:
         elif isinstance(f, (fo.FloatField, fo.IntField, fo.BooleanField, fo.StringField)):
             gt.append(name)
     return gt, masks
+
+
+def check_both_classes(view, run: str, gt_field: str, positive: str) -> None:
+    """Before any mask is read: a classification or string ground truth must hold both classes among the
+    scored samples (the same check as :func:`~fiftyone_anomaly_vlm.evaluate`, which makes it after its
+    pixel pass). One aggregation; other kinds of ground truth are left to the core."""
+    field = view.get_field_schema().get(gt_field)
+    if isinstance(field, fo.EmbeddedDocumentField) and issubclass(field.document_type, fo.Classification):
+        path = f"{gt_field}.label"
+    elif isinstance(field, fo.StringField):
+        path = gt_field
+    else:
+        return
+    labels = view.exists(review_target(view, run).score).exists(gt_field).count_values(path)
+    total, n_pos = sum(labels.values()), labels.get(positive, 0)
+    if total and n_pos in (0, total):
+        kind = "anomalous" if n_pos else "normal"
+        raise ValueError(f"all {total} evaluated samples are {kind} according to {gt_field!r}: AUROC, AP and F1 "
+                         "need both normal and anomalous samples; evaluate a view that holds both")
 
 
 class EvaluateAnomalies(foo.Operator):
@@ -74,8 +93,11 @@ class EvaluateAnomalies(foo.Operator):
         check_key(key_prop, eval_key, taken, "Run")
         return types.Property(inputs, view=view)
 
+    @reports_errors
     def execute(self, ctx):
         p = ctx.params
+        check_both_classes(ctx.target_view(), p["run"], p.get("gt_field") or "ground_truth",
+                           p.get("positive") or "anomalous")
         results = yield from run_with_progress(
             ctx, "evaluating", evaluate, ctx.target_view(), p["run"], p.get("gt_field") or "ground_truth",
             positive=p.get("positive") or "anomalous", gt_threshold=float(p.get("gt_threshold") or 0.0),

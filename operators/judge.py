@@ -12,7 +12,7 @@ from fiftyone_anomaly_vlm.models.judge import make_backend
 from fiftyone_anomaly_vlm.runs import AnomalyScoreRunConfig, JudgeRunConfig
 
 from ._forms import check_key, dropdown, vlm_backend_inputs
-from ._progress import long_running_config, run_with_progress
+from ._progress import long_running_config, reports_errors, run_with_progress
 
 #: default name of the secret / environment variable holding a server's API key
 API_KEY_SECRET = "FAV_VLM_API_KEY"
@@ -82,6 +82,7 @@ class JudgeSamples(foo.Operator):
         inputs.int("max_new_tokens", default=96, min=1, label="Answer length (tokens)")
         return types.Property(inputs, view=types.View(label="VLM judge and explain"))
 
+    @reports_errors
     def execute(self, ctx):
         p = ctx.params
         backend = backend_from_params(p, ctx.secrets)

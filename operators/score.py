@@ -9,7 +9,7 @@ from fiftyone_anomaly_vlm import list_experts, score
 from fiftyone_anomaly_vlm.runs import EXPERT_METHODS, runs_of
 
 from ._forms import check_key, device_and_batch, dropdown, nothing_to_choose
-from ._progress import long_running_config, run_with_progress
+from ._progress import long_running_config, reports_errors, run_with_progress
 
 
 class ScoreSamples(foo.Operator):
@@ -38,6 +38,7 @@ class ScoreSamples(foo.Operator):
         device_and_batch(inputs, batch_size=16)
         return types.Property(inputs, view=types.View(label="Score samples"))
 
+    @reports_errors
     def execute(self, ctx):
         p = ctx.params
         results = yield from run_with_progress(

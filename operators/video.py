@@ -10,7 +10,7 @@ from fiftyone_anomaly_vlm.runs import QUESTIONS_METHOD, VIDEO_METHOD, runs_of
 from fiftyone_anomaly_vlm.video import SMOOTHING
 
 from ._forms import check_key, dropdown, nothing_to_choose, vlm_backend_inputs
-from ._progress import long_running_config, run_with_progress
+from ._progress import long_running_config, reports_errors, run_with_progress
 from .judge import API_KEY_SECRET, backend_from_params
 
 _NONE = "(none)"
@@ -69,6 +69,7 @@ class ScoreVideo(foo.Operator):
         inputs.int("batch_size", default=16, min=1, label="Batch size")
         return types.Property(inputs, view=types.View(label="Score videos"))
 
+    @reports_errors
     def execute(self, ctx):
         p = ctx.params
         expert = p.get("expert")
