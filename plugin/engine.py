@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import itertools
+from abc import ABC, abstractmethod
 import logging
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -102,7 +103,7 @@ class RunStats:
         self.counts.update(out.counts)
 
 
-class Job:
+class Job(ABC):
     """What a verb contributes to a run: override the hooks below; the engine calls them in order.
 
     Attributes:
@@ -132,9 +133,9 @@ class Job:
         """``identity(config)`` in words, for the refusal message."""
         return repr(self.identity(config))
 
+    @abstractmethod
     def config(self):
         """The run config to register (a typed :class:`~fiftyone_anomaly_vlm.runs.AnomalyRunConfig`)."""
-        raise NotImplementedError
 
     def select(self, samples):
         """The samples this run works on (default: all of ``samples``)."""
@@ -148,16 +149,17 @@ class Job:
         return ["id", "filepath"]
 
     def batches(self, rows: dict[str, list]) -> Iterable[Any]:
-        """Cut the samples to do (``rows``: column -> values) into work items."""
-        raise NotImplementedError
+        """Cut the samples to do (``rows``: column -> values) into work items (default: none, for a run that
+        writes no sample fields, such as a learned question set)."""
+        return ()
 
     def prepare(self, item: Any) -> Any:
         """CPU work of one item, run ahead in a worker thread when ``prefetch`` > 0."""
         return item
 
     def compute(self, prepared: Any) -> BatchOutput:
-        """The model's work on one prepared item: what to write."""
-        raise NotImplementedError
+        """The model's work on one prepared item: what to write (default: nothing, as :meth:`batches`)."""
+        return BatchOutput()
 
     def finish(self, samples, stats: RunStats) -> None:
         """After the last batch is written (e.g. values that need the whole view)."""

@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +64,7 @@ class Suffix:
 
 
 @dataclass(frozen=True)
-class RunFieldNames:
+class RunFieldNames(ABC):
     """Base of the field names of one run kind: every name derives from the run key.
 
     Args:
@@ -72,9 +73,9 @@ class RunFieldNames:
 
     key: str
 
+    @abstractmethod
     def specs(self) -> list[FieldSpec]:
         """The run's fields with their types, in write order (the "done" marker last)."""
-        raise NotImplementedError
 
     def all(self) -> list[str]:
         """Every field's path (frame fields with ``frames.``)."""
