@@ -64,6 +64,7 @@ def run_with_progress(ctx, label: str, fn: Callable[..., Any], *args: Any, **kwa
             yield ctx.trigger("set_progress", dict(progress=now[0], label=now[1]))
     if "error" in box:
         raise box["error"]
+    yield ctx.trigger("set_progress", dict(progress=1.0, label=f"{label}: done"))  # the dialog ends at 100 %
     return box.get("result")
 
 

@@ -79,6 +79,23 @@ def test_run_errors_show_in_the_app(scored, browser):
                      texts={"Model": "/nonexistent/judge-model"})
         assert expected in _notification(driver, expected)
         assert _state(ds) == before
+        _dismiss_notifications(driver)
+        _click_done(driver)
+
+        # the CLIP expert with its default weights tag while offline (the form's defaults)
+        expected = _python_error(fav.create_clip_expert, ds, key="winclip", model="ViT-B-16-plus-240",
+                                 pretrained="laion400m_e31", device="cpu")
+        run_operator(driver, "CLIP zero", "Anomaly: CLIP zero/few-shot expert")
+        assert expected in _notification(driver, expected)
+        assert _state(ds) == before and "winclip" not in fav.list_experts(ds)
+        _dismiss_notifications(driver)
+        _click_done(driver)
+
+        # a review into one of the run's own fields (an operator without progress: its own error path)
+        expected = _python_error(fav.review, ds, "accept", key="padim", field="padim_score")
+        run_operator(driver, "review samples", "Anomaly: review samples", texts={"Review field": "padim_score"})
+        assert expected in _notification(driver, expected)
+        assert _state(ds) == before
 
 
 def _click_done(driver) -> None:

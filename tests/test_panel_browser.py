@@ -36,7 +36,8 @@ PANEL = fo.Space(children=[fo.Panel(type="Samples", pinned=True), fo.Panel(type=
 
 try:
     from selenium import webdriver
-    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+    from selenium.common.exceptions import (NoSuchElementException, StaleElementReferenceException,
+                                            WebDriverException)
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -99,7 +100,7 @@ def _wait(what, predicate, timeout=30):
     while time.time() < end:
         try:
             value = predicate()
-        except StaleElementReferenceException:  # the App drew that element again: look again
+        except (StaleElementReferenceException, NoSuchElementException):  # the App is redrawing: look again
             value = None
         if value:
             return value
@@ -107,13 +108,23 @@ def _wait(what, predicate, timeout=30):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+_CLICK_JS = """
+const [tag, text] = arguments;
+const visible = e => e.offsetParent !== null || e.getClientRects().length > 0;
+const lines = e => (e.innerText || '').split('\\n').map(l => l.trim());
+const all = Array.from(document.querySelectorAll(tag)).filter(visible);
+const hit = all.find(e => lines(e).includes(text)) || all.find(e => (e.innerText || '').includes(text));
+if (!hit) return false;
+hit.scrollIntoView({block: 'center'});
+hit.click();
+return true;
+"""
+
+
 def _click_text(driver, tag, text):
-    found = [e for e in driver.find_elements(By.XPATH, f"//{tag}[normalize-space(.)='{text}']") if e.is_displayed()]
-    found = found or [e for e in driver.find_elements(By.XPATH, f"//{tag}[contains(normalize-space(.), '{text}')]")
-                      if e.is_displayed()]
-    if found:
-        driver.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click();", found[0])
-    return bool(found)
+    """Click the visible <tag> whose text has a line ``text`` (else that contains it); found and clicked in one
+    script, so a redraw in between cannot leave a stale element. Returns whether one was found."""
+    return bool(driver.execute_script(_CLICK_JS, tag, text))
 
 
 def _click(driver, tag, text):
@@ -144,8 +155,9 @@ def _input_after_label(driver, label: str):
 
 
 def run_operator(driver, search: str, title: str, texts: dict[str, str] | None = None,
-                 choices: list[str] | None = None) -> None:
-    """Open the operator browser (backtick), pick the operator found by ``search``, fill the form and click
+                 choices: list[str] | None = None, dropdowns: dict[str, str] | None = None) -> None:
+    """Open the operator browser (backtick), pick the operator found by ``search``, fill the form (``dropdowns``:
+    shown value -> value to choose; ``choices``: radio labels; ``texts``: input label -> text) and click
     Execute (immediate execution, also where the operator offers delegation)."""
     ActionChains(driver).send_keys("`").perform()
     _wait("the operator browser", lambda: driver.find_elements(By.CSS_SELECTOR, "input[placeholder*='earch']"), 20)
@@ -154,6 +166,8 @@ def run_operator(driver, search: str, title: str, texts: dict[str, str] | None =
     ActionChains(driver).send_keys(Keys.ENTER).perform()
     _wait(f"the form of '{title}'", lambda: driver.find_elements(By.XPATH, "//button[normalize-space(.)='Execute']"),
           30)
+    for current, value in (dropdowns or {}).items():
+        _choose(driver, current, value)
     for label in choices or []:
         _click(driver, "label", label)
     for label, value in (texts or {}).items():
@@ -224,7 +238,9 @@ def _select_tiles(driver, indices) -> None:
     wanted = set(indices)
 
     def step():
-        boxes = driver.find_elements(By.CSS_SELECTOR, "[data-cy=looker] input[data-cy^=looker-checkbox-input]")
+        tiles = sorted(driver.find_elements(By.CSS_SELECTOR, "[data-cy=looker]"),  # DOM order is not grid order
+                       key=lambda t: (round(t.rect["y"]), t.rect["x"]))
+        boxes = [t.find_element(By.CSS_SELECTOR, "input[data-cy^=looker-checkbox-input]") for t in tiles]
         wrong = [b for i, b in enumerate(boxes) if b.is_selected() != (i in wanted)]
         if boxes and not wrong:
             return True
@@ -240,10 +256,9 @@ def _click_panel_button(driver, label: str) -> None:
 
 @pytest.fixture
 def review_dataset(fitted):
-    """Two scoring runs (one whose samples all errored) and an evaluation, made from Python."""
+    """Two scoring runs, made from Python: 'padim' and 'broken' (whose samples all errored)."""
     ds = fitted
     fav.score(ds, expert="padim", device="cpu", batch_size=16)
-    fav.evaluate(ds, "padim", "ground_truth")
     missing = [fo.Sample(filepath=f"/nonexistent/fav/part_{i}.png", tags=["broken"]) for i in range(4)]
     ds.add_samples(missing)
     fav.score(ds.match_tags("broken"), expert="padim", key="broken", device="cpu")
@@ -255,22 +270,26 @@ def test_review_panel_walkthrough(review_dataset, browser):
     with served_app(driver, ds, spaces=PANEL) as session:
         _wait("the review panel's histogram", lambda: driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot"), 60)
         assert "Panel \"anomaly_review\" no longer exists" not in _text(driver)
-        first = sorted(fav.scoring_runs(ds))[0]
-        _expect_run_shown(driver, ds, first)
-
-        # switching runs: title, counts and the errors always describe the selected run
-        _choose(driver, first, "padim")
-        _expect_run_shown(driver, ds, "padim")
-        _choose(driver, "padim", "broken")
-        _expect_run_shown(driver, ds, "broken")
+        assert sorted(fav.scoring_runs(ds)) == ["broken", "padim"]
+        _expect_run_shown(driver, ds, "broken")  # the first run: why it has no scores
         _wait("the errors of 'broken'", lambda: "all 4 samples it processed errored" in _text(driver), 20)
         assert "file not found: /nonexistent/fav/part_0.png" in _text(driver)
         _choose(driver, "broken", "padim")
         _expect_run_shown(driver, ds, "padim")
         assert "samples it processed errored" not in _text(driver)
+        _wait("no evaluation yet", lambda: "No evaluation of padim yet" in _text(driver), 20)
 
-        # the recorded evaluation: metrics table and ROC / precision-recall curves
-        metrics = ds.load_run_results("padim_eval").metrics
+        # evaluate from the operator browser; the progress dialog ends; Refresh shows the recorded evaluation
+        run_operator(driver, "evaluate against", "Anomaly: evaluate against ground truth",
+                     dropdowns={"broken": "padim"}, texts={"Evaluation key": "padim_eval"})
+        _notification(driver, "'padim_eval': image AUROC")
+        _wait("the progress dialog at its end", lambda: "evaluating: done" in _text(driver), 20)
+        _click(driver, "button", "Done")
+        _dismiss_notifications(driver)
+        ds.reload()
+        metrics = ds.load_run_results("padim_eval", cache=False).metrics
+        assert ds.get_run_info("padim_eval").config.run_key == "padim"
+        _click_panel_button(driver, "Refresh")
         _wait("the evaluation's metrics", lambda: f"{metrics['auroc']:.4f}" in _text(driver), 20)
         assert f"{metrics['ap']:.4f}" in _text(driver)
         subplots = [t.text for t in driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .annotation-text")]
@@ -279,10 +298,17 @@ def test_review_panel_walkthrough(review_dataset, browser):
         _scroll_panel_to(driver, driver.find_elements(By.CSS_SELECTOR, f"{IN_PANEL} .js-plotly-plot")[-1], "end")
         save_png(driver, "review-evaluation")
 
+        # switching runs: title, counts and errors always describe the selected run
+        _choose(driver, "padim", "broken")
+        _expect_run_shown(driver, ds, "broken")
+        _choose(driver, "broken", "padim")
+        _expect_run_shown(driver, ds, "padim")
+        _wait("the evaluation of padim again", lambda: f"{metrics['auroc']:.4f}" in _text(driver), 20)
+
         # a histogram bar: the grid shows that bin's samples
         hist = fav.score_histogram(ds, "padim", bins=BINS)
-        bars = [b for b in driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot g.point path")
-                if b.size["height"] > 3]
+        histogram = driver.find_elements(By.CSS_SELECTOR, f"{IN_PANEL} .js-plotly-plot")[0]
+        bars = [b for b in histogram.find_elements(By.CSS_SELECTOR, "g.point path") if b.size["height"] > 3]
         bar = max(bars, key=lambda b: b.rect["x"])  # the highest-score bin with samples
         driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", bar)
         ActionChains(driver).move_to_element(bar).click().perform()
