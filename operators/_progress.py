@@ -4,6 +4,16 @@ Delegated runs report through ``ctx.set_progress`` (stored with the delegated op
 Runs list); immediate runs execute the work in a worker thread and the operator, a generator, yields
 ``set_progress`` triggers to the App while it waits.
 
+Delegated runs return what they did: :func:`reports_errors` drives the generator itself when delegated and
+returns :func:`~fiftyone_anomaly_vlm.reviewing.overview.result_summary` of the run's result (counts, first
+errors), which FiftyOne stores as the operation's result (FiftyOne exhausts a generator and keeps nothing
+of it); the review panel's Runs section shows it ("42 scored, 0 errors"). The last progress of a delegated run is
+stored at 100 % with a "done" label, so a finished operation never shows a stale label.
+
+Scheduling: the open-source App offers "Schedule" only with ``FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS=true`` in the
+App server's environment (``fo.config.allow_legacy_orchestrators``), and a worker (``fiftyone delegated
+launch``) runs what was scheduled; :mod:`fiftyone_anomaly_vlm.app_launch` starts both.
+
 Errors: FiftyOne 1.22 streams a generator operator's messages to the App and has no error path for them
 (``fiftyone/operators/server.py``, ``create_response_generator``): an exception ends the stream without a
 word and the App's progress dialog waits forever. :func:`reports_errors` wraps ``execute`` so that, for a
@@ -25,6 +35,8 @@ import fiftyone as fo
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
+from fiftyone_anomaly_vlm.reviewing.overview import result_summary
+
 
 def run_with_progress(ctx, label: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Generator:
     """Call ``fn(*args, progress=..., **kwargs)`` reporting progress to the App; ``yield from`` it.
@@ -32,13 +44,15 @@ def run_with_progress(ctx, label: str, fn: Callable[..., Any], *args: Any, **kwa
     Returns (as the generator's return value) what ``fn`` returned; re-raises what it raised.
     """
 
-    def message(pb) -> str:
-        return f"{label}: {pb.iteration}/{pb.total}" if pb.total else label
+    def message(pb) -> str:  # a run in phases names each (models.progress.PhaseBar.phase_label)
+        return getattr(pb, "phase_label", None) or (f"{label}: {pb.iteration}/{pb.total}" if pb.total else label)
 
     if ctx.delegated:
         progress = fo.report_progress(lambda pb: ctx.set_progress(progress=pb.progress, label=message(pb)), dt=2.0)
-        return fn(*args, progress=progress, **kwargs)
-        yield  # pragma: no cover - makes this a generator in both branches
+        result = fn(*args, progress=progress, **kwargs)
+        ctx.set_progress(progress=1.0, label=f"{label}: done")  # report_progress may have stopped short of it
+        yield RunOutcome(result)
+        return result
 
     state: dict[str, Any] = {"progress": 0.0, "label": label}
     box: dict[str, Any] = {}
@@ -65,7 +79,16 @@ def run_with_progress(ctx, label: str, fn: Callable[..., Any], *args: Any, **kwa
     if "error" in box:
         raise box["error"]
     yield ctx.trigger("set_progress", dict(progress=1.0, label=f"{label}: done"))  # the dialog ends at 100 %
+    yield RunOutcome(box.get("result"))
     return box.get("result")
+
+
+class RunOutcome:
+    """What :func:`run_with_progress` yields once its call returned: the call's result, for
+    :func:`reports_errors` (which keeps it from the App). Not a message for the App."""
+
+    def __init__(self, result: Any) -> None:
+        self.result = result
 
 
 def started_from_app(ctx) -> bool:
@@ -91,29 +114,42 @@ def failure_messages(ctx, title: str, exc: BaseException) -> list:
 
 
 def reports_errors(execute: Callable) -> Callable:
-    """Decorate a generator ``execute`` so that a run started in the App reports its failure there.
+    """Decorate a generator ``execute`` so that a run started in the App reports its failure there, and a
+    delegated run returns :func:`result_summary` of what it did.
 
     See the module docs; nothing else changes (a failed run writes what the core wrote before raising,
     which is nothing for the core's whole-run checks).
     """
 
-    @functools.wraps(execute)
-    def execute_reporting_errors(self, ctx):
+    def messages(self, ctx, outcome: dict) -> Generator:
         try:
-            return (yield from execute(self, ctx))
+            for message in execute(self, ctx):
+                if isinstance(message, RunOutcome):
+                    outcome["result"] = message.result
+                else:
+                    yield message
         except Exception as exc:
             if not started_from_app(ctx):
                 raise
             for message in failure_messages(ctx, f"{self.config.label} failed", exc):
                 yield message
-            return None
+
+    @functools.wraps(execute)
+    def execute_reporting_errors(self, ctx):
+        outcome: dict[str, Any] = {}
+        if not ctx.delegated:
+            return messages(self, ctx, outcome)  # a generator: the App streams it, Python exhausts it
+        for _ in messages(self, ctx, outcome):  # FiftyOne would exhaust it and keep nothing: keep the result
+            pass
+        return result_summary(outcome["result"]) if "result" in outcome else None
 
     return execute_reporting_errors
 
 
 def long_running_config(name: str, label: str, description: str, icon: str, delegate_by_default: bool = True):
     """The ``OperatorConfig`` shared by the plugin's long operators: dynamic forms, progress as a
-    generator, immediate or delegated execution (delegated chosen by default for model work)."""
+    generator, immediate or delegated execution (delegated chosen by default for model work: the App's
+    button reads "Schedule" where scheduling is enabled, see the module docs, and "Execute" elsewhere)."""
     return foo.OperatorConfig(
         name=name,
         label=label,

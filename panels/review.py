@@ -12,14 +12,14 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 from fiftyone import ViewField as F
 
-from fiftyone_anomaly_vlm import set_threshold
-from fiftyone_anomaly_vlm.reviewing import (REVIEW_FIELD, default_threshold, flagged_view, recalibrate_from_review,
-                                            review, review_target, run_fields, score_histogram, scoring_runs,
-                                            threshold_counts)
+from fiftyone_anomaly_vlm.reviewing import (REVIEW_FIELD, calibration_of, default_threshold, flagged_view,
+                                            recalibrate_from_review, recalibration_caution, review, review_target,
+                                            run_errors, run_fields, score_histogram, scoring_runs,
+                                            set_calibrated_threshold, threshold_counts)
 
-from .review_parts import (NO_GT, calibration_of, counts_markdown, curve_traces, errors_markdown,
-                           evaluation_markdown, evaluations_of, gt_candidates, histogram_title, histogram_traces,
-                           raw_threshold, run_errors)
+from .review_parts import (NO_GT, counts_markdown, curve_traces, errors_markdown, evaluation_markdown, evaluations_of,
+                           gt_candidates, histogram_title, histogram_traces)
+from .runs_view import render_runs, runs_state
 
 __all__ = ["NO_GT", "ReviewPanel", "counts_markdown", "gt_candidates", "histogram_traces"]
 
@@ -62,7 +62,8 @@ class ReviewPanel(foo.Panel):
         state = ctx.panel.state
         run = state.run if state.run in runs else (runs[0] if runs else None)
         gt = state.gt_field if state.gt_field in gts else ("ground_truth" if "ground_truth" in gts else NO_GT)
-        state.set({"runs": runs, "gt_fields": gts, "gt_field": gt, "controls.gt_field": gt})
+        state.set({"runs": runs, "gt_fields": gts, "gt_field": gt, "controls.gt_field": gt,
+                   **runs_state(ctx.dataset)})
         self._select_run(ctx, run)
 
     def on_change_dataset(self, ctx):
@@ -135,10 +136,12 @@ class ReviewPanel(foo.Panel):
         except ValueError as e:
             ctx.ops.notify(str(e), variant="warning")
             return
-        ctx.panel.state.set({"threshold": default_threshold(ctx.dataset, run), "confirm": None})
+        caution = recalibration_caution(ctx.dataset, run)  # few reviews: the false-alarm and recall intervals
+        ctx.panel.state.set({"threshold": default_threshold(ctx.dataset, run), "confirm": None, "caution": caution})
         self._update_counts(ctx)
-        ctx.ops.notify(f"Threshold of '{run}' recalibrated from reviews: {ctx.panel.state.threshold:.3f}",
-                       variant="success")
+        message = f"Threshold of '{run}' recalibrated from reviews: {ctx.panel.state.threshold:.3f}"
+        ctx.ops.notify(f"{message}. Caution: {caution}" if caution else message,
+                       variant="warning" if caution else "success")
         ctx.ops.reload_samples()
 
     def ask_apply_threshold(self, ctx):
@@ -155,9 +158,9 @@ class ReviewPanel(foo.Panel):
     def apply_threshold(self, ctx):
         """Confirmed: ``set_threshold(rule="value")`` at the raw threshold matching the slider's value."""
         run, value = ctx.panel.state.run, float(ctx.panel.state.threshold)
-        ctx.panel.state.confirm = None
+        ctx.panel.state.set({"confirm": None, "caution": None})
         try:
-            set_threshold(ctx.dataset, run, rule="value", param=raw_threshold(calibration_of(ctx.dataset, run), value))
+            set_calibrated_threshold(ctx.dataset, run, value)
         except ValueError as e:
             ctx.ops.notify(str(e), variant="error")
             return
@@ -181,7 +184,7 @@ class ReviewPanel(foo.Panel):
         return None if not gt or gt == NO_GT else gt
 
     def _select_run(self, ctx, run: str | None) -> None:
-        ctx.panel.state.set({"run": run, "controls.run": run, "confirm": None})
+        ctx.panel.state.set({"run": run, "controls.run": run, "confirm": None, "caution": None})
         if not run:
             return
         ctx.panel.state.threshold = default_threshold(ctx.dataset, run)
@@ -240,6 +243,7 @@ class ReviewPanel(foo.Panel):
             panel.md("No scoring run on this dataset yet: fit an expert and run **Anomaly: score samples**.",
                      name="empty")
             panel.btn("refresh", label="Refresh", icon="refresh", on_click=self.refresh)
+            render_runs(panel, state)
             return types.Property(panel, view=types.GridView(orientation="vertical", padding=2))
 
         controls = panel.h_stack("controls", align_x="left", gap=2)
@@ -271,6 +275,7 @@ class ReviewPanel(foo.Panel):
         panel.md(counts_markdown(state.counts), name="counts_text")  # not "counts": md shows that state value
         self._render_actions(panel, state)
         self._render_evaluation(panel, state)
+        render_runs(panel, state)
         return types.Property(panel, view=types.GridView(orientation="vertical", gap=2, padding=2))
 
     def _render_actions(self, panel, state) -> None:
@@ -286,6 +291,8 @@ class ReviewPanel(foo.Panel):
         thresholds = panel.h_stack("threshold_actions", align_x="left", gap=1)
         thresholds.btn("apply_threshold", label="Apply threshold", icon="done_all", on_click=self.ask_apply_threshold)
         thresholds.btn("recalibrate", label="Recalibrate from reviews", icon="tune", on_click=self.recalibrate)
+        if state.caution:
+            panel.view("caution", types.Warning(label="Threshold from few reviews", description=state.caution))
         if state.confirm:
             confirm = panel.h_stack("confirm_apply", align_x="left", gap=1)
             confirm.md(state.confirm, name="confirm_text")

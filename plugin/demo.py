@@ -7,6 +7,10 @@ defect-free cells, one expert per cell type (mono / poly, ``--group-by none`` fo
 scores every other cell and prints image AUROC/AP/F1-max. ``--data parts`` uses a small generated
 dataset instead (fast; no package needed).
 
+``--app`` opens the demo dataset in the App with "Schedule" enabled and one delegated worker
+(:func:`fiftyone_anomaly_vlm.app_launch.launch_app`; Ctrl+C stops both). It does not rebuild an existing dataset:
+it builds it first (the demo above) only when it is missing, so run the demo without ``--app`` to start over.
+
 A re-run replaces the dataset of the same name and says so: :func:`delete_dataset_and_files` deletes its runs
 (each run removes its own files: heatmap and mask PNGs, expert fits), the dataset and the plugin's folder of
 it (``<fo default dataset dir>/anomaly_vlm/<dataset>``). ``fo.delete_dataset`` alone does none of this (it
@@ -22,6 +26,7 @@ import time
 
 import fiftyone as fo
 
+from .app_launch import launch_app
 from .calibration import Calibration, describe_far
 from .experts import fit_expert
 from .metrics import image_metrics
@@ -60,10 +65,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--group-by", default="auto",
                         help="fit one expert per value of this field ('auto': cell_type.label on ELPV; 'none')")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--app", action="store_true",
+                        help="open the dataset in the App with scheduling and one delegated worker (builds it first "
+                             "only if missing)")
+    parser.add_argument("--port", type=int, default=5151, help="the App's port (with --app)")
     args = parser.parse_args(argv)
     pretrained = {"false": False, "true": True}.get(args.pretrained.lower(), args.pretrained)
     key = args.model.replace("-", "_")
     name = args.dataset or f"anomaly-vlm-{args.data}"
+    if args.app and fo.dataset_exists(name):
+        launch_app(name, port=args.port)
+        return {}
 
     t0 = time.time()
     replaced = delete_dataset_and_files(name)
@@ -112,7 +124,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {k:<{width}}  {v}")
     print(f"\nOpen it in the App (flagged first):\n  python -c \"import fiftyone as fo; "
           f"ds = fo.load_dataset('{ds.name}'); "
-          f"fo.launch_app(ds.sort_by('{f.score}', reverse=True)).wait()\"")
+          f"fo.launch_app(ds.sort_by('{f.score}', reverse=True)).wait()\"\n"
+          f"or with \"Schedule\" and a delegated worker: bash scripts/demo.sh --app"
+          + (f" --dataset {ds.name}" if args.dataset else "" if args.data == "elpv" else " --data parts"))
+    if args.app:
+        launch_app(name, port=args.port)
     return m
 
 
