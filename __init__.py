@@ -44,6 +44,9 @@ def register(p):
     """Register the plugin's operators and panels."""
     _unshadow_lightning()
     _ensure_package()
+    from fiftyone_anomaly_vlm.console import quiet_third_party
+
+    quiet_third_party()  # the App and delegated workers: no third-party deprecation/tip noise in their logs
     from fiftyone_anomaly_vlm.operators import register as register_operators
 
     register_operators(p)

@@ -28,6 +28,7 @@ import fiftyone as fo
 
 from .app_launch import launch_app
 from .calibration import Calibration, describe_far
+from .console import quiet_third_party
 from .experts import fit_expert
 from .metrics import image_metrics
 from .scoring import score
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "only if missing)")
     parser.add_argument("--port", type=int, default=5151, help="the App's port (with --app)")
     args = parser.parse_args(argv)
+    quiet_third_party()
     pretrained = {"false": False, "true": True}.get(args.pretrained.lower(), args.pretrained)
     key = args.model.replace("-", "_")
     name = args.dataset or f"anomaly-vlm-{args.data}"
