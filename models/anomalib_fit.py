@@ -2,18 +2,24 @@
 
 The images come from FiftyOne samples already decoded (a list of tensors, or a sequence that decodes them
 when read); they become anomalib ``ImageItem`` objects in a datamodule that does no splitting of its own.
+
+Progress: given a callable (FiftyOne's progress convention), a Lightning callback (:func:`phase_callback`)
+reports each phase of the fit with its own bar: the training batches (``"extracting features"`` for models that
+make one pass, ``"training epoch e/E"`` otherwise), fitting the model between training and validation
+(PaDiM's Gaussians, PatchCore's coreset: no counts), and the validation batches.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from .efficient_ad import offline_efficient_ad
+from .progress import phase_bar
 
 
 class TensorDataset(torch.utils.data.Dataset):
@@ -56,6 +62,40 @@ def make_datamodule(train: TensorDataset, val: TensorDataset, train_batch_size: 
     return _FiftyOneDataModule(train_batch_size=train_batch_size, eval_batch_size=eval_batch_size, num_workers=0)
 
 
+def phase_callback(progress: Callable[[Any], None], model_name: str):
+    """A Lightning ``Callback`` reporting the phases of a fit to ``progress`` (see the module docs)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class _PhaseProgress(Callback):
+        def __init__(self) -> None:
+            self.bar = None
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+            phase = ("extracting features" if epochs == 1
+                     else f"training epoch {trainer.current_epoch + 1}" + (f"/{epochs}" if epochs else ""))
+            total = trainer.num_training_batches
+            self.bar = phase_bar(progress, phase, int(total) if total != float("inf") else None, "batch")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if self.bar is not None:
+                self.bar.update()
+
+        def on_validation_start(self, trainer, pl_module) -> None:
+            if not trainer.sanity_checking:  # runs before the model's own hook, which fits memory-bank models
+                phase_bar(progress, f"fitting {model_name}")
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+            if batch_idx == 0 and not trainer.sanity_checking:
+                self.bar = phase_bar(progress, "validating", int(sum(trainer.num_val_batches)), "batch")
+
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+            if self.bar is not None and not trainer.sanity_checking:
+                self.bar.update()
+
+    return _PhaseProgress()
+
+
 def fit_model(
     model: Any,
     device: torch.device,
@@ -67,10 +107,13 @@ def fit_model(
     batch_size: int = 8,
     max_epochs: int | None = None,
     work_dir: str | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[Any], None] = False,
     seed: int | None = None,
 ) -> None:
     """Fit ``model`` (an ``AnomalibModule``) on ``device``; see :meth:`.AnomalibExpert.fit` for the arguments.
+
+    ``progress``: True shows Lightning's bar; a callable (FiftyOne's progress convention) gets the phases of
+    the fit, each as its own :class:`~.progress.PhaseBar` (:func:`phase_callback`).
 
     The model is left in eval mode on ``device``.
     """
@@ -88,9 +131,11 @@ def fit_model(
     trainer_kwargs: dict[str, Any] = {
         "accelerator": accelerator,
         "devices": 1,
-        "enable_progress_bar": progress,
+        "enable_progress_bar": progress is True,
         "enable_model_summary": False,
     }
+    if callable(progress):
+        trainer_kwargs["callbacks"] = [phase_callback(progress, type(model).__name__)]
     if max_epochs is not None:
         trainer_kwargs["max_epochs"] = max_epochs
     if work_dir is not None:

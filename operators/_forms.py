@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import fiftyone.operators.types as types
 
+#: the target choices of ``inputs.view_target``, in words ("Fits on 30 samples of the current view")
+TARGET_WORDS = {"DATASET": "the dataset", "DATASET_VIEW": "the dataset", "CURRENT_VIEW": "the current view",
+                "SELECTED_SAMPLES": "the current selection", "BASE_VIEW": "the base view"}
+
 
 def device_and_batch(inputs: types.Object, batch_size: int) -> None:
     """Device and batch-size inputs."""
@@ -66,3 +70,23 @@ def vlm_backend_inputs(inputs: types.Object, params: dict, api_key_secret: str, 
         if device:
             inputs.str("device", default="auto", label="Device")
         inputs.int("max_pixels", default=448 * 448, min=0, label="Image budget (pixels per image)")
+
+
+def target_input(ctx, inputs: types.Object, action: str, default_target: str | None = None):
+    """The target-view input (``inputs.view_target``); returns (the samples the run will use, their name in words).
+
+    The choice shown is the one counted: before the App has sent a choice, the form's default is resolved
+    (FiftyOne picks the most selective target unless ``default_target`` names an available one).
+    """
+    prop = inputs.view_target(ctx, action_description=action, default_target=default_target)
+    choice = ctx.params.get("view_target") or ctx.request_params.get("view_target")
+    if choice is None and prop.default is not None:
+        choice = ctx.request_params["view_target"] = prop.default  # what the App will submit
+    return ctx.target_view(), TARGET_WORDS.get(choice, "the target")
+
+
+def notices(inputs: types.Object, name: str, summary: str, warnings: list[str]) -> None:
+    """A notice saying what the run will use, then one warning per problem (the form can still be submitted)."""
+    inputs.view(name, types.Notice(label=summary))
+    for i, text in enumerate(warnings):
+        inputs.view(f"{name}_warning_{i}", types.Warning(label=text))

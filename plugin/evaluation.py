@@ -37,6 +37,7 @@ import fiftyone.core.runs as fors
 
 from ._common import check_image_collection, check_key
 from .engine import record_run
+from .eval_samples import without_fit_samples
 from .fields import FieldNames, JudgeFieldNames
 from .ground_truth import field_kind, gt_labels, label_accuracy, pixel_pass
 from .metrics import binary_image_metrics, f1_max_threshold, image_curves, pixel_metrics, threshold_metrics
@@ -87,6 +88,8 @@ class AnomalyEvaluationResults(fors.RunResults):
         head = (f"Evaluation '{self.key}' of run '{getattr(cfg, 'run_key', '?')}' against "
                 f"'{getattr(cfg, 'gt_field', '?')}': {m.get('num_samples', 0)} samples, "
                 f"{m.get('num_anomalous', 0)} anomalous")
+        if getattr(cfg, "num_fit_samples_excluded", 0):
+            head += f" ({cfg.num_fit_samples_excluded} samples the expert was fitted on left out)"
         rows = [("image AUROC", m.get("auroc")), ("image AP", m.get("ap")), ("image F1-max", m.get("f1_max"))]
         if "f1" in m:
             rows += [("F1 at run threshold", m["f1"]), ("precision", m["precision"]), ("recall", m["recall"])]
@@ -171,13 +174,17 @@ def evaluate(
     gt_mask_field: str | None = None,
     eval_key: str | None = None,
     score: str = "raw",
+    exclude_fit_samples: bool = True,
     progress: bool | Any = None,
 ) -> AnomalyEvaluationResults:
     """Evaluate scoring run ``key`` on ``samples`` against ground truth and record it under ``eval_key``.
 
     Samples without a score (errors, unscored) are left out; so are samples whose classification, string,
     boolean or numeric ground truth is missing. With a mask field, a sample without a mask counts as normal
-    (an all-normal mask).
+    (an all-normal mask). By default the samples the run's expert was fitted on (training and held-out
+    calibration samples, members' too for a composite; see :func:`~.experts.targets.expert_fit_samples`) are
+    left out as well: its scores on them say nothing about new samples. The run records how many
+    (``config.num_fit_samples_excluded``).
 
     Args:
         samples: a dataset or view (the evaluation's view is recorded with the run).
@@ -196,6 +203,9 @@ def evaluate(
             earlier evaluation.
         score: ``"raw"`` (the model's score, default: no ties introduced by calibration) or ``"calibrated"``
             (``<key>_score``). Rank metrics agree unless calibration merges scores.
+        exclude_fit_samples: leave out the samples the run's expert was fitted or calibrated on (default). For
+            experts whose fitted samples were not recorded (earlier releases) nothing is left out and a
+            warning says so.
         progress: FiftyOne progress convention: None/True/False, or a callable taking a ``ProgressBar``.
 
     Returns:
@@ -204,7 +214,8 @@ def evaluate(
     Raises:
         ValueError: unknown or unsuitable ground-truth or mask field, no score field for ``key``, no sample
             with both a score and ground truth, only one class in the ground truth (all normal or all
-            anomalous; likewise for pixels), or ``eval_key`` taken by another kind of run or by a field.
+            anomalous; likewise for pixels), every scored sample is one the expert was fitted on (with
+            ``exclude_fit_samples``), or ``eval_key`` taken by another kind of run or by a field.
     """
     check_image_collection(samples, "evaluate")
     dataset = samples._root_dataset
@@ -233,10 +244,11 @@ def evaluate(
     paths = ["id", score_field] + ([f"{label_field}.label"] if has_label else [])
     paths += [] if gt_kind == "mask" else [gt_path]
     values = view.values(paths)
-    ids, scores = values[0], np.asarray(values[1], dtype=np.float64)
-    if not ids:
+    if not values[0]:
         raise ValueError(f"no sample of the view has both a score ({score_field!r}) and ground truth "
                          f"({gt_field!r})")
+    values, fit = without_fit_samples(dataset, key, values, exclude_fit_samples)
+    ids, scores = values[0], np.asarray(values[1], dtype=np.float64)
 
     pixel = None
     if gt_mask_field is not None or gt_kind == "mask":
@@ -275,6 +287,8 @@ def evaluate(
         positive=positive, gt_threshold=gt_threshold if gt_kind == "probability" else None,
         gt_mask_field=gt_mask_field, pixel_resize=PIXEL_RESIZE if pixel is not None else None,
         run_threshold=getattr(run_cfg, "normalized_image_threshold", None), metrics=metrics,
+        exclude_fit_samples=exclude_fit_samples, num_fit_samples_excluded=fit.num_excluded,
+        fit_experts=fit.experts, fit_samples_unknown=fit.unknown,
     )
     results = AnomalyEvaluationResults(samples, config, eval_key, metrics=metrics, roc=curves["roc"],
                                        pr=curves["pr"], pixel_roc=pix.get("pixel_roc"), pro=pix.get("pro"))

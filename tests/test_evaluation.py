@@ -109,7 +109,7 @@ def test_evaluate_scoring_run_end_to_end(fitted):
     with pytest.raises(ValueError, match="unknown ground-truth field 'gt'"):
         fav.evaluate(ds, "padim", gt_field="gt")
     with pytest.raises(ValueError, match="all 30 evaluated samples are normal"):
-        fav.evaluate(ds.match_tags("good"), "padim")
+        fav.evaluate(ds.match_tags("good"), "padim", exclude_fit_samples=False)
     with pytest.raises(ValueError, match="another kind"):
         fav.evaluate(ds, "padim", eval_key="padim_expert")
     assert not [k for k in ds.list_runs() if k.endswith("_eval")]

@@ -23,11 +23,11 @@ from typing import Any
 import torch
 
 import fiftyone as fo
-import fiftyone.core.utils as fou
 
 from .._common import check_image_collection, check_key, default_output_dir
 from ..images import ImageLoadError, load_image
 from ..models.clip_expert import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipExpert
+from ..models.progress import phase_bar
 from ..runs import CLIP_METHOD, ExpertRunConfig, expert_run_key
 from .fits import FitFolder
 from .record import Expert
@@ -118,7 +118,8 @@ def create_clip_expert(
             ``<fo default dataset dir>/anomaly_vlm/<dataset>/experts/<key>``).
         seed: seed of the choice of references.
         overwrite: replace an existing expert of the same key.
-        progress: FiftyOne progress convention for decoding the references.
+        progress: FiftyOne progress convention for encoding the references (few-shot only; a zero-shot expert
+            encodes no image).
 
     Returns:
         The :class:`Expert` record (``method="winclip"``).
@@ -198,7 +199,7 @@ def _encode_references(expert: ClipExpert, fit: FitFolder, ref_view, *, k_shot: 
             ref_view = ref_view.take(k_shot, seed=seed)
         ids, paths = ref_view.values(["id", "filepath"])
         images = []
-        with fou.ProgressBar(total=len(ids), progress=progress) as pb:
+        with phase_bar(progress, "encoding reference images", len(ids), "images") as pb:
             for sid, path in pb(zip(ids, paths)):
                 try:
                     images.append(load_image(path, size))

@@ -27,12 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-import fiftyone.core.utils as fou
-
 from .._common import check_image_collection, check_key, default_output_dir
 from ..calibration import Calibration, threshold_from_normals
 from ..images import DecodedImages, ImageLoadError, check_image
 from ..models import AnomalibExpert
+from ..models.progress import phase_bar
 from ..runs import ExpertRunConfig, expert_run_key
 from .fits import FitFolder
 from .record import Expert, jsonable
@@ -52,7 +51,7 @@ def decodable_images(samples, image_size: tuple[int, int], progress) -> tuple[li
     """
     ids, paths = samples.values(["id", "filepath"])
     good_ids, good_paths, errors = [], [], []
-    with fou.ProgressBar(total=len(ids), progress=progress) as pb:
+    with phase_bar(progress, "decoding images", len(ids), "images") as pb:
         for sid, path in pb(zip(ids, paths)):
             try:
                 check_image(path, image_size)
@@ -115,7 +114,8 @@ def fit_single_expert(
     with FitFolder(samples, out_dir, key) as fit:  # the old expert stays as it is until fit.commit
         expert.fit(images.take(train_idx), images.take(val_idx),
                    train_paths=[paths[i] for i in train_idx], val_paths=[paths[i] for i in val_idx],
-                   batch_size=batch_size, max_epochs=max_epochs, seed=seed, work_dir=fit.path)
+                   batch_size=batch_size, max_epochs=max_epochs, seed=seed, work_dir=fit.path,
+                   progress=progress if callable(progress) else False)  # a callable gets the fit's phases
         checkpoint = expert.save(fit.file("model.ckpt"))
         post = expert.model.post_processor
         anomalib_post = {
@@ -124,7 +124,7 @@ def fit_single_expert(
             if post is not None and hasattr(post, name)
         }
         calibration = calibrate_expert(expert, images.take(val_idx), rule=threshold,
-                                       param=threshold_param, batch_size=batch_size, seed=seed)
+                                       param=threshold_param, batch_size=batch_size, seed=seed, progress=progress)
         config = ExpertRunConfig(
             expert=key,
             model=model,
@@ -179,14 +179,17 @@ def holdout_split(paths: list[str], holdout: float, seed: int) -> tuple[np.ndarr
 
 def calibrate_expert(expert, images: Sequence[torch.Tensor], *, rule: str = "far", param: float | None = None,
                      batch_size: int = 8, seed: int = 51, max_pixels: int = 200_000,
-                     fields: dict[str, list] | None = None) -> Calibration:
+                     fields: dict[str, list] | None = None, progress: Any = False) -> Calibration:
     """Score held-out normal images with ``expert`` and build its :class:`Calibration`.
 
-    ``fields`` holds one value per image for each field the expert reads (its ``needs_fields``).
+    ``fields`` holds one value per image for each field the expert reads (its ``needs_fields``); ``progress``
+    (FiftyOne's convention, default quiet) counts the batches of the ``"calibrating"`` phase.
     """
     scores, maxima, pixels = [], [], []
     rng = np.random.default_rng(seed)
-    for start in range(0, len(images), batch_size):
+    starts = range(0, len(images), batch_size)
+    bar = phase_bar(progress, f"calibrating on {len(images)} held-out normals", len(starts), "batch")
+    for start in bar(starts):
         batch = torch.stack([t.float() for t in images[start:start + batch_size]])
         if fields:
             out = expert.predict(batch, fields={k: list(v[start:start + batch_size]) for k, v in fields.items()})

@@ -25,6 +25,11 @@ class AnomalyEvaluationRunConfig(AnomalyRunConfig):
         pixel_resize: how masks were resized.
         run_threshold: the run's threshold when evaluated.
         metrics: the numbers.
+        exclude_fit_samples: the samples the run's expert was fitted on were left out (None: recorded before
+            this option existed, when nothing was left out).
+        num_fit_samples_excluded: how many scored samples with ground truth were left out for that.
+        fit_experts: the experts whose fitted samples were looked up.
+        fit_samples_unknown: those whose fitted samples were not recorded (nothing of theirs left out).
         **legacy: parameters of earlier releases (and any other recorded detail).
     """
 
@@ -34,11 +39,15 @@ class AnomalyEvaluationRunConfig(AnomalyRunConfig):
                  map_field: str | None = None, gt_field: str | None = None, gt_kind: str | None = None,
                  positive: str | None = None, gt_threshold: float | None = None, gt_mask_field: str | None = None,
                  pixel_resize: str | None = None, run_threshold: float | None = None,
-                 metrics: dict[str, Any] | None = None, **legacy: Any) -> None:
+                 metrics: dict[str, Any] | None = None, exclude_fit_samples: bool | None = None,
+                 num_fit_samples_excluded: int = 0, fit_experts: list[str] | None = None,
+                 fit_samples_unknown: list[str] | None = None, **legacy: Any) -> None:
         self.run_key, self.score_field, self.label_field, self.map_field = run_key, score_field, label_field, map_field
         self.gt_field, self.gt_kind, self.positive, self.gt_threshold = gt_field, gt_kind, positive, gt_threshold
         self.gt_mask_field, self.pixel_resize, self.run_threshold = gt_mask_field, pixel_resize, run_threshold
         self.metrics = dict(metrics or {})
+        self.exclude_fit_samples, self.num_fit_samples_excluded = exclude_fit_samples, num_fit_samples_excluded
+        self.fit_experts, self.fit_samples_unknown = list(fit_experts or []), list(fit_samples_unknown or [])
         super().__init__(**legacy)
 
 
