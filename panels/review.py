@@ -12,14 +12,13 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 from fiftyone import ViewField as F
 
-from fiftyone_anomaly_vlm import set_threshold
-from fiftyone_anomaly_vlm.reviewing import (REVIEW_FIELD, default_threshold, flagged_view, recalibrate_from_review,
-                                            review, review_target, run_fields, score_histogram, scoring_runs,
-                                            threshold_counts)
+from fiftyone_anomaly_vlm.reviewing import (REVIEW_FIELD, calibration_of, default_threshold, flagged_view,
+                                            recalibrate_from_review, recalibration_caution, review, review_target,
+                                            run_errors, run_fields, score_histogram, scoring_runs,
+                                            set_calibrated_threshold, threshold_counts)
 
-from .review_parts import (NO_GT, calibration_of, counts_markdown, curve_traces, errors_markdown,
-                           evaluation_markdown, evaluations_of, gt_candidates, histogram_title, histogram_traces,
-                           raw_threshold, run_errors)
+from .review_parts import (NO_GT, counts_markdown, curve_traces, errors_markdown, evaluation_markdown, evaluations_of,
+                           gt_candidates, histogram_title, histogram_traces)
 from .runs_view import render_runs, runs_state
 
 __all__ = ["NO_GT", "ReviewPanel", "counts_markdown", "gt_candidates", "histogram_traces"]
@@ -137,10 +136,12 @@ class ReviewPanel(foo.Panel):
         except ValueError as e:
             ctx.ops.notify(str(e), variant="warning")
             return
-        ctx.panel.state.set({"threshold": default_threshold(ctx.dataset, run), "confirm": None})
+        caution = recalibration_caution(ctx.dataset, run)  # few reviews: the false-alarm and recall intervals
+        ctx.panel.state.set({"threshold": default_threshold(ctx.dataset, run), "confirm": None, "caution": caution})
         self._update_counts(ctx)
-        ctx.ops.notify(f"Threshold of '{run}' recalibrated from reviews: {ctx.panel.state.threshold:.3f}",
-                       variant="success")
+        message = f"Threshold of '{run}' recalibrated from reviews: {ctx.panel.state.threshold:.3f}"
+        ctx.ops.notify(f"{message}. Caution: {caution}" if caution else message,
+                       variant="warning" if caution else "success")
         ctx.ops.reload_samples()
 
     def ask_apply_threshold(self, ctx):
@@ -155,11 +156,11 @@ class ReviewPanel(foo.Panel):
                                    f"{counts.get('total', '?')} samples will be labelled anomalous.")
 
     def apply_threshold(self, ctx):
-        """Confirmed: ``set_threshold(rule="value")`` at the raw threshold matching the slider's value."""
+        """Confirmed: the slider's value becomes the run's threshold (labels as the counts shown)."""
         run, value = ctx.panel.state.run, float(ctx.panel.state.threshold)
-        ctx.panel.state.confirm = None
+        ctx.panel.state.set({"confirm": None, "caution": None})
         try:
-            set_threshold(ctx.dataset, run, rule="value", param=raw_threshold(calibration_of(ctx.dataset, run), value))
+            set_calibrated_threshold(ctx.dataset, run, value)
         except ValueError as e:
             ctx.ops.notify(str(e), variant="error")
             return
@@ -183,7 +184,7 @@ class ReviewPanel(foo.Panel):
         return None if not gt or gt == NO_GT else gt
 
     def _select_run(self, ctx, run: str | None) -> None:
-        ctx.panel.state.set({"run": run, "controls.run": run, "confirm": None})
+        ctx.panel.state.set({"run": run, "controls.run": run, "confirm": None, "caution": None})
         if not run:
             return
         ctx.panel.state.threshold = default_threshold(ctx.dataset, run)
@@ -290,6 +291,8 @@ class ReviewPanel(foo.Panel):
         thresholds = panel.h_stack("threshold_actions", align_x="left", gap=1)
         thresholds.btn("apply_threshold", label="Apply threshold", icon="done_all", on_click=self.ask_apply_threshold)
         thresholds.btn("recalibrate", label="Recalibrate from reviews", icon="tune", on_click=self.recalibrate)
+        if state.caution:
+            panel.view("caution", types.Warning(label="Threshold from few reviews", description=state.caution))
         if state.confirm:
             confirm = panel.h_stack("confirm_apply", align_x="left", gap=1)
             confirm.md(state.confirm, name="confirm_text")

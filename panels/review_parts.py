@@ -1,4 +1,4 @@
-"""What the review panel shows, computed from the core's answers: plot traces, markdown, the threshold scale.
+"""What the review panel shows, computed from the core's answers: plot traces and markdown.
 
 Pure functions (no ``ctx``), so the panel's handlers stay a few lines each and these can be tested alone.
 """
@@ -7,17 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 import fiftyone as fo
 
-from fiftyone_anomaly_vlm.calibration import Calibration
-from fiftyone_anomaly_vlm.fields import FieldNames
-from fiftyone_anomaly_vlm.reviewing import REVIEW_FIELD, review_target, run_owned_fields
-from fiftyone_anomaly_vlm.runs import EVALUATION_METHOD, AnomalyScoreRunConfig
+from fiftyone_anomaly_vlm.reviewing import REVIEW_FIELD, run_owned_fields
+from fiftyone_anomaly_vlm.runs import EVALUATION_METHOD
 
 NO_GT = "(none)"
-FIRST_ERRORS = 3
 _COLORS = {"anomalous": "#e4572e", "normal": "#4c9f70", "unlabelled": "#9e9e9e", "all": "#ff6d04"}
 
 
@@ -58,16 +53,6 @@ def counts_markdown(counts: dict[str, Any] | None) -> str:
     return text
 
 
-def run_errors(dataset, run: str, first: int = FIRST_ERRORS) -> dict[str, Any]:
-    """How many samples of review target ``run`` hold an error, and the first ones (file name, message)."""
-    field = FieldNames(review_target(dataset, run).run_key).error  # every run kind names it <key>_error
-    if field not in dataset.get_field_schema():
-        return {"count": 0, "first": []}
-    errored = dataset.exists(field)
-    paths, messages = errored.limit(first).values(["filepath", field])
-    return {"count": errored.count(), "first": [[p.rsplit("/", 1)[-1], m] for p, m in zip(paths, messages)]}
-
-
 def errors_markdown(run: str, num_scored: int, errors: dict[str, Any] | None) -> str:
     """Why a run shows few or no scores: how many samples errored and the first errors."""
     errors = errors or {"count": 0, "first": []}
@@ -80,48 +65,6 @@ def errors_markdown(run: str, num_scored: int, errors: dict[str, Any] | None) ->
     if more > 0:
         lines.append(f"- ... and {more} more (field `{run}_error`)")
     return "\n".join([head, "", "First errors:", *lines])
-
-
-def raw_threshold(calibration: Calibration, score: float, steps: int = 4000) -> float:
-    """The raw image threshold that flags exactly the samples whose calibrated score is above ``score``.
-
-    ``Calibration.normalize_scores`` is strictly increasing, so the answer is the largest raw score whose
-    calibrated score is at most ``score``, found by bisection (a raw sample is flagged when above it).
-    """
-    def norm(x: float) -> float:
-        return float(calibration.normalize_scores(np.array([x], dtype=np.float64))[0])
-
-    c = np.asarray(calibration.image_scores, dtype=np.float64)
-    span = float(c.std()) or float(abs(c[-1]) * 0.1) or 1.0
-    lo, hi = float(c[0]), float(c[-1])
-    for _ in range(64):  # bracket: norm(lo) <= score < norm(hi)
-        if norm(lo) <= score:
-            break
-        lo, span = lo - span, span * 2
-    for _ in range(64):
-        if norm(hi) > score:
-            break
-        hi, span = hi + span, span * 2
-    if norm(lo) > score:  # every calibrated score is above: flag all
-        return lo
-    if norm(hi) <= score:  # none can be above (score ~ 1)
-        return hi
-    for _ in range(steps):
-        mid = lo + (hi - lo) / 2
-        if mid in (lo, hi):
-            break
-        lo, hi = (mid, hi) if norm(mid) <= score else (lo, mid)
-    return lo
-
-
-def calibration_of(dataset, run: str) -> Calibration | None:
-    """The normal-only calibration of expert scoring run ``run`` (None for VLM and fused scores)."""
-    if review_target(dataset, run).kind != "expert":
-        return None
-    config = dataset.get_run_info(run).config
-    if not isinstance(config, AnomalyScoreRunConfig) or not getattr(config, "calibration", None):
-        return None
-    return Calibration.from_dict(config.calibration)
 
 
 def evaluations_of(dataset, run: str) -> list[str]:

@@ -44,6 +44,8 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 
+from .floatgrid import largest_at_most
+
 logger = logging.getLogger(__name__)
 
 RULES = ("far", "percentile", "mean_std", "f1", "recall", "value")
@@ -313,22 +315,42 @@ class Calibration:
     @property
     def far(self) -> dict[str, Any]:
         """The false-alarm uncertainty of the image threshold (:func:`far_uncertainty`), also for old records."""
-        return self.stats.get("far") or far_uncertainty(self.image_scores, self.image_threshold, self.rule,
-                                                        self.param)
+        return self.stats.get("far") or far_uncertainty(self.image_scores, self.image_threshold, self.rule, self.param)
 
     # ----------------------------------------------------------------- transforms
+    def _score_scale(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """Calibration scores, their ranks ``i / (n + 1)`` and the tails' scale."""
+        c = np.asarray(self.image_scores, dtype=np.float64)
+        return c, np.arange(1, c.size + 1) / (c.size + 1), float(c.std()) or float(abs(c[-1]) * 0.1) or 1.0
+
     def normalize_scores(self, raw) -> np.ndarray:
         """Share of calibration normals below each raw score, strictly increasing (see module docs)."""
         raw = np.asarray(raw, dtype=np.float64)
-        c = np.asarray(self.image_scores)
-        n = c.size
-        ranks = np.arange(1, n + 1) / (n + 1)
-        scale = float(c.std()) or float(abs(c[-1]) * 0.1) or 1.0
-        out = np.interp(raw, c, ranks) if n > 1 else np.full_like(raw, 0.5)
+        c, ranks, scale = self._score_scale()
+        out = np.array(np.interp(raw, c, ranks) if c.size > 1 else np.full_like(raw, 0.5), dtype=np.float64)
         lo, hi = raw < c[0], raw > c[-1]
         # hyperbolic tails: strictly monotone and never exactly 0 or 1, so far-out anomalies keep their order
         out[lo] = ranks[0] / (1.0 + (c[0] - raw[lo]) / scale)
         out[hi] = 1.0 - (1.0 - ranks[-1]) / (1.0 + (raw[hi] - c[-1]) / scale)
+        return out
+
+    def raw_from_normalized(self, values) -> np.ndarray:
+        """Inverse of :meth:`normalize_scores`: for each calibrated threshold ``v``, the raw threshold ``t``
+        with ``(raw > t) == (normalize_scores(raw) > v)`` for every raw score (``t``: the largest float whose
+        calibrated score is at most ``v``; the analytic inverse, made exact on the float grid by
+        :func:`~fiftyone_anomaly_vlm.floatgrid.largest_at_most`). ``raw_from_normalized(normalize_scores(x))
+        >= x``, equal unless neighbouring floats share its calibrated score (far in the tails). Calibrated
+        scores lie in (0, 1): ``v <= 0`` gives ``-inf`` (all above), ``v >= 1`` ``+inf`` (none); NaN stays NaN.
+        """
+        v = np.asarray(values, dtype=np.float64)
+        c, ranks, scale = self._score_scale()
+        out, inside = np.where(v <= 0, -np.inf, np.where(v >= 1, np.inf, np.nan)), (v > 0) & (v < 1)
+        w = v[inside]
+        with np.errstate(divide="ignore", over="ignore"):
+            guess = np.interp(w, ranks, c)
+            guess = np.where(w < ranks[0], c[0] - scale * (ranks[0] / w - 1.0), guess)
+            guess = np.where(w > ranks[-1], c[-1] + scale * ((1.0 - ranks[-1]) / (1.0 - w) - 1.0), guess)
+        out[inside] = largest_at_most(self.normalize_scores, w, guess)
         return out
 
     def normalize_map(self, raw_map) -> np.ndarray:

@@ -12,7 +12,6 @@ from fiftyone.operators.executor import ExecutionContext, Executor
 import fiftyone_anomaly_vlm as fav
 from fiftyone_anomaly_vlm.calibration import Calibration
 from fiftyone_anomaly_vlm.panels.review import NO_GT, ReviewPanel, counts_markdown
-from fiftyone_anomaly_vlm.panels.review_parts import raw_threshold
 from fiftyone_anomaly_vlm.reviewing import default_threshold
 
 PLUGIN = "@anomaly-vlm/anomaly-vlm"
@@ -267,7 +266,7 @@ def test_panel_without_runs_says_what_to_do(parts):
 def test_apply_threshold_inverts_the_calibrated_scale(value):
     rng = np.random.default_rng(0)
     cal = Calibration.from_normals(rng.normal(10, 2, 60), rng.normal(5, 1, 60), rng.normal(1, 0.5, 500))
-    raw = raw_threshold(cal, value)
+    raw = cal.raw_from_normalized(value)  # -inf at 0 (every raw score is above), +inf at 1
     samples = rng.normal(10, 6, 5000)
     if 0 < value < 1:  # the boundary itself (at 0 and 1 no raw score has that calibrated score)
         samples = np.concatenate([samples, [raw, np.nextafter(raw, np.inf)]])

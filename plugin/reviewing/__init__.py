@@ -11,12 +11,14 @@ Example:
 """
 
 from ..runs import run_owned_fields
-from .queries import flagged_view, score_histogram, threshold_counts
-from .targets import FUSED_SUFFIX, ReviewTarget, default_threshold, review_target, run_fields, scoring_runs
-from .verdicts import (REVIEW_FIELD, REVIEWED_TAG, VERDICTS, recalibrate_from_review, refit_with_reviewed, review,
-                       reviewed_anomalies, reviewed_normals)
+from .queries import flagged_view, raw_threshold, run_errors, score_histogram, threshold_counts
+from .targets import (FUSED_SUFFIX, ReviewTarget, calibration_of, default_threshold, review_target, run_fields,
+                      scoring_runs)
+from .verdicts import (REVIEW_FIELD, REVIEWED_TAG, VERDICTS, recalibrate_from_review, recalibration_caution,
+                       refit_with_reviewed, review, reviewed_anomalies, reviewed_normals, set_calibrated_threshold)
 
-__all__ = ["FUSED_SUFFIX", "REVIEWED_TAG", "REVIEW_FIELD", "ReviewTarget", "VERDICTS", "default_threshold",
-           "flagged_view", "recalibrate_from_review", "refit_with_reviewed", "review", "review_target",
-           "reviewed_anomalies", "reviewed_normals", "run_fields", "run_owned_fields", "score_histogram",
-           "scoring_runs", "threshold_counts"]
+__all__ = ["FUSED_SUFFIX", "REVIEWED_TAG", "REVIEW_FIELD", "ReviewTarget", "VERDICTS", "calibration_of",
+           "default_threshold", "flagged_view", "raw_threshold", "recalibrate_from_review", "recalibration_caution",
+           "refit_with_reviewed", "review", "review_target", "reviewed_anomalies", "reviewed_normals", "run_errors",
+           "run_fields", "run_owned_fields", "score_histogram", "scoring_runs", "set_calibrated_threshold",
+           "threshold_counts"]

@@ -1,12 +1,19 @@
-"""The review panel's queries, as database aggregations: score histograms, threshold counts, flagged samples.
+"""The review panel's queries, as database aggregations: score histograms, threshold counts, flagged samples,
+a run's errors.
 
 One ``$group`` per histogram or threshold count: no sample is loaded into Python, so the panel stays
 responsive on large datasets.
+
+Thresholds are given on the calibrated scale the panel shows (``<key>_score``). An expert run's labels are
+decided on raw scores against its raw threshold, so for expert runs the counts and flagged samples compare
+raw scores against the raw threshold of the same calibrated value (:func:`raw_threshold`): the panel's
+counts equal the number of samples a threshold labels anomalous, to the last sample.
 
 Example:
     >>> hist = fav.score_histogram(ds, "padim", gt_field="ground_truth")
     >>> fav.threshold_counts(ds, "padim", 0.9, gt_field="ground_truth")["precision"]
     >>> flagged = fav.flagged_view(ds, "padim")   # labelled anomalous, highest first
+    >>> fav.reviewing.run_errors(ds, "padim")     # {"count": 2, "first": [["part_7.png", "file not found: ..."], ...]}
 """
 
 from __future__ import annotations
@@ -18,8 +25,12 @@ import numpy as np
 import fiftyone as fo
 from fiftyone import ViewField as F
 
+from ..fields import FieldNames
 from ..labels import ANOMALOUS, NORMAL
-from .targets import review_target
+from .targets import calibration_of, review_target
+
+#: how many of a run's errors :func:`run_errors` returns by default
+FIRST_ERRORS = 3
 
 def score_histogram(samples, key: str, bins: int = 50, gt_field: str | None = None,
                     positive: str = ANOMALOUS) -> dict[str, Any]:
@@ -97,12 +108,14 @@ def threshold_counts(samples, key: str, threshold: float, gt_field: str | None =
                      positive: str = ANOMALOUS) -> dict[str, Any]:
     """How many scored samples fall above/below ``threshold``, and precision/recall against ground truth.
 
-    A sample is flagged when its calibrated score is strictly above the threshold (as the run's labels).
+    A sample is flagged when its score is strictly above the threshold, as the run's labels: for an expert
+    run with a calibration, its raw score above the matching raw threshold (:func:`raw_threshold`), so at the
+    run's own threshold ``above`` is the number of samples labelled anomalous.
 
     Args:
         samples: a dataset or view holding run ``key``.
         key: the scoring run.
-        threshold: a threshold on ``<key>_score``.
+        threshold: a threshold on the target's score (``<key>_score`` for an expert run).
         gt_field: optional ``fo.Classification`` ground-truth field.
         positive: the ground-truth label meaning anomalous.
 
@@ -112,9 +125,10 @@ def threshold_counts(samples, key: str, threshold: float, gt_field: str | None =
     """
     field = review_target(samples, key).score
     scored = samples.exists(field)
+    compared, value, _ = _flag_test(samples, key, threshold)
     # one $group: (above threshold) x (ground-truth code) -> count
     code = _gt_code_expr(gt_field, positive) if gt_field else 2
-    expr = {"$add": [{"$cond": [{"$gt": [f"${field}", float(threshold)]}, 3, 0]}, code]}
+    expr = {"$add": [{"$cond": [{"$gt": [f"${compared}", value]}, 3, 0]}, code]}
     table = np.zeros((2, 3), dtype=np.int64)  # rows: below, above; columns: positive, other, unlabelled
     for k, n in scored.count_values(expr).items():
         table[int(k) // 3, int(k) % 3] += n
@@ -139,8 +153,9 @@ def flagged_view(samples, key: str, threshold: float | None = None):
     Args:
         samples: a dataset or view holding run ``key``.
         key: a review target (:func:`scoring_runs`): expert run, VLM judge run or ``"<judge>_fused"``.
-        threshold: flag samples whose score is above it; default: those an expert run labelled anomalous,
-            or, for VLM and fused scores, those above the target's threshold (0.5 unless recalibrated).
+        threshold: flag samples whose score is above it (an expert run's raw score above the matching raw
+            threshold, as :func:`threshold_counts`); default: those an expert run labelled anomalous, or, for
+            VLM and fused scores, those above the target's threshold (0.5 unless recalibrated).
 
     Returns:
         A view sorted by the target's score, descending.
@@ -149,5 +164,57 @@ def flagged_view(samples, key: str, threshold: float | None = None):
     if threshold is None and target.kind == "expert":
         view = samples.match(F(f"{target.label}.label") == ANOMALOUS)
     else:
-        view = samples.match(F(target.score) > float(target.threshold if threshold is None else threshold))
+        compared, value, _ = _flag_test(samples, key, target.threshold if threshold is None else threshold)
+        view = samples.exists(target.score).exists(compared)
+        if value > -np.inf:  # no infinity in the view's stages: the App receives them as JSON
+            view = view.match(F(compared) > min(value, float(np.finfo(np.float64).max)))
     return view.sort_by(target.score, reverse=True)
+
+
+def raw_threshold(samples, key: str, threshold: float) -> float | None:
+    """The raw image threshold of expert run ``key`` that flags what ``threshold`` on ``<key>_score`` flags.
+
+    At the run's own threshold (:func:`default_threshold`) this is the raw threshold its labels were decided
+    with; elsewhere :meth:`Calibration.raw_from_normalized` (``-inf`` at or below 0, ``+inf`` at or above 1).
+
+    Returns:
+        The raw threshold, or None for review targets without a calibration (VLM, fused scores, experts that
+        calibrate themselves), whose thresholds apply to their scores directly.
+    """
+    return _flag_test(samples, key, threshold)[2]
+
+
+def _flag_test(samples, key: str, threshold: float) -> tuple[str, float, float | None]:
+    """(field, value, raw threshold or None): a sample of review target ``key`` is flagged when ``field > value``."""
+    target = review_target(samples, key)
+    calibration = calibration_of(samples, key) if target.kind == "expert" else None
+    if calibration is None:
+        return target.score, float(threshold), None
+    if float(threshold) in (target.threshold, calibration.normalized_image_threshold):
+        raw = float(calibration.image_threshold)
+    else:
+        raw = float(calibration.raw_from_normalized(float(threshold)))
+    return FieldNames(target.run_key).raw_score, raw, raw
+
+
+def run_errors(samples, key: str, first: int = FIRST_ERRORS) -> dict[str, Any]:
+    """How many samples of review target ``key`` hold an error, and the first ones.
+
+    Every run kind records a sample's failure in ``<run key>_error`` (a missing file, an image that does
+    not decode, a VLM answer that cannot be parsed...): the review panel shows these when a run has few or
+    no scores.
+
+    Args:
+        samples: a dataset or view holding run ``key``.
+        key: a review target (:func:`scoring_runs`).
+        first: how many errors to return.
+
+    Returns:
+        ``{"count": n, "first": [[file name, message], ...]}`` (at most ``first`` entries).
+    """
+    field = FieldNames(review_target(samples, key).run_key).error
+    if field not in samples.get_field_schema():
+        return {"count": 0, "first": []}
+    errored = samples.exists(field)
+    paths, messages = errored.limit(first).values(["filepath", field])
+    return {"count": errored.count(), "first": [[p.rsplit("/", 1)[-1], m] for p, m in zip(paths, messages)]}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..calibration import Calibration
 from ..fields import FieldNames, JudgeFieldNames
 from ..runs import JUDGE_METHOD, SCORE_METHOD, recorded_config
 
@@ -131,3 +132,13 @@ def run_fields(samples, key: str) -> list[str]:
     mask of the expert, and the VLM judge's verdict, defect type, location, explanation and regions, where
     they exist."""
     return list(review_target(samples, key).show)
+
+
+def calibration_of(samples, key: str) -> Calibration | None:
+    """The normal-only calibration of expert scoring run ``key`` (what maps its raw scores to ``<key>_score``
+    and holds its raw thresholds); None for VLM and fused scores and for experts that calibrate themselves."""
+    target = review_target(samples, key)
+    config = recorded_config(samples._root_dataset, target.run_key)
+    if target.kind != "expert" or not getattr(config, "calibration", None):
+        return None
+    return Calibration.from_dict(config.calibration)

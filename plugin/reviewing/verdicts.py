@@ -8,6 +8,8 @@ Example:
     >>> fav.review(flagged.limit(3), "accept", key="padim", user="qa")   # the model was right
     >>> fav.review(flagged.skip(3).limit(1), "relabel", key="padim", label="scratch")
     >>> fav.recalibrate_from_review(ds, "padim", rule="f1")        # threshold from the human verdicts
+    >>> recalibration_caution(ds, "padim")                         # "... false-alarm rate 0%-71% ..." or None
+    >>> set_calibrated_threshold(ds, "padim", 0.95)                # the panel's "Apply threshold"
     >>> fav.reviewed_normals(ds).count()                           # can join an expert's normal set
 
 See Also:
@@ -33,8 +35,9 @@ from ..calibration import ThresholdUncertaintyWarning, rate_interval, threshold_
 from ..experts import fit_expert
 from ..fields import FieldNames
 from ..labels import ANOMALOUS, NORMAL
-from ..runs import COMPOSITE_METHOD, expert_run_key, expert_state, update_run_config
+from ..runs import COMPOSITE_METHOD, expert_run_key, expert_state, recorded_config, update_run_config
 from ..thresholds import set_threshold
+from .queries import raw_threshold
 from .targets import ReviewTarget, review_target, scoring_runs
 
 #: the review field written by default
@@ -243,19 +246,65 @@ def recalibrate_from_review(samples, key: str, field: str = REVIEW_FIELD, rule: 
     return calibration
 
 
-def _warn_if_few_reviews(key: str, scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, list]:
-    """The 95 % intervals of the false-alarm rate and recall the reviews show at ``threshold``; warn when wide."""
+def _warn_if_few_reviews(key: str, scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, Any]:
+    """The 95 % intervals of the false-alarm rate and recall the reviews show at ``threshold``; warn when wide.
+
+    Returns the intervals and ``caution``: the warning's text, or None when both intervals are narrow enough.
+    """
     flagged = scores > threshold
     n_neg, n_pos = int((~labels).sum()), int(labels.sum())
     far = rate_interval(int(flagged[~labels].sum()), n_neg)
     recall = rate_interval(int(flagged[labels].sum()), n_pos)
+    message = None
     if max(far[1] - far[0], recall[1] - recall[0]) > MAX_REVIEW_INTERVAL:
         message = (f"threshold of {key!r} from {n_pos} anomalous and {n_neg} normal reviews: false-alarm rate "
                    f"{far[0]:.0%}-{far[1]:.0%}, recall {recall[0]:.0%}-{recall[1]:.0%} (95 % intervals); "
                    "review more samples before trusting it")
         logger.warning(message)
         warnings.warn(message, ThresholdUncertaintyWarning, stacklevel=3)
-    return {"far_interval": list(far), "recall_interval": list(recall)}
+    return {"far_interval": list(far), "recall_interval": list(recall), "caution": message}
+
+
+def recalibration_caution(samples, key: str) -> str | None:
+    """The caution of the last :func:`recalibrate_from_review` of review target ``key``, for display.
+
+    A threshold set from few reviews is uncertain: the caution names the reviews it rests on and the 95 %
+    intervals of the false-alarm rate and recall they show (the :class:`ThresholdUncertaintyWarning` text).
+
+    Returns:
+        The caution, or None when the last threshold of ``key`` did not come from reviews or rests on enough.
+    """
+    target = review_target(samples, key)
+    history = getattr(recorded_config(samples._root_dataset, target.run_key), "threshold_history", None) or []
+    mine = [h for h in history if h.get("target", target.name) == target.name]
+    return mine[-1].get("caution") if mine and mine[-1].get("source") == "review" else None
+
+
+def set_calibrated_threshold(samples, key: str, threshold: float):
+    """Set expert run ``key``'s threshold at ``threshold`` on its calibrated ``<key>_score`` scale (the review
+    panel's slider): :func:`fiftyone_anomaly_vlm.set_threshold` with ``rule="value"`` at the raw threshold that
+    flags exactly the samples whose calibrated score is above ``threshold`` (:func:`raw_threshold`), so the
+    labels written match :func:`threshold_counts` at that value, sample for sample.
+
+    At the ends of the scale the raw threshold is infinite (0: every sample is above, 1: none is); the run then
+    records a finite one that flags the same samples: just below its lowest raw score, or its highest.
+
+    Returns:
+        The run's new :class:`~fiftyone_anomaly_vlm.calibration.Calibration`.
+
+    Raises:
+        ValueError: ``key`` is not an expert scoring run with a calibration, or it has no scores.
+    """
+    raw = raw_threshold(samples, key, threshold)
+    if raw is None:
+        raise ValueError(f"{key!r} is not an expert scoring run with a calibration: its labels cannot be "
+                         "re-thresholded (use recalibrate_from_review)")
+    if not np.isfinite(raw):
+        lo, hi = samples._root_dataset.bounds(FieldNames(review_target(samples, key).run_key).raw_score)
+        if lo is None:
+            raise ValueError(f"run {key!r} has no scores to threshold")
+        raw = float(np.nextafter(lo, -np.inf)) if raw < 0 else float(hi)
+    return set_threshold(samples, key, rule="value", param=raw)
 
 
 def _rethreshold_judge(dataset, target: ReviewTarget, field: str, rule: str, param: float | None,
