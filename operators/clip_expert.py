@@ -20,7 +20,7 @@ class CreateClipExpert(foo.Operator):
     def config(self):
         return long_running_config("create_clip_expert", "Anomaly: CLIP zero/few-shot expert",
                                    "WinCLIP expert from text prompts (zero-shot) and optional normal reference images",
-                                   "auto_awesome", delegate_by_default=False)
+                                   "auto_awesome")
 
     def resolve_input(self, ctx):
         inputs = types.Object()

@@ -35,6 +35,15 @@ PLUGIN_NAME = "@anomaly-vlm/anomaly-vlm"
 ALLOW_SCHEDULING = "FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS"
 #: the folder name of the link :func:`plugins_dir_with_plugin` makes in a plugins folder
 LINK_NAME = "anomaly-vlm"
+#: the review panel's name (``panels/review.py``)
+REVIEW_PANEL = "anomaly_review"
+
+
+def review_layout() -> fo.Space:
+    """The App's layout that :func:`launch_app` opens: the sample grid with the review panel beside it (whose
+    Runs section lists the scheduled runs)."""
+    return fo.Space(children=[fo.Panel(type="Samples", pinned=True), fo.Panel(type=REVIEW_PANEL)],
+                    orientation="horizontal")
 
 
 def plugin_folder() -> Path:
@@ -136,7 +145,8 @@ class AppLaunch:
 def launch_app(dataset_name: str, port: int = 5151, workers: int = 1, address: str | None = None,
                plugins_dir: str | None = None, wait: bool = True, log_dir: str | None = None,
                **launch_kwargs) -> AppLaunch:
-    """Launch the App on dataset ``dataset_name`` with "Schedule" enabled and ``workers`` delegated workers.
+    """Launch the App on dataset ``dataset_name`` with "Schedule" enabled and ``workers`` delegated workers, the
+    review panel open beside the grid.
 
     Sets ``FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS=true`` and ``FIFTYONE_PLUGINS_DIR`` (:func:`app_environment`) in
     this process's environment, which the App server (a child process) inherits, starts the workers, launches
@@ -151,7 +161,8 @@ def launch_app(dataset_name: str, port: int = 5151, workers: int = 1, address: s
         wait: block until Ctrl+C (or the App's server ends), then stop the workers and the App; False returns
             at once (close the returned :class:`AppLaunch`; it is a context manager).
         log_dir: a folder for the workers' output (default: this process's output).
-        **launch_kwargs: passed to ``fo.launch_app`` (``remote``, ``auto``, ``spaces``...).
+        **launch_kwargs: passed to ``fo.launch_app`` (``remote``, ``auto``...; ``spaces`` default:
+            :func:`review_layout`).
 
     Returns:
         the :class:`AppLaunch` (already closed when ``wait``).
@@ -162,6 +173,7 @@ def launch_app(dataset_name: str, port: int = 5151, workers: int = 1, address: s
     fo.config.allow_legacy_orchestrators, fo.config.plugins_dir = True, env["FIFTYONE_PLUGINS_DIR"]
     procs = start_workers(workers, env, log_dir=log_dir)
     try:
+        launch_kwargs.setdefault("spaces", review_layout())
         session = fo.launch_app(dataset, port=port, address=address, **launch_kwargs)
     except BaseException:
         stop_workers(procs)
