@@ -24,12 +24,15 @@ class FieldSpec:
         ftype: the FiftyOne field class (``fo.FloatField``, ``fo.EmbeddedDocumentField``...).
         kwargs: arguments of ``add_sample_field`` (e.g. ``embedded_doc_type``).
         frame: a frame field of a video dataset.
+        colorscale: a named plotly colorscale the App draws this field with (heatmaps), fixed in the dataset's
+            App config when the field is declared, so colours mean the same in every session.
     """
 
     name: str
     ftype: type
     kwargs: dict[str, Any] = field(default_factory=dict)
     frame: bool = False
+    colorscale: str | None = None
 
     @property
     def path(self) -> str:
@@ -40,6 +43,16 @@ class FieldSpec:
 def label_spec(name: str, doc_type: type = fo.Classification, frame: bool = False) -> FieldSpec:
     """A field holding one FiftyOne label of ``doc_type``."""
     return FieldSpec(name, fo.EmbeddedDocumentField, {"embedded_doc_type": doc_type}, frame)
+
+
+#: the colorscale of every heatmap field the plugin writes (perceptually uniform; dark = normal, yellow = anomalous)
+HEATMAP_COLORSCALE = "viridis"
+
+
+def heatmap_spec(name: str, frame: bool = False) -> FieldSpec:
+    """A ``fo.Heatmap`` field drawn with :data:`HEATMAP_COLORSCALE`."""
+    return FieldSpec(name, fo.EmbeddedDocumentField, {"embedded_doc_type": fo.Heatmap}, frame,
+                     colorscale=HEATMAP_COLORSCALE)
 
 
 def float_spec(name: str, frame: bool = False) -> FieldSpec:
@@ -106,7 +119,7 @@ class FieldNames(RunFieldNames):
 
     def specs(self) -> list[FieldSpec]:
         """The fields in write order: the error first, the score (a sample's "done" marker) last."""
-        return [str_spec(self.error), label_spec(self.label), label_spec(self.map, fo.Heatmap),
+        return [str_spec(self.error), label_spec(self.label), heatmap_spec(self.map),
                 label_spec(self.mask, fo.Segmentation), float_spec(self.raw_score), float_spec(self.score)]
 
 

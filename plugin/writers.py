@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import fiftyone as fo
 import fiftyone.core.odm as foo
 
 from .fields import FieldSpec
@@ -73,6 +74,7 @@ def declare_fields(dataset, specs: list[FieldSpec]) -> None:
         stored = _stored_field_names(dataset)
         missing = [s for s in specs if s.name not in stored[1 if s.frame else 0]]
         if not missing:
+            declare_colorscales(dataset, specs)
             return
         dataset._doc.reload()  # the field list as stored now, not as this process last saw it
         for spec in missing:
@@ -82,6 +84,40 @@ def declare_fields(dataset, specs: list[FieldSpec]) -> None:
                 dataset.add_sample_field(spec.name, spec.ftype, **spec.kwargs)
     raise RuntimeError(f"could not declare fields {[s.path for s in missing]} on dataset '{dataset.name}' "
                        "(other processes kept changing its schema)")
+
+
+def declare_colorscales(dataset, specs: list[FieldSpec]) -> None:
+    """Give each field of ``specs`` that has a ``colorscale`` that colorscale in the dataset's App config.
+
+    The entry is added to ``dataset.app_config.color_scheme.colorscales`` (a ``fo.ColorScheme`` is created
+    when the dataset has none); every other setting of the user's colour scheme is kept, and so is a
+    colorscale the user already chose for that field.
+    """
+    wanted = {s.path: s.colorscale for s in specs if s.colorscale}
+    if not wanted:
+        return
+    dataset._doc.reload("app_config")  # as stored now (another process or the App may have changed it)
+    scheme = dataset.app_config.color_scheme or fo.ColorScheme()
+    scales = list(scheme.colorscales or [])
+    have = {entry.get("path") for entry in scales}
+    new = [{"path": path, "name": name} for path, name in wanted.items() if path not in have]
+    if new:
+        scheme.colorscales = scales + new
+        dataset.app_config.color_scheme = scheme
+        dataset.save()
+
+
+def remove_colorscales(dataset, paths: list[str]) -> None:
+    """Remove the per-field colorscales of ``paths`` from the dataset's App config (fields deleted with a
+    run); the rest of the colour scheme stays."""
+    scheme = dataset.app_config.color_scheme
+    if scheme is None or not scheme.colorscales:
+        return
+    kept = [entry for entry in scheme.colorscales if entry.get("path") not in set(paths)]
+    if len(kept) != len(scheme.colorscales):
+        scheme.colorscales = kept or None
+        dataset.app_config.color_scheme = scheme
+        dataset.save()
 
 
 class OrderedWriter:

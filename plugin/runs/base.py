@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import fiftyone.core.runs as fors
 
 from ..fields import RunFieldNames
+from ..writers import remove_colorscales
 
 EXPERT_METHOD = "anomalib_expert"
 COMPOSITE_METHOD = "composite_expert"
@@ -136,6 +137,7 @@ class FieldsRun(fors.Run):
         sample = list(dict.fromkeys(s.name for s in specs if not s.frame and s.name in schema))
         if sample:
             dataset.delete_sample_fields(sample)
+        remove_colorscales(dataset, [s.path for s in specs if s.colorscale])
         if dataset._has_frame_fields():
             fschema = dataset.get_frame_field_schema() or {}
             frames = list(dict.fromkeys(s.name for s in specs if s.frame and s.name in fschema))
