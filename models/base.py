@@ -10,10 +10,34 @@ import torch
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``"auto"``/None -> CUDA when present, else CPU; anything else is passed to ``torch.device``."""
+    """``"auto"``/None -> CUDA when present, else CPU; anything else is checked and passed to ``torch.device``.
+
+    Every expert, judge and video verb resolves its device here before it writes anything, so a device
+    the machine does not have fails with one clear message instead of torch's driver error mid-run.
+
+    Raises:
+        ValueError: not a device name, or a CUDA/MPS device this machine does not have.
+    """
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device.strip() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError) as exc:
+        msg = f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        raise ValueError(msg) from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            msg = f"device {str(device)!r} requested but no CUDA GPU is available; use 'cpu' or 'auto'"
+            raise ValueError(msg)
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            msg = (f"device {str(device)!r} requested but this machine has {count} CUDA GPU(s) "
+                   f"(cuda:0 to cuda:{count - 1}); use one of them, 'cpu' or 'auto'")
+            raise ValueError(msg)
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        msg = f"device {str(device)!r} requested but Apple MPS is not available; use 'cpu' or 'auto'"
+        raise ValueError(msg)
+    return dev
 
 
 @dataclass

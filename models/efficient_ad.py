@@ -11,6 +11,9 @@ from __future__ import annotations
 import functools
 import logging
 import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +82,67 @@ def noise_image_folder(n: int = 16) -> Path:
         for i in range(n):
             Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     return root
+
+
+def reachable(url: str, timeout: float = 5.0) -> str | None:
+    """None when ``url``'s server answers one HEAD request (any HTTP status), else why not (one line)."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # the server answered
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", None) or exc)
+    return None
+
+
+def check_downloads(model, *, timeout: float = 5.0) -> None:
+    """Fail before any work when EfficientAD would need a download that cannot be made.
+
+    anomalib fetches the pretrained teacher (``teacher_weights="default"``) and ImageNette (when
+    ``imagenet_dir`` does not exist and the teacher is not random) only once training starts, and offline
+    that ends in a raw ``URLError``. Here each missing file's server gets one HEAD request.
+
+    Args:
+        model: an :func:`offline_efficient_ad` instance.
+        timeout: seconds per request.
+
+    Raises:
+        FileNotFoundError: ``teacher_weights`` names a file that does not exist.
+        RuntimeError: a needed download's server cannot be reached; the message names the local options
+            (which file to place where, or which setting to use).
+    """
+    from anomalib.models.image.efficient_ad.lightning_model import IMAGENETTE_DOWNLOAD_INFO, WEIGHTS_DOWNLOAD_INFO
+    from anomalib.utils.path import get_pretrained_weights_dir
+
+    size = getattr(model.model_size, "value", model.model_size)
+    teacher_name = f"pretrained_teacher_{size}.pth"
+    if model.teacher_weights and model.teacher_weights != "default" and not Path(model.teacher_weights).is_file():
+        msg = f"EfficientAD teacher weights file not found: {model.teacher_weights}"
+        raise FileNotFoundError(msg)
+    options, failures = [], []
+    if model.teacher_weights == "default":
+        folder = get_pretrained_weights_dir() / "efficientad_pretrained_weights"
+        if not (folder / teacher_name).is_file():
+            why = reachable(WEIGHTS_DOWNLOAD_INFO.url, timeout)
+            if why:
+                failures.append(f"{_host(WEIGHTS_DOWNLOAD_INFO.url)} ({why})")
+                options.append(
+                    f"its pretrained teacher: place {teacher_name} (in {WEIGHTS_DOWNLOAD_INFO.url}) at "
+                    f"{folder / teacher_name}, or pass model_kwargs={{'teacher_weights': '/path/to/{teacher_name}'}}")
+    if model.teacher_weights and not Path(model.imagenet_dir).is_dir():
+        why = reachable(IMAGENETTE_DOWNLOAD_INFO.url, timeout)
+        if why:
+            failures.append(f"{_host(IMAGENETTE_DOWNLOAD_INFO.url)} ({why})")
+            options.append(
+                f"its penalty images: extract ImageNette ({IMAGENETTE_DOWNLOAD_INFO.url}) or any folder of natural "
+                f"images in class subfolders to {Path(model.imagenet_dir).resolve()}, or pass "
+                "model_kwargs={'imagenet_dir': '/path/to/imagenette'}")
+    if options:
+        msg = (f"EfficientAD downloads files when training starts and {' and '.join(failures)} cannot be reached. "
+               f"Offline, give it {'; and '.join(options)}. Or pretrained=False: a random teacher and noise "
+               "images (smoke tests only)")
+        raise RuntimeError(msg)
+
+
+def _host(url: str) -> str:
+    return urllib.parse.urlsplit(url).netloc

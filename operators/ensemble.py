@@ -7,6 +7,7 @@ import fiftyone.operators.types as types
 
 from fiftyone_anomaly_vlm import ensemble_experts, list_experts
 
+from ._choices import EXPERT, check_choice, unknown_choice
 from ._forms import check_key, device_and_batch, nothing_to_choose
 from ._progress import long_running_config, reports_errors, run_with_progress
 
@@ -22,16 +23,20 @@ class EnsembleExperts(foo.Operator):
         inputs = types.Object()
         experts = list_experts(ctx.dataset) if ctx.dataset else []
         if len(experts) < 2:
+            message = ("An ensemble needs two or more fitted experts on this dataset: fit them with "
+                       "'Anomaly: fit vision expert' (same training view and seed)")
+            unknown = unknown_choice(ctx.params.get("experts"), experts, what=EXPERT,
+                                     dataset_name=ctx.dataset.name) if ctx.dataset else None
             return nothing_to_choose(inputs, "too_few_experts", "Fewer than two experts",
-                                     "An ensemble needs two or more fitted experts on this dataset: fit them with "
-                                     "'Anomaly: fit vision expert' (same training view and seed)", "Ensemble experts")
+                                     f"{unknown}. {message}" if unknown else message, "Ensemble experts")
         choices = [types.Choice(e, label=e) for e in experts]
         prop = inputs.list("experts", types.String(), required=True, label="Experts",
                            description="Two or more; their calibrated scores are averaged",
                            view=types.AutocompleteView(choices=choices, allow_user_input=False,
                                                        allow_duplicates=False))
-        chosen = list(dict.fromkeys(ctx.params.get("experts") or []))
-        if ctx.params.get("experts") is not None and len(chosen) < 2:
+        asked = ctx.params.get("experts")
+        known = check_choice(prop, asked, experts, what=EXPERT, dataset=ctx.dataset)
+        if known and asked is not None and len(set(asked)) < 2:
             prop.invalid = True
             prop.error_message = "Choose two or more experts"
         inputs.bool("overwrite", default=False, label="Overwrite an expert of the same key")

@@ -11,6 +11,7 @@ from fiftyone_anomaly_vlm import judge
 from fiftyone_anomaly_vlm.models.judge import make_backend
 from fiftyone_anomaly_vlm.runs import AnomalyScoreRunConfig, JudgeRunConfig
 
+from ._choices import SCORE_RUN, check_choice
 from ._forms import check_key, dropdown, vlm_backend_inputs
 from ._progress import long_running_config, reports_errors, run_with_progress
 
@@ -65,8 +66,10 @@ class JudgeSamples(foo.Operator):
         vlm_backend_inputs(inputs, p, API_KEY_SECRET)
 
         experts = [k for k in runs if isinstance(ctx.dataset.get_run_info(k).config, AnomalyScoreRunConfig)]
-        dropdown(inputs, "expert", [_NONE, *experts], experts[0] if experts else _NONE, "Expert run",
-                  "Its heatmap gives the crops, its score the verdict in words and the fused score")
+        prop = dropdown(inputs, "expert", [_NONE, *experts], experts[0] if experts else _NONE, "Expert run",
+                        "Its heatmap gives the crops, its score the verdict in words and the fused score")
+        check_choice(prop, p.get("expert"), experts, what=SCORE_RUN, dataset=ctx.dataset, none=_NONE,
+                     hint="score the samples with 'Anomaly: score samples' first, or choose (none)")
         inputs.int("crops", default=3, min=0, max=8, label="Expert-guided crops (Triad)")
         inputs.bool("use_expert_verdict", default=True, label="Tell the model the expert's verdict in words")
         inputs.bool("only_flagged", default=False, label="Only samples the expert flagged")

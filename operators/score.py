@@ -8,8 +8,11 @@ import fiftyone.operators.types as types
 from fiftyone_anomaly_vlm import list_experts, score
 from fiftyone_anomaly_vlm.runs import EXPERT_METHODS, runs_of
 
+from ._choices import EXPERT, check_choice, unknown_choice
 from ._forms import check_key, device_and_batch, dropdown, nothing_to_choose
 from ._progress import long_running_config, reports_errors, run_with_progress
+
+_FIT_FIRST = "run 'Anomaly: fit vision expert' first"
 
 
 class ScoreSamples(foo.Operator):
@@ -23,11 +26,14 @@ class ScoreSamples(foo.Operator):
         inputs = types.Object()
         inputs.view_target(ctx)
         experts = list_experts(ctx.dataset) if ctx.dataset else []
+        asked = ctx.params.get("expert")
         if not experts:
-            return nothing_to_choose(inputs, "no_expert", "No fitted expert",
-                                     "No fitted expert on this dataset: run 'Anomaly: fit vision expert' first",
-                                     "Score samples")
-        dropdown(inputs, "expert", experts, experts[0], "Expert", required=True)
+            message = f"No fitted expert on this dataset: {_FIT_FIRST}"
+            if asked and ctx.dataset:  # from Python: say which name was asked for
+                message = unknown_choice(asked, experts, what=EXPERT, dataset_name=ctx.dataset.name, hint=_FIT_FIRST)
+            return nothing_to_choose(inputs, "no_expert", "No fitted expert", message, "Score samples")
+        prop = dropdown(inputs, "expert", experts, experts[0], "Expert", required=True)
+        check_choice(prop, asked, experts, what=EXPERT, dataset=ctx.dataset)
         expert = ctx.params.get("expert") or experts[0]
         key_prop = inputs.str("key", default=expert, required=True, label="Run key",
                               description="Fields: <key>, <key>_score, <key>_map, <key>_mask, <key>_error")

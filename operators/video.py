@@ -9,6 +9,7 @@ from fiftyone_anomaly_vlm import list_experts, score_video
 from fiftyone_anomaly_vlm.runs import QUESTIONS_METHOD, VIDEO_METHOD, runs_of
 from fiftyone_anomaly_vlm.video import SMOOTHING
 
+from ._choices import EXPERT, check_choice
 from ._forms import check_key, dropdown, nothing_to_choose, vlm_backend_inputs
 from ._progress import long_running_config, reports_errors, run_with_progress
 from .judge import API_KEY_SECRET, backend_from_params
@@ -44,8 +45,9 @@ class ScoreVideo(foo.Operator):
         check_key(key_prop, key, taken, "Run")
 
         experts = list_experts(ctx.dataset)
-        dropdown(inputs, "expert", [_NONE, *experts], experts[0] if experts else _NONE, "Image expert",
-                 "e.g. fitted on the frames of normal videos (fav.video_frames)")
+        prop = dropdown(inputs, "expert", [_NONE, *experts], experts[0] if experts else _NONE, "Image expert",
+                        "e.g. fitted on the frames of normal videos (fav.video_frames)")
+        check_choice(prop, p.get("expert"), experts, what=EXPERT, dataset=ctx.dataset, none=_NONE)
         inputs.bool("use_vlm", default=not experts, label="Ask a VLM guiding questions (VERA)")
         if p.get("use_vlm", not experts):
             vlm_backend_inputs(inputs, p, API_KEY_SECRET, device=False)

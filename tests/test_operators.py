@@ -51,7 +51,7 @@ def _run(uri, **ctx):
 
 def test_operator_reports_bad_input_clearly(parts):
     # form validation rejects the request before execution
-    with pytest.raises(Exception, match="No fitted expert on this dataset"):
+    with pytest.raises(Exception, match="no fitted expert named .missing. on dataset .*; fitted experts: none"):
         _run("score_anomalies", dataset=parts, params=dict(expert="missing", key="x", device="cpu"))
     # the core's whole-run checks surface as the execution error
     with pytest.raises(Exception, match="empty"):

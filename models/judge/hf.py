@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +72,43 @@ def _dtype(dtype: Any, device: str):
     return dtype
 
 
+def looks_like_path(model: str) -> bool:
+    """Whether ``model`` names a folder rather than a hub id: ``/...``, ``./...``, ``~/...``, or more path
+    separators than a hub id's one ``namespace/name`` slash."""
+    return model.startswith(("/", ".", "~")) or model.count("/") > 1 or (os.sep != "/" and os.sep in model)
+
+
+def check_model_source(model: str) -> str:
+    """``model`` as ``from_pretrained`` takes it (``~`` expanded), or one clear error for a missing folder.
+
+    Raises:
+        OSError: ``model`` looks like a local folder (see :func:`looks_like_path`) that does not exist.
+    """
+    expanded = os.path.expanduser(model)
+    if os.path.isdir(expanded):
+        return expanded
+    if looks_like_path(model):
+        msg = (f"local model folder '{model}' does not exist"
+               + (f" ({os.path.abspath(expanded)})" if os.path.abspath(expanded) != model else "")
+               + ": pass the folder of a saved image-text-to-text model (config.json, weights, processor files) "
+               "or a Hugging Face hub id such as 'Qwen/Qwen2-VL-2B-Instruct'")
+        raise OSError(msg)
+    return model
+
+
+def _hub_error(model: str, exc: OSError) -> OSError:
+    """A hub id that could not be loaded: say so plainly when the hub was out of reach (offline)."""
+    text = str(exc)
+    offline = any(w in text.lower() for w in ("couldn't connect", "offline", "cannot find the requested files",
+                                              "connection", "local cache", "cached files"))
+    if not offline or os.path.isdir(model):
+        return exc
+    mode = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") else ""
+    return OSError(f"model '{model}' is not in the local Hugging Face cache and the hub cannot be reached{mode}: "
+                   f"pass a local model folder (model='/path/to/folder', e.g. made on a connected machine with "
+                   f"`hf download {model} --local-dir /path/to/folder`), or fill the cache once with network")
+
+
 class TransformersBackend(JudgeBackend):
     """A local ``transformers`` VLM answering batches of requests in one ``generate()`` call each.
 
@@ -90,7 +128,9 @@ class TransformersBackend(JudgeBackend):
 
     Raises:
         ImportError: ``transformers`` is not installed.
-        OSError: the model cannot be found (offline and not cached, wrong path...).
+        OSError: the model cannot be found: a local folder that does not exist, or a hub id that is not cached
+            while the hub cannot be reached (the message says which, and what to pass).
+        ValueError: a device this machine does not have.
     """
 
     name = "transformers"
@@ -113,7 +153,7 @@ class TransformersBackend(JudgeBackend):
         except ImportError as exc:  # pragma: no cover - transformers is a declared dependency
             raise ImportError("the transformers judge backend needs `pip install transformers torch`") from exc
 
-        self.model_name = str(model)
+        self.model_name = check_model_source(str(model))
         self.revision = revision
         self.device = str(resolve_device(device))
         self.torch_dtype = _dtype(dtype, self.device)
@@ -122,10 +162,16 @@ class TransformersBackend(JudgeBackend):
         self.processor_kwargs = dict(processor_kwargs or {})
         self.model_kwargs = dict(model_kwargs or {})
         common = dict(revision=revision, trust_remote_code=trust_remote_code)
-        self.processor = AutoProcessor.from_pretrained(self.model_name, **common, **self.processor_kwargs)
+        try:
+            self.processor = AutoProcessor.from_pretrained(self.model_name, **common, **self.processor_kwargs)
+        except OSError as exc:
+            raise _hub_error(self.model_name, exc) from exc
         self.pixel_budget = set_pixel_budget(self.processor, self.max_pixels) if self.max_pixels else None
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            self.model_name, **common, dtype=self.torch_dtype, **self.model_kwargs).to(self.device).eval()
+        try:
+            self.model = AutoModelForImageTextToText.from_pretrained(
+                self.model_name, **common, dtype=self.torch_dtype, **self.model_kwargs).to(self.device).eval()
+        except OSError as exc:
+            raise _hub_error(self.model_name, exc) from exc
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         # a fast tokenizer must not encode in one thread while it decodes in another ("Already borrowed")
         self._tokenizer_lock = threading.Lock()

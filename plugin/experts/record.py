@@ -123,12 +123,12 @@ def load_expert(samples, key: str) -> Expert:
     run_key = expert_run_key(key)
     if run_key not in dataset.list_runs():
         experts = list_experts(dataset)
-        msg = f"no expert named {key!r} on dataset '{dataset.name}'; fitted experts: {experts or 'none'}"
+        msg = f"no expert named {key!r} on dataset '{dataset.name}'; fitted experts: {', '.join(experts) or 'none'}"
         raise ValueError(msg)
     cfg = dataset.get_run_info(run_key).config
     if cfg.method not in EXPERT_METHODS:
-        raise ValueError(f"no expert named {key!r} on dataset '{dataset.name}' (its run key {run_key!r} holds a "
-                         f"run of another kind); fitted experts: {list_experts(dataset) or 'none'}")
+        raise ValueError(f"no expert named {key!r} on dataset '{dataset.name}' (its run key {run_key!r} holds "
+                         f"a run of another kind); fitted experts: {', '.join(list_experts(dataset)) or 'none'}")
     checkpoint = cfg.checkpoint or ""
     if checkpoint and not os.path.isfile(checkpoint):
         msg = f"the checkpoint of expert {cfg.expert!r} is missing: {checkpoint} (refit it with fit_expert)"
