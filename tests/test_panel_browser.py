@@ -23,7 +23,7 @@ from PIL import Image
 import fiftyone as fo
 
 import fiftyone_anomaly_vlm as fav
-from conftest import ROOT
+from conftest import IMAGE_SIZE, ROOT
 from fiftyone_anomaly_vlm.panels.review import BINS
 from fiftyone_anomaly_vlm.reviewing import default_threshold
 
@@ -254,20 +254,79 @@ def _click_panel_button(driver, label: str) -> None:
     _click(driver, "button", label)
 
 
-@pytest.fixture
-def review_dataset(fitted):
-    """Two scoring runs, made from Python: 'padim' and 'broken' (whose samples all errored)."""
-    ds = fitted
-    fav.score(ds, expert="padim", device="cpu", batch_size=16)
+def _add_broken_run(ds) -> None:
+    """A scoring run 'broken' whose 4 samples all errored (files that do not exist)."""
     missing = [fo.Sample(filepath=f"/nonexistent/fav/part_{i}.png", tags=["broken"]) for i in range(4)]
     ds.add_samples(missing)
     fav.score(ds.match_tags("broken"), expert="padim", key="broken", device="cpu")
-    return ds
 
 
-def test_review_panel_walkthrough(review_dataset, browser):
-    ds, driver = review_dataset, browser
+@pytest.fixture
+def review_dataset(fitted):
+    """Two scoring runs, made from Python: 'padim' and 'broken' (whose samples all errored)."""
+    fav.score(fitted, expert="padim", device="cpu", batch_size=16)
+    _add_broken_run(fitted)
+    return fitted
+
+
+def _colourful_pixels(element) -> int:
+    """Pixels of an element's screenshot that are clearly not grey (the parts images are grey: colour = overlay)."""
+    image = Image.open(io.BytesIO(element.screenshot_as_png)).convert("HSV")
+    return sum(1 for h, s, v in image.getdata() if s > 80 and v > 60)
+
+
+def _fit_and_score_from_forms(driver, session, ds) -> None:
+    """The main path as a user walks it: fit from the form on a filtered view (the train-tagged normals), score
+    the dataset from the form, open the top sample and see the heatmap and mask drawn over it."""
+    train = ds.match_tags("train")
+    session.view = train
+    _wait("the filtered view", lambda: f"{len(train)} samples" in _text(driver), 30)
+    run_operator(driver, "fit vision", "Anomaly: fit vision expert", choices=["None: random backbone (smoke tests)"],
+                 texts={"Backbone (timm name)": "resnet18", "Image size": str(IMAGE_SIZE)})
+    _notification(driver, "Expert 'padim' fitted", timeout=240)
+    _click(driver, "button", "Done")
+    _dismiss_notifications(driver)
+    ds.reload()
+    config = ds.get_run_info("padim_expert").config
+    assert fav.list_experts(ds) == ["padim"] and config.num_train + config.num_holdout == len(train)
+
+    session.view = None
+    _wait("the whole dataset", lambda: f"{len(ds)} samples" in _text(driver), 30)
+    run_operator(driver, "score samples", "Anomaly: score samples")
+    flagged = _notification(driver, "flagged anomalous in 'padim'", timeout=240)
+    _click(driver, "button", "Done")
+    _dismiss_notifications(driver)
+    ds.reload()
+    assert ds.count("padim_score") == len(ds) and ds.count("padim_map") == len(ds)
+    assert f"{ds.count_values('padim.label').get('anomalous', 0)} flagged" in flagged
+
+    # the top-scored sample in the modal: ticking the heatmap, then the mask, draws colour over the grey part
+    session.view = ds.sort_by("padim_score", reverse=True)
+    _wait("the sorted grid", lambda: _thumbnails_drawn(driver), 30)
+    tiles = sorted(driver.find_elements(By.CSS_SELECTOR, "[data-cy=looker]"), key=lambda t: (t.rect["y"], t.rect["x"]))
+    ActionChains(driver).move_to_element(tiles[0]).click().perform()
+    canvas = _wait("the sample's modal", lambda: driver.find_elements(
+        By.CSS_SELECTOR, "[data-cy=modal-looker-container] canvas"), 30)[0]
+    time.sleep(1)
+    plain = _colourful_pixels(canvas)
+    for field in ("padim_map", "padim_mask"):
+        box = driver.find_element(By.CSS_SELECTOR, f"[data-cy=modal] [data-cy=checkbox-{field}]")
+        ActionChains(driver).move_to_element(box).click().perform()
+        shown = _wait(f"{field} drawn over the sample", lambda: (lambda n: n if n > plain + 500 else None)(
+            _colourful_pixels(canvas)), 20)
+        assert shown > plain + 500, (field, plain, shown)
+        ActionChains(driver).move_to_element(box).click().perform()  # hidden again: the next overlay on its own
+        _wait(f"{field} hidden", lambda: _colourful_pixels(canvas) < plain + 500, 20)
+    session.view = None  # back to the grid of the whole dataset (the App closes the modal)
+    _wait("the modal closed", lambda: not driver.find_elements(By.CSS_SELECTOR, "[data-cy=modal-looker-container]"), 20)
+
+
+def test_review_panel_walkthrough(parts, browser):
+    ds, driver = parts, browser
     with served_app(driver, ds, spaces=PANEL) as session:
+        _fit_and_score_from_forms(driver, session, ds)
+        _add_broken_run(ds)
+        _click_panel_button(driver, "Refresh")
         _wait("the review panel's histogram", lambda: driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot"), 60)
         assert "Panel \"anomaly_review\" no longer exists" not in _text(driver)
         assert sorted(fav.scoring_runs(ds)) == ["broken", "padim"]
