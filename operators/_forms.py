@@ -72,13 +72,18 @@ def vlm_backend_inputs(inputs: types.Object, params: dict, api_key_secret: str, 
         inputs.int("max_pixels", default=448 * 448, min=0, label="Image budget (pixels per image)")
 
 
-def target_input(ctx, inputs: types.Object, action: str, default_target: str | None = None):
+def target_input(ctx, inputs: types.Object, action: str, prefer: tuple[str, ...] = ()):
     """The target-view input (``inputs.view_target``); returns (the samples the run will use, their name in words).
 
-    The choice shown is the one counted: before the App has sent a choice, the form's default is resolved
-    (FiftyOne picks the most selective target unless ``default_target`` names an available one).
+    ``prefer``: target choices to default to, the first one available wins (``("CURRENT_VIEW", "DATASET")``:
+    never a selection left over in the grid); without one, FiftyOne's default (the most selective choice).
+    The choice shown is the one counted: before the App has sent a choice, the form's default is resolved.
     """
-    prop = inputs.view_target(ctx, action_description=action, default_target=default_target)
+    prop = inputs.view_target(ctx, action_description=action)
+    available = list(getattr(prop.type, "values", None) or [])
+    preferred = next((t for t in prefer if t in available), None)
+    if preferred is not None:
+        prop.default = preferred
     choice = ctx.params.get("view_target") or ctx.request_params.get("view_target")
     if choice is None and prop.default is not None:
         choice = ctx.request_params["view_target"] = prop.default  # what the App will submit

@@ -57,7 +57,7 @@ class EvaluateAnomalies(foo.Operator):
         inputs = types.Object()
         view = types.View(label="Evaluate a scoring run")
         # the current view by default: a selection left over in the grid is offered, never picked silently
-        target, where = target_input(ctx, inputs, "Evaluate", default_target="CURRENT_VIEW")
+        target, where = target_input(ctx, inputs, "Evaluate", prefer=("CURRENT_VIEW", "DATASET"))
         runs = scoring_runs(ctx.dataset) if ctx.dataset else []
         if not runs:
             return nothing_to_choose(inputs, "no_run", "No scoring run",

@@ -181,3 +181,65 @@ def test_operator_form(parts):
     assert form["run"].type.values == ["s1"]
     assert "ground_truth" in form["gt_field"].type.values and form["gt_mask_field"].type.values == ["ground_truth_mask"]
     assert form["eval_key"].invalid  # the scoring run's own key
+
+
+def test_evaluate_leaves_out_the_experts_fit_samples(fitted):
+    # issue #17: evaluating the whole dataset scored the expert's own training samples (AUROC 1.000, no word)
+    from fiftyone.operators.executor import ExecutionContext
+
+    from fiftyone_anomaly_vlm.eval_samples import evaluation_counts
+    from fiftyone_anomaly_vlm.experts.targets import expert_fit_samples
+    from fiftyone_anomaly_vlm.operators import EvaluateAnomalies
+    from fiftyone_anomaly_vlm.runs import (CLIP_METHOD, COMPOSITE_METHOD, AnomalyScoreRunConfig, ExpertRunConfig,
+                                           register_expert_run)
+
+    ds = fitted
+    train = ds.match_tags("train")
+    fav.score(ds, expert="padim", device="cpu", batch_size=16)
+    seen = expert_fit_samples(ds, "padim")
+    assert seen.ids == set(train.values("id")) and seen.unknown == []  # training + held-out calibration samples
+    res = fav.evaluate(ds, "padim")
+    cfg = ds.get_run_info("padim_eval").config
+    assert (cfg.exclude_fit_samples, cfg.num_fit_samples_excluded, cfg.fit_experts) == (True, len(train), ["padim"])
+    assert res.metrics["num_samples"] == len(ds) - len(train)
+    assert set(ds.exists("padim_eval").values("id")).isdisjoint(seen.ids)  # no outcome written for them either
+    every = fav.evaluate(ds, "padim", eval_key="all_eval", exclude_fit_samples=False)
+    assert every.metrics["num_samples"] == len(ds)
+    assert ds.get_run_info("all_eval").config.num_fit_samples_excluded == 0
+    with pytest.raises(ValueError, match=f"all {len(train)} scored samples of the view were used to fit expert 'padim'"):
+        fav.evaluate(train, "padim", eval_key="train_eval")
+    assert "train_eval" not in ds.list_runs()
+
+    # a composite's own calibration samples, its members' (recursively) and a CLIP member's references; a member
+    # whose fitted samples were never recorded (an earlier release) is reported, and nothing of it is left out
+    others = ds.match_tags("train", bool=False).values("id")
+    register_expert_run(ds, "clip_expert", ExpertRunConfig(method=CLIP_METHOD, expert="clip",
+                                                           reference_ids=others[:2]))
+    ds.register_run("old_expert", ExpertRunConfig(expert="old", model="padim"))  # 0.1: no ids, no results
+    register_expert_run(ds, "ens_expert", ExpertRunConfig(method=COMPOSITE_METHOD, expert="ens", members={
+        "*": ["padim", "clip", "old"]}, holdout_ids=others[2:3]))
+    union = expert_fit_samples(ds, "ens")
+    assert union.ids == seen.ids | set(others[:3]) and union.unknown == ["old"]
+    assert "not recorded" in union.warning()
+
+    # a scoring run of an expert whose fit samples are unknown: a warning, nothing left out, still evaluated
+    ds.register_run("legacy", AnomalyScoreRunConfig(expert="old", fields=fav.FieldNames("legacy").all()))
+    ds.set_values("legacy_raw_score", ds.values("padim_raw_score"))
+    ds.set_values("legacy_score", ds.values("padim_score"))
+    with pytest.warns(UserWarning, match=r"expert\(s\) \['old'\] were fitted on are not recorded"):
+        legacy = fav.evaluate(ds, "legacy")
+    assert legacy.metrics["num_samples"] == len(ds)
+    assert ds.get_run_info("legacy_eval").config.fit_samples_unknown == ["old"]
+
+    # the form: the current view, not a selection left over in the grid; how many it evaluates; a free key
+    ctx = ExecutionContext(request_params=dict(dataset_name=ds.name, selected=others[:1], params={"run": "padim"}))
+    form = EvaluateAnomalies().resolve_input(ctx).type.properties
+    assert form["view_target"].default == "DATASET"
+    n, left_out, _ = evaluation_counts(ds, "padim", "ground_truth")
+    assert (n, left_out) == (len(ds) - len(train), len(train))
+    assert form["eval_target"].view.label == (f"Evaluates {n} samples of the dataset (scored, with ground truth); "
+                                              f"leaves out {left_out} that expert 'padim' was fitted on")
+    assert form["eval_key"].default == "padim_eval_2" and not form["eval_key"].invalid  # padim_eval is taken
+    ctx = ExecutionContext(request_params=dict(dataset_name=ds.name, params={"run": "padim", "eval_key": "padim_eval"}))
+    form = EvaluateAnomalies().resolve_input(ctx).type.properties
+    assert form["eval_key"].invalid and "overwrite" in form  # replacing an evaluation takes a tick
