@@ -16,7 +16,7 @@ import fiftyone.operators as foo
 import fiftyone_anomaly_vlm as fav
 from fiftyone_anomaly_vlm.metrics import binary_image_metrics, image_curves, pixel_metrics, threshold_metrics
 
-from conftest import subprocess_env
+from conftest import FIT_KWARGS, subprocess_env
 
 PLUGIN = "@anomaly-vlm/anomaly-vlm"
 
@@ -183,8 +183,9 @@ def test_operator_form(parts):
     assert form["eval_key"].invalid  # the scoring run's own key
 
 
-def test_evaluate_leaves_out_the_experts_fit_samples(fitted):
-    # issue #17: evaluating the whole dataset scored the expert's own training samples (AUROC 1.000, no word)
+def test_fit_progress_follows_the_phases_and_evaluate_leaves_out_the_fit_samples(parts):
+    # issue #17: the fit's progress said "decoding normal images 30/30" through the whole fit; evaluating the whole
+    # dataset scored the expert's own training samples (AUROC 1.000, no word)
     from fiftyone.operators.executor import ExecutionContext
 
     from fiftyone_anomaly_vlm.eval_samples import evaluation_counts
@@ -193,8 +194,18 @@ def test_evaluate_leaves_out_the_experts_fit_samples(fitted):
     from fiftyone_anomaly_vlm.runs import (CLIP_METHOD, COMPOSITE_METHOD, AnomalyScoreRunConfig, ExpertRunConfig,
                                            register_expert_run)
 
-    ds = fitted
+    ds = parts
     train = ds.match_tags("train")
+    labels = []
+    fav.fit_expert(train, key="padim", batch_size=4, progress=lambda pb: labels.append(pb.phase_label), **FIT_KWARGS)
+    phases = list(dict.fromkeys(label.split(":")[0] for label in labels))
+    assert phases[0] == "decoding images" and phases[1] == "extracting features", phases
+    assert phases[2:4] == ["fitting Padim", "validating"] and phases[-1].startswith("calibrating on "), phases
+    n_train = ds.get_run_info("padim_expert").config.num_train
+    batches = -(-n_train // 4)
+    assert f"decoding images: {len(train)}/{len(train)} images" in labels
+    extracting = [label for label in labels if label.startswith("extracting features")]
+    assert extracting == [f"extracting features: batch {i}/{batches}" for i in range(batches + 1)]
     fav.score(ds, expert="padim", device="cpu", batch_size=16)
     seen = expert_fit_samples(ds, "padim")
     assert seen.ids == set(train.values("id")) and seen.unknown == []  # training + held-out calibration samples
