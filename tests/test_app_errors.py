@@ -9,6 +9,7 @@ dialog stayed at 0 % (or closed) and nothing was shown.
 from __future__ import annotations
 
 import pytest
+import torch
 
 import fiftyone.operators as foo
 from fiftyone import ViewField as F
@@ -90,6 +91,16 @@ def test_run_errors_show_in_the_app(scored, browser):
         assert _state(ds) == before and "winclip" not in fav.list_experts(ds)
         _dismiss_notifications(driver)
         _click_done(driver)
+
+        # scoring on a GPU this machine does not have: the core's ValueError, not torch's driver error
+        if not torch.cuda.is_available():
+            expected = _python_error(fav.score, ds, expert="padim", device="cuda")
+            assert expected.startswith("device 'cuda' requested but no CUDA GPU is available")
+            run_operator(driver, "score samples", "Anomaly: score samples", texts={"Device": "cuda"})
+            assert expected in _notification(driver, expected)
+            assert _state(ds) == before
+            _dismiss_notifications(driver)
+            _click_done(driver)
 
         # a review into one of the run's own fields (an operator without progress: its own error path)
         expected = _python_error(fav.review, ds, "accept", key="padim", field="padim_score")

@@ -31,6 +31,15 @@ NO_GPU = "device 'cuda' requested but no CUDA GPU is available; use 'cpu' or 'au
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 
 
+@pytest.fixture(scope="module")
+def fitted_once(parts_template):
+    """One parts clone with the PaDiM expert 'padim' for the tests below (each compares its own before/after)."""
+    ds = parts_template.clone("parts-script-errors")
+    fav.fit_expert(ds.match_tags("train"), key="padim", **FIT_KWARGS)
+    yield ds
+    fo.delete_dataset(ds.name)
+
+
 def _state(ds):
     """What a refused call must leave unchanged: runs, fields, mask targets and the plugin's files."""
     folder = os.path.join(fo.config.default_dataset_dir, "anomaly_vlm", ds.name)
@@ -110,8 +119,8 @@ def test_a_vit_expert_sees_the_nearest_multiple_of_its_patch_size():
 
 # --- a device the machine does not have -----------------------------------------------------------------------
 @needs_no_gpu
-def test_cuda_without_a_gpu_is_refused_before_any_write(fitted, tmp_path):
-    ds = fitted
+def test_cuda_without_a_gpu_is_refused_before_any_write(fitted_once, tmp_path):
+    ds = fitted_once
     before = _state(ds)
     with pytest.raises(ValueError, match=NO_GPU):
         fav.fit_expert(ds.match_tags("train"), key="gpu", **{**FIT_KWARGS, "device": "cuda"})
@@ -131,7 +140,7 @@ def test_cuda_without_a_gpu_is_refused_before_any_write(fitted, tmp_path):
 
 
 @needs_no_gpu
-def test_score_video_refuses_cuda_without_a_gpu_and_an_unknown_expert(fitted):
+def test_score_video_refuses_cuda_without_a_gpu_and_an_unknown_expert(fitted_once):
     from fiftyone_anomaly_vlm.datasets.videos import ffmpeg_available, make_video_dataset
 
     if not ffmpeg_available():
@@ -140,7 +149,7 @@ def test_score_video_refuses_cuda_without_a_gpu_and_an_unknown_expert(fitted):
     try:
         before = _state(videos)
         with pytest.raises(ValueError, match=NO_GPU):
-            fav.score_video(videos, key="gpu_video", expert=fav.load_expert(fitted, "padim"), device="cuda")
+            fav.score_video(videos, key="gpu_video", expert=fav.load_expert(fitted_once, "padim"), device="cuda")
         unknown = f"no fitted expert named 'nope' on dataset '{videos.name}'; fitted experts: none"
         with pytest.raises(Exception, match=unknown):
             params = dict(key="video", expert="nope")
@@ -173,8 +182,8 @@ def test_missing_local_vlm_folder_and_uncached_hub_id(parts, tmp_path):
 
 
 # --- an expert that does not exist, through foo.execute_operator -----------------------------------------------
-def test_unknown_expert_through_execute_operator_names_the_fitted_ones(fitted):
-    ds = fitted
+def test_unknown_expert_through_execute_operator_names_the_fitted_ones(fitted_once):
+    ds = fitted_once
     fav.create_clip_expert(ds, "clip", model=_tiny_clip(ds), pretrained=None, object_name="part", device="cpu")
     fav.score(ds.limit(2), expert="padim", device="cpu", num_workers=0)
     before = _state(ds)
@@ -187,8 +196,13 @@ def test_unknown_expert_through_execute_operator_names_the_fitted_ones(fitted):
                                         "scoring runs: padim"):
         foo.execute_operator(f"{PLUGIN}/judge_anomalies", ctx=dict(dataset=ds, params=dict(
             key="vlm", backend="transformers", model="/any", expert="nope")))
-    with pytest.raises(ValueError, match=expected.replace("fitted expert", "expert", 1)):  # the Python verb
+    with pytest.raises(ValueError, match=expected.replace("fitted expert", "expert", 1)):  # the Python verbs
         fav.score(ds, expert="nope")
+    with pytest.raises(ValueError) as e:  # was FiftyOne's "Dataset has no run key 'nope_expert'"
+        fav.refit_with_reviewed(ds, "nope")
+    assert str(e.value) == expected.replace("fitted expert", "expert", 1)
+    with pytest.raises(ValueError, match="key 'padim_expert' holds the record of expert 'padim'; choose another"):
+        fav.score(ds, expert="padim", key="padim_expert")
     assert _state(ds) == before
 
 

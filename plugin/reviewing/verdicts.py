@@ -32,7 +32,7 @@ import fiftyone as fo
 from fiftyone import ViewField as F
 
 from ..calibration import ThresholdUncertaintyWarning, rate_interval, threshold_from_labels
-from ..experts import fit_expert
+from ..experts import fit_expert, list_experts
 from ..fields import FieldNames
 from ..labels import ANOMALOUS, NORMAL
 from ..runs import COMPOSITE_METHOD, expert_run_key, expert_state, recorded_config, update_run_config
@@ -173,6 +173,10 @@ def refit_with_reviewed(samples, expert: str, *, key: str | None = None, field: 
         The new :class:`~fiftyone_anomaly_vlm.experts.Expert`.
     """
     dataset = samples._root_dataset
+    experts = list_experts(dataset)
+    if expert not in experts:  # named as the user knows it, not by its run key
+        raise ValueError(f"no expert named {expert!r} on dataset '{dataset.name}'; fitted experts: "
+                         f"{', '.join(experts) or 'none'}")
     config = dataset.get_run_info(expert_run_key(expert)).config
     keys, group_by = [expert_run_key(expert)], None
     if config.method == COMPOSITE_METHOD:
