@@ -23,11 +23,19 @@ from .efficient_ad import check_downloads, offline_efficient_ad, reachable
 
 logger = logging.getLogger(__name__)
 
-# anomalib models that fit on normal images only and produce image scores and anomaly maps.
-# (VlmAd and WinClip are zero-shot; the others in anomalib.models are video/depth or need extra inputs.)
 # backbones for which anomalib's PaDiM knows a default n_features
 _PADIM_KNOWN = {"resnet18", "wide_resnet50_2"}
-_EXCLUDED = {"vlmad", "winclip", "aivad", "fuvas", "l2bt"}
+#: anomalib models that are not offered as experts, and why (the experts fit on normal RGB images only and
+#: produce image scores and anomaly maps; video models are left out by their module)
+EXCLUDED = {
+    "vlmad": "zero-shot (a VLM: see the judge)",
+    "winclip": "zero-shot/few-shot (see create_clip_expert)",
+    "anomalyvfm": "zero-shot: nothing to fit",
+    "aivad": "video",
+    "fuvas": "video",
+    "l2bt": "needs depth / point clouds",
+    "cfm": "needs point clouds (RGB + 3D, e.g. MVTec 3D)",
+}
 #: models with a ``pre_trained`` option that cannot take the EfficientNet-Lite default (checked on anomalib 2.7,
 #: fit at 256 px): they keep their own backbone, whose weights come from the model hub
 OWN_BACKBONE = {
@@ -45,7 +53,7 @@ def model_classes() -> dict[str, type]:
     from anomalib.models.components import AnomalibModule
 
     classes = {c.__name__.lower(): c for c in AnomalibModule.__subclasses__()}
-    return {k: v for k, v in classes.items() if k not in _EXCLUDED and "video" not in v.__module__}
+    return {k: v for k, v in classes.items() if k not in EXCLUDED and "video" not in v.__module__}
 
 
 def name_key(name: str) -> str:
@@ -88,7 +96,8 @@ def build_model(
     classes = model_classes()
     snake = name_key(name)
     if snake not in classes:
-        msg = f"unknown anomalib model {name!r}; available: {', '.join(sorted(classes))}"
+        why = f" ({EXCLUDED[snake]})" if snake in EXCLUDED else ""
+        msg = f"unknown anomalib model {name!r}{why}; available: {', '.join(sorted(classes))}"
         raise ValueError(msg)
     model_cls = offline_efficient_ad() if snake == "efficientad" else classes[snake]
     params = inspect.signature(model_cls.__init__).parameters

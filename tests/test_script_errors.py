@@ -117,6 +117,24 @@ def test_a_vit_expert_sees_the_nearest_multiple_of_its_patch_size():
     assert network_size(torch.nn.Conv2d(3, 3, 3), (256, 250)) == (256, 250)  # a CNN takes any size
 
 
+def test_the_model_list_offers_only_models_that_fit_here_and_says_why_others_are_left_out(parts):
+    models = fav.available_models()
+    assert {"padim", "patchcore", "efficientad", "dinomaly", "anomalydino", "fastflow"} <= set(models)
+    for left_out, why in [("cfm", "needs point clouds"), ("anomalyvfm", "zero-shot")]:
+        assert left_out not in models
+        with pytest.raises(ValueError, match=f"unknown anomalib model '{left_out}' \\({why}"):
+            fav.fit_expert(parts.match_tags("train"), model=left_out, device="cpu")
+    # FastFlow takes only its own backbones: the EfficientNet-Lite default is not forced on it (it was:
+    # "Backbone tf_efficientnet_lite0 is not supported"); offline its hub backbone is named instead
+    if _hf_cached("timm/resnet18.a1_in1k"):
+        return
+    with pytest.raises(RuntimeError) as e:
+        fav.fit_expert(parts.match_tags("train"), model="fastflow", key="ff", image_size=IMAGE_SIZE, device="cpu")
+    msg = str(e.value)
+    assert "backbone='resnet18'" in msg and "'timm/resnet18.a1_in1k'" in msg and "pretrained=False" in msg
+    assert "takes no EfficientNet-Lite backbone (it supports only" in msg
+
+
 # --- a device the machine does not have -----------------------------------------------------------------------
 @needs_no_gpu
 def test_cuda_without_a_gpu_is_refused_before_any_write(fitted_once, tmp_path):
