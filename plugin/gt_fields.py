@@ -67,20 +67,27 @@ def default_gt_field(candidates: list[str]) -> str | None:
     return "ground_truth" if "ground_truth" in candidates else (candidates[0] if candidates else None)
 
 
-def ground_truth_like(samples, path: str, extra: tuple[str, ...] | list[str] = ()) -> bool:
+def evaluated_gt_fields(samples) -> set[str]:
+    """The fields recorded evaluations of ``samples``' dataset used as ground truth (labels and masks)."""
+    dataset = samples._root_dataset
+    out = set()
+    for key in runs_of(dataset, EVALUATION_METHOD):
+        config = recorded_config(dataset, key)
+        out.update(f for f in (getattr(config, "gt_field", None), getattr(config, "gt_mask_field", None)) if f)
+    return out
+
+
+def ground_truth_like(samples, path: str, extra: tuple[str, ...] | list[str] = (),
+                      evaluated: set[str] | None = None) -> bool:
     """Whether field ``path`` (``"cell_type.label"`` or ``"camera"``) looks like ground truth (module rules),
-    or is one of ``extra`` (e.g. the labels field a form names)."""
+    or is one of ``extra`` (e.g. the labels field a form names). ``evaluated``: :func:`evaluated_gt_fields`
+    when already at hand (looked up otherwise)."""
     root = path.split(".")[0]
     if root in {e.split(".")[0] for e in extra if e}:
         return True
     if _GT_PREFIX.match(root) or _GT_WORDS.intersection(root.lower().split("_")):
         return True
-    dataset = samples._root_dataset
-    for key in runs_of(dataset, EVALUATION_METHOD):
-        config = recorded_config(dataset, key)
-        if root in (getattr(config, "gt_field", None), getattr(config, "gt_mask_field", None)):
-            return True
-    return False
+    return root in (evaluated if evaluated is not None else evaluated_gt_fields(samples))
 
 
 def count_labelled_anomalous(samples, field: str, positive: str = ANOMALOUS, gt_threshold: float = 0.0) -> int:

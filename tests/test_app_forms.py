@@ -20,7 +20,8 @@ import fiftyone_anomaly_vlm as fav
 from fiftyone_anomaly_vlm.experts.targets import check_fit_target, group_by_choices
 from fiftyone_anomaly_vlm.ground_truth import gt_labels
 from fiftyone_anomaly_vlm.gt_fields import anomaly_tags, count_labelled_anomalous
-from fiftyone_anomaly_vlm.runs import AnomalyScoreRunConfig, ExpertRunConfig, register_expert_run
+from fiftyone_anomaly_vlm.runs import (AnomalyEvaluationRunConfig, AnomalyScoreRunConfig, ExpertRunConfig,
+                                       register_expert_run)
 from test_panel_browser import (_click, _notification, _select_tiles, _text, _thumbnails_drawn, _wait,  # noqa: F401
                                 browser, save_png, served_app)
 
@@ -60,6 +61,8 @@ def test_fit_target_counts_and_ground_truth_fields(parts):
     assert "ground_truth.label" in fav.experts.group_fields(ds)  # what the form offered before
     assert group_by_choices(ds) == ["camera", "verdict"]
     assert group_by_choices(ds, "verdict") == ["camera"]
+    ds.register_run("verdict_eval", AnomalyEvaluationRunConfig(run_key="x", gt_field="verdict"))  # used as truth
+    assert group_by_choices(ds) == ["camera"]
 
 
 def _open_form(driver, search: str, title: str) -> None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..gt_fields import anomaly_tags, count_labelled_anomalous, ground_truth_like
+from ..gt_fields import anomaly_tags, count_labelled_anomalous, evaluated_gt_fields, ground_truth_like
 from ..labels import ANOMALOUS
 from ..runs import CLIP_METHOD, COMPOSITE_METHOD, expert_run_key, expert_state, recorded_config
 from .grouped import group_fields
@@ -153,4 +153,5 @@ def group_by_choices(samples, labels_field: str | None = None) -> list[str]:
     """Fields offered for ``fit_expert(group_by=...)``: :func:`~.grouped.group_fields` without those that look like
     ground truth (:func:`~fiftyone_anomaly_vlm.gt_fields.ground_truth_like`) or are ``labels_field``."""
     extra = [labels_field] if labels_field else []
-    return [f for f in group_fields(samples) if not ground_truth_like(samples, f, extra)]
+    evaluated = evaluated_gt_fields(samples)
+    return [f for f in group_fields(samples) if not ground_truth_like(samples, f, extra, evaluated)]
