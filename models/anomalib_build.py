@@ -44,7 +44,10 @@ OWN_BACKBONE = {
     "fre": "its autoencoder's input_dim is sized for resnet50's layer3 at 256 px",
     "rad": "it supports only ViT backbones",
     "reversedistillation": "its decoder exists only for ResNet backbones",
+    "glass": "its pre_trained=False trains the backbone, which anomalib's GLASS cannot do",
 }
+#: of those, models whose ``pre_trained`` must stay True (weights from the model hub only)
+_HUB_ONLY = {"glass"}
 
 
 def model_classes() -> dict[str, type]:
@@ -107,7 +110,8 @@ def build_model(
     if backbone is not None and not takes_backbone:
         raise ValueError(f"{model_cls.__name__} takes no backbone argument")
 
-    takes_weights_flag = "pre_trained" in params  # only then can the backbone's weights come from a file
+    # only then can the backbone's weights come from a file (or be random)
+    takes_weights_flag = "pre_trained" in params and snake not in _HUB_ONLY
     if takes_backbone and backbone is None and takes_weights_flag and snake not in OWN_BACKBONE:
         backbone = fbb.default_offline_backbone()  # None: the model's own default (resnet18, ...)
     local_weights = None
@@ -198,12 +202,17 @@ def build_model(
 
 def network_size(model: torch.nn.Module, size: tuple[int, int]) -> tuple[int, int]:
     """The input size closest to ``size`` that ``model``'s network takes: ViT patch embeddings (DINOv2's
-    patch 14...) need multiples of their patch size; other networks take ``size`` as it is."""
-    patch = 1
+    patch 14...) need multiples of their patch size, fixed-size ones (U-Flow's CaiT: 448) their own size;
+    other networks take ``size`` as it is."""
+    patch, fixed = 1, None
     for sub in model.modules():
         if type(sub).__name__ == "PatchEmbed" and getattr(sub, "patch_size", None):
             p = sub.patch_size
             patch = math.lcm(patch, int(p[0] if isinstance(p, (tuple, list)) else p))
+            if getattr(sub, "strict_img_size", False) and getattr(sub, "img_size", None):
+                fixed = max(fixed or (0, 0), tuple(int(v) for v in sub.img_size))
+    if fixed:
+        return fixed
     return tuple(max(patch, round(s / patch) * patch) for s in size)
 
 
