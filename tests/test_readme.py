@@ -27,6 +27,7 @@ field the grouped-expert block is pointed at instead of ELPV's ``cell_type.label
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import time
@@ -146,8 +147,6 @@ def test_operator_table_lists_every_operator_and_panel():
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """Tiny local stand-ins for the weights the README names, and a local OpenAI-compatible server."""
-    import json
-
     from openai_server import OpenAITestServer, build_tiny_qwen2vl
     from test_clip_expert import TINY
     from tiny_vlms import build_qwen2_vl
