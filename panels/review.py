@@ -83,8 +83,11 @@ class ReviewPanel(foo.Panel):
 
     def on_change_threshold(self, ctx):
         """New threshold: recount (the histogram stays; only its threshold line moves)."""
-        value = ctx.params.get("value", ctx.panel.state.threshold)
-        ctx.panel.state.set({"threshold": float(value), "confirm": None})
+        value, run = ctx.params.get("value", ctx.panel.state.threshold), ctx.panel.state.run
+        # the caution again: the App sends this event when Recalibrate moves the slider, with the panel state of
+        # before that recalibration (no caution), and render reads that state
+        ctx.panel.state.set({"threshold": float(value), "confirm": None,
+                             "caution": recalibration_caution(ctx.dataset, run) if run else None})
         self._update_counts(ctx)
 
     def on_change_evaluation(self, ctx):
@@ -198,11 +201,11 @@ class ReviewPanel(foo.Panel):
         hist = score_histogram(ctx.dataset, run, bins=BINS, gt_field=self._gt(ctx))
         ctx.panel.data.histogram = histogram_traces(hist)
         errors = run_errors(ctx.dataset, run)
-        # one patch: the title, the counts and the errors always describe the same run
+        # one patch: the title, the counts, the errors and the caution always describe the same run
         ctx.panel.state.set({"num_scored": hist["count"], "score_field": hist["field"],
                              "title": histogram_title(run, hist),
                              "errors_md": errors_markdown(run, hist["count"], errors),
-                             "counts": self._counts(ctx)})
+                             "caution": recalibration_caution(ctx.dataset, run), "counts": self._counts(ctx)})
 
     def _counts(self, ctx) -> dict:
         return threshold_counts(ctx.dataset, ctx.panel.state.run, ctx.panel.state.threshold, gt_field=self._gt(ctx))
