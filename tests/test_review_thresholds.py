@@ -139,7 +139,7 @@ def test_counts_equal_the_labels_written_after_apply_threshold_and_recalibrate(s
     assert "from 3 anomalous and 0 normal reviews: false-alarm rate 0%-100%" in caution
     panel, state = ReviewPanel(), {}
     panel.on_load(_panel_ctx(ds, state)[0])
-    assert state["caution"] is None  # shown after a recalibration only
+    assert state["caution"] == caution  # while the run's threshold rests on those reviews, also after a reload
     ctx, executor = _panel_ctx(ds, state)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ThresholdUncertaintyWarning)
