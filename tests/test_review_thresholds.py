@@ -20,6 +20,7 @@ import fiftyone as fo
 import fiftyone_anomaly_vlm as fav
 from conftest import FIT_KWARGS
 from fiftyone_anomaly_vlm.calibration import Calibration, ThresholdUncertaintyWarning
+from fiftyone_anomaly_vlm.floatgrid import code_floats, float_codes, largest_at_most
 from fiftyone_anomaly_vlm.panels.review import ReviewPanel
 from fiftyone_anomaly_vlm.reviewing import default_threshold, raw_threshold, run_errors
 from fiftyone_anomaly_vlm.runs import expert_state
@@ -174,3 +175,15 @@ def test_run_errors_counts_a_runs_errors_and_returns_the_first(scored_once):
     assert "file not found: /nonexistent/fav/part_0.png" in errors["first"][0][1]
     assert run_errors(ds.match_tags("broken").limit(1), "broken")["count"] == 1  # a view: its samples only
     assert run_errors(ds, "padim")["count"] == 0
+
+
+def test_float_grid_search_finds_the_last_float_and_the_ends():
+    big = np.finfo(np.float64).max
+    x = np.array([0.0, 5e-324, -5e-324, 1.0, -1.0, big, -big])
+    assert (code_floats(float_codes(x)) == x).all() and float_codes([5e-324, -5e-324]).tolist() == [1, -1]
+    # identity: the value itself, from guesses far off; a step function: the last float before the step
+    assert largest_at_most(lambda a: a, [1.0, -3.0, 1e-300], [0.0, 1e300, -1e300]).tolist() == [1.0, -3.0, 1e-300]
+    step = largest_at_most(lambda a: (a > 2.5).astype(float), [0.5], [100.0])[0]
+    assert step == 2.5
+    assert largest_at_most(lambda a: np.zeros_like(a), [1.0], [0.0])[0] == np.inf  # every float is at most 1
+    assert largest_at_most(lambda a: np.ones_like(a), [0.0], [5.0])[0] == -np.inf  # none is at most 0
