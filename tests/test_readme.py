@@ -3,7 +3,7 @@
 Blocks run in README order, each ``exec``-ed in a fresh namespace (as a reader pastes it into a new
 interpreter), on one database, as a reader following the README would: the first block fits and scores the
 expert ``padim`` that later blocks use. The parts dataset ``anomaly-vlm-parts`` is generated smaller than the
-demo's (26 images of 64 px instead of 84 of 128 px) so the whole README runs in about a minute.
+demo's (26 images of 64 px instead of 84 of 128 px) so the whole README runs in about 80 s on 2 cores.
 
 A block that needs something this machine lacks (model weights, a GPU, a server, another dataset) carries a
 marker on the line right above its fence, and a visible note above that (an italic line saying what it
@@ -143,7 +143,7 @@ def test_operator_table_lists_every_operator_and_panel():
         assert row.split("|")[2].strip(), f"no form fields in {row}"
 
 
-# --- running them (about a minute on 2 cores) --------------------------------------------------------------
+# --- running them (about 80 s on 2 cores) ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """Tiny local stand-ins for the weights the README names, and a local OpenAI-compatible server."""
