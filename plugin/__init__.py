@@ -3,7 +3,7 @@
 Example:
     >>> import fiftyone as fo
     >>> import fiftyone_anomaly_vlm as fav
-    >>> ds = fo.load_dataset("parts")
+    >>> ds = fo.load_dataset("anomaly-vlm-parts")
     >>> expert = fav.fit_expert(ds.match_tags("train"), model="padim", key="padim", pretrained=False)
     >>> fav.score(ds, expert="padim")
     >>> ds.list_runs()
