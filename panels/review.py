@@ -15,7 +15,7 @@ from fiftyone import ViewField as F
 from fiftyone_anomaly_vlm.reviewing import (REVIEW_FIELD, calibration_of, default_threshold, flagged_view,
                                             recalibrate_from_review, recalibration_caution, review, review_target,
                                             run_errors, run_fields, score_histogram, scoring_runs,
-                                            set_calibrated_threshold, threshold_counts)
+                                            set_calibrated_threshold, threshold_caution, threshold_counts)
 
 from .review_parts import (NO_GT, counts_markdown, curve_traces, errors_markdown, evaluation_markdown, evaluations_of,
                            gt_candidates, histogram_title, histogram_traces)
@@ -87,7 +87,7 @@ class ReviewPanel(foo.Panel):
         # the caution again: the App sends this event when Recalibrate moves the slider, with the panel state of
         # before that recalibration (no caution), and render reads that state
         ctx.panel.state.set({"threshold": float(value), "confirm": None,
-                             "caution": recalibration_caution(ctx.dataset, run) if run else None})
+                             "caution": threshold_caution(ctx.dataset, run) if run else None})
         self._update_counts(ctx)
 
     def on_change_evaluation(self, ctx):
@@ -140,7 +140,8 @@ class ReviewPanel(foo.Panel):
             ctx.ops.notify(str(e), variant="warning")
             return
         caution = recalibration_caution(ctx.dataset, run)  # few reviews: the false-alarm and recall intervals
-        ctx.panel.state.set({"threshold": default_threshold(ctx.dataset, run), "confirm": None, "caution": caution})
+        ctx.panel.state.set({"threshold": default_threshold(ctx.dataset, run), "confirm": None,
+                             "caution": threshold_caution(ctx.dataset, run)})
         self._update_counts(ctx)
         message = f"Threshold of '{run}' recalibrated from reviews: {ctx.panel.state.threshold:.3f}"
         ctx.ops.notify(f"{message}. Caution: {caution}" if caution else message,
@@ -205,7 +206,7 @@ class ReviewPanel(foo.Panel):
         ctx.panel.state.set({"num_scored": hist["count"], "score_field": hist["field"],
                              "title": histogram_title(run, hist),
                              "errors_md": errors_markdown(run, hist["count"], errors),
-                             "caution": recalibration_caution(ctx.dataset, run), "counts": self._counts(ctx)})
+                             "caution": threshold_caution(ctx.dataset, run), "counts": self._counts(ctx)})
 
     def _counts(self, ctx) -> dict:
         return threshold_counts(ctx.dataset, ctx.panel.state.run, ctx.panel.state.threshold, gt_field=self._gt(ctx))
@@ -294,8 +295,8 @@ class ReviewPanel(foo.Panel):
         thresholds = panel.h_stack("threshold_actions", align_x="left", gap=1)
         thresholds.btn("apply_threshold", label="Apply threshold", icon="done_all", on_click=self.ask_apply_threshold)
         thresholds.btn("recalibrate", label="Recalibrate from reviews", icon="tune", on_click=self.recalibrate)
-        if state.caution:
-            panel.view("caution", types.Warning(label="Threshold from few reviews", description=state.caution))
+        if state.caution:  # [title, text]: few reviews, or too few held-out normals for the promised rate
+            panel.view("caution", types.Warning(label=state.caution[0], description=state.caution[1]))
         if state.confirm:
             confirm = panel.h_stack("confirm_apply", align_x="left", gap=1)
             confirm.md(state.confirm, name="confirm_text")

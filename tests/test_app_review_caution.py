@@ -9,7 +9,7 @@ import pytest
 
 import fiftyone_anomaly_vlm as fav
 from fiftyone_anomaly_vlm.panels.review import BINS
-from fiftyone_anomaly_vlm.reviewing import default_threshold, recalibration_caution
+from fiftyone_anomaly_vlm.reviewing import default_threshold, recalibration_caution, threshold_caution
 from test_panel_browser import (IN_PANEL, PANEL, _choose, _click, _dismiss_notifications, _select_tiles,  # noqa: F401
                                 _text, _thumbnails_drawn, _wait, browser, served_app)
 
@@ -71,6 +71,11 @@ def test_switching_runs_and_the_recalibration_caution(two_runs, browser):
     assert fav.scoring_runs(ds) == ["padim", "padim_sub"]
     with served_app(driver, ds, spaces=PANEL):
         _wait("the review panel", lambda: driver.execute_script(_TITLE_AND_COUNTS)[0] == _shown(ds, "padim")[0], 60)
+        # the fit's threshold rests on 3 held-out normals for a 1 % false-alarm rate: the panel says so
+        title, text = threshold_caution(ds, "padim")
+        assert title == "Threshold from few held-out normals" and "of 3 held-out normals above it" in text
+        _wait("the held-out caution in the panel", lambda: text in driver.execute_script(
+            f"return document.querySelector('{IN_PANEL}').innerText;"), 30)
         _switch_and_expect(driver, ds, "padim", "padim_sub")
         _switch_and_expect(driver, ds, "padim_sub", "padim")
 

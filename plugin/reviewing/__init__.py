@@ -15,10 +15,11 @@ from .queries import flagged_view, raw_threshold, run_errors, score_histogram, t
 from .targets import (FUSED_SUFFIX, ReviewTarget, calibration_of, default_threshold, review_target, run_fields,
                       scoring_runs)
 from .verdicts import (REVIEW_FIELD, REVIEWED_TAG, VERDICTS, recalibrate_from_review, recalibration_caution,
-                       refit_with_reviewed, review, reviewed_anomalies, reviewed_normals, set_calibrated_threshold)
+                       refit_with_reviewed, review, reviewed_anomalies, reviewed_normals, set_calibrated_threshold,
+                       threshold_caution)
 
 __all__ = ["FUSED_SUFFIX", "REVIEWED_TAG", "REVIEW_FIELD", "ReviewTarget", "VERDICTS", "calibration_of",
            "default_threshold", "flagged_view", "raw_threshold", "recalibrate_from_review", "recalibration_caution",
            "refit_with_reviewed", "review", "review_target", "reviewed_anomalies", "reviewed_normals", "run_errors",
            "run_fields", "run_owned_fields", "score_histogram", "scoring_runs", "set_calibrated_threshold",
-           "threshold_counts"]
+           "threshold_caution", "threshold_counts"]

@@ -31,14 +31,14 @@ import numpy as np
 import fiftyone as fo
 from fiftyone import ViewField as F
 
-from ..calibration import ThresholdUncertaintyWarning, rate_interval, threshold_from_labels
+from ..calibration import ThresholdUncertaintyWarning, describe_far, rate_interval, threshold_from_labels
 from ..experts import fit_expert, list_experts
 from ..fields import FieldNames
 from ..labels import ANOMALOUS, NORMAL
 from ..runs import COMPOSITE_METHOD, expert_run_key, expert_state, recorded_config, update_run_config
 from ..thresholds import set_threshold
 from .queries import raw_threshold
-from .targets import ReviewTarget, review_target, scoring_runs
+from .targets import ReviewTarget, calibration_of, review_target, scoring_runs
 
 #: the review field written by default
 REVIEW_FIELD = "review"
@@ -282,6 +282,31 @@ def recalibration_caution(samples, key: str) -> str | None:
     history = getattr(recorded_config(samples._root_dataset, target.run_key), "threshold_history", None) or []
     mine = [h for h in history if h.get("target", target.name) == target.name]
     return mine[-1].get("caution") if mine and mine[-1].get("source") == "review" else None
+
+
+def threshold_caution(samples, key: str) -> tuple[str, str] | None:
+    """Why the current threshold of review target ``key`` may not keep its promise, for display (the panel).
+
+    Two cases: the last threshold came from few reviews (:func:`recalibration_caution`), or an expert run's
+    threshold was set from too few held-out normals for the false-alarm rate it was asked for (the interval of
+    the true rate those normals allow is much wider than the rate: :attr:`Calibration.far
+    <fiftyone_anomaly_vlm.calibration.Calibration.far>`, the same condition as the fit's
+    :class:`~fiftyone_anomaly_vlm.calibration.ThresholdUncertaintyWarning`).
+
+    Returns:
+        ``(title, text)``, or None when the threshold rests on enough evidence (or on a rule that promises no
+        rate, e.g. a value set by hand).
+    """
+    review_caution = recalibration_caution(samples, key)
+    if review_caution:
+        return "Threshold from few reviews", review_caution
+    calibration = calibration_of(samples, key)
+    far = calibration.far if calibration is not None else None
+    if not far or not far.get("too_wide"):
+        return None
+    return ("Threshold from few held-out normals",
+            f"{describe_far(far)}: too few to promise that rate. Fit again holding out more good samples "
+            "(hundreds for a 1 % rate), or set the threshold from reviews.")
 
 
 def set_calibrated_threshold(samples, key: str, threshold: float):
