@@ -5,6 +5,7 @@ The environment is set before FiftyOne is imported, so no test touches a user's 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -69,6 +70,18 @@ def fitted(parts) -> fo.Dataset:
     """A parts clone with a PaDiM expert 'padim' fitted on its train-tagged normals (random backbone)."""
     fav.fit_expert(parts.match_tags("train"), key="padim", **FIT_KWARGS)
     return parts
+
+
+@contextlib.contextmanager
+def fitted_clone(parts_template: fo.Dataset, name: str):
+    """A parts clone named ``name`` with the PaDiM expert 'padim' (for module-scoped fixtures); deleted after."""
+    ds = parts_template.clone(name)
+    fav.fit_expert(ds.match_tags("train"), key="padim", **FIT_KWARGS)
+    try:
+        yield ds
+    finally:
+        if fo.dataset_exists(name):
+            fo.delete_dataset(name)
 
 
 def pytest_sessionfinish(session, exitstatus):  # noqa: D103

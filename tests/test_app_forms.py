@@ -10,9 +10,7 @@ App served by this test (headless Chromium, one session).
 from __future__ import annotations
 
 try:
-    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
 except ImportError:  # the browser test skips, saying why (test_panel_browser.browser)
     pass
 
@@ -23,7 +21,7 @@ from fiftyone_anomaly_vlm.gt_fields import anomaly_tags, count_labelled_anomalou
 from fiftyone_anomaly_vlm.runs import (AnomalyEvaluationRunConfig, AnomalyScoreRunConfig, ExpertRunConfig,
                                        register_expert_run)
 from test_panel_browser import (_click, _notification, _select_tiles, _text, _thumbnails_drawn, _wait,  # noqa: F401
-                                browser, save_png, served_app)
+                                browser, open_operator_form, save_png, served_app)
 
 
 def test_fit_target_counts_and_ground_truth_fields(parts):
@@ -65,17 +63,6 @@ def test_fit_target_counts_and_ground_truth_fields(parts):
     assert group_by_choices(ds) == ["camera"]
 
 
-def _open_form(driver, search: str, title: str) -> None:
-    """Open an operator's form from the operator browser (backtick), without executing it."""
-    ActionChains(driver).send_keys("`").perform()
-    _wait("the operator browser", lambda: driver.find_elements(By.CSS_SELECTOR, "input[placeholder*='earch']"), 20)
-    ActionChains(driver).send_keys(search).perform()
-    _wait(f"'{title}' in the operator browser", lambda: title in _text(driver), 20)
-    ActionChains(driver).send_keys(Keys.ENTER).perform()
-    _wait(f"the form of '{title}'", lambda: driver.find_elements(By.XPATH, "//button[normalize-space(.)='Execute']"),
-          30)
-
-
 def _close_form(driver) -> None:
     _click(driver, "button", "Cancel")
     _wait("the form closed", lambda: not driver.find_elements(By.XPATH, "//button[normalize-space(.)='Execute']"), 20)
@@ -103,7 +90,7 @@ def test_forms_count_warn_and_leave_out_fit_samples_in_the_app(parts, browser):
     n_eval = len(ds) - len(train)
     with served_app(driver, ds) as session:
         # the whole dataset: the count, the no-filter warning and the labelled anomalies
-        _open_form(driver, "fit vision", "Anomaly: fit vision expert")
+        open_operator_form(driver, "fit vision", "Anomaly: fit vision expert")
         _wait("the fit form's count", lambda: f"Fits on {len(ds)} samples of the dataset" in _text(driver), 30)
         assert f"No filter: this fits on all {len(ds)} samples of the dataset" in _text(driver)
         assert f"12 of the {len(ds)} samples are labelled anomalous in 'ground_truth'" in _text(driver)
@@ -113,7 +100,7 @@ def test_forms_count_warn_and_leave_out_fit_samples_in_the_app(parts, browser):
         # a filtered view of known-good samples: the count, no warning
         session.view = train
         _wait("the training view", lambda: f"{len(train)} samples" in _text(driver), 30)
-        _open_form(driver, "fit vision", "Anomaly: fit vision expert")
+        open_operator_form(driver, "fit vision", "Anomaly: fit vision expert")
         _wait("the fit form's count", lambda: f"Fits on {len(train)} samples of the current view" in _text(driver), 30)
         assert "No filter" not in _text(driver) and "labelled anomalous" not in _text(driver)
         _close_form(driver)
@@ -124,7 +111,7 @@ def test_forms_count_warn_and_leave_out_fit_samples_in_the_app(parts, browser):
         _wait("the whole dataset", lambda: f"{len(ds)} samples" in _text(driver), 30)
         _wait("the thumbnails drawn", lambda: _thumbnails_drawn(driver), 30)
         _select_tiles(driver, [0])
-        _open_form(driver, "evaluate against", "Anomaly: evaluate against ground truth")
+        open_operator_form(driver, "evaluate against", "Anomaly: evaluate against ground truth")
         _wait("the evaluate form's count", lambda: f"Evaluates {n_eval} samples of the dataset" in _text(driver), 30)
         assert f"leaves out {len(train)} that expert 'padim' was fitted on" in _text(driver)
         _click(driver, "button", "Execute")

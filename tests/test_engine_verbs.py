@@ -15,7 +15,7 @@ from fiftyone_anomaly_vlm.datasets import ffmpeg_available, make_video_dataset
 from fiftyone_anomaly_vlm.leases import RunBusyError, RunLease
 from fiftyone_anomaly_vlm.models.judge import make_backend
 
-from conftest import FIT_KWARGS
+from conftest import fitted_clone
 from tiny_vlms import BUILDERS
 
 VERBS = ("score", "judge", "score_video", "learn_questions")
@@ -24,10 +24,8 @@ VERBS = ("score", "judge", "score_video", "learn_questions")
 @pytest.fixture(scope="module")
 def fitted(parts_template):
     """One fitted parts clone for the module (the checks here fail before they could change it)."""
-    ds = parts_template.clone("fav-engine-verbs-images")
-    fav.fit_expert(ds.match_tags("train"), key="padim", **FIT_KWARGS)
-    yield ds
-    fo.delete_dataset(ds.name)
+    with fitted_clone(parts_template, "fav-engine-verbs-images") as ds:
+        yield ds
 
 
 @pytest.fixture(scope="module")

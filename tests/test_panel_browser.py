@@ -154,11 +154,8 @@ def _input_after_label(driver, label: str):
     return driver.find_element(By.XPATH, f"//*[normalize-space(text())='{label}']/following::input[1]")
 
 
-def run_operator(driver, search: str, title: str, texts: dict[str, str] | None = None,
-                 choices: list[str] | None = None, dropdowns: dict[str, str] | None = None) -> None:
-    """Open the operator browser (backtick), pick the operator found by ``search``, fill the form (``dropdowns``:
-    shown value -> value to choose; ``choices``: radio labels; ``texts``: input label -> text) and click
-    Execute (immediate execution, also where the operator offers delegation)."""
+def open_operator_form(driver, search: str, title: str) -> None:
+    """Open the operator browser (backtick) and the form of the operator found by ``search`` (not executed)."""
     ActionChains(driver).send_keys("`").perform()
     _wait("the operator browser", lambda: driver.find_elements(By.CSS_SELECTOR, "input[placeholder*='earch']"), 20)
     ActionChains(driver).send_keys(search).perform()
@@ -166,6 +163,14 @@ def run_operator(driver, search: str, title: str, texts: dict[str, str] | None =
     ActionChains(driver).send_keys(Keys.ENTER).perform()
     _wait(f"the form of '{title}'", lambda: driver.find_elements(By.XPATH, "//button[normalize-space(.)='Execute']"),
           30)
+
+
+def run_operator(driver, search: str, title: str, texts: dict[str, str] | None = None,
+                 choices: list[str] | None = None, dropdowns: dict[str, str] | None = None) -> None:
+    """Open the operator browser (backtick), pick the operator found by ``search``, fill the form (``dropdowns``:
+    shown value -> value to choose; ``choices``: radio labels; ``texts``: input label -> text) and click
+    Execute (immediate execution, also where the operator offers delegation)."""
+    open_operator_form(driver, search, title)
     for current, value in (dropdowns or {}).items():
         _choose(driver, current, value)
     for label in choices or []:

@@ -20,7 +20,7 @@ import fiftyone as fo
 import fiftyone.operators as foo
 
 import fiftyone_anomaly_vlm as fav
-from conftest import FIT_KWARGS, IMAGE_SIZE
+from conftest import FIT_KWARGS, IMAGE_SIZE, fitted_clone
 from fiftyone_anomaly_vlm.models.anomalib_build import network_size
 from fiftyone_anomaly_vlm.models.efficient_ad import reachable
 from fiftyone_anomaly_vlm.models.judge import make_backend
@@ -34,10 +34,8 @@ needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this machin
 @pytest.fixture(scope="module")
 def fitted_once(parts_template):
     """One parts clone with the PaDiM expert 'padim' for the tests below (each compares its own before/after)."""
-    ds = parts_template.clone("parts-script-errors")
-    fav.fit_expert(ds.match_tags("train"), key="padim", **FIT_KWARGS)
-    yield ds
-    fo.delete_dataset(ds.name)
+    with fitted_clone(parts_template, "parts-script-errors") as ds:
+        yield ds
 
 
 def _state(ds):
