@@ -168,16 +168,19 @@ def test_demo_app_schedules_runs_with_a_worker_and_shows_them(delegation_ds, req
     env = dict(subprocess_env(), FIFTYONE_PLUGINS_DIR=str(plugins), BROWSER="true")  # BROWSER: open no browser
     env.pop("FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS", None)
     port = _free_port()
+    # its output goes to a file: a pipe nobody reads after the URL fills up and blocks the demo (and its Ctrl+C)
+    log_path = tmp_path / "demo.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed in finally
     demo = subprocess.Popen([sys.executable, "-m", "fiftyone_anomaly_vlm.demo", "--app", "--dataset", ds.name,
-                             "--port", str(port)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                             "--port", str(port)], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
     children = []
     try:
-        lines = []
         url = f"http://localhost:{port}/datasets/{ds.name}"
-        _wait("the App's URL", lambda: lines.append(demo.stdout.readline()) or url in lines[-1] or demo.poll(), 120)
-        assert demo.poll() is None, "".join(lines)
-        assert "scheduling enabled, 1 delegated worker" in lines[-1]
+        line = _wait("the App's URL", lambda: next(
+            (t for t in log_path.read_text().splitlines() if url in t), None) or demo.poll() is not None, 180)
+        assert demo.poll() is None, log_path.read_text()
+        assert "scheduling enabled, 1 delegated worker" in line
         assert (plugins / "anomaly-vlm").resolve() == ROOT
         with urllib.request.urlopen(url, timeout=30) as page:
             assert page.status == 200
@@ -195,14 +198,14 @@ def test_demo_app_schedules_runs_with_a_worker_and_shows_them(delegation_ds, req
             _schedule_and_check_in_the_app(request.getfixturevalue("browser"), ds, url)
 
         demo.send_signal(signal.SIGINT)  # Ctrl+C: the worker and the App stop, then the demo
-        demo.wait(timeout=60)
+        demo.wait(timeout=90)
         _wait("the worker and the App server to exit", lambda: not any(
             c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in (worker, server)), 30)
     finally:
         for proc in [*children, *([psutil.Process(demo.pid)] if demo.poll() is None else [])]:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
-        demo.stdout.close()
+        log.close()
     if MISSING:
         pytest.skip(f"the App part: {MISSING}")
 

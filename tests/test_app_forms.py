@@ -114,6 +114,8 @@ def test_forms_count_warn_and_leave_out_fit_samples_in_the_app(parts, browser):
         open_operator_form(driver, "evaluate against", "Anomaly: evaluate against ground truth")
         _wait("the evaluate form's count", lambda: f"Evaluates {n_eval} samples of the dataset" in _text(driver), 30)
         assert f"leaves out {len(train)} that expert 'padim' was fitted on" in _text(driver)
+        _wait("the form's values resolved (Execute enabled)", lambda: "Required property" not in _text(driver)
+              and driver.find_element(By.XPATH, "//button[normalize-space(.)='Execute']").is_enabled(), 30)
         _click(driver, "button", "Execute")
         _notification(driver, "'padim_eval': image AUROC")
         ds.reload()

@@ -5,6 +5,8 @@ reviews shows its caution, with the interval of the false-alarm rate, as a notif
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import fiftyone_anomaly_vlm as fav
@@ -73,7 +75,7 @@ def test_switching_runs_and_the_recalibration_caution(two_runs, browser):
         _wait("the review panel", lambda: driver.execute_script(_TITLE_AND_COUNTS)[0] == _shown(ds, "padim")[0], 60)
         # the fit's threshold rests on 3 held-out normals for a 1 % false-alarm rate: the panel says so
         title, text = threshold_caution(ds, "padim")
-        assert title == "Threshold from few held-out normals" and "of 3 held-out normals above it" in text
+        assert title == "Threshold from few held-out normals" and re.search(r"0 of \d held-out normals above it", text)
         _wait("the held-out caution in the panel", lambda: text in driver.execute_script(
             f"return document.querySelector('{IN_PANEL}').innerText;"), 30)
         _switch_and_expect(driver, ds, "padim", "padim_sub")

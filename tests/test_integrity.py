@@ -169,7 +169,7 @@ def test_messages_name_the_expert_not_its_run_key(parts):
     assert "'fk1'" in str(exc.value) and "fk1_expert" not in str(exc.value)
     with pytest.raises(ValueError) as exc:
         fav.load_expert(parts, "nope")
-    assert "['fk1']" in str(exc.value) and "fk1_expert" not in str(exc.value)
+    assert "fitted experts: fk1" in str(exc.value) and "fk1_expert" not in str(exc.value)
     shutil.rmtree(os.path.dirname(fav.load_expert(parts, "fk1").checkpoint))
     with pytest.raises(FileNotFoundError) as exc:
         fav.load_expert(parts, "fk1_expert")

@@ -140,12 +140,13 @@ def test_counts_equal_the_labels_written_after_apply_threshold_and_recalibrate(s
     assert "from 3 anomalous and 0 normal reviews: false-alarm rate 0%-100%" in caution
     panel, state = ReviewPanel(), {}
     panel.on_load(_panel_ctx(ds, state)[0])
-    assert state["caution"] == caution  # while the run's threshold rests on those reviews, also after a reload
+    shown = ["Threshold from few reviews", caution]  # the panel's note: title and text
+    assert list(state["caution"]) == shown  # while the run's threshold rests on those reviews, also after a reload
     ctx, executor = _panel_ctx(ds, state)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ThresholdUncertaintyWarning)
         panel.recalibrate(ctx)
-    assert state["caution"] == caution and "caution" in panel.render(ctx).type.properties
+    assert list(state["caution"]) == shown and "caution" in panel.render(ctx).type.properties
     notify = [r.params for r in executor._requests if r.operator_uri == "notify"][-1]
     assert notify["variant"] == "warning" and caution in notify["message"]
     _expect_counts_equal_labels(ds, "recalibrated in the panel")
