@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,11 +103,25 @@ def start_workers(num: int, env: dict[str, str], log_dir: str | None = None) -> 
         out = open(os.path.join(log_dir, f"worker-{i}.log"), "ab") if log_dir else None  # noqa: SIM115
         try:
             workers.append(subprocess.Popen(worker_command(), env=env, stdout=out, stderr=subprocess.STDOUT if out
-                                            else None, start_new_session=True))
+                                            else None, start_new_session=True, preexec_fn=_default_sigint))
         finally:
             if out:
                 out.close()  # the child holds its own descriptor
     return workers
+
+
+def _default_sigint() -> None:
+    """In a worker before it starts: SIGINT back to its default, so that :func:`stop_workers` (Ctrl+C) reaches it
+    even where this process inherited SIGINT ignored (a shell's background job)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def interrupt_on_signals() -> None:
+    """Ctrl+C (SIGINT) and SIGTERM raise KeyboardInterrupt in this process's main thread, also where SIGINT was
+    inherited ignored (a background job of a shell: Python then installs no handler of its own)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def stop_workers(workers: list[subprocess.Popen], timeout: float = 15.0) -> None:
@@ -183,6 +198,7 @@ def launch_app(dataset_name: str, port: int = 5151, workers: int = 1, address: s
     print(f"App: {url}  (scheduling enabled, {workers} delegated worker(s); Ctrl+C stops both)", flush=True)
     if not wait:
         return app
+    interrupt_on_signals()
     try:
         session.wait(-1)
     except KeyboardInterrupt:

@@ -162,6 +162,12 @@ def _schedule_and_check_in_the_app(driver, ds, url: str) -> None:
     save_png(driver, "app-runs-view")
 
 
+def _as_a_background_job() -> None:
+    """The demo started as a shell's background job starts: SIGINT ignored (inherited). Ctrl+C / SIGINT must still
+    stop it (it once waited forever: Python installs no KeyboardInterrupt handler where SIGINT is ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def test_demo_app_schedules_runs_with_a_worker_and_shows_them(delegation_ds, request, tmp_path):
     ds = delegation_ds
     plugins = tmp_path / "plugins"  # empty: the demo links the plugin there
@@ -173,7 +179,7 @@ def test_demo_app_schedules_runs_with_a_worker_and_shows_them(delegation_ds, req
     log = open(log_path, "w")  # noqa: SIM115 - closed in finally
     demo = subprocess.Popen([sys.executable, "-m", "fiftyone_anomaly_vlm.demo", "--app", "--dataset", ds.name,
                              "--port", str(port)], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=_as_a_background_job)
     children = []
     try:
         url = f"http://localhost:{port}/datasets/{ds.name}"
