@@ -56,11 +56,11 @@ def run_expert(samples, key: str) -> str | None:
         return None
     config = recorded_config(dataset, target.run_key)
     if target.kind != "expert":
-        scoring = getattr(config, "expert", None)
+        scoring = config.expert
         if not scoring or scoring not in dataset.list_runs():
             return None
         config = recorded_config(dataset, scoring)
-    return getattr(config, "expert", None)
+    return config.expert
 
 
 def run_fit_samples(samples, key: str) -> FitSamples:

@@ -73,7 +73,7 @@ def evaluated_gt_fields(samples) -> set[str]:
     out = set()
     for key in runs_of(dataset, EVALUATION_METHOD):
         config = recorded_config(dataset, key)
-        out.update(f for f in (getattr(config, "gt_field", None), getattr(config, "gt_mask_field", None)) if f)
+        out.update(f for f in (config.gt_field, config.gt_mask_field) if f)
     return out
 
 
