@@ -57,13 +57,18 @@ class JudgeAnswer:
         text: the generated text (answer only, never the prompt).
         p_yes: P(yes) from the first generated token's probabilities (None if unavailable).
         answered_mass: probability mass on the yes/no spellings at that token (None if unavailable).
-        error: a short message when this request failed (the run goes on), else None.
+        server: which server answered (the OpenAI-compatible backend: its base URL without credentials);
+            None for a local model.
+        error: a short message when this request failed (the run goes on), else None. With ``text`` set
+            too, the answer arrived but cannot be used as it is (e.g. malformed log-probabilities,
+            :class:`MalformedAnswer`): the text is kept and the sample is recorded as "unparsed".
         meta: the request's ``meta``.
     """
 
     text: str = ""
     p_yes: float | None = None
     answered_mass: float | None = None
+    server: str | None = None
     error: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -72,6 +77,31 @@ def normalize_token(token: str) -> str:
     """Token text -> comparable word: strip byte-level/sentencepiece markers, spaces, punctuation, case."""
     token = token.replace("Ġ", " ").replace("▁", " ")
     return re.sub(r"[\W_]+", "", token).lower()
+
+
+class MalformedAnswer(ValueError):
+    """A server's answer whose first-token log-probabilities cannot be true (above 0, NaN, +inf, yes/no mass
+    above 1, or the sampled yes/no token without its own log-probability): P(yes) cannot be read from it."""
+
+
+#: how far above 0 a log-probability may lie (float rounding on the server) before it is malformed
+LOGPROB_TOLERANCE = 1e-4
+
+
+def check_logprob(token: str, lp: Any) -> float:
+    """``lp`` as a float, checked: a log-probability is at most 0 (:data:`LOGPROB_TOLERANCE` allowed; -inf
+    is a probability of 0).
+
+    Raises:
+        MalformedAnswer: not a number, NaN, +inf or above 0.
+    """
+    try:
+        value = float(lp)
+    except (TypeError, ValueError):
+        raise MalformedAnswer(f"log-probability of {token!r} is not a number ({lp!r})") from None
+    if math.isnan(value) or value > LOGPROB_TOLERANCE:
+        raise MalformedAnswer(f"log-probability of {token!r} is {lp!r}, not a log-probability (<= 0)")
+    return min(value, 0.0)
 
 
 def p_yes_from_logprobs(logprobs: Mapping[str, float] | Iterable[tuple[str, float]]) -> tuple[float | None, float]:
@@ -84,15 +114,21 @@ def p_yes_from_logprobs(logprobs: Mapping[str, float] | Iterable[tuple[str, floa
     Returns:
         ``(p_yes, mass)``: ``p_yes = sigmoid(log P(yes) - log P(no))`` over every spelling, None when
         neither word appears; ``mass = P(yes) + P(no)``.
+
+    Raises:
+        MalformedAnswer: a yes/no log-probability that is not one (:func:`check_logprob`), or a yes/no
+            mass above 1 (never a true distribution): the caller keeps the text and reports the answer.
     """
     items = logprobs.items() if isinstance(logprobs, Mapping) else logprobs
     p_y = p_n = 0.0
     for token, lp in items:
         word = normalize_token(token)
         if word in YES_WORDS:
-            p_y += math.exp(lp)
+            p_y += math.exp(check_logprob(token, lp))
         elif word in NO_WORDS:
-            p_n += math.exp(lp)
+            p_n += math.exp(check_logprob(token, lp))
+    if p_y + p_n > 1.0 + 1e-3:
+        raise MalformedAnswer(f"the yes/no log-probabilities sum to a probability of {p_y + p_n:.4g} (> 1)")
     if p_y == 0.0 and p_n == 0.0:
         return None, 0.0
     if p_n == 0.0:
