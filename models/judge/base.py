@@ -40,6 +40,9 @@ class JudgeRequest:
         system: the system text (shared across requests: put it first so servers can cache the prefix).
         max_new_tokens: generation budget for the explanation.
         meta: free data carried back unchanged (e.g. the sample id).
+        options: option letters of a multiple-choice question (``("A", "B", "C")``): the answer then also
+            carries the first token's probabilities over them (:attr:`JudgeAnswer.option_probs`); empty for
+            a yes/no question.
     """
 
     images: list[Image.Image]
@@ -47,6 +50,7 @@ class JudgeRequest:
     system: str = ""
     max_new_tokens: int = 96
     meta: dict[str, Any] = field(default_factory=dict)
+    options: tuple[str, ...] = ()
 
 
 @dataclass
@@ -63,6 +67,10 @@ class JudgeAnswer:
             too, the answer arrived but cannot be used as it is (e.g. malformed log-probabilities,
             :class:`MalformedAnswer`): the text is kept and the sample is recorded as "unparsed".
         meta: the request's ``meta``.
+        option_probs: for a request with ``options``: letter -> probability of the first generated token
+            being that letter, normalised over the options (None when no option letter could be read: a
+            server without logprobs, or no letter among its top candidates).
+        option_mass: the first token's probability mass on the option letters (before normalising).
     """
 
     text: str = ""
@@ -71,6 +79,8 @@ class JudgeAnswer:
     server: str | None = None
     error: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    option_probs: dict[str, float] | None = None
+    option_mass: float | None = None
 
 
 def normalize_token(token: str) -> str:
@@ -136,6 +146,40 @@ def p_yes_from_logprobs(logprobs: Mapping[str, float] | Iterable[tuple[str, floa
     if p_y == 0.0:
         return 0.0, p_n
     return 1.0 / (1.0 + math.exp(math.log(p_n) - math.log(p_y))), p_y + p_n
+
+
+def option_letter(token: str) -> str | None:
+    """The option letter a token spells, or None: ``"A"``, ``" A"``, ``"ĠA"``, ``"▁A"``, ``"A."``, ``"(A"``,
+    ``"A)"`` -> ``"A"``; case matters (``"a"`` is the English article, not an option) and ``"AB"`` or
+    ``"Answer"`` spell none."""
+    core = token.replace("Ġ", " ").replace("▁", " ").strip().strip("().:,*[]")
+    return core if len(core) == 1 and "A" <= core <= "Z" else None
+
+
+def option_probs_from_logprobs(logprobs: Mapping[str, float] | Iterable[tuple[str, float]],
+                               letters: Iterable[str]) -> tuple[dict[str, float] | None, float]:
+    """Probabilities of the option ``letters`` from one position's token log-probabilities.
+
+    Args:
+        logprobs: token text -> log-probability (a server's ``top_logprobs``); tokens spelling the same
+            letter (:func:`option_letter`) are summed.
+        letters: the options' letters.
+
+    Returns:
+        ``(probs, mass)``: ``probs`` letter -> probability normalised over the letters (a letter missing from
+        ``logprobs`` gets 0), None when no letter appears; ``mass`` the summed probability of the letters.
+    """
+    wanted = list(letters)
+    sums = dict.fromkeys(wanted, 0.0)
+    items = logprobs.items() if isinstance(logprobs, Mapping) else logprobs
+    for token, lp in items:
+        letter = option_letter(str(token))
+        if letter in sums and lp is not None and math.isfinite(float(lp)):
+            sums[letter] += math.exp(float(lp))
+    mass = sum(sums.values())
+    if mass <= 0.0:
+        return None, 0.0
+    return {k: v / mass for k, v in sums.items()}, min(1.0, mass)
 
 
 class BackendUnavailable(RuntimeError):

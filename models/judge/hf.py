@@ -39,7 +39,7 @@ from PIL import Image
 
 from ..base import resolve_device
 from .base import JudgeAnswer, JudgeBackend, JudgeRequest
-from .hf_inputs import MAX_ASPECT, answer_token_ids, prepare_image, set_pixel_budget
+from .hf_inputs import MAX_ASPECT, answer_token_ids, option_token_ids, prepare_image, set_pixel_budget
 
 __all__ = ["MAX_ASPECT", "PreparedBatch", "TransformersBackend", "answer_token_ids", "prepare_image"]
 
@@ -273,7 +273,8 @@ class TransformersBackend(JudgeBackend):
             try:
                 if isinstance(enc, Exception):
                     raise enc
-                outs = self._generate(enc, max(requests[i].max_new_tokens for i, _, _ in chunk))
+                outs = self._generate(enc, max(requests[i].max_new_tokens for i, _, _ in chunk),
+                                      [requests[i].options for i, _, _ in chunk])
             except Exception as exc:  # noqa: BLE001
                 if len(chunk) == 1:
                     i = chunk[0][0]
@@ -283,7 +284,8 @@ class TransformersBackend(JudgeBackend):
                 outs = []
                 for i, text, images in chunk:
                     try:
-                        outs.extend(self._generate(self.encode([text], [images]), requests[i].max_new_tokens))
+                        outs.extend(self._generate(self.encode([text], [images]), requests[i].max_new_tokens,
+                                                   [requests[i].options]))
                     except Exception as exc1:  # noqa: BLE001
                         outs.append(JudgeAnswer(error=f"{type(exc1).__name__}: {exc1}"))
             for (i, _, _), ans in zip(chunk, outs):
@@ -305,7 +307,8 @@ class TransformersBackend(JudgeBackend):
             enc = self.processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
         return dict(enc)
 
-    def _generate(self, enc: dict[str, Any], max_new_tokens: int) -> list[JudgeAnswer]:
+    def _generate(self, enc: dict[str, Any], max_new_tokens: int,
+                  options: list[tuple[str, ...]] | None = None) -> list[JudgeAnswer]:
         enc = {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in enc.items()}
         if "pixel_values" in enc and enc["pixel_values"].is_floating_point():
             enc["pixel_values"] = enc["pixel_values"].to(self.torch_dtype)
@@ -324,7 +327,21 @@ class TransformersBackend(JudgeBackend):
         for row, text in enumerate(texts_out):
             p_yes, mass = self._p_yes(logp[row])
             answers.append(JudgeAnswer(text=text.strip(), p_yes=p_yes, answered_mass=mass))
+            if options and options[row]:
+                answers[-1].option_probs, answers[-1].option_mass = self.option_probs(logp[row], options[row])
         return answers
+
+    def option_probs(self, logp, letters) -> tuple[dict[str, float] | None, float | None]:
+        """Option letter -> probability at one position (``logp``: its log-softmax over the vocabulary),
+        normalised over the letters, and their summed mass; ``(None, None)`` when a letter has no token
+        (see :func:`~.hf_inputs.option_token_ids`)."""
+        with self._tokenizer_lock:
+            ids = option_token_ids(self.tokenizer, letters)
+        if any(not v for v in ids.values()):
+            return None, None
+        lse = torch.stack([torch.logsumexp(logp[ids[letter]], dim=0) for letter in letters])
+        probs = torch.softmax(lse, dim=0).tolist()
+        return dict(zip(letters, probs)), min(1.0, float(lse.exp().sum()))
 
     def _p_yes(self, logp) -> tuple[float | None, float | None]:
         if not self.yes_ids or not self.no_ids:

@@ -3,6 +3,7 @@
 - :func:`prepare_image`: RGB, shrunk to a pixel budget, thin images padded (processors reject them).
 - :func:`set_pixel_budget`: make a processor that resizes or tiles images itself respect the budget too.
 - :func:`answer_token_ids`: every token id that decodes to a spelling of yes / of no, cached per tokenizer.
+- :func:`option_token_ids`: per option letter of a multiple-choice question, the token ids that spell it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from .base import NO_WORDS, YES_WORDS, normalize_token
+from .base import NO_WORDS, YES_WORDS, normalize_token, option_letter
 
 #: longest side / shortest side allowed before padding (Qwen processors raise above 200)
 MAX_ASPECT = 100.0
@@ -43,6 +44,47 @@ def answer_token_ids(tokenizer) -> tuple[list[int], list[int]]:
                 no.append(i)
         _ID_CACHE[key] = (yes, no)
     return _ID_CACHE[key]
+
+
+_LETTER_CACHE: dict[tuple[str, str, int], dict[str, list[int]]] = {}
+
+
+def option_token_ids(tokenizer, letters) -> dict[str, list[int]]:
+    """Per option letter, the ids of every token that spells it (``"A"``, ``" A"``, ``"A."``, ``"(A"``...: see
+    :func:`~.base.option_letter`).
+
+    A letter no single token decodes to (a tokenizer that splits letters oddly) gets the first token of
+    encoding ``"A"`` / ``" A"`` / ``"(A"`` instead, when that token belongs to this letter alone (a bare space
+    or bracket shared by every letter says nothing). A letter with no id at all maps to ``[]``.
+
+    Args:
+        tokenizer: a ``transformers`` tokenizer.
+        letters: the option letters.
+
+    Returns:
+        ``{letter: [ids]}``; the vocabulary scan is cached per tokenizer (name, class and size).
+    """
+    key = (type(tokenizer).__name__, str(getattr(tokenizer, "name_or_path", "")), len(tokenizer))
+    if key not in _LETTER_CACHE:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False)
+        found: dict[str, list[int]] = {}
+        for i, text in enumerate(texts):
+            letter = option_letter(text)
+            if letter is not None:
+                found.setdefault(letter, []).append(i)
+        _LETTER_CACHE[key] = found
+    found = _LETTER_CACHE[key]
+    letters = list(letters)
+    out = {letter: list(found.get(letter, [])) for letter in letters}
+    missing = [letter for letter in letters if not out[letter]]
+    if missing:
+        firsts = {letter: {ids[0] for ids in (tokenizer.encode(v, add_special_tokens=False)
+                                              for v in (letter, f" {letter}", f"({letter}")) if ids}
+                  for letter in letters}
+        for letter in missing:
+            others = set().union(*(firsts[o] for o in letters if o != letter))
+            out[letter] = sorted(firsts[letter] - others)
+    return out
 
 
 def prepare_image(image: Image.Image, max_pixels: int | None = None, max_aspect: float = MAX_ASPECT) -> Image.Image:

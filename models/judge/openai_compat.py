@@ -46,7 +46,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from PIL import Image
 
-from .base import BackendUnavailable, JudgeAnswer, JudgeBackend, JudgeRequest, p_yes_from_logprobs
+from .base import (BackendUnavailable, JudgeAnswer, JudgeBackend, JudgeRequest, option_probs_from_logprobs,
+                   p_yes_from_logprobs)
 
 if TYPE_CHECKING:  # httpx loads when a request is sent: this module is imported with the judge backends
     import httpx
@@ -351,7 +352,22 @@ class OpenAICompatBackend(JudgeBackend):
                                self.max_retries, wait)
                 attempt += 1
                 await asyncio.sleep(wait)
-        return self._parse(data, meta)
+        answer = self._parse(data, meta)
+        return self.read_options(answer, data, request.options) if request.options else answer
+
+    @staticmethod
+    def read_options(answer: JudgeAnswer, data: Any, letters: tuple[str, ...]) -> JudgeAnswer:
+        """Set ``answer.option_probs`` / ``option_mass`` from the first token's ``top_logprobs`` in ``data``
+        (left None when the server sent no logprobs or no option letter among them)."""
+        try:
+            items = first_token_logprobs(data["choices"][0])
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+            items = None
+        if items:
+            probs, mass = option_probs_from_logprobs(items, letters)
+            if probs is not None:
+                answer.option_probs, answer.option_mass = probs, mass
+        return answer
 
     async def _post(self, client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Any:
         import httpx
