@@ -65,6 +65,11 @@ def str_spec(name: str, frame: bool = False) -> FieldSpec:
     return FieldSpec(name, fo.StringField, {}, frame)
 
 
+def int_spec(name: str, frame: bool = False) -> FieldSpec:
+    """An integer field."""
+    return FieldSpec(name, fo.IntField, {}, frame)
+
+
 class Suffix:
     """A field name made of the run key and a suffix: ``Suffix("_score", doc)`` on a field-names class gives
     ``"<key>_score"`` on its instances (``doc`` says what the field holds)."""
@@ -112,15 +117,24 @@ class FieldNames(RunFieldNames):
     map = Suffix("_map", "``fo.Heatmap`` of the normalised anomaly map (one ``range`` for the whole run).")
     mask = Suffix("_mask", "``fo.Segmentation`` of the thresholded anomaly map (1 = anomalous).")
     error = Suffix("_error", "Short message where the sample could not be scored; absent (None) otherwise.")
+    regions = Suffix("_regions", '``fo.Detections``: one ``"anomaly"`` box per connected region of the mask, with '
+                                 "``area_px``, ``area_share``, ``peak``, ``mean``, ``location`` (see "
+                                 ":mod:`~fiftyone_anomaly_vlm.regions`).")
+    num_regions = Suffix("_num_regions", "Int: how many regions ``<key>_regions`` holds (sortable in the App).")
+    explanation = Suffix("_explanation", "One line built from the regions, for samples labelled anomalous; None "
+                                         "otherwise.")
 
     def all(self) -> list[str]:
         """Every field of the run, label first."""
-        return [self.label, self.score, self.raw_score, self.map, self.mask, self.error]
+        return [self.label, self.score, self.raw_score, self.map, self.mask, self.error, self.regions,
+                self.num_regions, self.explanation]
 
     def specs(self) -> list[FieldSpec]:
         """The fields in write order: the error first, the score (a sample's "done" marker) last."""
         return [str_spec(self.error), label_spec(self.label), heatmap_spec(self.map),
-                label_spec(self.mask, fo.Segmentation), float_spec(self.raw_score), float_spec(self.score)]
+                label_spec(self.mask, fo.Segmentation), label_spec(self.regions, fo.Detections),
+                int_spec(self.num_regions), str_spec(self.explanation), float_spec(self.raw_score),
+                float_spec(self.score)]
 
 
 @dataclass(frozen=True)
@@ -156,6 +170,31 @@ class JudgeFieldNames(RunFieldNames):
         return [str_spec(self.error), float_spec(self.p_anomalous), label_spec(self.defect),
                 label_spec(self.location), str_spec(self.explanation), str_spec(self.answer),
                 label_spec(self.regions, fo.Detections), float_spec(self.fused), label_spec(self.label)]
+
+
+@dataclass(frozen=True)
+class JudgeQAFieldNames(RunFieldNames):
+    """The fields one judge evaluation (:func:`~fiftyone_anomaly_vlm.judging.qa_run.evaluate_judge`) writes.
+
+    Args:
+        key: the run key.
+    """
+
+    key: str
+
+    answers = Suffix("", "``fo.Classifications``: one per (question, variant) asked about the sample; ``label`` the "
+                         "option the model chose, ``confidence`` its probability, attributes ``subtask``, "
+                         "``variant``, ``question``, ``options``, ``truth``, ``choice``, ``correct``, ``probs``, "
+                         "``option_mass``, ``from_text``, ``answer_text``, ``error``.")
+    error = Suffix("_error", "Message where no question could be asked about the sample; None otherwise.")
+
+    def all(self) -> list[str]:
+        """Every field of the run, answers first."""
+        return [self.answers, self.error]
+
+    def specs(self) -> list[FieldSpec]:
+        """The fields in write order: the error first, the answers (a sample's "done" marker) last."""
+        return [str_spec(self.error), label_spec(self.answers, fo.Classifications)]
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,16 @@ ANOMALOUS = "anomalous"
 NORMAL = "normal"
 #: a VLM answer that does not start with Yes/No
 UNPARSED = "unparsed"
+#: the 3x3 location grid, row-major: the words the judge asks for and the expert's regions are placed with
+GRID = ("top left", "top center", "top right", "middle left", "center", "middle right",
+        "bottom left", "bottom center", "bottom right")
+
+
+def grid_word(cx: float, cy: float) -> str:
+    """The 3x3 grid word (:data:`GRID`) of a point given in relative coordinates [0, 1]."""
+    col = min(2, max(0, int(cx * 3)))
+    row = min(2, max(0, int(cy * 3)))
+    return GRID[row * 3 + col]
 
 
 def anomaly_label(anomalous: bool, score: float | None, **attributes: Any) -> fo.Classification:

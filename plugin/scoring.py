@@ -5,8 +5,9 @@ For each sample (fields named from the run key, see :class:`~fiftyone_anomaly_vl
 :mod:`.calibration`), ``<key>_raw_score``, ``<key>``
 (``fo.Classification`` normal/anomalous), ``<key>_map`` (``fo.Heatmap``, 16-bit PNG on disk with
 ``range=[0, 65535]`` for every sample, so colours compare across samples), ``<key>_mask``
-(``fo.Segmentation``, 1 = anomalous) and ``<key>_error`` (a message where the sample could not be
-scored, None otherwise).
+(``fo.Segmentation``, 1 = anomalous), ``<key>_regions`` (``fo.Detections``, one box per connected region
+of the mask), ``<key>_num_regions``, ``<key>_explanation`` (one line for flagged samples, see :mod:`.regions`)
+and ``<key>_error`` (a message where the sample could not be scored, None otherwise).
 
 Writes go out once per batch with ``set_values`` while the next batch is being computed; the score field
 is written last, so a run that was killed restarts where it stopped (only samples without a score are
@@ -40,6 +41,7 @@ from .fields import FieldNames
 from .calibration import Calibration, calibrated_arrays
 from .images import ImageLoadError, load_image
 from .labels import ANOMALOUS, anomaly_label
+from .regions import RegionRule, check_min_area, declare_region_attributes, image_size_of
 from .runs import EXPERT_METHODS, AnomalyScoreRunConfig
 from .runs.score import remove_orphaned_pngs
 
@@ -123,7 +125,7 @@ class ScoreJob(Job):
 
     def __init__(self, samples, spec: Expert, key: str, model, calibration: Calibration | None, *,
                  out_dir: str, owns_dir: bool, batch_size: int, num_workers: int, history: list[dict],
-                 previous_dirs: list[str] = ()) -> None:
+                 previous_dirs: list[str] = (), min_region_area: float = 0.0) -> None:
         self.spec, self.model, self.calibration, self.key = spec, model, calibration, key
         self.names = FieldNames(key)
         self.fields = self.names.specs()
@@ -132,6 +134,7 @@ class ScoreJob(Job):
         self.out_dir, self.owns_dir, self.previous_dirs = out_dir, owns_dir, list(previous_dirs)
         self.maps_dir, self.masks_dir = os.path.join(out_dir, "maps"), os.path.join(out_dir, "masks")
         self.batch_size, self.num_workers, self.history = batch_size, num_workers, history
+        self.regions = RegionRule.of(calibration, min_region_area)
         # experts that read sample fields (e.g. a per-class object name) declare them in `needs_fields`
         self.needs = list(model.needs_fields)
 
@@ -154,6 +157,7 @@ class ScoreJob(Job):
             normalized_image_threshold=cal.normalized_image_threshold if cal else 0.5,
             normalized_pixel_threshold=cal.normalized_pixel_threshold if cal else 0.5,
             threshold_history=self.history, output_dirs=[*self.previous_dirs, self.out_dir],
+            min_region_area=self.regions.min_area,
         )
 
     def setup(self, dataset) -> None:
@@ -162,12 +166,14 @@ class ScoreJob(Job):
         if self.names.mask not in dataset.mask_targets:
             dataset.mask_targets[self.names.mask] = {1: ANOMALOUS}
             dataset.save()
+        declare_region_attributes(dataset, self.names.regions)
 
     def columns(self) -> list[str]:
         return ["id", "filepath", *self.needs]
 
     def batches(self, rows: dict[str, list]):
         self.values = {name: dict(zip(rows["id"], rows[name])) for name in self.needs}
+        self.filepaths = dict(zip(rows["id"], rows["filepath"]))
         return torch.utils.data.DataLoader(
             _ImageList(rows["id"], rows["filepath"], self.spec.image_size), batch_size=self.batch_size,
             num_workers=self.num_workers, collate_fn=_collate, pin_memory=self.model.device.type == "cuda",
@@ -190,7 +196,8 @@ class ScoreJob(Job):
             else:
                 pred = self.model.predict(batch)
             _batch_values(out, self.names, [sid for sid, _ in ok], pred, self.maps_dir, self.masks_dir,
-                          self.calibration)
+                          self.calibration, regions=self.regions,
+                          image_sizes=[image_size_of(self.filepaths[sid]) for sid, _ in ok])
         return out
 
     def finish(self, samples, stats) -> None:
@@ -210,6 +217,7 @@ def score(
     num_workers: int | None = None,
     output_dir: str | None = None,
     overwrite: bool = False,
+    min_region_area: float = 0.0,
     progress: bool | Any = None,
 ) -> ScoreResults:
     """Score every sample of ``samples`` with a fitted expert and record the run ``key``.
@@ -224,13 +232,16 @@ def score(
         output_dir: folder for heatmap/mask PNGs (default: ``<fo default dataset dir>/anomaly_vlm/<dataset>/scores/<key>``).
         overwrite: score every sample again; by default samples already scored under ``key`` by the same
             expert fit are skipped, so an interrupted run resumes.
+        min_region_area: the smallest connected region of a mask written to ``<key>_regions``, as a share of
+            the image in ``[0, 1)`` (0.001 = 0.1 %; 0 keeps every region). Recorded on the run and used again
+            by :func:`set_threshold`.
         progress: FiftyOne progress convention: None/True/False, or a callable taking a ``ProgressBar``.
 
     Returns:
         :class:`ScoreResults` with counts.
 
     Raises:
-        ValueError: empty view, non-image media, bad key or batch size, unknown expert, or ``key`` already
+        ValueError: empty view, non-image media, bad key, batch size or ``min_region_area``, unknown expert, or ``key`` already
             used by another kind of run or holding scores of another expert or another fit of it (without
             ``overwrite``).
         FileNotFoundError: the expert's checkpoint is missing.
@@ -238,6 +249,7 @@ def score(
     """
     n_total = check_image_collection(samples, "score")
     batch_size = check_positive_int("batch_size", batch_size)
+    min_region_area = check_min_area(min_region_area)
     if num_workers is None:
         num_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
     spec = resolve_expert(samples, expert)
@@ -259,7 +271,8 @@ def score(
     job = ScoreJob(samples, spec, key, model, calibration, out_dir=out_dir, owns_dir=owns_dir,
                    batch_size=batch_size, num_workers=num_workers,
                    history=_history(recorded, calibration, overwrite),
-                   previous_dirs=recorded.output_dirs if isinstance(recorded, AnomalyScoreRunConfig) else [])
+                   previous_dirs=recorded.output_dirs if isinstance(recorded, AnomalyScoreRunConfig) else [],
+                   min_region_area=min_region_area)
     stats = run_job(samples, job, key, overwrite=overwrite, progress=progress)
     return ScoreResults(key=key, fields=job.names, num_samples=n_total, num_scored=stats.num_done,
                         num_skipped=stats.num_skipped, num_errors=stats.num_errors,
@@ -283,8 +296,12 @@ def threshold_record(calibration: Calibration, **extra: Any) -> dict[str, Any]:
 
 
 def _batch_values(out: BatchOutput, fields: FieldNames, ids: list[str], pred, maps_dir: str, masks_dir: str,
-                  calibration: Calibration | None = None) -> None:
+                  calibration: Calibration | None = None, *, regions: RegionRule | None = None,
+                  image_sizes: list | None = None) -> None:
     """Fill ``out`` with one predicted batch: PNG files written now, field values for the writer.
+
+    ``regions`` (default: every region, the calibration's thresholds) makes the region fields from each map
+    and mask; ``image_sizes`` (``(width, height)`` per sample, None where unknown) gives their areas in pixels.
 
     A sample whose score or map is not finite (NaN/inf from the model) gets an error, never a label.
     """
@@ -303,6 +320,9 @@ def _batch_values(out: BatchOutput, fields: FieldNames, ids: list[str], pred, ma
         values[fields.label][sid] = anomaly_label(bool(labels[i]), s, anomaly_score=s)
         values[fields.map][sid] = fo.Heatmap(map_path=map_path, range=HEATMAP_RANGE)
         values[fields.mask][sid] = fo.Segmentation(mask_path=mask_path)
+        (values[fields.regions][sid], values[fields.num_regions][sid],
+         values[fields.explanation][sid]) = (regions or RegionRule.of(calibration, 0.0)).values(
+            maps[i], masks[i], image_sizes[i] if image_sizes else None, anomalous=bool(labels[i]), score=s)
         values[fields.raw_score][sid] = float(raw[i])
         values[fields.score][sid] = s
         values[fields.error][sid] = None

@@ -20,11 +20,13 @@ import fiftyone as fo
 import fiftyone.core.utils as fou
 
 from .calibration import Calibration
-from .fields import FieldNames
+from .fields import FieldNames, int_spec, label_spec, str_spec
 from .runs import SCORE_METHOD, update_run_config
 from .images import read_heatmap
 from .labels import ANOMALOUS, NORMAL
+from .regions import RegionRule, declare_region_attributes, image_size_of
 from .scoring import threshold_record
+from .writers import declare_fields
 
 
 def set_threshold(
@@ -38,10 +40,11 @@ def set_threshold(
     pixel_threshold: float | None = None,
     progress: bool | Any = None,
 ) -> Calibration:
-    """Re-threshold run ``key``: rewrite its labels and masks from the stored scores and heatmaps.
+    """Re-threshold run ``key``: rewrite its labels, masks and regions from the stored scores and heatmaps.
 
-    Only ``<key>`` (labels) and the mask PNGs change; scores, raw scores, heatmaps and every other field
-    stay as they are. The new rule and thresholds are recorded on the run (``calibration`` and a new
+    Only ``<key>`` (labels), the mask PNGs and the region fields (``<key>_regions``, ``<key>_num_regions``,
+    ``<key>_explanation``, with the run's ``min_region_area``; a run of an earlier release gains them here)
+    change; scores, raw scores, heatmaps and every other field stay as they are. The new rule and thresholds are recorded on the run (``calibration`` and a new
     ``threshold_history`` entry).
 
     Args:
@@ -79,23 +82,35 @@ def set_threshold(
         labels = np.array([g == positive for g in gts])
     new = old.with_threshold(rule, param, scores=scores, labels=labels, pixel_threshold=pixel_threshold)
 
-    ids, raw, norm, mask_paths, map_paths = scored.values(
-        ["id", fields.raw_score, fields.score, f"{fields.mask}.mask_path", f"{fields.map}.map_path"])
-    new_labels = {}
+    ids, raw, norm, mask_paths, map_paths, filepaths = scored.values(
+        ["id", fields.raw_score, fields.score, f"{fields.mask}.mask_path", f"{fields.map}.map_path", "filepath"])
+    new_labels, anomalous = {}, {}
     for sid, r, s in zip(ids, raw, norm):
-        anomalous = r > new.image_threshold
-        new_labels[sid] = fo.Classification(label=ANOMALOUS if anomalous else NORMAL,
-                                            confidence=s if anomalous else 1.0 - s, anomaly_score=s)
+        anomalous[sid] = bool(r > new.image_threshold)
+        new_labels[sid] = fo.Classification(label=ANOMALOUS if anomalous[sid] else NORMAL,
+                                            confidence=s if anomalous[sid] else 1.0 - s, anomaly_score=s)
+    declare_fields(dataset, [label_spec(fields.regions, fo.Detections), int_spec(fields.num_regions),
+                             str_spec(fields.explanation)])
+    declare_region_attributes(dataset, fields.regions)
+    rule = RegionRule.of(new, config.min_region_area)
+    region_values: dict[str, dict[str, Any]] = {fields.regions: {}, fields.num_regions: {}, fields.explanation: {}}
     with fou.ProgressBar(total=len(ids), progress=progress) as pb:
-        for map_path, mask_path in pb(zip(map_paths, mask_paths)):
+        for sid, s, map_path, mask_path, filepath in pb(zip(ids, norm, map_paths, mask_paths, filepaths)):
             if map_path and mask_path and os.path.isfile(map_path):
-                Image.fromarray((read_heatmap(map_path) > new.normalized_pixel_threshold).astype(np.uint8)).save(
-                    mask_path)
+                heatmap = read_heatmap(map_path)
+                mask = heatmap > new.normalized_pixel_threshold
+                Image.fromarray(mask.astype(np.uint8)).save(mask_path)
+                for name, value in zip(region_values, rule.values(heatmap, mask, image_size_of(filepath),
+                                                                  anomalous=anomalous[sid], score=s)):
+                    region_values[name][sid] = value
     dataset.set_values(fields.label, new_labels, key_field="id")
+    for name, values in region_values.items():
+        if values:
+            dataset.set_values(name, values, key_field="id")
 
     history = json.loads(json.dumps(list(config.threshold_history)))
     history.append(threshold_record(new, source="set_threshold", gt_field=gt_field))
-    update_run_config(dataset, key, calibration=new.to_dict(), threshold_history=history,
+    update_run_config(dataset, key, calibration=new.to_dict(), threshold_history=history, fields=fields.all(),
                       normalized_image_threshold=new.normalized_image_threshold,
                       normalized_pixel_threshold=new.normalized_pixel_threshold)
     return new

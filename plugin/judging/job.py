@@ -28,7 +28,7 @@ from .fusion import fuse_scores
 from .parse import parse_answer
 from .prompt import QUESTION, SYSTEM, VERDICT_WORDS, build_request, expert_verdict_words, knowledge_for
 from .references import References, class_path
-from .regions import CROP_FRACTION, expert_crops
+from .regions import CROP_FRACTION, expert_crops, region_crops
 
 _SECRET_WORDS = ("key", "token", "secret", "password", "authorization")
 
@@ -75,7 +75,7 @@ class JudgeJob(Job):
                  reference: str | None = None, knowledge: str | Mapping[str, str] | None = None,
                  class_field: str | None = None, crops: int = 3, use_expert_verdict: bool = True,
                  only_flagged: bool = False, batch_size: int = 8, fuse: str = "rank", max_new_tokens: int = 96,
-                 system: str = SYSTEM, prefetch: int | None = None) -> None:
+                 system: str = SYSTEM, prefetch: int | None = None, crop_source: str = "maxima") -> None:
         dataset = samples._root_dataset
         self.key, self.backend, self.expert, self.reference = key, backend, expert, reference
         self.names = JudgeFieldNames(key)
@@ -90,6 +90,7 @@ class JudgeJob(Job):
             self.knowledge_field = None
         self.knowledge, self.class_field = knowledge, class_field
         self.n_crops = int(crops) if self.efields is not None else 0
+        self.crop_source = crop_source
         self.use_verdict = bool(use_expert_verdict and self.efields is not None)
         self.only_flagged, self.batch_size, self.fuse = bool(only_flagged), int(batch_size), fuse
         self.max_new_tokens, self.system = int(max_new_tokens), system
@@ -102,6 +103,8 @@ class JudgeJob(Job):
         self.paths = {"id": "id", "filepath": "filepath"}
         if self.efields is not None:
             self.paths.update(score=self.efields.score, map=f"{self.efields.map}.map_path")
+            if self.n_crops and crop_source == "regions":
+                self.paths["regions"] = self.efields.regions
         if class_field:
             self.paths["cls"] = class_path(dataset, class_field)
         if self.knowledge_field:
@@ -127,6 +130,7 @@ class JudgeJob(Job):
                 question=QUESTION,
                 crops=self.n_crops,
                 crop_fraction=CROP_FRACTION,
+                crop_source=self.crop_source,
                 reference=self.reference,
                 knowledge=kind,
                 knowledge_field=self.knowledge_field,
@@ -171,10 +175,16 @@ class JudgeJob(Job):
             batch.prepared = self.backend.prepare(batch.requests)
         return batch
 
-    def request(self, row: dict[str, Any], regions: dict[str, list]) -> JudgeRequest:
-        """One sample's request; the expert regions shown as crops go to ``regions[sample id]``."""
+    def request(self, row: dict[str, Any], regions: dict[str, list], question: str = QUESTION) -> JudgeRequest:
+        """One sample's request; the expert regions shown as crops go to ``regions[sample id]``; ``question``
+        ends the user text (the judge's yes/no question, or a multiple-choice one)."""
         image = load_rgb(row["filepath"])
-        crops, boxes = expert_crops(image, row["map"], self.n_crops) if self.n_crops and row.get("map") else ([], [])
+        if self.n_crops and row.get("regions") is not None and row["regions"].detections:
+            crops, boxes = region_crops(image, row["regions"], self.n_crops)
+        elif self.n_crops and row.get("map"):
+            crops, boxes = expert_crops(image, row["map"], self.n_crops)
+        else:
+            crops, boxes = [], []
         regions[row["id"]] = boxes
         ref = self.refs.choose(row["id"], row["filepath"], row.get("cls"))
         if self.knowledge_field is not None:
@@ -185,7 +195,7 @@ class JudgeJob(Job):
             image, reference=self.refs.image(ref) if ref else None, crops=crops, knowledge=ktext,
             product=None if row.get("cls") is None else str(row.get("cls")),
             verdict=expert_verdict_words(row.get("score")) if self.use_verdict else None,
-            system=self.system, max_new_tokens=self.max_new_tokens,
+            system=self.system, question=question, max_new_tokens=self.max_new_tokens,
             meta={"id": row["id"], "reference_id": ref[0] if ref else None},
         )
 

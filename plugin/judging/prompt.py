@@ -17,12 +17,10 @@ from typing import Any
 
 from PIL import Image
 
+from ..labels import GRID  # noqa: F401 - the judge's location words, re-exported
 from ..models.judge.base import JudgeRequest
 from .references import class_value
 
-#: the 3x3 location grid, row-major
-GRID = ("top left", "top center", "top right", "middle left", "center", "middle right",
-        "bottom left", "bottom center", "bottom right")
 
 SYSTEM = ("You are a visual inspection expert on a production line. You look at images of a product and decide "
           "whether it has a defect (an anomaly). Answer in short, plain words a line operator understands.")

@@ -1,9 +1,11 @@
-"""Expert-guided crops (Triad): the regions of an expert's anomaly map around its highest local maxima.
+"""Expert-guided crops (Triad): the regions of an expert's anomaly map around its highest local maxima, or
+around the expert run's own defect regions (``<expert>_regions``, see :mod:`fiftyone_anomaly_vlm.regions`).
 
 Example:
     >>> crops, boxes = expert_crops(image, "/maps/0001.png", 3)
     >>> boxes[0]
     ((0.62, 0.05, 0.33, 0.33), 0.97, 'top right')
+    >>> crops, boxes = region_crops(image, sample["padim_regions"], 3)
 """
 
 from __future__ import annotations
@@ -12,10 +14,17 @@ import numpy as np
 from PIL import Image
 
 from ..images import read_heatmap
-from .prompt import GRID
+from ..labels import grid_word
 
 #: side of a crop as a share of the map's shorter side
 CROP_FRACTION = 1 / 3
+#: a region crop reaches this far beyond its region on each side, as a share of the region's side
+REGION_MARGIN = 0.25
+#: a region crop's side is at least this share of the image's shorter side (a speck is shown with its context)
+MIN_REGION_CROP = 1 / 8
+#: where the judge's crops come from: ``"maxima"`` (around the map's highest local maxima) or ``"regions"``
+#: (the expert run's ``<expert>_regions``, most anomalous first; a sample without regions falls back to maxima)
+CROP_SOURCES = ("maxima", "regions")
 
 
 def top_regions(heatmap: np.ndarray, n: int, fraction: float = CROP_FRACTION) -> list[tuple[int, int, int, int, float]]:
@@ -49,13 +58,6 @@ def top_regions(heatmap: np.ndarray, n: int, fraction: float = CROP_FRACTION) ->
     return boxes
 
 
-def grid_word(cx: float, cy: float) -> str:
-    """The 3x3 grid word of a point given in relative coordinates [0, 1]."""
-    col = min(2, int(cx * 3))
-    row = min(2, int(cy * 3))
-    return GRID[row * 3 + col]
-
-
 def expert_crops(image: Image.Image, map_path: str, n: int) -> tuple[list[tuple[Image.Image, str]], list]:
     """Cut the ``n`` top regions of the expert's map (``map_path``) out of ``image``.
 
@@ -74,4 +76,28 @@ def expert_crops(image: Image.Image, map_path: str, n: int) -> tuple[list[tuple[
         where = grid_word(bx[0] + bx[2] / 2, bx[1] + bx[3] / 2)
         crops.append((crop, where))
         boxes.append((bx, peak, where))
+    return crops, boxes
+
+
+def region_crops(image: Image.Image, regions, n: int) -> tuple[list[tuple[Image.Image, str]], list]:
+    """Cut the first ``n`` of an expert run's regions (``fo.Detections`` of ``<expert>_regions``, most anomalous
+    first) out of ``image``, each grown by :data:`REGION_MARGIN` and to at least :data:`MIN_REGION_CROP`.
+
+    Returns:
+        ``(crops, boxes)`` as :func:`expert_crops`: ``box`` is the crop's ``(x, y, w, h)`` relative to the image,
+        ``peak`` and the grid word are the region's.
+    """
+    W, H = image.size
+    crops, boxes = [], []
+    for det in (regions.detections if regions is not None else [])[:max(0, n)]:
+        x, y, w, h = det.bounding_box
+        floor = MIN_REGION_CROP * min(W, H)
+        cw, ch = max(w * W * (1 + 2 * REGION_MARGIN), floor), max(h * H * (1 + 2 * REGION_MARGIN), floor)
+        cx, cy = (x + w / 2) * W, (y + h / 2) * H
+        x0 = round(min(max(0.0, cx - cw / 2), max(0.0, W - cw)))
+        y0 = round(min(max(0.0, cy - ch / 2), max(0.0, H - ch)))
+        x1, y1 = min(W, max(x0 + 1, round(x0 + cw))), min(H, max(y0 + 1, round(y0 + ch)))
+        where = det["location"]
+        crops.append((image.crop((x0, y0, x1, y1)), where))
+        boxes.append(((x0 / W, y0 / H, (x1 - x0) / W, (y1 - y0) / H), det["peak"], where))
     return crops, boxes

@@ -39,12 +39,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import check_collection, check_key, check_positive_int, run_job
-from ..fields import JudgeFieldNames
+from ..fields import FieldNames, JudgeFieldNames
 from ..models.judge.base import JudgeBackend
 from ..runs import SCORE_METHOD
 from .fusion import FUSE_METHODS
 from .job import JudgeJob
 from .prompt import SYSTEM
+from .regions import CROP_SOURCES
 
 @dataclass
 class JudgeResults:
@@ -93,6 +94,7 @@ def judge(
     system: str = SYSTEM,
     overwrite: bool = False,
     prefetch: int | None = None,
+    crop_source: str = "maxima",
     progress: bool | Any = None,
 ) -> JudgeResults:
     """Ask a VLM whether each sample is anomalous, which defect, where and why; record the run ``key``.
@@ -122,6 +124,9 @@ def judge(
         prefetch: batches prepared ahead in a worker thread (images read, crops cut, reference chosen,
             the backend's processor run) while the backend answers the current one; 0: no overlap. None:
             1, except for a local model on the CPU (0), where both halves would compete for the same cores.
+        crop_source: ``"maxima"`` (crops around the expert map's highest local maxima) or ``"regions"`` (the
+            expert run's defect regions ``<expert>_regions``, most anomalous first, each with a margin; a sample
+            without regions falls back to maxima).
         progress: FiftyOne progress convention: None/True/False, or a callable taking a ``ProgressBar``.
 
     Returns:
@@ -137,6 +142,8 @@ def judge(
     n_total = check_collection(samples, "judge")
     key = check_key(key)
     batch_size = check_positive_int("batch_size", batch_size)
+    if crop_source not in CROP_SOURCES:
+        raise ValueError(f"crop_source must be one of {list(CROP_SOURCES)}, got {crop_source!r}")
     if fuse not in FUSE_METHODS:
         raise ValueError(f"fuse must be 'rank' or 'logistic', got {fuse!r}")
     if not isinstance(backend, JudgeBackend):
@@ -148,6 +155,9 @@ def judge(
             raise ValueError(f"expert {expert!r} is not a scoring run on this dataset; run fav.score first")
         if expert == key:
             raise ValueError("the judge run needs its own key (not the expert's)")
+        if crop_source == "regions" and crops and FieldNames(expert).regions not in dataset.get_field_schema():
+            raise ValueError(f"expert run {expert!r} has no regions ({FieldNames(expert).regions}): score again "
+                             "or run fav.set_threshold on it, or use crop_source='maxima'")
     elif only_flagged:
         raise ValueError("only_flagged needs an expert (the samples it labelled anomalous)")
     if class_field is not None and class_field not in dataset.get_field_schema():
@@ -156,7 +166,7 @@ def judge(
     job = JudgeJob(samples, key, backend, expert=expert, reference=reference, knowledge=knowledge,
                    class_field=class_field, crops=crops, use_expert_verdict=use_expert_verdict,
                    only_flagged=only_flagged, batch_size=batch_size, fuse=fuse, max_new_tokens=max_new_tokens,
-                   system=system, prefetch=prefetch)
+                   system=system, prefetch=prefetch, crop_source=crop_source)
     stats = run_job(samples, job, key, overwrite=overwrite, progress=progress)
     return JudgeResults(
         key=key, fields=job.names, num_samples=n_total, num_judged=stats.num_done, num_skipped=stats.num_skipped,

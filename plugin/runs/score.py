@@ -43,6 +43,9 @@ class AnomalyScoreRunConfig(AnomalyRunConfig):
         normalized_image_threshold: the image threshold on the calibrated score scale.
         normalized_pixel_threshold: the pixel threshold on the heatmap scale.
         threshold_history: every threshold change (rule, parameter, thresholds, time, source).
+        min_region_area: the smallest region written to ``<key>_regions``, as a share of the image (0: every
+            region; runs of earlier releases load with 0 and have no regions until scored again or
+            re-thresholded).
         **legacy: parameters of earlier releases.
     """
 
@@ -55,7 +58,7 @@ class AnomalyScoreRunConfig(AnomalyRunConfig):
                  fields: list[str] | None = None, device: str | None = None, batch_size: int | None = None,
                  calibration: dict[str, Any] | None = None, normalized_image_threshold: float = 0.5,
                  normalized_pixel_threshold: float = 0.5, threshold_history: list[dict] | None = None,
-                 output_dirs: list[str] | None = None, **legacy: Any) -> None:
+                 output_dirs: list[str] | None = None, min_region_area: float = 0.0, **legacy: Any) -> None:
         self.expert, self.expert_run, self.expert_fit_id = expert, expert_run, expert_fit_id
         self.model, self.model_class, self.checkpoint = model, model_class, checkpoint
         self.image_size = image_size
@@ -66,6 +69,7 @@ class AnomalyScoreRunConfig(AnomalyRunConfig):
         self.normalized_image_threshold = normalized_image_threshold
         self.normalized_pixel_threshold = normalized_pixel_threshold
         self.threshold_history = list(threshold_history or [])
+        self.min_region_area = min_region_area
         super().__init__(**legacy)
 
 
