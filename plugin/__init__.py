@@ -15,6 +15,7 @@ from .experts import (CompositeExpert, Expert, create_clip_expert, ensemble_expe
                       load_expert)
 from .fields import FieldNames
 from .judging import JudgeFieldNames, JudgeResults, judge
+from .judging.qa_run import evaluate_judge
 from .metrics import image_metrics
 from .models import available_models
 from .reviewing import (ReviewTarget, flagged_view, recalibrate_from_review, refit_with_reviewed, review,
@@ -34,6 +35,7 @@ __all__ = [
     "create_clip_expert",
     "ensemble_experts",
     "evaluate",
+    "evaluate_judge",
     "fit_expert",
     "image_metrics",
     "judge",

@@ -17,6 +17,8 @@ from .prompt import (GRID, QUESTION, SYSTEM, VERDICT_WORDS, build_request, exper
                      knowledge_for)
 from .references import MAX_REFERENCE_POOL, References, cheap_embedding, class_path, class_value
 from .regions import CROP_FRACTION, expert_crops, grid_word, read_heatmap, top_regions
+from .qa import SUBTASKS, Question, make_questions, parse_choice
+from .qa_run import evaluate_judge
 from .run import JudgeResults, judge
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "GRID",
     "MAX_REFERENCE_POOL",
     "QUESTION",
+    "Question",
+    "SUBTASKS",
     "SYSTEM",
     "VERDICT_WORDS",
     "JudgeFieldNames",
@@ -38,14 +42,17 @@ __all__ = [
     "class_value",
     "describe_backend",
     "expert_crops",
+    "evaluate_judge",
     "expert_verdict_words",
     "fuse_scores",
     "grid_word",
     "judge",
     "knowledge_for",
     "load_rgb",
+    "make_questions",
     "normalize_location",
     "parse_answer",
+    "parse_choice",
     "read_heatmap",
     "top_regions",
 ]

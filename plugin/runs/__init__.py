@@ -24,13 +24,15 @@ from .evaluation import AnomalyEvaluationRun, AnomalyEvaluationRunConfig
 from .expert import (EXPERT_RUN_SUFFIX, EXPERT_STATE, ExpertRun, ExpertRunConfig, ExpertRunResults, delete_expert_runs,
                      expert_run_key, expert_state, register_expert_run)
 from .judge import JudgeRun, JudgeRunConfig
+from .judge_eval import JUDGE_EVAL_METHOD, JudgeEvalRun, JudgeEvalRunConfig, JudgeEvalRunResults
 from .score import AnomalyScoreRun, AnomalyScoreRunConfig
 from .video import QuestionRun, QuestionRunConfig, VideoAnomalyRun, VideoAnomalyRunConfig
 
 __all__ = [
     "AnomalyEvaluationRun", "AnomalyEvaluationRunConfig", "AnomalyRunConfig", "AnomalyScoreRun",
     "AnomalyScoreRunConfig", "CLIP_METHOD", "COMPOSITE_METHOD", "EVALUATION_METHOD", "EXPERT_METHOD",
-    "EXPERT_METHODS", "EXPERT_RUN_SUFFIX", "EXPERT_STATE", "ExpertRun", "ExpertRunConfig", "ExpertRunResults", "FieldsRun", "JUDGE_METHOD", "JudgeRun",
+    "EXPERT_METHODS", "EXPERT_RUN_SUFFIX", "JUDGE_EVAL_METHOD", "JudgeEvalRun", "JudgeEvalRunConfig",
+    "JudgeEvalRunResults", "EXPERT_STATE", "ExpertRun", "ExpertRunConfig", "ExpertRunResults", "FieldsRun", "JUDGE_METHOD", "JudgeRun",
     "JudgeRunConfig", "QUESTIONS_METHOD", "QuestionRun", "QuestionRunConfig", "SCORE_METHOD", "VIDEO_METHOD",
     "VideoAnomalyRun", "VideoAnomalyRunConfig", "delete_expert_runs", "expert_run_key", "expert_state", "register_expert_run",
     "recorded_config", "remove_owned_dir", "run_method", "run_owned_fields", "runs_of", "update_run_config",
