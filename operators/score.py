@@ -6,6 +6,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fiftyone_anomaly_vlm import list_experts, score
+from fiftyone_anomaly_vlm.regions import check_min_area
 from fiftyone_anomaly_vlm.runs import EXPERT_METHODS, runs_of
 
 from ._choices import EXPERT, check_choice, unknown_choice
@@ -36,11 +37,19 @@ class ScoreSamples(foo.Operator):
         check_choice(prop, asked, experts, what=EXPERT, dataset=ctx.dataset)
         expert = ctx.params.get("expert") or experts[0]
         key_prop = inputs.str("key", default=expert, required=True, label="Run key",
-                              description="Fields: <key>, <key>_score, <key>_map, <key>_mask, <key>_error")
+                              description="Fields: <key>, <key>_score, <key>_map, <key>_mask, <key>_regions, "
+                                          "<key>_num_regions, <key>_explanation, <key>_error")
         inputs.bool("overwrite", default=False, label="Score again samples already scored under this key")
         key = ctx.params.get("key", expert)
         taken = runs_of(ctx.dataset, *EXPERT_METHODS)
         check_key(key_prop, key, taken, "Run")
+        area_prop = inputs.float("min_region_area", default=0.0, label="Smallest defect region (share of the image)",
+                                 description="Connected regions of the mask smaller than this share of the image "
+                                             "are left out of <key>_regions (0.001 = 0.1 %; 0 keeps every region)")
+        try:
+            check_min_area(ctx.params.get("min_region_area") or 0.0)
+        except ValueError as exc:
+            area_prop.invalid, area_prop.error_message = True, str(exc)
         device_and_batch(inputs, batch_size=16)
         return types.Property(inputs, view=types.View(label="Score samples"))
 
@@ -51,6 +60,7 @@ class ScoreSamples(foo.Operator):
             ctx, "scoring", score, ctx.target_view(), expert=p["expert"], key=p.get("key") or p["expert"],
             device=p.get("device", "auto"), batch_size=int(p.get("batch_size", 16)),
             num_workers=None if ctx.delegated else 0, overwrite=bool(p.get("overwrite", False)),
+            min_region_area=p.get("min_region_area") or 0.0,
         )
         if not ctx.delegated:
             yield ctx.trigger("reload_dataset")

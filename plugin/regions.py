@@ -148,10 +148,18 @@ def _percent(share: float) -> str:
     return f"{pct:.1f} %" if pct >= 1 else f"{pct:.2g} %"
 
 
+def _score_percent(score: float) -> str:
+    """``100 * score`` with one decimal, more where it would otherwise read 100 % (scores never reach 1)."""
+    pct, digits = 100.0 * score, 1
+    while digits < 6 and pct < 100 and round(pct, digits) >= 100:
+        digits += 1
+    return f"{pct:.{digits}f} %"
+
+
 def _times(peak: float, normal: float | None, pixel_threshold: float) -> str:
     if normal and normal > 0:
         return f"peak {peak / normal:.1f}x the known-good maximum"
-    return f"peak {peak:.2f} (pixel threshold {pixel_threshold:.2f})"
+    return f"peak {peak:.2f}, pixel threshold {pixel_threshold:.2f}"
 
 
 def explain(score: float, regions: list[Region], heatmap: np.ndarray | None, *, normal: float | None,
@@ -170,7 +178,7 @@ def explain(score: float, regions: list[Region], heatmap: np.ndarray | None, *, 
         >>> explain(0.997, regions, None, normal=0.5, pixel_threshold=0.41)
         'Anomalous: score 0.997 (above 99.7 % of known-good samples); 2 regions: top left (3.1 % of the image, peak 1.8x the known-good maximum), center (0.40 %, peak 1.2x)'
     """
-    head = f"Anomalous: score {score:.3f} (above {_percent(score)} of known-good samples)"
+    head = f"Anomalous: score {score:.3f} (above {_score_percent(score)} of known-good samples)"
     if not regions:
         if heatmap is None or heatmap.size == 0:
             return f"{head}; no region above the pixel threshold"
