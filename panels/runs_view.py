@@ -8,6 +8,7 @@ the panel's Refresh button.
 from __future__ import annotations
 
 from fiftyone_anomaly_vlm.reviewing.overview import RunRow, run_overview
+from fiftyone_anomaly_vlm.runs import JUDGE_EVAL_METHOD, runs_of
 
 RUNS_STATE = "runs_md"
 _HEAD = ["| run | kind | when (UTC) | state | details |", "|---|---|---|---|---|"]
@@ -45,9 +46,24 @@ def runs_markdown(rows: list[RunRow]) -> str:
     return "\n".join(lines)
 
 
+def judge_eval_markdown(dataset) -> str:
+    """The reports of the dataset's judge evaluations (``fav.evaluate_judge``), newest key order; "" if none."""
+    parts = []
+    for key in runs_of(dataset, JUDGE_EVAL_METHOD):
+        try:
+            parts.append(dataset.load_run_results(key, cache=False).markdown())
+        except Exception as exc:  # noqa: BLE001 - a run recorded without results (interrupted): say so
+            parts.append(f"**Judge evaluation `{key}`**: no report ({type(exc).__name__}); run it again to finish")
+    return "\n\n".join(parts)
+
+
 def runs_state(dataset) -> dict[str, str]:
-    """The panel state patch of the runs view for ``dataset``."""
-    return {RUNS_STATE: runs_markdown(run_overview(dataset)) if dataset is not None else ""}
+    """The panel state patch of the runs view for ``dataset``: the runs table, then judge evaluation reports."""
+    if dataset is None:
+        return {RUNS_STATE: ""}
+    text = runs_markdown(run_overview(dataset))
+    reports = judge_eval_markdown(dataset)
+    return {RUNS_STATE: f"{text}\n\n{reports}" if reports else text}
 
 
 def render_runs(panel, state) -> None:

@@ -21,14 +21,14 @@ from typing import Any
 
 from fiftyone.operators.delegated import DelegatedOperationService
 
-from ..runs import (CLIP_METHOD, COMPOSITE_METHOD, EVALUATION_METHOD, EXPERT_METHOD, JUDGE_METHOD,
+from ..runs import (CLIP_METHOD, COMPOSITE_METHOD, EVALUATION_METHOD, EXPERT_METHOD, JUDGE_EVAL_METHOD, JUDGE_METHOD,
                     QUESTIONS_METHOD, SCORE_METHOD, VIDEO_METHOD, recorded_config)
 
 #: the kind shown for each run method of the plugin (runs of other methods are not listed)
 RUN_KINDS = {
     EXPERT_METHOD: "expert", COMPOSITE_METHOD: "expert (group/ensemble)", CLIP_METHOD: "CLIP expert",
     SCORE_METHOD: "scoring", JUDGE_METHOD: "VLM judge", VIDEO_METHOD: "video scoring",
-    QUESTIONS_METHOD: "guiding questions", EVALUATION_METHOD: "evaluation",
+    QUESTIONS_METHOD: "guiding questions", EVALUATION_METHOD: "evaluation", JUDGE_EVAL_METHOD: "judge evaluation",
 }
 #: how many first per-sample errors :func:`result_summary` keeps
 FIRST_ERRORS = 3
@@ -122,6 +122,9 @@ def _run_detail(dataset, key: str, config) -> str:
                          + ([f"{holdout} held out"] if holdout is not None else []))
     if method == EVALUATION_METHOD:
         return f"of '{getattr(config, 'run_key', '?')}'"
+    if method == JUDGE_EVAL_METHOD:
+        return (f"model {config.backend.get('model')!r}, variants {', '.join(config.variants)}; "
+                f"table below")
     return ""
 
 
