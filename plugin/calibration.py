@@ -45,6 +45,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from .floatgrid import largest_at_most
+from .models.line_inference import calibrated_scores, normalized_map, score_scale
 
 logger = logging.getLogger(__name__)
 
@@ -320,19 +321,14 @@ class Calibration:
     # ----------------------------------------------------------------- transforms
     def _score_scale(self) -> tuple[np.ndarray, np.ndarray, float]:
         """Calibration scores, their ranks ``i / (n + 1)`` and the tails' scale."""
-        c = np.asarray(self.image_scores, dtype=np.float64)
-        return c, np.arange(1, c.size + 1) / (c.size + 1), float(c.std()) or float(abs(c[-1]) * 0.1) or 1.0
+        return score_scale(self.image_scores)
 
     def normalize_scores(self, raw) -> np.ndarray:
-        """Share of calibration normals below each raw score, strictly increasing (see module docs)."""
-        raw = np.asarray(raw, dtype=np.float64)
-        c, ranks, scale = self._score_scale()
-        out = np.array(np.interp(raw, c, ranks) if c.size > 1 else np.full_like(raw, 0.5), dtype=np.float64)
-        lo, hi = raw < c[0], raw > c[-1]
-        # hyperbolic tails: strictly monotone and never exactly 0 or 1, so far-out anomalies keep their order
-        out[lo] = ranks[0] / (1.0 + (c[0] - raw[lo]) / scale)
-        out[hi] = 1.0 - (1.0 - ranks[-1]) / (1.0 + (raw[hi] - c[-1]) / scale)
-        return out
+        """Share of calibration normals below each raw score, strictly increasing (see module docs).
+
+        The formula lives in :mod:`~fiftyone_anomaly_vlm.models.line_inference`, which exported experts carry
+        to the line: the calibrated score there is this one by construction."""
+        return calibrated_scores(raw, self.image_scores)
 
     def raw_from_normalized(self, values) -> np.ndarray:
         """Inverse of :meth:`normalize_scores`: for each calibrated threshold ``v``, the raw threshold ``t``
@@ -355,7 +351,7 @@ class Calibration:
 
     def normalize_map(self, raw_map) -> np.ndarray:
         """Raw pixel scores -> [0, 1] with the run's two anchors (the same for every image)."""
-        return np.clip((np.asarray(raw_map, dtype=np.float64) - self.map_low) / (self.map_high - self.map_low), 0, 1)
+        return normalized_map(raw_map, self.map_low, self.map_high)
 
     @property
     def normalized_pixel_threshold(self) -> float:
