@@ -12,14 +12,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, subprocess_env
+from conftest import ROOT
 from mmad_fixture import write_mmad_fixture
 from openai_server import OpenAITestServer, build_tiny_qwen2vl
 from tiny_vlms import build_qwen2_vl
@@ -291,27 +289,30 @@ def test_mmad_scoring_rules():
     assert mmad.mmad_text_answer("no defect", {"A": "Yes.", "B": "No."}) == "B"
 
 
-def test_mmad_script_end_to_end(tiny_dir, tmp_path):
+def test_mmad_script_end_to_end(tiny_dir, tmp_path, capsys):
+    """The script's main() as the command line runs it (in this process: no second interpreter to start)."""
+    mmad = _mmad_module()
     root = tmp_path / "MMAD"
     json_path = write_mmad_fixture(str(root))
     entries = json.loads(Path(json_path).read_text())
     assert all({"conversation", "similar_templates", "random_templates"} <= set(e) for e in entries.values())
     out = tmp_path / "answers.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "mmad.py"), "--mmad-json", json_path, "--images", str(root),
-         "--model", tiny_dir, "--device", "cpu", "--limit", "2", "--batch-size", "4", "--answers-out", str(out)],
-        capture_output=True, text=True, env=subprocess_env(), timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    rc = mmad.main(["--mmad-json", json_path, "--images", str(root), "--model", tiny_dir, "--device", "cpu",
+                    "--limit", "2", "--batch-size", "4", "--answers-out", str(out)])
+    stdout = capsys.readouterr().out
+    assert rc == 0
     first_two = list(entries)[:2]
     n_questions = sum(len(entries[k]["conversation"]) for k in first_two)
-    assert f"{n_questions} questions over 2 images" in proc.stdout
-    assert "MMAD layout (1-shot" in proc.stdout and "(this run)" in proc.stdout
-    assert "| Human expert (published) |  86.7 |" in proc.stdout
+    assert f"{n_questions} questions over 2 images" in stdout
+    assert "MMAD layout (1-shot" in stdout and "(this run)" in stdout
+    assert "| Human expert (published) |  86.7 |" in stdout
     answers = json.loads(out.read_text())
     assert [a["image"] for a in answers] == [k for k in first_two for _ in entries[k]["conversation"]]
     assert all(a["gpt_answer"] in "ABCD" and a["gpt_answer"] and not a["from_text"] for a in answers)
     assert {a["question_type"] for a in answers} >= {"Anomaly Detection", "Object Analysis"}
-    missing = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mmad.py"), "--mmad-json",
-                              str(tmp_path / "none.json"), "--model", tiny_dir], capture_output=True, text=True,
-                             env=subprocess_env(), timeout=120, cwd=ROOT)
-    assert missing.returncode == 2 and "is not there: nothing run" in missing.stdout
+    # the 1-shot reference is the entry's first random template, shown before the query image
+    questions = mmad.load_questions(json_path, str(root), 1, similar=False)
+    assert questions[0]["template"] == str(root / entries[first_two[0]]["random_templates"][0])
+    assert mmad.request_for(questions[0], 1).user.startswith(mmad.INSTRUCTION)
+    assert mmad.main(["--mmad-json", str(tmp_path / "none.json"), "--model", tiny_dir]) == 2
+    assert "is not there: nothing run" in capsys.readouterr().out
