@@ -57,12 +57,13 @@ def vlm_backend_inputs(inputs: types.Object, params: dict, api_key_secret: str, 
     backend.add_choice("openai", label="OpenAI-compatible server (vLLM, SGLang, Ollama, hosted)")
     inputs.enum("backend", backend.values(), default="transformers", label="Backend", view=backend)
     if params.get("backend", "transformers") == "openai":
-        inputs.str("base_url", required=True, label="Server base URL", description="e.g. http://gpu-box:8000/v1")
+        inputs.str("base_url", required=True, label="Server base URL", description="e.g. http://gpu-box:8000/v1; "
+                   "several servers of the same model: separate their URLs with commas")
         inputs.str("server_model", required=True, label="Model name on the server")
         inputs.str("api_key_secret", default=api_key_secret, label="API key secret",
                    description="Name of the FiftyOne secret or environment variable holding the key "
                                "(the key itself is never stored)")
-        inputs.int("max_concurrency", default=8, min=1, label="Requests in flight")
+        inputs.int("max_concurrency", default=8, min=1, label="Requests in flight (per server)")
     else:
         inputs.str("model", required=True, label="Model", description="Hub id or local folder of an "
                    "image-text-to-text model, e.g. Qwen/Qwen2-VL-2B-Instruct")

@@ -33,7 +33,9 @@ def backend_from_params(params: dict, secrets=None):
     if params.get("backend", "transformers") == "openai":
         secret = params.get("api_key_secret") or API_KEY_SECRET
         api_key = (secrets.get(secret, None) if secrets is not None else None) or os.environ.get(secret)
-        return make_backend("openai", base_url=params["base_url"], model=params["server_model"], api_key=api_key,
+        urls = [u for u in params["base_url"].replace(",", " ").split() if u]  # several servers: comma-separated
+        return make_backend("openai", base_url=urls[0] if len(urls) == 1 else urls, model=params["server_model"],
+                            api_key=api_key,
                             api_key_env=secret, max_concurrency=int(params.get("max_concurrency", 8)))
     max_pixels = int(params.get("max_pixels") or 0) or None
     return make_backend("transformers", model=params["model"], revision=params.get("revision") or None,

@@ -170,7 +170,7 @@ def test_regions_and_fusion_helpers():
     assert x0 <= 25 < x1 and y0 <= 5 < y1 and x1 - x0 == 10
     assert all(0 <= b[0] and b[2] <= 30 and 0 <= b[1] and b[3] <= 30 for b in boxes)
     e, v = np.array([0.1, 0.5, 0.9]), np.array([0.2, 0.9, 0.6])
-    assert fuse_scores(e, v, "rank").tolist() == pytest.approx([0.0, 0.75, 0.75])
+    assert fuse_scores(e, v, "rank").tolist() == pytest.approx([0.15, 0.7, 0.75])  # per sample, not per view
     lg = fuse_scores(e, v, "logistic")
     assert lg[0] < lg[1] and np.all((lg > 0) & (lg < 1)) and lg[2] == pytest.approx(
         1 / (1 + np.exp(-0.5 * (np.log(9) + np.log(1.5)))))

@@ -195,6 +195,9 @@ class JudgeBackend(ABC):
 
     #: short name recorded on the run ("transformers", "openai")
     name: str = "base"
+    #: requests the backend works on at once (a server backend: its window over all servers); the judge
+    #: prepares enough batches ahead (:meth:`prepare` sends them) to keep that many busy
+    max_in_flight: int = 1
 
     @abstractmethod
     def judge(self, requests: list[JudgeRequest]) -> list[JudgeAnswer]:

@@ -7,18 +7,25 @@ lists the images as base64 data URLs (``{"type": "image_url", "image_url": {"url
 ``"temperature": 0``; P(yes) and the answered mass come from the FIRST generated token's ``top_logprobs``
 (:func:`~.base.p_yes_from_logprobs`). Servers that return no logprobs still give the text (``p_yes=None``).
 
-Many requests are in flight at once (``asyncio`` + ``httpx.AsyncClient``, bounded by ``max_concurrency``).
-429, 5xx, timeouts and connection errors are retried with exponential backoff and jitter, honouring
-``Retry-After``; a request that still fails, or gets another 4xx, becomes ``JudgeAnswer(error=...)`` and the
-batch goes on. Answers come back in request order.
+One server or several (``base_url`` a list): requests go through a :class:`~.server_pool.ServerPool`, a
+sliding window with up to ``max_concurrency`` requests in flight per server over pooled keep-alive
+connections, each free slot taking the next request (not batch by batch: :meth:`OpenAICompatBackend.prepare`
+sends a batch at once and the judge prepares several ahead, :attr:`OpenAICompatBackend.max_in_flight`).
+429, 5xx, timeouts and connection errors are retried (on whichever server is free) with exponential backoff
+and jitter, honouring ``Retry-After``; ``max_failures`` failures in a row take a server out for ``cooldown``
+seconds. A request that still fails, or gets another 4xx, becomes ``JudgeAnswer(error=...)`` and the batch
+goes on; an answer whose logprobs cannot be true (``"logprob": 1000``, NaN, the sampled "Yes" without its
+own logprob) keeps its text with ``error`` set (:class:`~.base.MalformedAnswer`). Answers come back in
+request order, each with the server that gave it (``JudgeAnswer.server``).
 
 The API key is passed in (e.g. a FiftyOne secret, ``ctx.secrets["FAV_VLM_API_KEY"]``) or read from the
 environment variable ``api_key_env``; it is only ever put in the ``Authorization`` header, never in
-:meth:`OpenAICompatBackend.describe`, ``repr``, errors or logs.
+:meth:`OpenAICompatBackend.describe`, ``repr``, errors or logs: every message the backend writes or logs is
+redacted (:func:`~.server_pool.redact`), also when a server echoes the header in its error body.
 
 Example:
-    >>> backend = OpenAICompatBackend(base_url="http://localhost:8000/v1", model="Qwen/Qwen2.5-VL-7B-Instruct",
-    ...                               max_concurrency=32)
+    >>> backend = OpenAICompatBackend(base_url=["http://gpu-a:8000/v1", "http://gpu-b:8000/v1"],
+    ...                               model="Qwen/Qwen2.5-VL-7B-Instruct", max_concurrency=32)
     >>> answers = backend.judge([JudgeRequest(images=[ref, img], system="You inspect parts.",
     ...                                       user="Is the second image defective? Answer Yes or No.")])
     >>> answers[0].p_yes, answers[0].answered_mass, answers[0].text
@@ -31,23 +38,17 @@ See Also:
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
-import email.utils
-import io
 import json
 import logging
 import os
-import random
-import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
-from PIL import Image
-
-from .base import (BackendUnavailable, JudgeAnswer, JudgeBackend, JudgeRequest, option_probs_from_logprobs,
-                   p_yes_from_logprobs)
+from .base import (BackendUnavailable, JudgeAnswer, JudgeBackend, JudgeRequest, MalformedAnswer,
+                   option_probs_from_logprobs, p_yes_from_logprobs)
+from .openai_wire import encode_image, error_message, first_token_logprobs, message_text, retry_after_seconds
+from .server_pool import FatalError, RetryableError, ServerPool, ServerState, public_url, redact
 
 if TYPE_CHECKING:  # httpx loads when a request is sent: this module is imported with the judge backends
     import httpx
@@ -60,122 +61,24 @@ RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 CHECK_TIMEOUT = 5.0
 
 
-class _Retryable(Exception):
-    """A failure worth another try (carries the server's Retry-After, in seconds, if any)."""
+#: the failures of one request, as the pool retries them (earlier names kept)
+_Retryable, _Fatal = RetryableError, FatalError
 
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class _Fatal(Exception):
-    """A failure that another try will not fix (4xx, malformed answer)."""
-
-
-def encode_image(image: Image.Image, fmt: str = "PNG", quality: int = 90) -> str:
-    """A PIL image as a base64 data URL (RGB; PNG is lossless, JPEG is smaller).
-
-    Args:
-        image: the image.
-        fmt: ``"PNG"`` or ``"JPEG"``.
-        quality: JPEG quality.
-
-    Returns:
-        ``data:image/png;base64,...`` (or ``image/jpeg``).
-    """
-    fmt = fmt.upper()
-    buf = io.BytesIO()
-    rgb = image.convert("RGB")
-    if fmt in ("JPEG", "JPG"):
-        rgb.save(buf, format="JPEG", quality=quality)
-        mime = "jpeg"
-    else:
-        rgb.save(buf, format="PNG")
-        mime = "png"
-    return f"data:image/{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
-
-
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date), else None."""
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _error_message(response: httpx.Response) -> str:
-    """Short ``HTTP <status>: <server message>`` for an error answer."""
-    detail = ""
-    try:
-        body = response.json()
-        err = body.get("error", body) if isinstance(body, dict) else body
-        detail = err.get("message", "") if isinstance(err, dict) else str(err)
-    except (ValueError, AttributeError):
-        detail = response.text
-    detail = " ".join(str(detail).split())[:200]
-    return f"HTTP {response.status_code}" + (f": {detail}" if detail else "")
-
-
-def first_token_logprobs(choice: Mapping[str, Any]) -> list[tuple[str, float]] | None:
-    """The first generated token's ``(token, logprob)`` candidates from a chat choice, or None.
-
-    Reads ``choice["logprobs"]["content"][0]["top_logprobs"]`` (a list of ``{"token", "logprob"}``, or a
-    ``{token: logprob}`` dict as some servers send) and adds the sampled token itself when it is missing.
-    """
-    logprobs = choice.get("logprobs")
-    if not isinstance(logprobs, Mapping):
-        return None
-    content = logprobs.get("content")
-    if not content:
-        return None
-    first = content[0]
-    top = first.get("top_logprobs") or []
-    items: list[tuple[str, float]] = []
-    if isinstance(top, Mapping):
-        items = [(str(t), float(lp)) for t, lp in top.items()]
-    else:
-        items = [(str(e["token"]), float(e["logprob"])) for e in top if e.get("logprob") is not None]
-    token, lp = first.get("token"), first.get("logprob")
-    if token is not None and lp is not None and all(t != token for t, _ in items):
-        items.append((str(token), float(lp)))
-    return items or None
-
-
-def _message_text(choice: Mapping[str, Any]) -> str:
-    """The generated text of a chat choice (string or list-of-parts content)."""
-    content = (choice.get("message") or {}).get("content")
-    if content is None:
-        return ""
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
-    return str(content)
+__all__ = ["CHECK_TIMEOUT", "RETRY_STATUSES", "OpenAICompatBackend", "encode_image", "first_token_logprobs"]
 
 
 class OpenAICompatBackend(JudgeBackend):
-    """Judge with any OpenAI-compatible ``/chat/completions`` server, many requests in flight.
+    """Judge with one or several OpenAI-compatible ``/chat/completions`` servers, many requests in flight.
 
     Args:
         base_url: the API root, e.g. ``http://localhost:8000/v1`` (vLLM, SGLang), ``http://localhost:11434/v1``
-            (Ollama) or a hosted API's.
+            (Ollama) or a hosted API's; or a list of them (servers of the same model): requests are spread
+            over them, each free slot taking the next request.
         model: the served model name.
         api_key: the key, sent as ``Authorization: Bearer <key>`` (e.g. a FiftyOne secret). None: read the
             environment variable ``api_key_env``; no key at all is fine for local servers.
         api_key_env: environment variable to read the key from when ``api_key`` is None.
-        max_concurrency: the most requests in flight at once.
+        max_concurrency: the most requests in flight at once, per server.
         timeout: seconds allowed per HTTP request (connect, read, write).
         max_retries: extra tries after a 429/5xx/timeout/connection error.
         backoff: first backoff in seconds; doubles each retry, with full jitter.
@@ -185,21 +88,27 @@ class OpenAICompatBackend(JudgeBackend):
         jpeg_quality: JPEG quality.
         extra_body: server-specific fields merged into every request body (e.g. vLLM
             ``{"mm_processor_kwargs": {"max_pixels": 448 * 448}}``); never put secrets here.
-        headers: extra HTTP headers (not recorded by :meth:`describe`).
+        headers: extra HTTP headers (not recorded by :meth:`describe`; their values are redacted like the key).
+        max_failures: failures in a row (5xx, timeouts, refused connections) that take a server out.
+        cooldown: seconds a server stays out before one request probes it again.
     """
 
     name = "openai"
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, api_key_env: str = "FAV_VLM_API_KEY",
-                 max_concurrency: int = 8, timeout: float = 120.0, max_retries: int = 4, backoff: float = 1.0,
-                 max_backoff: float = 60.0, top_logprobs: int = 20, image_format: str = "PNG",
-                 jpeg_quality: int = 90, extra_body: Mapping[str, Any] | None = None,
-                 headers: Mapping[str, str] | None = None):
+    def __init__(self, base_url: str | Sequence[str], model: str, api_key: str | None = None,
+                 api_key_env: str = "FAV_VLM_API_KEY", max_concurrency: int = 8, timeout: float = 120.0,
+                 max_retries: int = 4, backoff: float = 1.0, max_backoff: float = 60.0, top_logprobs: int = 20,
+                 image_format: str = "PNG", jpeg_quality: int = 90, extra_body: Mapping[str, Any] | None = None,
+                 headers: Mapping[str, str] | None = None, max_failures: int = 5, cooldown: float = 15.0):
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
         if not 0 <= top_logprobs <= 20:
             raise ValueError("top_logprobs must be in [0, 20]")
-        self.base_url = base_url.rstrip("/")
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls or not all(isinstance(u, str) and u.strip() for u in urls):
+            raise ValueError(f"base_url must be a server URL or a list of them, got {base_url!r}")
+        self.base_urls = [u.strip().rstrip("/") for u in urls]
+        self.base_url = self.base_urls[0]
         self.model = model
         self.api_key_env = api_key_env
         self.__api_key = api_key if api_key is not None else (os.environ.get(api_key_env) if api_key_env else None)
@@ -213,52 +122,94 @@ class OpenAICompatBackend(JudgeBackend):
         self.jpeg_quality = int(jpeg_quality)
         self.extra_body = dict(extra_body or {})
         self._headers = dict(headers or {})
+        self.max_failures, self.cooldown = int(max_failures), float(cooldown)
+        passwords = [u.split("://", 1)[-1].split("@", 1)[0] for u in self.base_urls if "@" in u.split("/")[2]]
+        self._secrets = [s for s in [self.__api_key, *self._headers.values(), *passwords] if s]
+        self.pool = ServerPool(self.base_urls, self._post, self._client, max_concurrency=self.max_concurrency,
+                               max_retries=self.max_retries, backoff=self.backoff, max_backoff=self.max_backoff,
+                               max_failures=self.max_failures, cooldown=self.cooldown, secrets=self._secrets)
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests this backend answers at once: ``max_concurrency`` per server."""
+        return self.max_concurrency * len(self.base_urls)
 
     def __repr__(self) -> str:
-        return f"OpenAICompatBackend(base_url={_public_url(self.base_url)!r}, model={self.model!r})"
+        urls = [public_url(u) for u in self.base_urls]
+        return f"OpenAICompatBackend(base_url={urls[0] if len(urls) == 1 else urls!r}, model={self.model!r})"
 
     def describe(self) -> dict[str, Any]:
-        """Run-config description: server, model and request settings; never the API key."""
+        """Run-config description: servers, model and request settings; never the API key."""
         return {
             "backend": self.name,
-            "base_url": _public_url(self.base_url),
+            "base_url": public_url(self.base_url),
+            "base_urls": [public_url(u) for u in self.base_urls],
             "model": self.model,
             "max_concurrency": self.max_concurrency,
             "timeout": self.timeout,
             "max_retries": self.max_retries,
+            "max_failures": self.max_failures,
+            "cooldown": self.cooldown,
             "top_logprobs": self.top_logprobs,
             "image_format": self.image_format,
             "temperature": 0,
             "extra_body": self.extra_body,
         }
 
+    def _auth_headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", **self._headers}
+        if self.__api_key:
+            headers["Authorization"] = f"Bearer {self.__api_key}"
+        return headers
+
+    def _client(self, limit: int) -> httpx.AsyncClient:
+        """One server's client (the pool's ``make_client``): ``limit`` pooled keep-alive connections."""
+        import httpx
+
+        limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit, keepalive_expiry=60.0)
+        return httpx.AsyncClient(headers=self._auth_headers(), timeout=httpx.Timeout(self.timeout), limits=limits)
+
     def check(self) -> None:
-        """One ``GET {base_url}/models`` (short timeout, no retries): fail at once when the server cannot be used.
+        """One ``GET {base_url}/models`` per server (short timeout, no retries): fail at once when no server
+        can be used.
 
         Unreachable (refused, unknown host, no answer within :data:`CHECK_TIMEOUT` s), a refused key
-        (401/403) or a server error (5xx) raise; a server without ``/models`` (404/405/501) passes, and a
-        model missing from the list is only logged (servers resolve aliases such as Ollama's ``:latest``).
+        (401/403) or a server error (5xx) make a server unusable; a server without ``/models`` (404/405/501)
+        passes, and a model missing from the list is only logged (servers resolve aliases such as Ollama's
+        ``:latest``). With several servers, unusable ones are logged and the run goes on with the others
+        (the pool takes them out after ``max_failures``); a refused key always raises.
 
         Raises:
             BackendUnavailable: naming the server URL (without credentials); never the API key.
         """
+        problems: list[tuple[str, bool]] = []
+        for url in self.base_urls:
+            try:
+                self._check_one(url)
+            except BackendUnavailable as e:
+                problems.append((str(e), "refused the API key" in str(e)))
+        if problems and (len(problems) == len(self.base_urls) or any(key for _, key in problems)):
+            raise BackendUnavailable("; ".join(m for m, _ in problems))
+        for message, _ in problems:
+            logger.warning("%s (the other servers go on)", message)
+
+    def _check_one(self, url: str) -> None:
         import httpx
 
-        where = _public_url(self.base_url)
-        headers = dict(self._headers)
-        if self.__api_key:
-            headers["Authorization"] = f"Bearer {self.__api_key}"
+        where = public_url(url)
+        headers = self._auth_headers()
+        headers.pop("Content-Type")
         timeout = min(self.timeout, CHECK_TIMEOUT)
         try:
             with httpx.Client(headers=headers, timeout=httpx.Timeout(timeout)) as client:
-                response = client.get(f"{self.base_url}/models")
+                response = client.get(f"{url}/models")
         except httpx.TimeoutException:
             raise BackendUnavailable(f"the VLM server at {where} did not answer within {timeout:g} s; is it "
                                      "running and is base_url right?") from None
         except (httpx.HTTPError, OSError) as e:
             raise BackendUnavailable(f"cannot reach the VLM server at {where} ({type(e).__name__}: "
                                      f"{self._redact(str(e))[:200]}); start it or fix base_url") from None
-        status, answer = response.status_code, self._redact(_error_message(response))
+        status, answer = response.status_code, error_message(response, self._redact)
         if status in (401, 403):
             raise BackendUnavailable(f"the VLM server at {where} refused the API key ({answer}); check the key "
                                      f"(api_key or ${self.api_key_env})")
@@ -271,43 +222,51 @@ class OpenAICompatBackend(JudgeBackend):
                 served = []
             if served and self.model not in served:
                 logger.warning("the VLM server at %s does not list model %r (it serves %s)", where, self.model,
-                               ", ".join(map(str, served[:10])))
+                               self._redact(", ".join(map(str, served[:10]))))
 
     def _redact(self, text: str) -> str:
-        """``text`` with the API key, if any, blanked out."""
-        return text.replace(self.__api_key, "***") if self.__api_key else text
+        """``text`` with the API key, secret header values and URL passwords blanked out (:func:`redact`)."""
+        return redact(text, self._secrets)
+
+    def close(self) -> None:
+        """Close the connections now (they also close after 30 s without requests)."""
+        self.pool.close()
 
     # -- public API ------------------------------------------------------------------------------------
     def judge(self, requests: list[JudgeRequest]) -> list[JudgeAnswer]:
-        """Answer every request, in order, with up to ``max_concurrency`` in flight.
+        """Answer every request, in order, with up to ``max_concurrency`` in flight per server.
 
-        Works from plain code and from inside a running event loop (the async work then runs on a worker
-        thread with its own loop); async callers can ``await`` :meth:`ajudge` instead.
+        Works from plain code and from inside a running event loop (the requests run on the pool's own
+        loop); async callers can ``await`` :meth:`ajudge` instead.
         """
-        if not requests:
-            return []
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(self.ajudge(requests))
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fav-openai") as pool:
-            return pool.submit(asyncio.run, self.ajudge(requests)).result()
+        return self.judge_prepared(self.prepare(requests))
+
+    def prepare(self, requests: list[JudgeRequest]) -> list[tuple[JudgeRequest, concurrent.futures.Future]]:
+        """Send the requests now (they queue for a free server slot) and return at once; the answers are
+        collected by :meth:`judge_prepared`. So a caller that prepares the next batches while it waits for
+        this one keeps every server's window full."""
+        return [(r, self.pool.submit(lambda r=r: json.dumps(self.build_body(r)).encode("utf-8"))) for r in requests]
+
+    def judge_prepared(self, prepared: list[tuple[JudgeRequest, concurrent.futures.Future]]) -> list[JudgeAnswer]:
+        """The answers of a :meth:`prepare` result, in order (waits for them)."""
+        return [self._collect(request, future.result) for request, future in prepared]
 
     async def ajudge(self, requests: list[JudgeRequest]) -> list[JudgeAnswer]:
-        """Async :meth:`judge`."""
-        import httpx
+        """Async :meth:`judge` (from any event loop)."""
+        prepared = self.prepare(requests)
+        for _, future in prepared:
+            await asyncio.wrap_future(future)
+        return self.judge_prepared(prepared)
 
-        headers = {"Content-Type": "application/json", **self._headers}
-        if self.__api_key:
-            headers["Authorization"] = f"Bearer {self.__api_key}"
-        limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
-        semaphore = asyncio.Semaphore(self.max_concurrency)
-        async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(self.timeout), limits=limits) as client:
-            async def one(request: JudgeRequest) -> JudgeAnswer:
-                async with semaphore:
-                    return await self._answer(client, request)
-
-            return list(await asyncio.gather(*(one(r) for r in requests)))
+    def _collect(self, request: JudgeRequest, result) -> JudgeAnswer:
+        try:
+            data, server = result()
+        except (RetryableError, FatalError) as e:
+            return JudgeAnswer(error=self._redact(str(e)), server=e.server, meta=dict(request.meta))
+        answer = self._answer_from(request, data, server)
+        if answer.error:
+            answer.error = self._redact(answer.error)
+        return answer
 
     # -- one request -----------------------------------------------------------------------------------
     def build_body(self, request: JudgeRequest) -> dict[str, Any]:
@@ -328,31 +287,11 @@ class OpenAICompatBackend(JudgeBackend):
         body.update(self.extra_body)
         return body
 
-    async def _answer(self, client: httpx.AsyncClient, request: JudgeRequest) -> JudgeAnswer:
+    def _answer_from(self, request: JudgeRequest, data: Any, server: str) -> JudgeAnswer:
+        """One server answer (decoded JSON) as a :class:`~.base.JudgeAnswer` with the request's meta."""
         meta = dict(request.meta)
-        try:
-            # PNG/JPEG encoding is CPU work: keep it off the event loop so other requests stay in flight
-            body = await asyncio.to_thread(self.build_body, request)
-        except Exception as e:  # a bad image fails this request only
-            return JudgeAnswer(error=f"bad request input: {type(e).__name__}: {str(e)[:200]}", meta=meta)
-        url = f"{self.base_url}/chat/completions"
-        attempt = 0
-        while True:
-            try:
-                data = await self._post(client, url, body)
-                break
-            except _Fatal as e:
-                return JudgeAnswer(error=str(e), meta=meta)
-            except _Retryable as e:
-                if attempt >= self.max_retries:
-                    return JudgeAnswer(error=f"{e} (after {attempt + 1} tries)", meta=meta)
-                wait = e.retry_after if e.retry_after is not None else random.uniform(0, self.backoff * 2 ** attempt)
-                wait = min(wait, self.max_backoff)
-                logger.warning("VLM server request failed (%s); retry %d/%d in %.2fs", e, attempt + 1,
-                               self.max_retries, wait)
-                attempt += 1
-                await asyncio.sleep(wait)
         answer = self._parse(data, meta)
+        answer.server = server
         return self.read_options(answer, data, request.options) if request.options else answer
 
     @staticmethod
@@ -369,19 +308,21 @@ class OpenAICompatBackend(JudgeBackend):
                 answer.option_probs, answer.option_mass = probs, mass
         return answer
 
-    async def _post(self, client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Any:
+    async def _post(self, client: httpx.AsyncClient, server: ServerState, body: bytes) -> Any:
+        """Send one encoded body to one server (the pool's ``send``)."""
         import httpx
 
         try:
-            response = await client.post(url, content=json.dumps(body).encode("utf-8"))
+            response = await client.post(f"{server.url}/chat/completions", content=body)
         except httpx.TimeoutException as e:
             raise _Retryable(f"timeout after {self.timeout:g}s ({type(e).__name__})") from None
         except httpx.TransportError as e:
             raise _Retryable(f"connection error ({type(e).__name__})") from None
         if response.status_code in RETRY_STATUSES:
-            raise _Retryable(_error_message(response), _retry_after(response.headers))
+            raise _Retryable(error_message(response, self._redact), retry_after_seconds(response.headers),
+                             counts=response.status_code != 429)
         if response.status_code >= 400:
-            raise _Fatal(_error_message(response))
+            raise _Fatal(error_message(response, self._redact))
         try:
             return response.json()
         except ValueError:
@@ -391,22 +332,20 @@ class OpenAICompatBackend(JudgeBackend):
     def _parse(data: Any, meta: dict[str, Any]) -> JudgeAnswer:
         try:
             choice = data["choices"][0]
-            text = _message_text(choice)
+            text = message_text(choice)
         except (KeyError, IndexError, TypeError, AttributeError):
             return JudgeAnswer(error="malformed response: no choices[0].message", meta=meta)
         try:
             items = first_token_logprobs(choice)
+            if items is None:
+                return JudgeAnswer(text=text, meta=meta)
+            p_yes, mass = p_yes_from_logprobs(items)
+        except MalformedAnswer as e:  # the text is kept; the sample is "unparsed" with this error
+            return JudgeAnswer(text=text, error=f"malformed answer: {e}", meta=meta)
         except (KeyError, TypeError, ValueError, AttributeError):
-            items = None
-        if items is None:
             return JudgeAnswer(text=text, meta=meta)
-        p_yes, mass = p_yes_from_logprobs(items)
         return JudgeAnswer(text=text, p_yes=p_yes, answered_mass=mass, meta=meta)
 
 
-def _public_url(url: str) -> str:
-    """The URL without any ``user:password@`` part (safe to record)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+#: earlier name of :func:`~.server_pool.public_url`
+_public_url = public_url

@@ -62,7 +62,8 @@ class _Batch:
 
 class JudgeJob(Job):
     """A VLM judge run: the arguments are those of :func:`~fiftyone_anomaly_vlm.judging.run.judge` (checked
-    there); ``prefetch`` None picks 1, or 0 for a local model on the CPU (both halves would share its cores).
+    there); ``prefetch`` None picks 1, 0 for a local model on the CPU (both halves would share its cores), and
+    for a server backend enough batches to keep its window busy (``1 + max_in_flight / batch_size``).
 
     Raises:
         ValueError: no candidate reference (see :class:`~.references.References`).
@@ -94,8 +95,9 @@ class JudgeJob(Job):
         self.use_verdict = bool(use_expert_verdict and self.efields is not None)
         self.only_flagged, self.batch_size, self.fuse = bool(only_flagged), int(batch_size), fuse
         self.max_new_tokens, self.system = int(max_new_tokens), system
-        if prefetch is None:
-            prefetch = 0 if str(getattr(backend, "device", "")) == "cpu" else 1
+        if prefetch is None:  # a server backend: enough batches ahead to keep its whole window busy
+            window = max(1, int(backend.max_in_flight))
+            prefetch = 0 if str(getattr(backend, "device", "")) == "cpu" else 1 + -(-window // self.batch_size)
         self.prefetch = max(0, int(prefetch))
         self.description = describe_backend(backend)
         self.refs = References(dataset, reference, self.efields, class_field)
@@ -207,13 +209,21 @@ class JudgeJob(Job):
         values: dict[str, dict[str, Any]] = {name: {} for name in f.all()}
         for req, ans in zip(batch.requests, answers):
             sid = req.meta["id"]
-            if ans.error is not None:
+            if ans.error is not None and not ans.text:
                 out.errors[sid] = ans.error
                 continue
+            # an answer with text but unusable probabilities (malformed logprobs, a P(yes) that is no
+            # probability) is "unparsed": the text is kept, the reason goes to K_error
+            p, mass, error = ans.p_yes, ans.answered_mass, ans.error
+            if error is None and p is not None and not 0.0 <= p <= 1.0:
+                error = f"malformed answer: P(yes) = {p!r} is not a probability"
+            if error is not None:
+                p = mass = None
             parsed = parse_answer(ans.text)
-            p = ans.p_yes
-            attrs = dict(p_anomalous=p, answered_mass=ans.answered_mass, reference_id=req.meta.get("reference_id"))
-            if parsed.answer is None:
+            attrs = dict(p_anomalous=p, answered_mass=mass, reference_id=req.meta.get("reference_id"))
+            if ans.server is not None:
+                attrs["server"] = ans.server
+            if parsed.answer is None or error is not None:
                 values[f.label][sid] = fo.Classification(label=UNPARSED, confidence=None, **attrs)
                 out.counts["unparsed"] += 1
             else:
@@ -230,7 +240,7 @@ class JudgeJob(Job):
                 fo.Detection(label="region", bounding_box=list(bx), confidence=peak, location=where)
                 for bx, peak, where in boxes]) if boxes else None
             values[f.fused][sid] = None  # written for the whole view by finish()
-            values[f.error][sid] = None
+            values[f.error][sid] = error
         out.values = values
         return out
 

@@ -13,7 +13,8 @@ OpenAI-compatible server), and the answer is written under the run key ``K``
   the 3x3 grid words or ``"none"``), ``K_explanation`` (str), ``K_answer`` (the raw answer text),
   ``K_regions`` (``fo.Detections``: the expert regions shown as crops), ``K_error`` (str, per sample);
 - ``K_fused`` (float, with an expert): the expert's calibrated score and P(anomalous) combined by rank
-  average or by averaging their log-odds.
+  average (the expert's rank among its calibration normals, P(anomalous) on its own scale) or by averaging
+  their log-odds; per sample, so a run split into parts fuses as the whole view would.
 
 Prompt parts (Triad, MoXpert, Anomaly-OV; see the README for when they help):
 ``crops`` (the top regions of the expert's ``<expert>_map`` around its local maxima, given with the full
@@ -115,7 +116,8 @@ def judge(
         use_expert_verdict: tell the model the expert's verdict in words ("highly suspicious"...).
         only_flagged: judge only samples the expert labelled anomalous.
         batch_size: requests per backend call (and per database write).
-        fuse: ``"rank"`` or ``"logistic"``, how ``K_fused`` combines the expert score and P(anomalous).
+        fuse: ``"rank"`` or ``"logistic"``, how ``K_fused`` combines the expert score and P(anomalous)
+            (:func:`~.fusion.fuse_scores`; either way independent of the other samples judged).
         max_new_tokens: answer length budget.
         system: the system text (placed first).
         overwrite: judge the samples again: the run's old values on them are cleared first, whatever model
