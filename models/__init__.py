@@ -7,5 +7,7 @@ particular library lives here.
 from .base import ExpertOutput, VisionExpert
 from .anomalib_expert import AnomalibExpert, available_models
 from .clip_expert import ClipExpert
+from .tiling import TiledExpert, check_tile_settings
 
-__all__ = ["AnomalibExpert", "ClipExpert", "ExpertOutput", "VisionExpert", "available_models"]
+__all__ = ["AnomalibExpert", "ClipExpert", "ExpertOutput", "TiledExpert", "VisionExpert", "available_models",
+           "check_tile_settings"]

@@ -80,6 +80,9 @@ class VisionExpert(Protocol):
     device: torch.device
     #: sample fields whose per-image values :meth:`predict` needs (empty: none)
     needs_fields: Sequence[str] = ()
+    #: True for an expert that reads each image at its own resolution (a tiled expert): the scorer then calls
+    #: ``predict_array(image (H, W, 3), out_size)`` per image instead of :meth:`predict` on resized batches
+    native_resolution: bool = False
 
     def predict(self, images: torch.Tensor) -> ExpertOutput:
         """Score a batch of images."""

@@ -39,8 +39,9 @@ from .engine import BatchOutput, Job, check_positive_int, run_job
 from .experts import Expert, load_expert
 from .fields import FieldNames
 from .calibration import Calibration, calibrated_arrays
-from .images import ImageLoadError, load_image
+from .images import ImageLoadError, load_image_sized
 from .labels import ANOMALOUS, anomaly_label
+from .native import at_map_sizes, map_size, native_loader
 from .regions import RegionRule, check_min_area, declare_region_attributes, image_size_of
 from .runs import EXPERT_METHODS, AnomalyScoreRunConfig
 from .runs.score import remove_orphaned_pngs
@@ -86,13 +87,15 @@ class _ImageList(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, i: int) -> tuple[str, torch.Tensor | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[str, torch.Tensor | None, str | None, tuple[int, int] | None]:
+        """(id, tensor or None, error or None, the image's own ``(H, W)`` or None)."""
         try:
-            return self.ids[i], load_image(self.paths[i], self.image_size), None
+            tensor, size = load_image_sized(self.paths[i], self.image_size)
+            return self.ids[i], tensor, None, size
         except ImageLoadError as exc:
-            return self.ids[i], None, str(exc)
+            return self.ids[i], None, str(exc), None
         except Exception as exc:  # noqa: BLE001 - any decoder failure is this sample's error, not the run's
-            return self.ids[i], None, f"{type(exc).__name__}: {exc}"
+            return self.ids[i], None, f"{type(exc).__name__}: {exc}", None
 
 
 def _collate(items):
@@ -137,6 +140,8 @@ class ScoreJob(Job):
         self.regions = RegionRule.of(calibration, min_region_area)
         # experts that read sample fields (e.g. a per-class object name) declare them in `needs_fields`
         self.needs = list(model.needs_fields)
+        # a tiled expert reads each image at its own resolution (TiledExpert.predict_array), one at a time
+        self.native = bool(model.native_resolution)
 
     def identity(self, config) -> tuple:
         """The expert and its fit: scores of another fit (a re-fit under the same name) are not added to."""
@@ -174,6 +179,9 @@ class ScoreJob(Job):
     def batches(self, rows: dict[str, list]):
         self.values = {name: dict(zip(rows["id"], rows[name])) for name in self.needs}
         self.filepaths = dict(zip(rows["id"], rows["filepath"]))
+        if self.native:
+            return native_loader(rows["id"], rows["filepath"], self.batch_size, self.num_workers, _collate,
+                                 self.model.device.type == "cuda")
         return torch.utils.data.DataLoader(
             _ImageList(rows["id"], rows["filepath"], self.spec.image_size), batch_size=self.batch_size,
             num_workers=self.num_workers, collate_fn=_collate, pin_memory=self.model.device.type == "cuda",
@@ -181,24 +189,36 @@ class ScoreJob(Job):
         )
 
     def compute(self, items) -> BatchOutput:
-        ok = [(sid, img) for sid, img, err in items if err is None]
-        failed = {sid: err for sid, _, err in items if err is not None}
+        ok = [(sid, img) for sid, img, err, _ in items if err is None]
+        failed = {sid: err for sid, _, err, _ in items if err is not None}
+        sizes = {sid: map_size(size) for sid, _, _, size in items if size is not None}
         needs = self.needs
         if needs:  # e.g. a sample of a group without an expert
             why = self.model.unscorable({n: [self.values[n][sid] for sid, _ in ok] for n in needs})
             failed.update({sid: err for (sid, _), err in zip(ok, why) if err})
             ok = [item for item, err in zip(ok, why) if not err]
         out = BatchOutput(errors=failed, size=len(items))
-        if ok:
-            batch = torch.stack([img for _, img in ok])
-            if needs:
-                pred = self.model.predict(batch, fields={n: [self.values[n][sid] for sid, _ in ok] for n in needs})
-            else:
-                pred = self.model.predict(batch)
-            _batch_values(out, self.names, [sid for sid, _ in ok], pred, self.maps_dir, self.masks_dir,
+        for group, pred in self._predict(ok):
+            _batch_values(out, self.names, [sid for sid, _ in group], pred, self.maps_dir, self.masks_dir,
                           self.calibration, regions=self.regions,
-                          image_sizes=[image_size_of(self.filepaths[sid]) for sid, _ in ok])
+                          image_sizes=[image_size_of(self.filepaths[sid]) for sid, _ in group],
+                          map_sizes=[sizes.get(sid) for sid, _ in group])
         return out
+
+    def _predict(self, ok: list):
+        """``(samples, prediction)``: the batch at once, or, for a tiled expert, one image at a time (at its own
+        resolution, its maps stitched at the map size, :func:`~.native.map_size`)."""
+        if not ok:
+            return
+        if self.native:
+            for sid, img in ok:
+                yield [(sid, img)], self.model.predict_array(img, map_size(img.shape[:2]))
+            return
+        batch = torch.stack([img for _, img in ok])
+        if self.needs:
+            yield ok, self.model.predict(batch, fields={n: [self.values[n][sid] for sid, _ in ok] for n in self.needs})
+        else:
+            yield ok, self.model.predict(batch)
 
     def finish(self, samples, stats) -> None:
         # PNGs of earlier calls that no sample uses any more (overwritten, or re-scored into another folder)
@@ -297,7 +317,7 @@ def threshold_record(calibration: Calibration, **extra: Any) -> dict[str, Any]:
 
 def _batch_values(out: BatchOutput, fields: FieldNames, ids: list[str], pred, maps_dir: str, masks_dir: str,
                   calibration: Calibration | None = None, *, regions: RegionRule | None = None,
-                  image_sizes: list | None = None) -> None:
+                  image_sizes: list | None = None, map_sizes: list | None = None) -> None:
     """Fill ``out`` with one predicted batch: PNG files written now, field values for the writer.
 
     ``regions`` (default: every region, the calibration's thresholds) makes the region fields from each map
@@ -306,6 +326,9 @@ def _batch_values(out: BatchOutput, fields: FieldNames, ids: list[str], pred, ma
     A sample whose score or map is not finite (NaN/inf from the model) gets an error, never a label.
     """
     scores, labels, maps, masks = calibrated_arrays(pred, calibration)
+    if map_sizes is not None:  # maps at the image's resolution (up to MAP_MAX_SIDE), not the model's input size
+        maps, masks = at_map_sizes(maps, masks, map_sizes,
+                                   calibration.normalized_pixel_threshold if calibration is not None else None)
     raw = pred.raw_score.numpy()
     values: dict[str, dict[str, Any]] = {f: {} for f in fields.all()}
     for i, sid in enumerate(ids):
@@ -326,4 +349,5 @@ def _batch_values(out: BatchOutput, fields: FieldNames, ids: list[str], pred, ma
         values[fields.raw_score][sid] = float(raw[i])
         values[fields.score][sid] = s
         values[fields.error][sid] = None
-    out.values = values
+    for name, by_id in values.items():  # several calls may fill one batch (a tiled expert: one per image)
+        out.values.setdefault(name, {}).update(by_id)

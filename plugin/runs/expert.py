@@ -58,6 +58,11 @@ class ExpertRunConfig(AnomalyRunConfig):
         group_field: a per-group composite's field (None for an ensemble or a single model).
         members: a composite's groups -> member expert names; ``owned_members``: the members it fitted itself
             (deleted with it).
+        tile_size: tiled experts (:class:`~fiftyone_anomaly_vlm.models.TiledExpert`): the tile side in pixels, cut
+            from each image at its own resolution when fitting and scoring; None (runs recorded before tiling
+            too): the whole image is resized to ``image_size``.
+        tile_stride: pixels between tile starts (None when not tiled).
+        tile_image_score: how a tiled expert's image score is made: ``"map_max"`` or ``"tile_max"``.
         method: the kind (see above).
         **kwargs: the kind's own parameters (backbone, layers, weights, train ids, members...).
     """
@@ -74,7 +79,9 @@ class ExpertRunConfig(AnomalyRunConfig):
                  weights: dict[str, Any] | None = None, normalization: dict[str, Any] | None = None,
                  model_kwargs: dict[str, Any] | None = None, holdout: float = 0.2, seed: int = 51,
                  group_field: str | None = None, members: dict[str, list[str]] | None = None,
-                 owned_members: list[str] | None = None, method: str | None = None, **kwargs: Any) -> None:
+                 owned_members: list[str] | None = None, tile_size: int | None = None,
+                 tile_stride: int | None = None, tile_image_score: str | None = None, method: str | None = None,
+                 **kwargs: Any) -> None:
         self.expert, self.model, self.model_class = expert, model, model_class
         self.checkpoint, self.fit_id = checkpoint, fit_id
         self.output_dir, self.owns_output_dir, self.image_size = output_dir, owns_output_dir, image_size
@@ -83,6 +90,7 @@ class ExpertRunConfig(AnomalyRunConfig):
         self.normalization, self.model_kwargs = normalization, dict(model_kwargs or {})
         self.holdout, self.seed = holdout, seed
         self.group_field, self.members, self.owned_members = group_field, members, list(owned_members or [])
+        self.tile_size, self.tile_stride, self.tile_image_score = tile_size, tile_stride, tile_image_score
         state = dict(calibration=calibration, train_ids=train_ids, holdout_ids=holdout_ids, errors=errors)
         self._state = {name: value for name, value in state.items() if value is not None}
         super().__init__(method=method, **kwargs)

@@ -1,0 +1,148 @@
+"""Tiled experts (issue #18): stitching, tile settings, tiled fit and score, maps at the image's resolution,
+bad inputs and EXIF-rotated JPEGs."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fiftyone as fo
+
+import fiftyone_anomaly_vlm as fav
+from fiftyone_anomaly_vlm.datasets import make_parts_dataset
+from fiftyone_anomaly_vlm.images import load_image
+from fiftyone_anomaly_vlm.models.tiling import MAX_TILE_SIZE, check_tile_settings, stitch, tile_boxes
+from fiftyone_anomaly_vlm.native import MAP_MAX_SIDE
+
+KW = dict(model="padim", pretrained=False, backbone="resnet18", device="cpu", model_kwargs={"layers": ["layer1"], "n_features": 32})
+TILE, STRIDE = 64, 32
+
+
+def _tiles_of(image: torch.Tensor, tile: int, stride: int) -> torch.Tensor:
+    h, w = image.shape[-2:]
+    return torch.stack([image[y:y + th, x:x + tw] for y, x, th, tw in tile_boxes(h, w, tile, stride)])
+
+
+def test_stitch_matches_anomalib_tiler_and_rebuilds_a_known_map():
+    from anomalib.data.utils.tiler import Tiler
+
+    grid = torch.rand(1, 1, 64 + 3 * 48, 64 + 2 * 48)  # a size anomalib's grid fits exactly
+    tiler = Tiler(64, 48)
+    tiles = tiler.tile(grid)
+    ours = stitch(tiles[:, 0] * 2.0, tuple(grid.shape[-2:]), 64, 48)  # each tile's own map: twice its pixels
+    assert torch.allclose(ours, tiler.untile(tiles * 2.0)[0, 0])
+    # a size the grid does not fit (last tile aligned with the edge): a known map comes back exactly
+    known = torch.zeros(150, 230)
+    known[40:44, 200:210] = 1.0  # a small defect near the right edge
+    assert torch.equal(stitch(_tiles_of(known, 64, 48), (150, 230), 64, 48), known)
+    # overlaps are averaged: tiles that disagree where they overlap give the mean there
+    tiles = _tiles_of(torch.zeros(64, 100), 64, 36)  # starts 0 and 36: columns 36-63 covered twice
+    tiles[0] += 1.0
+    out = stitch(tiles, (64, 100), 64, 36)
+    assert out[:, :36].eq(1.0).all() and out[:, 36:64].eq(0.5).all() and out[:, 64:].eq(0.0).all()
+    # stitched straight into a smaller output (maps above the size cap): same picture, smaller
+    small = stitch(_tiles_of(known, 64, 48), (150, 230), 64, 48, out_size=(75, 115))
+    assert small.shape == (75, 115) and np.unravel_index(int(small.argmax()), small.shape)[1] > 95
+    # an image smaller than a tile: one padded tile, cut back to the image
+    assert tile_boxes(1, 1, 64, 32) == [(0, 0, 1, 1)]
+    assert stitch(torch.full((1, 64, 64), 0.25), (1, 1), 64, 32).tolist() == [[0.25]]
+
+
+@pytest.mark.parametrize(("tile", "stride", "message"), [
+    (0, None, "must be positive"), (-64, 32, "must be positive"), (64, 0, "must be positive"),
+    (64, 96, "larger than tile_size"), (MAX_TILE_SIZE + 1, None, f"larger than {MAX_TILE_SIZE}"),
+    (64.5, None, "whole number"), (None, 32, "without tile_size"),
+])
+def test_invalid_tile_settings_fail_at_once(tile, stride, message):
+    with pytest.raises(ValueError, match=message):
+        check_tile_settings(tile, stride)
+
+
+def _save(path, arr, **kw):
+    Image.fromarray(arr).save(path, **kw)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiled():
+    """Tiny parts set with a tiled PaDiM expert (random resnet18 layer1, 64 px tiles every 32 px)."""
+    name = f"fav-tiling-{uuid.uuid4().hex[:6]}"
+    ds = make_parts_dataset(name, num_normal=6, num_anomalous=2, size=96, seed=5, train_fraction=0.67)
+    fav.fit_expert(ds.match_tags("train"), key="tiled", tile_size=TILE, tile_stride=STRIDE, **KW)
+    yield ds
+    fo.delete_dataset(name)
+
+
+def test_tiled_fit_records_tiles_and_score_writes_maps_at_image_resolution(tiled, tmp_path):
+    ds = tiled
+    config = ds.get_run_info("tiled_expert").config
+    assert (config.tile_size, config.tile_stride, config.tile_image_score) == (TILE, STRIDE, "map_max")
+    assert list(config.image_size) == [TILE, TILE]  # tiles reach the model as they are cut
+    # invalid tile settings: one clear message, before anything is written
+    runs = ds.list_runs()
+    with pytest.raises(ValueError, match="larger than tile_size"):
+        fav.fit_expert(ds.match_tags("train"), key="bad", tile_size=64, tile_stride=80, **KW)
+    with pytest.raises(ValueError, match="group_by"):
+        fav.fit_expert(ds.match_tags("train"), key="bad", tile_size=64, group_by="defect_type", **KW)
+    assert ds.list_runs() == runs
+
+    rng = np.random.default_rng(0)
+    bad = {  # bad input: each scores or gets its own <key>_error
+        "small": _save(tmp_path / "small.png", rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)),  # < a tile
+        "one_pixel": _save(tmp_path / "one.png", np.full((1, 1, 3), 128, np.uint8)),
+        "strip": _save(tmp_path / "strip.png", rng.integers(0, 255, (4, 3000), dtype=np.uint8)),
+        "wide": _save(tmp_path / "wide.png", rng.integers(0, 255, (6, MAP_MAX_SIDE + 100, 3), dtype=np.uint8)),
+        "gray16": _save(tmp_path / "gray16.png", rng.integers(0, 65535, (70, 90), dtype=np.uint16)),
+        "broken": str(tmp_path / "broken.png"),
+    }
+    with open(bad["broken"], "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n not really")
+    ds.add_samples([fo.Sample(filepath=p, tags=["bad", name]) for name, p in bad.items()])
+    result = fav.score(ds, expert="tiled", num_workers=0, batch_size=4)
+    assert result.num_scored == len(ds) - 1 and result.num_errors == 1
+    broken = ds.match_tags("broken").first()
+    assert broken.tiled_error and broken.tiled_score is None
+    expected = {"small": (40, 50), "one_pixel": (1, 1), "gray16": (70, 90),  # the image's own size
+                "strip": (3, MAP_MAX_SIDE), "wide": (6, MAP_MAX_SIDE)}  # capped at MAP_MAX_SIDE on the long side
+    for name, shape in expected.items():
+        sample = ds.match_tags(name).first()
+        assert sample.tiled_error is None and 0.0 < sample.tiled_score < 1.0, name
+        heat = np.asarray(Image.open(sample.tiled_map.map_path))
+        mask = np.asarray(Image.open(sample.tiled_mask.mask_path))
+        assert heat.shape == mask.shape == shape, name
+    for sample in ds.match_tags("good").limit(2):  # the generated parts: maps at 96 px, the image's size
+        assert np.asarray(Image.open(sample.tiled_map.map_path)).shape == (96, 96)
+    # a resumed call skips what is scored; the tiled settings come from the record
+    assert fav.score(ds, expert="tiled", num_workers=0).num_skipped == len(ds) - 1
+
+
+def _exif_rotated_jpeg(path, upright: np.ndarray) -> str:
+    """Store ``upright`` rotated by 90 degrees with EXIF orientation 6: viewers (and the App) show ``upright``."""
+    stored = np.rot90(upright, k=1).copy()  # orientation 6 = rotate 270 (clockwise 90) to display
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    return str(path)
+
+
+def test_exif_rotated_jpeg_is_read_and_mapped_upright(tiled, tmp_path):
+    upright = np.full((100, 60, 3), 90, np.uint8)
+    upright[8:16, 44:54] = 255  # a bright defect near the top right, as the App shows the image
+    path = _exif_rotated_jpeg(tmp_path / "rotated.jpg", upright)
+    assert Image.open(path).size == (100, 60)  # stored landscape
+    image = load_image(path, (100, 60))
+    peak = np.unravel_index(int(image[0].argmax()), (100, 60))
+    assert 8 <= peak[0] < 16 and 44 <= peak[1] < 54  # the defect where the App shows it
+    ds = tiled
+    sample = fo.Sample(filepath=path, tags=["exif"])
+    ds.add_sample(sample)
+    fav.score(ds.match_tags("exif"), expert="tiled", key="tiled_exif", num_workers=0)
+    sample.reload()
+    heat = np.asarray(Image.open(sample.tiled_exif_map.map_path))
+    assert heat.shape == np.asarray(Image.open(sample.tiled_exif_mask.mask_path)).shape == (100, 60)
+    assert os.path.isfile(sample.tiled_exif_map.map_path)
