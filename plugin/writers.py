@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import datetime
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections import Counter
@@ -58,30 +59,56 @@ def _stored_field_names(dataset) -> tuple[set[str], set[str]]:
             {f["name"] for f in doc.get("frame_fields") or []})
 
 
+def _field_document(doc_cls, spec: FieldSpec, created_at: datetime.datetime) -> dict:
+    """The stored form of ``spec``'s field, as FiftyOne's ``add_sample_field`` would store it."""
+    ffield = doc_cls._create_field(spec.name, spec.ftype, **spec.kwargs)
+    ffield.name, ffield.db_field = spec.name, spec.name
+    ffield._set_created_at(created_at)
+    return foo.SampleFieldDocument.from_field(ffield).to_dict()
+
+
+def _sync_field_schema(dataset) -> None:
+    """Make this process's schema of ``dataset`` the stored one, without saving anything: the field lists are
+    re-read and every stored field this process does not know yet (declared here or by another process) is
+    declared on its sample/frame document classes, as a reload would, keeping the classes views were built on."""
+    classes = [dataset._sample_doc_cls] + ([dataset._frame_doc_cls] if dataset._has_frame_fields() else [])
+    for doc_cls in classes:
+        attr = doc_cls._fields_attr()
+        dataset._doc.reload(attr)
+        for field_doc in dataset._doc[attr]:
+            if field_doc.name not in doc_cls._fields:
+                doc_cls._declare_field(dataset, field_doc.name, field_doc)
+
+
 def declare_fields(dataset, specs: list[FieldSpec]) -> None:
     """Create the fields of ``specs`` that the dataset lacks, with their label types (so an all-error batch
-    can be written too).
+    can be written too); safe while other processes change the same dataset's schema.
 
-    The dataset's document is re-read from the database before each declaration (so fields another process
-    declared meanwhile are kept when FiftyOne saves the field list) and the stored schema is checked
-    afterwards: a declaration lost to another process saving at the same moment is redone.
+    FiftyOne's ``add_sample_field`` re-reads the dataset's field list, appends to it and saves the *whole list*,
+    so two processes declaring fields at the same moment silently drop each other's fields (issue #21). Here
+    each missing field is appended by one atomic ``$push`` guarded by its name (never a whole-list save, never
+    a duplicate), then this process's schema is synced from the stored one and the stored schema is checked;
+    a field lost to a third party's whole-list save meanwhile is pushed again.
 
     Raises:
         RuntimeError: the fields could not be declared after several tries.
     """
     missing: list[FieldSpec] = []
+    coll = foo.get_db_conn().datasets
     for _ in range(_DECLARE_TRIES):
         stored = _stored_field_names(dataset)
         missing = [s for s in specs if s.name not in stored[1 if s.frame else 0]]
         if not missing:
+            _sync_field_schema(dataset)
             declare_colorscales(dataset, specs)
             return
-        dataset._doc.reload()  # the field list as stored now, not as this process last saw it
+        now = datetime.datetime.utcnow()
         for spec in missing:
-            if spec.frame:
-                dataset.add_frame_field(spec.name, spec.ftype, **spec.kwargs)
-            else:
-                dataset.add_sample_field(spec.name, spec.ftype, **spec.kwargs)
+            doc_cls = dataset._frame_doc_cls if spec.frame else dataset._sample_doc_cls
+            attr = doc_cls._fields_attr()
+            coll.update_one({"_id": dataset._doc.id, f"{attr}.name": {"$ne": spec.name}},
+                            {"$push": {attr: _field_document(doc_cls, spec, now)},
+                             "$set": {"last_modified_at": now}})
     raise RuntimeError(f"could not declare fields {[s.path for s in missing]} on dataset '{dataset.name}' "
                        "(other processes kept changing its schema)")
 
@@ -91,20 +118,20 @@ def declare_colorscales(dataset, specs: list[FieldSpec]) -> None:
 
     The entry is added to ``dataset.app_config.color_scheme.colorscales`` (a ``fo.ColorScheme`` is created
     when the dataset has none); every other setting of the user's colour scheme is kept, and so is a
-    colorscale the user already chose for that field.
+    colorscale the user already chose for that field. Like :func:`declare_fields`, each change is one atomic
+    update guarded by what it adds (never a save of the whole App config, which would drop another process's
+    entry added at the same moment).
     """
     wanted = {s.path: s.colorscale for s in specs if s.colorscale}
     if not wanted:
         return
-    dataset._doc.reload("app_config")  # as stored now (another process or the App may have changed it)
-    scheme = dataset.app_config.color_scheme or fo.ColorScheme()
-    scales = list(scheme.colorscales or [])
-    have = {entry.get("path") for entry in scales}
-    new = [{"path": path, "name": name} for path, name in wanted.items() if path not in have]
-    if new:
-        scheme.colorscales = scales + new
-        dataset.app_config.color_scheme = scheme
-        dataset.save()
+    coll, scheme = foo.get_db_conn().datasets, "app_config.color_scheme"
+    coll.update_one({"_id": dataset._doc.id, scheme: None}, {"$set": {scheme: fo.ColorScheme().to_dict()}})
+    coll.update_one({"_id": dataset._doc.id, f"{scheme}.colorscales": None}, {"$set": {f"{scheme}.colorscales": []}})
+    for path, name in wanted.items():
+        coll.update_one({"_id": dataset._doc.id, f"{scheme}.colorscales.path": {"$ne": path}},
+                        {"$push": {f"{scheme}.colorscales": {"path": path, "name": name}}})
+    dataset._doc.reload("app_config")  # as stored now (with another process's or the App's changes)
 
 
 def remove_colorscales(dataset, paths: list[str]) -> None:
