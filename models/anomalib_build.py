@@ -8,6 +8,7 @@ normalises with the backbone's own training statistics.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import math
@@ -48,6 +49,10 @@ OWN_BACKBONE = {
 }
 #: of those, models whose ``pre_trained`` must stay True (weights from the model hub only)
 _HUB_ONLY = {"glass"}
+#: the plugin's own anomalib models (name -> module in this package, class): built, fitted, saved and loaded
+#: like anomalib's (the texture-statistics expert, :mod:`.texture_stats`); imported when first asked for, as
+#: they import anomalib
+PLUGIN_MODELS = {"texturestats": (".texture_stats", "TextureStats")}
 
 
 def model_classes() -> dict[str, type]:
@@ -56,6 +61,8 @@ def model_classes() -> dict[str, type]:
     from anomalib.models.components import AnomalibModule
 
     classes = {c.__name__.lower(): c for c in AnomalibModule.__subclasses__()}
+    for name, (module, cls) in PLUGIN_MODELS.items():
+        classes[name] = getattr(importlib.import_module(module, __package__), cls)
     return {k: v for k, v in classes.items() if k not in EXCLUDED and "video" not in v.__module__}
 
 
@@ -328,3 +335,18 @@ def _looks_like_download_failure(exc: Exception) -> bool:
     text = f"{type(exc).__name__} {exc}".lower()
     return any(w in text for w in ("offline", "connection", "resolve", "urlopen", "network", "hub", "download",
                                    "localentrynotfound", "timed out", "http"))
+
+
+def min_training_images(model: torch.nn.Module) -> int:
+    """The fewest training images ``model`` (an ``AnomalibModule``) can be fitted on.
+
+    anomalib's DFKDE fits its PCA only with at least ``n_pca_components`` images; with fewer it keeps no model
+    (an info log) and fails at the first prediction with a tensor-size error. Other models need two.
+    """
+    from anomalib.models.components.classification import KDEClassifier
+
+    need = 2
+    for sub in model.modules():
+        if isinstance(sub, KDEClassifier):
+            need = max(need, int(sub.n_pca_components))
+    return need

@@ -13,6 +13,7 @@ Example:
 from .evaluation import evaluate, label_accuracy
 from .experts import (CompositeExpert, Expert, create_clip_expert, ensemble_experts, fit_expert, list_experts,
                       load_expert)
+from .experts.select import format_selection, select_experts, selection_table
 from .fields import FieldNames
 from .judging import JudgeFieldNames, JudgeResults, judge
 from .judging.qa_run import evaluate_judge
@@ -49,6 +50,9 @@ __all__ = [
     "load_expert",
     "score",
     "score_video",
+    "select_experts",
+    "selection_table",
+    "format_selection",
     "set_threshold",
     "flagged_view",
     "recalibrate_from_review",

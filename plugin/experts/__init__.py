@@ -4,6 +4,8 @@
 - :mod:`.single`: fitting one anomalib model and calibrating it on held-out normals;
 - :mod:`.grouped`: per-group experts and ensembles (``ensemble_experts``); :mod:`.combined`: how their
   members' outputs combine;
+- :mod:`.select`: ``select_experts``, candidates fitted and chosen on validation anomalies (labelled or
+  synthetic, :mod:`.synthetic`);
 - :mod:`.clip`: the zero/few-shot CLIP expert (``create_clip_expert``);
 - :mod:`.record`: the :class:`Expert` record and the explicit loader table (run method -> model);
 - :mod:`.fits`: each fit's own folder, switched to only when the fit has succeeded.

@@ -44,12 +44,19 @@ class CompositeExpert(VisionExpert):
             ``(model, calibration or None, image_size)``; ``model`` is any vision expert.
         image_size: ``(height, width)`` of the images given to :meth:`predict` (members get theirs).
         group_field: the sample field whose value picks the group (None: every image goes to :data:`ALL`).
+        head: a supervised head (:func:`~fiftyone_anomaly_vlm.select_experts`): the image score is
+            ``sigmoid(coef . member calibrated scores + intercept)`` instead of their mean (members in the
+            order given; ensembles only). Heatmaps stay the mean of the members' maps.
     """
 
     def __init__(self, members: dict[str, list[tuple[Any, Calibration | None, tuple[int, int]]]],
-                 image_size: tuple[int, int], group_field: str | None = None) -> None:
+                 image_size: tuple[int, int], group_field: str | None = None,
+                 head: dict[str, Any] | None = None) -> None:
         if not members or not all(members.values()):
             raise ValueError("a composite expert needs at least one member per group")
+        if head is not None and (group_field is not None or len(head["coef"]) != len(members.get(ALL, []))):
+            raise ValueError("a supervised head combines an ensemble's members: one coefficient per member")
+        self.head = head
         self.members = members
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.group_field = group_field
@@ -91,11 +98,12 @@ class CompositeExpert(VisionExpert):
             raise ValueError(bad[0])
         groups = [self.group_of(v) for v in (fields[self.group_field] if self.group_field else [None] * n)]
         score_sum = np.zeros(n)
+        logit = np.full(n, float(self.head["intercept"])) if self.head else None
         map_sum = np.zeros((n, *self.image_size))
         count = np.zeros(n)
         for group in dict.fromkeys(groups):
             idx = [i for i, g in enumerate(groups) if g == group]
-            for model, calibration, size in self.members[group]:
+            for j, (model, calibration, size) in enumerate(self.members[group]):
                 x = images[idx]
                 if tuple(x.shape[-2:]) != tuple(size):
                     x = nnf.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
@@ -109,9 +117,12 @@ class CompositeExpert(VisionExpert):
                 if tuple(maps_t.shape[-2:]) != self.image_size:
                     maps_t = nnf.interpolate(maps_t, size=self.image_size, mode="bilinear", align_corners=False)
                 score_sum[idx] += scores
+                if logit is not None:
+                    logit[idx] += float(self.head["coef"][j]) * scores
                 map_sum[idx] += maps_t.squeeze(1).double().numpy()
             count[idx] += len(self.members[group])
-        raw_score = torch.from_numpy(score_sum / count).float()
+        mean_score = score_sum / count if logit is None else 1.0 / (1.0 + np.exp(-logit))
+        raw_score = torch.from_numpy(mean_score).float()
         raw_map = torch.from_numpy(map_sum / count[:, None, None]).float()
         return ExpertOutput(raw_score=raw_score, score=raw_score, label=raw_score > 0.5,
                             anomaly_map=raw_map.clamp(0, 1), mask=raw_map > 0.5, raw_map=raw_map)

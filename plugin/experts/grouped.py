@@ -57,11 +57,15 @@ def _holdout_ids(dataset, key: str) -> set[str]:
     return set(expert_state(dataset, expert_run_key(key))["holdout_ids"] or [])
 
 
-def _register(samples, key: str, members: dict[str, list[str]], *, group_field: str | None, image_size,
+def register_composite(samples, key: str, members: dict[str, list[str]], *, group_field: str | None, image_size,
               calibration_ids: list[str], owned: list[str], kind: str, threshold: str,
               threshold_param: float | None, batch_size: int, seed: int, device, progress,
-              output_dir: str | None = None) -> Expert:
+              output_dir: str | None = None, selection: dict[str, Any] | None = None,
+              head: dict[str, Any] | None = None) -> Expert:
     """Calibrate the composite on ``calibration_ids`` and record it as the run ``<key>_expert``.
+
+    ``selection`` and ``head``: what :func:`~fiftyone_anomaly_vlm.select_experts` records (see
+    :class:`~fiftyone_anomaly_vlm.runs.ExpertRunConfig`).
 
     Its files go to a fit folder of their own (:class:`~fiftyone_anomaly_vlm.experts.FitFolder`): a composite
     being replaced stays whole until the new one is recorded.
@@ -77,7 +81,8 @@ def _register(samples, key: str, members: dict[str, list[str]], *, group_field: 
         size = tuple(int(s) for s in image_size)
         expert = Expert(key=key, run_key=run_key, model=kind, model_class=f"{__name__}.CompositeExpert",
                         checkpoint=spec_path, image_size=size, method=COMPOSITE_METHOD,
-                        options={"members": members, "group_field": group_field, "_dataset_name": dataset.name})
+                        options={"members": members, "group_field": group_field, "head": head,
+                                 "_dataset_name": dataset.name})
         model = expert.load(device=device)
         view = dataset.select(calibration_ids)
         ids, _paths, images, errors = decodable_images(view, size, progress)
@@ -101,7 +106,8 @@ def _register(samples, key: str, members: dict[str, list[str]], *, group_field: 
             image_size=list(size), members=members, group_field=group_field, member_experts=member_keys,
             owned_members=owned, combine="mean of calibrated member scores and normalised maps",
             holdout_ids=ids, num_holdout=len(ids), calibration=calibration.to_dict(), output_dir=out_dir,
-            owns_output_dir=output_dir is None, device=str(model.device), fit_id=fit.fit_id,
+            owns_output_dir=output_dir is None, device=str(model.device), fit_id=fit.fit_id, selection=selection,
+            head=head,
         )
         fit.commit(config, run_key)
     return load_expert(dataset, key)
@@ -158,7 +164,7 @@ def fit_grouped_expert(samples, group_by: str, model: str = "padim", key: str | 
         owned.append(member)
         size = spec.image_size
     calibration_ids = sorted(set().union(*(_holdout_ids(dataset, m) for m in owned)))
-    return _register(samples, key, members, group_field=group_by, image_size=size, calibration_ids=calibration_ids,
+    return register_composite(samples, key, members, group_field=group_by, image_size=size, calibration_ids=calibration_ids,
                      owned=owned, kind=f"{model} per {group_by}", threshold=fit_kwargs.get("threshold", "far"),
                      threshold_param=fit_kwargs.get("threshold_param"), batch_size=fit_kwargs.get("batch_size", 8),
                      seed=fit_kwargs.get("seed", 51), device=fit_kwargs.get("device", "auto"), progress=progress,
@@ -240,7 +246,7 @@ def ensemble_experts(
         size = max((tuple(s.image_size) for s in specs), key=lambda hw: hw[0] * hw[1])
     else:
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    return _register(samples, key, {ALL: names}, group_field=None, image_size=size, calibration_ids=calibration_ids,
+    return register_composite(samples, key, {ALL: names}, group_field=None, image_size=size, calibration_ids=calibration_ids,
                      owned=[], kind="ensemble of " + " + ".join(names), threshold=threshold,
                      threshold_param=threshold_param, batch_size=batch_size, seed=seed, device=device,
                      progress=progress)

@@ -108,7 +108,8 @@ def load_composite(expert: Expert, device) -> CompositeExpert:
                 raise ValueError(f"expert {expert.key!r} combines expert {key!r}, which no longer exists; "
                                  "fit it again or make a new composite") from None
             members[group].append((spec.load(device=device), member_calibration(spec), tuple(spec.image_size)))
-    return CompositeExpert(members, image_size=tuple(expert.image_size), group_field=expert.options.get("group_field"))
+    return CompositeExpert(members, image_size=tuple(expert.image_size), group_field=expert.options.get("group_field"),
+                           head=expert.options.get("head"))
 
 
 #: run method -> function(Expert, device) returning a VisionExpert

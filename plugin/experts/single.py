@@ -33,6 +33,7 @@ from ..images import DecodedImages, ImageLoadError, check_image
 from ..models import AnomalibExpert, TiledExpert, check_tile_settings
 from ..models.tiling import TILE_IMAGE_SCORES
 from ..native import MAP_MAX_SIDE, NativeImages
+from ..models.anomalib_build import min_training_images
 from ..models.progress import phase_bar
 from ..runs import ExpertRunConfig, expert_run_key
 from .fits import FitFolder
@@ -122,6 +123,12 @@ def fit_single_expert(
     for sid, err in errors[:5]:
         logger.warning("fit_expert: skipping sample %s: %s", sid, err)
     val_idx, train_idx = holdout_split(paths, holdout, seed)
+    need = min_training_images(expert.model)
+    if len(train_idx) < need:
+        msg = (f"fit_expert: {model} needs {need}+ training images and {len(train_idx)} remain after holding out "
+               f"{len(val_idx)} for calibration; give it more good samples"
+               + (" or a smaller n_pca_components in model_kwargs" if need > 2 else ""))
+        raise ValueError(msg)
 
     owns_dir = output_dir is None
     out_dir = output_dir or default_output_dir(samples, "experts", key)

@@ -63,6 +63,11 @@ class ExpertRunConfig(AnomalyRunConfig):
             too): the whole image is resized to ``image_size``.
         tile_stride: pixels between tile starts (None when not tiled).
         tile_image_score: how a tiled expert's image score is made: ``"map_max"`` or ``"tile_max"``.
+        selection: an expert chosen by :func:`~fiftyone_anomaly_vlm.select_experts`: how it was validated
+            (labelled or synthetic anomalies), the table of candidates with their scores, fit times and
+            errors, the candidates skipped by the budget, the ensembles tried and the supervised head's result.
+        head: a composite combined by a supervised head instead of the mean: ``{"members", "coef",
+            "intercept"}`` of the logistic regression on its members' calibrated scores (None: the mean).
         method: the kind (see above).
         **kwargs: the kind's own parameters (backbone, layers, weights, train ids, members...).
     """
@@ -80,7 +85,9 @@ class ExpertRunConfig(AnomalyRunConfig):
                  model_kwargs: dict[str, Any] | None = None, holdout: float = 0.2, seed: int = 51,
                  group_field: str | None = None, members: dict[str, list[str]] | None = None,
                  owned_members: list[str] | None = None, tile_size: int | None = None,
-                 tile_stride: int | None = None, tile_image_score: str | None = None, method: str | None = None,
+                 tile_stride: int | None = None, tile_image_score: str | None = None,
+                 selection: dict[str, Any] | None = None, head: dict[str, Any] | None = None,
+                 method: str | None = None,
                  **kwargs: Any) -> None:
         self.expert, self.model, self.model_class = expert, model, model_class
         self.checkpoint, self.fit_id = checkpoint, fit_id
@@ -91,6 +98,7 @@ class ExpertRunConfig(AnomalyRunConfig):
         self.holdout, self.seed = holdout, seed
         self.group_field, self.members, self.owned_members = group_field, members, list(owned_members or [])
         self.tile_size, self.tile_stride, self.tile_image_score = tile_size, tile_stride, tile_image_score
+        self.selection, self.head = selection, head
         state = dict(calibration=calibration, train_ids=train_ids, holdout_ids=holdout_ids, errors=errors)
         self._state = {name: value for name, value in state.items() if value is not None}
         super().__init__(method=method, **kwargs)

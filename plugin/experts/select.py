@@ -1,0 +1,511 @@
+"""Choose experts by evidence: fit candidates, score a validation set, keep the best single expert or ensemble.
+
+A patch model (PaDiM, PatchCore) finds small local defects and is nearly blind to a change over the whole
+image; a global model (DFM, DFKDE, the texture-statistics expert) is the other way round. Which one a
+dataset needs, with which layers and size, is found here by measuring, not guessed:
+
+1. every candidate is fitted on the known-good training samples and calibrated on its held-out normals, as
+   :func:`~fiftyone_anomaly_vlm.fit_expert` does (a candidate that fails is listed with its error; one whose
+   estimated cost no longer fits the time budget is skipped and listed);
+2. each scores a validation set: the labelled anomalies and normals of ``val_view`` when it has some (AUROC,
+   then AP), otherwise synthetic anomalies made from good images none of the candidates trained on (local
+   and global kinds, :mod:`.synthetic`; ranked by the mean of the local and the global AUROC, so both kinds
+   count);
+3. the best single candidate and the best mean of 2-``max_members`` of the best candidates' calibrated scores
+   (an ensemble, :mod:`.combined`) are compared; the better one, fewer members on a tie, is recorded as
+   ``<key>_expert``, a composite expert whose members are the kept candidates ``<key>__<candidate>``;
+4. with labelled anomalies, an optional supervised head (a strongly regularised, cross-validated logistic
+   regression on the candidates' calibrated scores) replaces the mean only when its out-of-fold AUROC beats
+   the unsupervised choice on the same samples; its interval is recorded either way.
+
+The run records the table of candidates (``load_expert(ds, key).options["selection"]``,
+:func:`selection_table`), and the App's form shows it.
+
+Example:
+    >>> expert = fav.select_experts(ds.match_tags("train"), key="auto_ens", budget_s=300)
+    >>> print(fav.format_selection(ds, "auto_ens"))
+    >>> fav.score(ds.match_tags("test"), expert="auto_ens")
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+
+from .._common import check_image_collection, check_key
+from ..calibration import calibrated_arrays, threshold_from_normals
+from ..images import DecodedImages
+from ..metrics import auroc, binary_image_metrics
+from ..models import backbones as fbb
+from ..models.anomalib_build import available_models, name_key
+from ..models.base import resolve_device
+from ..runs import delete_expert_runs, expert_run_key, expert_state
+from .combined import ALL
+from .grouped import register_composite
+from .record import Expert, load_expert, member_calibration
+from .single import fit_single_expert, holdout_split
+from .synthetic import GENERATORS, KINDS, LOCAL_KINDS, family, synthetic_anomalies
+
+logger = logging.getLogger(__name__)
+
+#: relative cost of one image through a model, against one backbone forward pass (the budget's estimate)
+_COST = {"patchcore": 2.5, "dfkde": 1.2}
+#: seconds a fit costs beyond its forward passes (Lightning trainer, checkpoint, calibration bookkeeping)
+_FIXED_S = 3.0
+#: ensembles are formed from at most this many of the best single candidates
+_ENSEMBLE_POOL = 5
+
+
+@dataclass
+class Candidate:
+    """One candidate expert: an anomalib model (or the plugin's texture model) at a size, with its options.
+
+    Attributes:
+        name: its name in the table; fitted as the expert ``<key>__<name>``.
+        model: the model name (``"padim"``, ``"dfm"``, ``"texturestats"``...).
+        image_size: the side it reads.
+        model_kwargs: other arguments of the model class (``{"layers": [...]}``...).
+    """
+
+    name: str
+    model: str
+    image_size: int
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        """The candidate's identity as a table row starts."""
+        return {"candidate": self.name, "model": self.model, "image_size": self.image_size,
+                "model_kwargs": dict(self.model_kwargs)}
+
+
+def auto_candidates(image_size: int, backbone: str | None, num_train: int) -> list[Candidate]:
+    """The default candidate set: patch models (PaDiM at two sizes, PatchCore) and global ones (DFM, DFKDE,
+    the texture-statistics expert on two layer pairs); DFKDE's PCA is sized to the training images."""
+    bb = backbone or fbb.default_offline_backbone() or "resnet18"
+    lite = bb.startswith("tf_efficientnet_lite")
+    shallow, deep = (["blocks.2", "blocks.4"], ["blocks.4", "blocks.6"]) if lite else (
+        ["layer2", "layer3"], ["layer3", "layer4"])
+    half = max(32, image_size // 2)
+    pca = max(2, min(16, num_train - 1))
+    pool = max(1, min(4, image_size // 32))  # DFM pools its stride-16 layer: at most half the map's side
+    return [
+        Candidate(f"padim_{image_size}", "padim", image_size),
+        Candidate(f"padim_{half}", "padim", half),
+        Candidate(f"patchcore_{image_size}", "patchcore", image_size, {"coreset_sampling_ratio": 0.1}),
+        Candidate(f"dfm_{image_size}", "dfm", image_size, {"pooling_kernel_size": pool}),
+        Candidate(f"dfkde_{image_size}", "dfkde", image_size, {"n_pca_components": pca}),
+        Candidate(f"texture_{image_size}", "texturestats", image_size, {"layers": shallow}),
+        Candidate(f"texture_deep_{image_size}", "texturestats", image_size, {"layers": deep}),
+    ]
+
+
+def _candidates(candidates, image_size: int, backbone: str | None, num_train: int) -> list[Candidate]:
+    if candidates == "auto":
+        return auto_candidates(image_size, backbone, num_train)
+    if isinstance(candidates, (str, dict, Candidate)) or not isinstance(candidates, Sequence) or not candidates:
+        raise ValueError('candidates must be "auto" or a non-empty list of model names, dicts or Candidates')
+    known = set(available_models())
+    out: list[Candidate] = []
+    for c in candidates:
+        if isinstance(c, str):
+            c = Candidate(f"{name_key(c)}_{image_size}", c, image_size)
+        elif isinstance(c, dict):
+            c = Candidate(name=c.get("name") or f"{name_key(c['model'])}_{c.get('image_size', image_size)}",
+                          model=c["model"], image_size=int(c.get("image_size", image_size)),
+                          model_kwargs=dict(c.get("model_kwargs") or {}))
+        if not isinstance(c, Candidate):
+            raise ValueError(f"a candidate must be a model name, a dict or a Candidate, got {c!r}")
+        if name_key(c.model) not in known:
+            raise ValueError(f"candidate {c.name!r}: unknown model {c.model!r}; available: {', '.join(sorted(known))}")
+        check_key(c.name)
+        out.append(c)
+    names = [c.name for c in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"candidate names must differ, got {names}")
+    return out
+
+
+def _forward_seconds(backbone: str, size: int, device: torch.device, batch: int = 4) -> float:
+    """Seconds one image takes through ``backbone`` at ``size`` (features only), measured here."""
+    import timm  # heavy: only when a budget is estimated
+
+    net = timm.create_model(backbone, pretrained=False, features_only=True).eval().to(device)
+    x = torch.rand(batch, 3, size, size, device=device)
+    times = []
+    with torch.inference_mode():
+        net(x)  # warm-up
+        for _ in range(3):  # the least of three: other processes on the machine only ever add time
+            t = time.perf_counter()
+            net(x)
+            times.append(time.perf_counter() - t)
+    return min(times) / batch
+
+
+@dataclass
+class _ValidationSet:
+    """What the candidates are ranked on: images (at the largest candidate size), labels and kinds."""
+
+    mode: str  # "labelled" or "synthetic"
+    images: list[torch.Tensor]
+    labels: np.ndarray  # 1 = anomalous
+    kinds: list[str]  # "normal", "anomalous" (labelled) or a synthetic kind
+    normal_ids: list[str]
+
+    def metrics(self, scores: np.ndarray) -> dict[str, Any]:
+        """The metrics of ``scores`` and the objective they are ranked by."""
+        if self.mode == "labelled":
+            m = binary_image_metrics(scores, self.labels)
+            return {"auroc": m["auroc"], "ap": m["ap"], "objective": m["auroc"] + 1e-3 * m["ap"]}
+        normal = np.array([k == "normal" for k in self.kinds])
+        per_kind = {}
+        for kind in dict.fromkeys(k for k in self.kinds if k != "normal"):
+            keep = normal | np.array([k == kind for k in self.kinds])
+            per_kind[kind] = auroc(scores[keep], ~normal[keep])
+        local = float(np.mean([v for k, v in per_kind.items() if family(k) == "local"]))
+        glob = float(np.mean([v for k, v in per_kind.items() if family(k) == "global"]))
+        return {"auroc": auroc(scores, ~normal), "local_auroc": local, "global_auroc": glob,
+                "per_kind": per_kind, "objective": (local + glob) / 2}
+
+
+def _labels_of(view, gt_field: str, positive: str) -> tuple[list[str], list[str], np.ndarray]:
+    """(ids, paths, labels) of the samples of ``view`` with a ``gt_field`` label (1 = ``positive``)."""
+    if view._root_dataset.get_field(gt_field) is None:
+        raise ValueError(f"the validation view has no field {gt_field!r} (pass gt_field=)")
+    labelled = view.exists(gt_field)
+    ids, paths, labels = labelled.values(["id", "filepath", f"{gt_field}.label"])
+    return ids, paths, np.array([lab == positive for lab in labels], dtype=int)
+
+
+def _decode(paths: Sequence[str], size: int) -> list[torch.Tensor]:
+    images = DecodedImages(list(paths), (size, size))
+    return [images[i] for i in range(len(images))]
+
+
+def _candidate_scores(spec: Expert, images: list[torch.Tensor], size: int, device, batch_size: int) -> np.ndarray:
+    """Calibrated image scores of a fitted candidate on ``images`` (resized to ``size`` when they differ)."""
+    model = spec.load(device=device)
+    cal = member_calibration(spec)
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.stack([t.float() for t in images[start:start + batch_size]])
+        if tuple(x.shape[-2:]) != (size, size):
+            x = nnf.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        scores, _, _, _ = calibrated_arrays(model.predict(x), cal)
+        out.append(scores)
+    return np.concatenate(out)
+
+
+def _validation_set(train_view, val_view, gt_field: str, positive: str, synthetic: bool, selection_share: float,
+                    seed: int, size: int) -> tuple[_ValidationSet, Any]:
+    """The validation set and the view the candidates are fitted on (checks the bad inputs first)."""
+    train_ids, train_paths = train_view.values(["id", "filepath"])
+    if val_view is not None:
+        check_image_collection(val_view, "select_experts")
+        ids, paths, labels = _labels_of(val_view, gt_field, positive)
+        n_pos = int(labels.sum())
+        n_neg = len(labels) - n_pos
+        if n_pos and not n_neg:
+            raise ValueError(f"all {n_pos} labelled samples of the validation view are {positive!r}: ranking "
+                             "needs known-good ones too (add normal samples to val_view)")
+        fit_view = train_view.exclude(ids) if set(ids) & set(train_ids) else train_view
+        if n_pos:
+            if n_neg < 2 or n_pos < 2:
+                raise ValueError(f"the validation view has {n_pos} anomalous and {n_neg} normal labelled samples; "
+                                 "ranking needs 2+ of each")
+            images = _decode(paths, size)
+            return _ValidationSet("labelled", images, labels, [positive if y else "normal" for y in labels],
+                                  [i for i, y in zip(ids, labels) if not y]), fit_view
+        if not synthetic:
+            raise ValueError(f"the validation view has no sample labelled {positive!r} in {gt_field!r} and "
+                             "synthetic=False: nothing to rank the candidates on (label a few anomalies or "
+                             "pass synthetic=True)")
+        normal_ids = [i for i, y in zip(ids, labels) if not y] if len(ids) else val_view.values("id")
+        normal_paths = [p for p, y in zip(paths, labels) if not y] if len(ids) else val_view.values("filepath")
+    else:
+        if not synthetic:
+            raise ValueError("without a validation view the candidates are ranked on synthetic anomalies; "
+                             "synthetic=False leaves nothing to rank them on (pass val_view= with labelled "
+                             "anomalies, or synthetic=True)")
+        held, rest = holdout_split(train_paths, selection_share, seed + 1)
+        normal_ids = [train_ids[i] for i in held]
+        normal_paths = [train_paths[i] for i in held]
+        fit_view = train_view.select([train_ids[i] for i in rest], ordered=False)
+    if len(normal_paths) < 3:
+        raise ValueError(f"synthetic anomalies need 3+ good validation images, got {len(normal_paths)}")
+    normals = _decode(normal_paths, size)
+    anomalies, kinds = synthetic_anomalies(normals, KINDS, seed=seed)
+    labels = np.array([0] * len(normals) + [1] * len(anomalies))
+    return _ValidationSet("synthetic", normals + anomalies, labels, ["normal"] * len(normals) + kinds,
+                          list(normal_ids)), fit_view
+
+
+def _bootstrap(fn, n: int, rng: np.random.Generator, labels: np.ndarray, reps: int = 400) -> tuple[float, float]:
+    """95 % percentile interval of ``fn(idx)`` over bootstrap resamples of ``n`` samples with both classes."""
+    vals = []
+    for _ in range(reps):
+        idx = rng.integers(0, n, n)
+        if 0 < labels[idx].sum() < n:
+            vals.append(fn(idx))
+    return (float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))) if vals else (0.0, 1.0)
+
+
+def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score  # heavy: only for the head and its intervals
+
+    return float(roc_auc_score(labels, scores))
+
+
+def _supervised_head(columns: np.ndarray, names: list[str], labels: np.ndarray, chosen: np.ndarray,
+                     seed: int) -> dict[str, Any]:
+    """Fit the head out of fold and compare it with the unsupervised choice on the same labelled samples."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    if min(n_pos, n_neg) < 5:
+        return {"used": False, "reason": f"needs 5+ labelled anomalies and normals, got {n_pos} and {n_neg}"}
+    folds = StratifiedKFold(n_splits=min(5, n_pos, n_neg), shuffle=True, random_state=seed)
+    cs = [0.01, 0.1, 1.0]  # strong regularisation: a few labelled defects must not be memorised
+    inner = LogisticRegressionCV(Cs=cs, cv=3, scoring="roc_auc", class_weight="balanced", max_iter=1000)
+    oof = cross_val_predict(inner, columns, labels, cv=folds, method="predict_proba")[:, 1]
+    head_auc, base_auc = _auc(oof, labels), _auc(chosen, labels)
+    rng = np.random.default_rng(seed)
+    head_ci = _bootstrap(lambda i: _auc(oof[i], labels[i]), len(labels), rng, labels)
+    diff_ci = _bootstrap(lambda i: _auc(oof[i], labels[i]) - _auc(chosen[i], labels[i]), len(labels), rng, labels)
+    used = head_auc > base_auc
+    out = {"used": used, "auroc": head_auc, "auroc_ci95": list(head_ci), "unsupervised_auroc": base_auc,
+           "difference_ci95": list(diff_ci), "features": list(names), "validation": "out-of-fold (stratified "
+           f"{folds.n_splits}-fold), C chosen by inner 3-fold CV among {cs}",
+           "reason": ("its out-of-fold AUROC beats the unsupervised choice" if used else
+                      "its out-of-fold AUROC does not beat the unsupervised choice")}
+    if used:
+        final = LogisticRegressionCV(Cs=cs, cv=folds, scoring="roc_auc", class_weight="balanced",
+                                     max_iter=1000).fit(columns, labels)
+        out["coef"] = [float(c) for c in final.coef_[0]]
+        out["intercept"] = float(final.intercept_[0])
+        out["C"] = float(final.C_[0])
+    return out
+
+
+def select_experts(
+    train_view,
+    val_view=None,
+    candidates: str | Sequence[str | dict | Candidate] = "auto",
+    key: str = "auto_ens",
+    *,
+    gt_field: str = "ground_truth",
+    positive: str = "anomalous",
+    synthetic: bool = True,
+    budget_s: float = 600.0,
+    image_size: int = 128,
+    pretrained: bool | str = True,
+    backbone: str | None = None,
+    max_members: int = 3,
+    supervised_head: bool = True,
+    selection_share: float = 0.3,
+    holdout: float = 0.2,
+    seed: int = 51,
+    device: str | None = "auto",
+    batch_size: int = 8,
+    threshold: str = "far",
+    threshold_param: float | None = None,
+    overwrite: bool = False,
+    progress: bool | Any = None,
+) -> Expert:
+    """Fit candidate experts, rank them on validation anomalies and record the best single one or ensemble.
+
+    See the module documentation for the procedure.
+
+    Args:
+        train_view: known-good samples to fit the candidates on.
+        val_view: validation samples: with labelled anomalies (``gt_field`` label ``positive``; 2+ of each class,
+            5-20 anomalies are plenty) the candidates are ranked by AUROC (then AP) on them; with good samples
+            only, synthetic anomalies are made from those. None: a ``selection_share`` of ``train_view`` is held
+            out of fitting and synthetic anomalies are made from it.
+        candidates: ``"auto"`` (:func:`auto_candidates`: PaDiM at two sizes, PatchCore, DFM, DFKDE, two
+            texture-statistics experts) or a list of model names, ``{"name", "model", "image_size",
+            "model_kwargs"}`` dicts or :class:`Candidate` objects.
+        key: the selected expert's name; candidates are fitted as ``<key>__<candidate>``; the ones kept are
+            its members (deleted with it), the others are deleted.
+        gt_field: the ``fo.Classification`` field of ``val_view`` holding the labels.
+        positive: the label meaning anomalous.
+        synthetic: allow synthetic anomalies when no labelled anomaly is given.
+        budget_s: wall-clock budget in seconds for fitting and scoring the candidates. Each candidate's cost is
+            estimated from a timed forward pass of its backbone; one that would end past the budget is
+            skipped and listed.
+        image_size: the candidates' default side (``"auto"`` also tries half of it).
+        pretrained: backbone weights, as for :func:`~fiftyone_anomaly_vlm.fit_expert`.
+        backbone: timm backbone (default: the offline EfficientNet-Lite).
+        max_members: the largest ensemble tried.
+        supervised_head: with 5+ labelled anomalies and normals, try the logistic-regression head.
+        selection_share: share of ``train_view`` held out for synthetic anomalies when ``val_view`` is None.
+        holdout: each candidate's held-out share for calibration.
+        seed: seed of the splits, fits and synthetic anomalies.
+        device: ``"auto"``, ``"cpu"``, ``"cuda:0"``...
+        batch_size: images per forward pass.
+        threshold: threshold rule of the recorded expert (see :func:`~fiftyone_anomaly_vlm.fit_expert`).
+        threshold_param: its parameter.
+        overwrite: replace an expert recorded under ``key``.
+        progress: FiftyOne progress convention (passed to each candidate's fit).
+
+    Returns:
+        The recorded :class:`Expert`; its ``options["selection"]`` holds the table (:func:`format_selection`).
+
+    Raises:
+        ValueError: before any fit: a bad key or an existing one, an empty or non-image view, unknown
+            candidate models, a validation view whose labels are all anomalous, one without anomalies while
+            ``synthetic=False``, too few validation images, a budget too small for any candidate; after the
+            fits: no candidate could be fitted (each one's error is in the message).
+    """
+    started = time.perf_counter()
+    key = check_key(key)
+    check_image_collection(train_view, "select_experts")
+    dataset = train_view._root_dataset
+    if expert_run_key(key) in dataset.list_runs() and not overwrite:
+        raise ValueError(f"an expert named {key!r} already exists; pass overwrite=True or another key")
+    if not budget_s or budget_s <= 0:
+        raise ValueError(f"budget_s must be positive, got {budget_s}")
+    if max_members < 1:
+        raise ValueError(f"max_members must be 1 or more, got {max_members}")
+    threshold_from_normals(np.zeros(1), threshold, threshold_param)
+    dev = resolve_device(device)
+    n_train = train_view.count()
+    cands = _candidates(candidates, int(image_size), backbone, int(n_train * (1 - selection_share) * (1 - holdout)))
+    size = max(c.image_size for c in cands)
+    val, fit_view = _validation_set(train_view, val_view, gt_field, positive, synthetic, selection_share, seed, size)
+
+    # the budget: every candidate's cost estimated from a timed forward pass of its backbone
+    bb = backbone or fbb.default_offline_backbone() or "resnet18"
+    n_fit = fit_view.count()
+    per_image = {s: _forward_seconds(bb, s, dev) for s in {c.image_size for c in cands}}
+    estimates = {c.name: _FIXED_S + per_image[c.image_size] * _COST.get(name_key(c.model), 1.0)
+                 * (n_fit * (1 + holdout) + len(val.images)) * 1.5 for c in cands}
+    cheapest = min(estimates.values())
+    if cheapest > budget_s:
+        raise ValueError(f"budget_s={budget_s:g} s is too small for any candidate: the cheapest "
+                         f"({min(estimates, key=estimates.get)}) needs about {cheapest:.0f} s on {dev}; "
+                         "raise the budget, lower image_size or fit on fewer images")
+
+    rows: list[dict[str, Any]] = []
+    columns: dict[str, np.ndarray] = {}
+    ratios: list[float] = []  # measured / estimated time of the candidates done so far: corrects the estimates
+    for cand in sorted(cands, key=lambda c: estimates[c.name]):
+        estimate = estimates[cand.name] * (float(np.median(ratios)) if ratios else 1.0)
+        row = {**cand.row(), "estimate_s": round(estimate, 1)}
+        rows.append(row)
+        elapsed = time.perf_counter() - started
+        if elapsed + estimate > budget_s:
+            row.update(status="skipped", error=f"over budget: {elapsed:.0f} s spent, about "
+                                               f"{estimate:.0f} s more needed, budget {budget_s:g} s")
+            continue
+        member = f"{key}__{cand.name}"
+        t0 = time.perf_counter()
+        try:
+            spec = fit_single_expert(fit_view, cand.model, member, pretrained=pretrained, backbone=backbone,
+                                     image_size=cand.image_size, model_kwargs=cand.model_kwargs, holdout=holdout,
+                                     device=device, batch_size=batch_size, seed=seed, threshold=threshold,
+                                     threshold_param=threshold_param, overwrite=True, progress=progress)
+            row["fit_s"] = round(time.perf_counter() - t0, 1)
+            scores = _candidate_scores(spec, val.images, cand.image_size, device, batch_size)
+        except Exception as exc:  # noqa: BLE001 - a candidate that fails is listed, the others go on
+            logger.warning("select_experts: candidate %s failed: %s", cand.name, exc)
+            row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            delete_expert_runs(dataset, [member])
+            continue
+        row.update(status="fitted", total_s=round(time.perf_counter() - t0, 1), **val.metrics(scores))
+        ratios.append(row["total_s"] / estimates[cand.name])
+        columns[cand.name] = scores
+    if not columns:
+        raise ValueError("select_experts: no candidate could be fitted: " + "; ".join(
+            f"{r['candidate']}: {r.get('error')}" for r in rows))
+
+    # singles and ensembles (means of calibrated scores), best first; a tie goes to fewer members
+    ranked = sorted(columns, key=lambda n: -next(r["objective"] for r in rows if r["candidate"] == n))
+    options = [(n,) for n in ranked]
+    pool = ranked[:_ENSEMBLE_POOL]
+    for k in range(2, min(max_members, len(pool)) + 1):
+        options += list(itertools.combinations(pool, k))
+    tried = []
+    for combo in options:
+        m = val.metrics(np.mean([columns[n] for n in combo], axis=0))
+        tried.append({"members": list(combo), **m})
+    tried.sort(key=lambda t: (-round(t["objective"], 9), len(t["members"])))
+    chosen = tried[0]
+    members = chosen["members"]
+
+    head = None
+    head_info = {"used": False, "reason": "no labelled anomalies" if val.mode == "synthetic" else "switched off"}
+    if val.mode == "labelled" and supervised_head:
+        names = list(columns)
+        head_info = _supervised_head(np.stack([columns[n] for n in names], axis=1), names, val.labels,
+                                     np.mean([columns[n] for n in members], axis=0), seed)
+        if head_info["used"]:
+            members = names
+            head = {"members": names, "coef": head_info["coef"], "intercept": head_info["intercept"]}
+
+    delete_expert_runs(dataset, [f"{key}__{n}" for n in columns if n not in members])
+    member_keys = [f"{key}__{n}" for n in members]
+    common = None
+    for m in member_keys:
+        held = set(expert_state(dataset, expert_run_key(m))["holdout_ids"] or [])
+        common = held if common is None else common & held
+    selection = {
+        "validation": val.mode,
+        "generators": {k: GENERATORS[k] for k in KINDS} if val.mode == "synthetic" else None,
+        "num_normal": int((val.labels == 0).sum()), "num_anomalous": int(val.labels.sum()),
+        "objective": ("AUROC on labelled anomalies (then AP)" if val.mode == "labelled" else
+                      "mean of the local (" + ", ".join(LOCAL_KINDS) + ") and global AUROC on synthetic anomalies"),
+        "candidates": rows, "ensembles": tried[:10], "chosen": chosen, "head": head_info,
+        "budget_s": float(budget_s), "elapsed_s": round(time.perf_counter() - started, 1), "device": str(dev),
+    }
+    logger.info("select_experts: %s chosen on %s anomalies (objective %.3f)", " + ".join(members), val.mode,
+                chosen["objective"])
+    size_of = {c.name: c.image_size for c in cands}
+    return register_composite(
+        train_view, key, {ALL: member_keys}, group_field=None, image_size=(max(size_of[n] for n in members),) * 2,
+        calibration_ids=sorted(common or []), owned=member_keys,
+        kind=("head over " if head else "selected: ") + " + ".join(members), threshold=threshold,
+        threshold_param=threshold_param, batch_size=batch_size, seed=seed, device=device, progress=progress,
+        selection=selection, head=head)
+
+
+def selection_table(samples, key: str) -> dict[str, Any] | None:
+    """The selection recorded with expert ``key`` by :func:`select_experts` (None for an expert chosen otherwise)."""
+    return load_expert(samples, key).options.get("selection")
+
+
+def format_selection(samples, key: str) -> str:
+    """The candidate table of expert ``key`` as text (one line per candidate, then the choice)."""
+    sel = selection_table(samples, key)
+    if not sel:
+        return f"expert {key!r} was not chosen by select_experts"
+    lines = [f"validated on {sel['validation']} anomalies ({sel['num_anomalous']} anomalous, "
+             f"{sel['num_normal']} normal); ranked by {sel['objective']}"]
+    for r in sel["candidates"]:
+        if r["status"] != "fitted":
+            lines.append(f"  {r['candidate']:<22} {r['status']}: {r.get('error')}")
+            continue
+        parts = [f"AUROC {r['auroc']:.3f}"]
+        if "local_auroc" in r:
+            parts.append(f"local {r['local_auroc']:.3f} global {r['global_auroc']:.3f}")
+        if r.get("ap") is not None:
+            parts.append(f"AP {r['ap']:.3f}")
+        lines.append(f"  {r['candidate']:<22} " + ", ".join(parts) + f" (fit {r['fit_s']} s)")
+    c = sel["chosen"]
+    lines.append(f"chosen: {' + '.join(c['members'])} (objective {c['objective']:.3f})")
+    h = sel["head"]
+    if h.get("auroc") is not None:
+        lines.append(f"supervised head: AUROC {h['auroc']:.3f} [{h['auroc_ci95'][0]:.3f}, {h['auroc_ci95'][1]:.3f}] "
+                     f"vs {h['unsupervised_auroc']:.3f}: {'used' if h['used'] else 'not used'} ({h['reason']})")
+    else:
+        lines.append(f"supervised head: not used ({h['reason']})")
+    return "\n".join(lines)
