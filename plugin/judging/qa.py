@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -264,3 +264,35 @@ def accuracy_rows(records: Iterable[dict[str, Any]], variants: Sequence[str], by
             row[by] = grp
         rows.append(row)
     return rows
+
+
+#: the judge prompt parts a variant may set, and their value when a variant does not
+VARIANT_DEFAULTS: dict[str, Any] = {"crops": 0, "reference": None, "knowledge": None, "use_expert_verdict": False}
+
+
+def complete_variants(variants: Mapping[str, Mapping[str, Any]], expert: str | None) -> dict[str, dict[str, Any]]:
+    """Every variant with all its prompt parts named (those it does not set: off, see :data:`VARIANT_DEFAULTS`).
+
+    Raises:
+        ValueError: no variant, a name that is not a non-empty string, an unknown part, or crops / the expert's
+            verdict without an ``expert``.
+    """
+    if not isinstance(variants, Mapping) or not variants:
+        raise ValueError("variants must be a non-empty dict {name: judge prompt parts}, e.g. {'plain': {}, "
+                         "'ref': {'reference': 'auto'}}")
+    out = {}
+    for name, parts in variants.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"variant names must be non-empty strings, got {name!r}")
+        if not isinstance(parts, Mapping):
+            raise ValueError(f"variant {name!r} must be a dict of judge prompt parts, got {type(parts).__name__}")
+        unknown = sorted(set(parts) - set(VARIANT_DEFAULTS))
+        if unknown:
+            raise ValueError(f"variant {name!r} sets {unknown}; a variant may set {sorted(VARIANT_DEFAULTS)}")
+        full = {**VARIANT_DEFAULTS, **dict(parts)}
+        if expert is None and (full["crops"] or full["use_expert_verdict"]):
+            raise ValueError(f"variant {name!r} uses expert crops or the expert's verdict: pass expert=<scoring run>")
+        if isinstance(full["knowledge"], Mapping):
+            full["knowledge"] = {str(k): str(v) for k, v in full["knowledge"].items()}
+        out[name] = full
+    return out

@@ -45,42 +45,12 @@ from ..runs.judge_eval import JUDGE_EVAL_METHOD, JudgeEvalRunConfig, JudgeEvalRu
 from .job import JudgeJob, describe_backend
 from .prompt import SYSTEM
 from .qa import (DEFECT_CLASSIFICATION, OBJECT_CLASSIFICATION, SUBTASKS, Pools, SampleTruth, accuracy_rows,
-                 cells_of_boxes, cells_of_mask, choose, make_questions)
+                 cells_of_boxes, cells_of_mask, choose, complete_variants, make_questions)
 from .references import class_path, class_value
 
 logger = logging.getLogger(__name__)
 
-#: the judge prompt parts a variant may set, and their value when a variant does not
-VARIANT_DEFAULTS: dict[str, Any] = {"crops": 0, "reference": None, "knowledge": None, "use_expert_verdict": False}
 _PLACEHOLDER = "\x00QUESTION\x00"
-
-
-def complete_variants(variants: Mapping[str, Mapping[str, Any]], expert: str | None) -> dict[str, dict[str, Any]]:
-    """Every variant with all its prompt parts named (those it does not set: off, see :data:`VARIANT_DEFAULTS`).
-
-    Raises:
-        ValueError: no variant, a name that is not a non-empty string, an unknown part, or crops / the expert's
-            verdict without an ``expert``.
-    """
-    if not isinstance(variants, Mapping) or not variants:
-        raise ValueError("variants must be a non-empty dict {name: judge prompt parts}, e.g. {'plain': {}, "
-                         "'ref': {'reference': 'auto'}}")
-    out = {}
-    for name, parts in variants.items():
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"variant names must be non-empty strings, got {name!r}")
-        if not isinstance(parts, Mapping):
-            raise ValueError(f"variant {name!r} must be a dict of judge prompt parts, got {type(parts).__name__}")
-        unknown = sorted(set(parts) - set(VARIANT_DEFAULTS))
-        if unknown:
-            raise ValueError(f"variant {name!r} sets {unknown}; a variant may set {sorted(VARIANT_DEFAULTS)}")
-        full = {**VARIANT_DEFAULTS, **dict(parts)}
-        if expert is None and (full["crops"] or full["use_expert_verdict"]):
-            raise ValueError(f"variant {name!r} uses expert crops or the expert's verdict: pass expert=<scoring run>")
-        if isinstance(full["knowledge"], Mapping):
-            full["knowledge"] = {str(k): str(v) for k, v in full["knowledge"].items()}
-        out[name] = full
-    return out
 
 
 def _mask_kind(dataset, mask_field: str) -> str:
