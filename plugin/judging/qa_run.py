@@ -178,14 +178,9 @@ class EvaluateJudgeJob(Job):
             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, fields=self.names.all())
 
     # --- one batch ------------------------------------------------------------------------------------------
-    def columns(self) -> list[str]:
-        return list(dict.fromkeys(self.paths.values()))
-
-    def batches(self, rows: dict[str, list]):
-        n, step = len(rows["id"]), self.batch_size
-        for start in range(0, n, step):
-            yield [{name: rows[path][i] for name, path in self.paths.items()}
-                   for i in range(start, min(n, start + step))]
+    #: the judge's: read ``self.paths``, cut into lists of ``batch_size`` row dicts
+    columns = JudgeJob.columns
+    batches = JudgeJob.batches
 
     def prepare(self, rows: list[dict[str, Any]]) -> _QABatch:
         """Questions made, one request per (question, variant) through the judge's own prompt, backend CPU work."""
