@@ -3,6 +3,7 @@
 from .clip_expert import CreateClipExpert
 from .ensemble import EnsembleExperts
 from .evaluate import EvaluateAnomalies
+from .evaluate_judge import EvaluateJudge
 from .fit_expert import FitExpert
 from .judge import JudgeSamples
 from .review import ReviewSamples
@@ -10,7 +11,7 @@ from .score import ScoreSamples
 from .video import ScoreVideo
 
 OPERATORS = [FitExpert, ScoreSamples, CreateClipExpert, EvaluateAnomalies, ReviewSamples, JudgeSamples, ScoreVideo,
-             EnsembleExperts]
+             EnsembleExperts, EvaluateJudge]
 
 
 def register(p) -> None:

@@ -20,6 +20,7 @@ import torch
 from conftest import ROOT
 from mmad_fixture import write_mmad_fixture
 from openai_server import OpenAITestServer, build_tiny_qwen2vl
+from test_panel_browser import browser  # noqa: F401 - the App test's fixture
 from tiny_vlms import build_qwen2_vl
 
 import fiftyone as fo
@@ -316,3 +317,24 @@ def test_mmad_script_end_to_end(tiny_dir, tmp_path, capsys):
     assert mmad.request_for(questions[0], 1).user.startswith(mmad.INSTRUCTION)
     assert mmad.main(["--mmad-json", str(tmp_path / "none.json"), "--model", tiny_dir]) == 2
     assert "is not there: nothing run" in capsys.readouterr().out
+
+
+def test_evaluate_judge_operator_in_the_app(labelled, tiny_dir, browser):
+    """The operator's form in the served App: the tiny model's folder typed in, Execute, the run and its answers in
+    the database (the form's defaults: ground_truth, defect_type, ground_truth_mask, variant 'plain')."""
+    from test_panel_browser import _notification, run_operator, served_app
+
+    ds = labelled
+    with served_app(browser, ds):
+        run_operator(browser, "evaluate the VLM", "Anomaly: evaluate the VLM judge (MMAD-style)",
+                     texts={"Model": tiny_dir})
+        _notification(browser, "Judge evaluation 'judge_eval'")
+    ds.reload()
+    assert runs_of(ds, JUDGE_EVAL_METHOD) == ["judge_eval"]
+    config = ds.get_run_info("judge_eval").config
+    assert (config.gt_field, config.defect_field, config.mask_field) == ("ground_truth", "defect_type",
+                                                                         "ground_truth_mask")
+    assert list(config.variants) == ["plain"]
+    report = ds.load_run_results("judge_eval", cache=False)
+    assert sum(r["n"] for r in report.rows) == len(_stored(ds, "judge_eval")) > 0
+    ds.delete_run("judge_eval")
