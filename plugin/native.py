@@ -187,3 +187,31 @@ class ImageTiles(Sequence):
     def take(self, indices) -> list[torch.Tensor]:
         """The tiles at ``indices``."""
         return [self[int(i)] for i in indices]
+
+
+def typical_image_size(samples, max_samples: int = 20) -> tuple[int, int] | None:
+    """Median ``(height, width)`` of the images of ``samples``: from ``metadata`` where it is computed, else read
+    from the headers of up to ``max_samples`` files (nothing is written). None when no size can be read."""
+    view = samples.limit(max_samples)
+    heights, widths, paths = view.values(["metadata.height", "metadata.width", "filepath"])
+    sizes = [(h, w) for h, w in zip(heights, widths) if h and w]
+    if not sizes:
+        for path in paths:
+            try:
+                sizes.append(image_size_of(path))
+            except ImageLoadError:
+                continue
+    if not sizes:
+        return None
+    return int(np.median([s[0] for s in sizes])), int(np.median([s[1] for s in sizes]))
+
+
+def tiling_hint(samples, model_input: int) -> str | None:
+    """A hint for the fit form when the images of ``samples`` are much larger (twice or more on the longer
+    side) than a ``model_input`` px model input: resizing them would erase small defects. None otherwise."""
+    size = typical_image_size(samples)
+    if size is None or max(size) < 2 * model_input:
+        return None
+    return (f"The images are about {size[1]}x{size[0]} px, {max(size) / model_input:.0f}x the {model_input} px model "
+            f"input: a whole-image resize erases small defects (specks, hairline scratches). Tiling cuts them into "
+            f"{model_input} px tiles at their own resolution instead.")

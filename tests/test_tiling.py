@@ -18,6 +18,13 @@ from fiftyone_anomaly_vlm.datasets import make_parts_dataset
 from fiftyone_anomaly_vlm.images import load_image
 from fiftyone_anomaly_vlm.models.tiling import MAX_TILE_SIZE, check_tile_settings, stitch, tile_boxes
 from fiftyone_anomaly_vlm.native import MAP_MAX_SIDE
+from test_panel_browser import (_click, _input_after_label, _notification, _text, _wait, browser,  # noqa: F401
+                                open_operator_form, served_app)
+
+try:
+    from selenium.webdriver.common.keys import Keys
+except ImportError:  # the browser test skips, saying why (test_panel_browser.browser)
+    pass
 
 KW = dict(model="padim", pretrained=False, backbone="resnet18", device="cpu", model_kwargs={"layers": ["layer1"], "n_features": 32})
 TILE, STRIDE = 64, 32
@@ -146,3 +153,36 @@ def test_exif_rotated_jpeg_is_read_and_mapped_upright(tiled, tmp_path):
     heat = np.asarray(Image.open(sample.tiled_exif_map.map_path))
     assert heat.shape == np.asarray(Image.open(sample.tiled_exif_mask.mask_path)).shape == (100, 60)
     assert os.path.isfile(sample.tiled_exif_map.map_path)
+
+
+def test_fit_form_offers_tiling_with_a_hint_and_checks_the_settings(parts, browser):
+    """In the App: the fit form hints at tiling when the images are much larger than the model input, shows a
+    bad stride's message at once, and fits a tiled expert with the tile settings given."""
+    ds, driver = parts, browser
+    train = ds.match_tags("train")
+    with served_app(driver, ds) as session:
+        session.view = train
+        _wait("the training view", lambda: f"{len(train)} samples" in _text(driver), 30)
+        open_operator_form(driver, "fit vision", "Anomaly: fit vision expert")
+        _click(driver, "label", "None: random backbone (smoke tests)")
+        _input_after_label(driver, "Backbone (timm name)").send_keys("resnet18")
+        size = _input_after_label(driver, "Image size")
+        size.send_keys(Keys.CONTROL, "a")
+        size.send_keys("32")  # the 96 px parts are 3x a 32 px input
+        _wait("the tiling hint", lambda: "3x the 32 px model input" in _text(driver), 30)
+        _click(driver, "label", "Tile large images")
+        _wait("the tile inputs", lambda: "Tile stride (px)" in _text(driver), 30)
+        for label, value in (("Tile size (px)", "48"), ("Tile stride (px)", "64")):
+            field = _input_after_label(driver, label)
+            field.send_keys(Keys.CONTROL, "a")
+            field.send_keys(value)
+        _wait("the stride's error", lambda: "tile_stride=64 is larger than tile_size=48" in _text(driver), 30)
+        field = _input_after_label(driver, "Tile stride (px)")
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys("32")
+        _wait("the error gone", lambda: "is larger than tile_size" not in _text(driver), 30)
+        _click(driver, "button", "Execute")
+        _notification(driver, "Expert 'padim' fitted", timeout=240)
+    ds.reload()
+    config = ds.get_run_info("padim_expert").config
+    assert (config.tile_size, config.tile_stride, list(config.image_size)) == (48, 32, [48, 48])

@@ -1,7 +1,10 @@
 """A small generated inspection dataset with known defects (no downloads).
 
 Each image is a machined metal disc (concentric tool marks, grain noise, small pose jitter) on a dark
-background. Defective parts get one of: a scratch, a dark pit, or a bright stain, with a pixel mask.
+background. Defective parts get one of: a scratch, a dark pit, or a bright stain, with a pixel mask; or, for
+high-resolution sets (``defect_types=SMALL_DEFECT_TYPES``), a small defect: a dark speck (diameter 0.5-1 % of
+the image side) or a hairline scratch (1-2 px wide, 3-6 % of the side long), which a whole-image resize to a
+256 px model input all but erases.
 
 Example:
     >>> ds = make_parts_dataset("parts", num_normal=60, num_anomalous=20)
@@ -19,6 +22,8 @@ from PIL import Image, ImageDraw
 import fiftyone as fo
 
 DEFECT_TYPES = ("scratch", "pit", "stain")
+#: defects at most 1 % of the image side across (see the module docs): for tiling benchmarks at >= 1024 px
+SMALL_DEFECT_TYPES = ("speck", "hairline")
 
 
 def _part(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -43,7 +48,17 @@ def _defect(rng: np.random.Generator, img: np.ndarray, kind: str) -> tuple[np.nd
     ang = rng.uniform(0, 2 * np.pi)
     rad = rng.uniform(0.15, 0.30) * size
     px, py = c + rad * np.cos(ang), c + rad * np.sin(ang)
-    if kind == "scratch":
+    if kind == "speck":
+        rr = rng.uniform(0.0025, 0.005) * size  # diameter 0.5-1 % of the side
+        draw.ellipse([px - rr, py - rr, px + rr, py + rr], fill=255)
+        value = max(0.0, float(img[int(py), int(px)]) - 0.15)  # faint: a whole-image resize blurs it into the grain
+    elif kind == "hairline":
+        d = rng.uniform(0.015, 0.03) * size  # 3-6 % of the side long
+        a2 = rng.uniform(0, np.pi)
+        draw.line([(px - d * np.cos(a2), py - d * np.sin(a2)), (px + d * np.cos(a2), py + d * np.sin(a2))],
+                  fill=255, width=max(1, size // 600))
+        value = max(0.0, float(img[int(py), int(px)]) - 0.12)
+    elif kind == "scratch":
         d = rng.uniform(0.10, 0.18) * size
         a2 = rng.uniform(0, np.pi)
         draw.line([(px - d * np.cos(a2), py - d * np.sin(a2)), (px + d * np.cos(a2), py + d * np.sin(a2))],
@@ -71,6 +86,7 @@ def make_parts_dataset(
     train_fraction: float = 0.5,
     images_dir: str | None = None,
     seed: int = 0,
+    defect_types: tuple[str, ...] = DEFECT_TYPES,
     persistent: bool = False,
     overwrite: bool = True,
 ) -> fo.Dataset:
@@ -88,6 +104,8 @@ def make_parts_dataset(
         train_fraction: share of the normal parts tagged ``train``.
         images_dir: where the PNGs go (default: ``<fo default dataset dir>/anomaly_vlm/generated/<name>``).
         seed: random seed; the same seed gives the same images.
+        defect_types: the defects cycled through (:data:`DEFECT_TYPES`, or :data:`SMALL_DEFECT_TYPES` for
+            small defects in large images; any mix of both).
         persistent: keep the dataset across sessions.
         overwrite: replace an existing dataset of that name.
     """
@@ -106,7 +124,7 @@ def make_parts_dataset(
         path = os.path.join(images_dir, f"part_{i:04d}.png")
         sample = fo.Sample(filepath=path)
         if anomalous:
-            kind = DEFECT_TYPES[(i - num_normal) % len(DEFECT_TYPES)]
+            kind = defect_types[(i - num_normal) % len(defect_types)]
             img, mask = _defect(rng, img, kind)
             mask_path = os.path.join(images_dir, f"part_{i:04d}_mask.png")
             Image.fromarray(mask.astype(np.uint8)).save(mask_path)

@@ -225,6 +225,10 @@ def ensemble_experts(
     _check_new_key(dataset, key, overwrite)
     threshold_from_normals(np.zeros(1), threshold, threshold_param)  # a bad rule fails before any work
     specs = [load_expert(dataset, name) for name in names]  # unknown names fail here
+    tiled = [s.key for s in specs if s.options.get("tile_size") is not None]
+    if tiled:  # a composite feeds its members resized images; a tiled expert reads each at its own resolution
+        raise ValueError(f"ensemble_experts cannot combine tiled experts yet ({', '.join(tiled)}); score them "
+                         "separately")
     if calibration_samples is not None:
         check_image_collection(calibration_samples, "ensemble_experts")
         calibration_ids = calibration_samples.values("id")

@@ -1,0 +1,209 @@
+"""Tiling: small defects in large images, without and with tiles, same expert and backbone, in one run.
+
+Sets:
+  * generated high-resolution parts (``make_parts_dataset(size=1024, defect_types=SMALL_DEFECT_TYPES)``):
+    machined discs with a dark speck (0.5-1 % of the side across) or a hairline scratch (1-2 px wide) each;
+  * ELPV (real 300 px solar cells, the split of ``benchmarks/quality.py``): tiling off must match the README's
+    quality table (PaDiM 0.810 at 224 px); tiling on cuts 224 px tiles at native resolution (2x2 per cell).
+
+Rows per set: the expert fitted on the whole image resized to ``--image-size`` ("off") and the same model and
+backbone fitted on ``--tile`` px tiles every ``--stride`` px at native resolution ("on"); image AUROC (raw
+scores), pixel AUROC and AUPRO (anomalib's metrics through ``fav.evaluate``, ground-truth masks at the heatmap's
+size, now the image's), scoring seconds per image. The tiled image score is measured both ways from one pass
+over the test images: ``map_max`` (maximum of the stitched map) and ``tile_max`` (the model's own image score,
+highest over the tiles).
+
+Cost: peak memory (max RSS of a child process that loads the expert and scores one generated ``--large`` px
+image) without and with tiling.
+
+Usage:
+    .venv/bin/python benchmarks/tiling.py [--size 1024] [--normal 20] [--anomalous 10] [--model padim]
+        [--tile 256] [--stride 224] [--image-size 256] [--large 8000] [--elpv-max-test N | --no-elpv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+warnings.filterwarnings("ignore")
+from _env import PATCHCORE_CPU_KWARGS, isolate  # noqa: E402 - before FiftyOne
+
+_TMP = isolate("fav-tiling-")
+
+
+def _model_kwargs(model: str) -> dict | None:
+    return PATCHCORE_CPU_KWARGS if model == "patchcore" else None
+
+
+def _fit_score_eval(fav, ds, test, key: str, args, *, tiled: bool, image_size: int, tile: int, stride: int,
+                    masks: bool) -> dict:
+    t0 = time.time()
+    kw = dict(tile_size=tile, tile_stride=stride) if tiled else dict(image_size=image_size)
+    fav.fit_expert(ds.match_tags("train"), model=args.model, key=key, model_kwargs=_model_kwargs(args.model),
+                   device="cpu", seed=args.seed, progress=False, **kw)
+    fit_s = time.time() - t0
+    t1 = time.time()
+    fav.score(test, expert=key, device="cpu", progress=False, batch_size=16, num_workers=0)
+    score_s = time.time() - t1
+    ev = fav.evaluate(test, key, gt_field="ground_truth", gt_mask_field="ground_truth_mask" if masks else None,
+                      eval_key=f"{key}_eval", progress=False)
+    m = ev.metrics
+    return {"auroc": m["auroc"], "pixel_auroc": m.get("pixel_auroc"), "aupro": m.get("aupro"), "fit_s": fit_s,
+            "s_per_image": score_s / len(test)}
+
+
+def _both_image_scores(fav, test, key: str) -> dict:
+    """Image AUROC of ``map_max`` and ``tile_max`` from one pass of the tiled expert over the test images."""
+    import numpy as np
+
+    from fiftyone_anomaly_vlm.images import decode_native
+    from fiftyone_anomaly_vlm.metrics import binary_image_metrics
+    from fiftyone_anomaly_vlm.models.tiling import Stitcher
+
+    tiled = fav.load_expert(test, key).load("cpu")
+    map_max, tile_max = [], []
+    for path in test.values("filepath"):
+        arr, size = decode_native(path)
+        stitcher, best = Stitcher(size, size), -float("inf")
+        for tiles, boxes in tiled.tile_batches(arr, *size):
+            out = tiled.expert.predict(tiles)
+            best = max(best, float(out.raw_score.max()))
+            for i, box in enumerate(boxes):
+                stitcher.add(out.raw_map[i][None], box)
+        map_max.append(float(stitcher.result().max()))
+        tile_max.append(best)
+    truth = np.array([g == "anomalous" for g in test.values("ground_truth.label")])
+    return {name: binary_image_metrics(np.array(s), truth)["auroc"] for name, s in
+            (("map_max", map_max), ("tile_max", tile_max))}
+
+
+def _peak_child(dataset: str, key: str, path: str) -> dict:
+    """Peak resident memory added while scoring (MB; sampled every 20 ms, above the process with the expert
+    loaded) and seconds of a fresh process that scores the one image ``path`` with expert ``key``."""
+    code = f"""
+import json, os, sys, threading, time
+sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+import fiftyone as fo, fiftyone_anomaly_vlm as fav
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+ds = fo.load_dataset({dataset!r})
+spec = fav.load_expert(ds, {key!r}); spec.load("cpu")  # imports and weights in memory before the baseline
+base, peak, done = rss(), [rss()], []
+def watch():
+    while not done:
+        peak[0] = max(peak[0], rss()); time.sleep(0.02)
+threading.Thread(target=watch, daemon=True).start()
+view = ds.match(fo.ViewField("filepath") == {path!r})
+t = time.time()
+r = fav.score(view, expert={key!r}, key={key + "_large"!r}, device="cpu", num_workers=0, progress=False)
+done.append(1); peak[0] = max(peak[0], rss())
+print(json.dumps({{"peak_mb": peak[0] - base, "before_mb": base, "seconds": time.time() - t, "errors": r.num_errors}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--normal", type=int, default=20, help="normal parts (half fit the expert)")
+    parser.add_argument("--anomalous", type=int, default=10)
+    parser.add_argument("--model", default="padim", choices=["padim", "patchcore"])
+    parser.add_argument("--tile", type=int, default=256)
+    parser.add_argument("--stride", type=int, default=224)
+    parser.add_argument("--image-size", type=int, default=256, help="model input when not tiled")
+    parser.add_argument("--large", type=int, default=8000, help="side of the image of the memory rows (0: none)")
+    parser.add_argument("--no-elpv", action="store_true")
+    parser.add_argument("--elpv-max-test", type=int, default=None, help="ELPV: a seeded subset of the test cells")
+    parser.add_argument("--elpv-tiled", action="store_true", help="ELPV with tiling on too (4 tiles a cell: "
+                        "four times the CPU time of the off row)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    import fiftyone as fo
+
+    import fiftyone_anomaly_vlm as fav
+    from fiftyone_anomaly_vlm.datasets import SMALL_DEFECT_TYPES, make_parts_dataset
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("fiftyone_anomaly_vlm").setLevel(logging.ERROR)
+    rows = []
+    ds = make_parts_dataset("parts-hr", num_normal=args.normal, num_anomalous=args.anomalous, size=args.size,
+                            seed=args.seed, defect_types=SMALL_DEFECT_TYPES)
+    test = ds.match_tags("train", bool=False)
+    for tiled in (False, True):
+        key = "tiled" if tiled else "whole"
+        m = _fit_score_eval(fav, ds, test, key, args, tiled=tiled, image_size=args.image_size, tile=args.tile,
+                            stride=args.stride, masks=True)
+        rows.append((f"parts {args.size}px, {args.model}", "on" if tiled else "off", m))
+        print("[tiling]", rows[-1], flush=True)
+    scores = _both_image_scores(fav, test, "tiled")
+    print("[tiling] tiled image score AUROC:", scores, flush=True)
+
+    mem = {}
+    if args.large:
+        rng = np.random.default_rng(1)
+        path = os.path.join(_TMP, f"large_{args.large}.png")
+        side = args.large
+        base = (rng.normal(0.5, 0.02, (side // 8, side // 8)) * 255).clip(0, 255).astype(np.uint8)
+        Image.fromarray(np.kron(base, np.ones((8, 8), np.uint8))).convert("RGB").save(path, compress_level=1)
+        ds.add_sample(fo.Sample(filepath=path, tags=["large"]))
+        for key in ("whole", "tiled"):
+            mem[key] = _peak_child(ds.name, key, path)
+            print("[tiling] memory", key, mem[key], flush=True)
+
+    if not args.no_elpv:
+        from fiftyone_anomaly_vlm.datasets import load_elpv
+
+        try:
+            elpv = load_elpv("elpv-tiling", seed=args.seed, overwrite=True)
+        except Exception as exc:  # noqa: BLE001 - the row says why instead of a number
+            rows.append(("ELPV 300px", "-", {"error": f"{type(exc).__name__}: {exc}"}))
+        else:
+            etest = elpv.match_tags("test")
+            if args.elpv_max_test:
+                etest = etest.take(args.elpv_max_test, seed=args.seed)
+            for tiled in (False, True) if args.elpv_tiled else (False,):
+                key = "elpv_tiled" if tiled else "elpv_whole"
+                m = _fit_score_eval(fav, elpv, etest, key, args, tiled=tiled, image_size=224, tile=224, stride=76,
+                                    masks=False)
+                rows.append((f"ELPV 300px ({len(etest)} test cells), {args.model}", "on" if tiled else "off", m))
+                print("[tiling]", rows[-1], flush=True)
+
+    print()
+    print(f"| set | tiling | image AUROC | pixel AUROC | AUPRO | fit s | s/image |")
+    print("|---|---|---|---|---|---|---|")
+    for name, tiling, m in rows:
+        if "error" in m:
+            print(f"| {name} | {tiling} | not run: {m['error']} | | | | |")
+            continue
+        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        print(f"| {name} | {tiling} | {fmt(m['auroc'])} | {fmt(m['pixel_auroc'])} | {fmt(m['aupro'])} "
+              f"| {m['fit_s']:.0f} | {m['s_per_image']:.2f} |")
+    print()
+    print(f"tiled image score (parts set, image AUROC): map_max {scores['map_max']:.3f}, "
+          f"tile_max {scores['tile_max']:.3f}")
+    for key, m in mem.items():
+        print(f"peak memory scoring one {args.large}x{args.large} image, tiling {'on' if key == 'tiled' else 'off'}: "
+              + (f"+{m['peak_mb']:.0f} MB resident at peak (above {m['before_mb']:.0f} MB with the expert loaded), "
+                 f"{m['seconds']:.1f} s" if "peak_mb" in m else f"not run: {m['error']}"))
+    print(f"(tile {args.tile}, stride {args.stride}; off: whole image resized to {args.image_size}; "
+          f"{os.cpu_count()} CPU cores shared with other jobs: compare quality, not seconds)")
+
+
+if __name__ == "__main__":
+    main()
