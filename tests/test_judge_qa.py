@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ def backend(tiny_dir):
 def labelled():
     """6 parts: 2 normal, 4 anomalous (scratch, pit, stain, scratch) with masks; product 'a'/'b', two defect
     types each."""
-    ds = make_parts_dataset("fav-qa-labelled", num_normal=2, num_anomalous=4, size=48, seed=5)
+    ds = make_parts_dataset(f"fav-qa-labelled-{uuid.uuid4().hex[:6]}", num_normal=2, num_anomalous=4, size=48, seed=5)
     defects = ds.values("defect_type")
     assert sorted(d for d in defects if d) == ["pit", "scratch", "scratch", "stain"]
     seen: dict = {}
@@ -209,7 +210,7 @@ def test_evaluate_judge_end_to_end(labelled, backend):
 
 
 def test_bad_inputs(labelled, backend, caplog):
-    ds = labelled.clone("fav-qa-bad")
+    ds = labelled.clone(f"fav-qa-bad-{uuid.uuid4().hex[:6]}")
     try:
         ds.set_field("defect_type", None).save()
         ds.set_values("product", ["only"] * len(ds))
@@ -243,8 +244,29 @@ def test_bad_inputs(labelled, backend, caplog):
         ds.delete()
 
 
+def _with_letters_on_top(model_dir) -> None:
+    """Shape the server's tiny Qwen2-VL as its builder shapes yes/no: the LM-head rows of "A".."D" along the
+    (nearly fixed) last hidden state, so the letters are among the 20 most likely first tokens the server
+    returns, with a random part so their probabilities still depend on the input."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        text = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+                                        add_generation_prompt=True, tokenize=False)
+        hidden = model(**proc(text=[text], return_tensors="pt"), output_hidden_states=True).hidden_states[-1][0, -1]
+        head = model.get_output_embeddings().weight
+        for letter, logit in zip("ABCD", (3.2, 3.0, 2.8, 2.6)):
+            (i,) = proc.tokenizer.encode(letter, add_special_tokens=False)
+            head[i] = hidden * (logit / hidden.dot(hidden)) + torch.randn_like(hidden) * (2.0 / hidden.norm())
+    model.save_pretrained(model_dir)
+
+
 def test_server_backend_with_and_without_logprobs(labelled, tmp_path):
     model_dir = build_tiny_qwen2vl(tmp_path / "srv")
+    _with_letters_on_top(model_dir)
     view = labelled.limit(3)
     with OpenAITestServer(model_dir) as server:
         be = make_backend("openai", base_url=server.base_url, model="tiny", max_concurrency=4, timeout=60.0)
@@ -256,6 +278,24 @@ def test_server_backend_with_and_without_logprobs(labelled, tmp_path):
         for lab in with_probs:  # read from the server's top_logprobs: the argmax letter is the choice
             assert lab.choice == "ABCD"[int(np.argmax(lab.probs))]
         assert all(body["logprobs"] and body["top_logprobs"] == 20 for body in server.bodies)
+        # through the wire, the letter probabilities are the model's own over its 20 most likely first tokens
+        from PIL import Image
+
+        req = JudgeRequest(images=[Image.new("RGB", (40, 40), (90, 120, 30))], system="You inspect parts.",
+                           user="Question: which?\nA. x\nB. y\nC. z", max_new_tokens=1, options=("A", "B", "C"))
+        got = be.judge([req])[0]
+        messages = [{"role": "system", "content": [{"type": "text", "text": req.system}]},
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": req.user}]}]
+        text = server.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = server.processor(text=[text], images=req.images, return_tensors="pt")
+        with torch.no_grad():
+            logp = torch.log_softmax(server.model(**inputs).logits[0, -1].float(), dim=-1)
+        vals, idx = logp.topk(20)
+        top = [(server.processor.tokenizer.decode([i]), float(v)) for v, i in zip(vals.tolist(), idx.tolist())]
+        direct, _ = option_probs_from_logprobs(top, "ABC")
+        assert direct is not None and got.option_probs is not None
+        assert np.allclose([got.option_probs[k] for k in "ABC"], [direct[k] for k in "ABC"], atol=1e-4)
+        assert with_probs, "the shaped model's letters are in the server's top 20"
         server.reset()
         server.logprobs_enabled = False  # a server that ignores logprobs: parsed from the text, marked so
         rep2 = fav.evaluate_judge(view, backend=be, key="srv2", gt_field="ground_truth", max_new_tokens=4,
