@@ -159,6 +159,9 @@ def test_evaluate_judge_end_to_end(labelled, backend):
     per_variant = {v: sorted((sid, lab.subtask, tuple(lab.options)) for sid, lab in stored if lab.variant == v)
                    for v in VARIANTS}
     assert per_variant["plain"] == per_variant["ref"] and per_variant["plain"]
+    # the variants really differ (the reference image changes what the model sees, so its probabilities)
+    probs = {(sid, lab.subtask, lab.variant): lab.probs for sid, lab in stored}
+    assert any(not np.allclose(p, probs[(sid, sub, "ref")]) for (sid, sub, v), p in probs.items() if v == "plain")
     subtasks = {lab.subtask for _, lab in stored}
     assert subtasks == {DISCRIMINATION, DEFECT_CLASSIFICATION, LOCALIZATION, OBJECT_CLASSIFICATION}
     n_anom = ds.match(fo.ViewField("ground_truth.label") == "anomalous").count()
