@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .anomalib_build import available_models, build_model
+from .anomalib_export import read_model_file
 from .anomalib_fit import fit_model
 from .base import ExpertOutput, VisionExpert, resolve_device
 from .efficient_ad import offline_efficient_ad
@@ -156,7 +157,7 @@ class AnomalibExpert(VisionExpert):
         """Load a checkpoint written by :meth:`save`.
 
         Args:
-            path: the ``.ckpt`` file.
+            path: the ``.ckpt`` file (or an anomalib ``to_torch`` ``.pt`` file).
             model_class: fully qualified class name (read from the checkpoint when None).
             image_size: the model's input size (read from its pre-processor when None).
             device: where to run.
@@ -168,6 +169,10 @@ class AnomalibExpert(VisionExpert):
         if not path.is_file():
             msg = f"expert checkpoint not found: {path}"
             raise FileNotFoundError(msg)
+        if path.suffix == ".pt":  # anomalib's to_torch export, brought in by import_expert
+            model, _ = read_model_file(path)
+            model.to(resolve_device(device))
+            return cls(model, image_size=image_size or pre_processor_size(model) or (256, 256), device=device)
         if model_class is None:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
             model_class = ckpt.get("fav_model_class")
@@ -180,7 +185,7 @@ class AnomalibExpert(VisionExpert):
         model = klass.load_from_checkpoint(str(path), map_location=dev)
         model.eval()
         if image_size is None:
-            image_size = _pre_processor_size(model) or (256, 256)
+            image_size = pre_processor_size(model) or (256, 256)
         return cls(model, image_size=image_size, device=dev)
 
     # ------------------------------------------------------------------ inference
@@ -245,7 +250,8 @@ def _at_size(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.nn.functional.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
-def _pre_processor_size(model: Any) -> tuple[int, int] | None:
+def pre_processor_size(model: Any) -> tuple[int, int] | None:
+    """The ``(height, width)`` an anomalib model's pre-processor resizes to (None without a resize)."""
     from torchvision.transforms.v2 import Resize
 
     from anomalib.data.transforms.utils import extract_transforms_by_type

@@ -207,15 +207,21 @@ class LineExpert:
             unknown = sorted({g for g in keys if g not in self.members})
             if unknown:
                 raise ValueError(f"no expert for {self.group_field} = {unknown} (groups: {sorted(self.members)})")
+        head = self.meta["routing"].get("head")  # an ensemble's supervised head: sigmoid(coef . scores + b)
         score_sum, map_sum, count = np.zeros(n), np.zeros((n, *self.image_size)), np.zeros(n)
+        logit = np.full(n, float(head["intercept"])) if head else None
         for key in dict.fromkeys(keys):
             idx = [i for i, g in enumerate(keys) if g == key]
-            for member in self.members[key]:
+            for j, member in enumerate(self.members[key]):
                 raw, raw_map = member.raw(x[idx])
-                score_sum[idx] += calibrated_scores(raw, member.image_scores)
+                scores = calibrated_scores(raw, member.image_scores)
+                score_sum[idx] += scores
+                if logit is not None:
+                    logit[idx] += float(head["coef"][j]) * scores
                 map_sum[idx] += normalized_map(raw_map, member.map_low, member.map_high)
             count[idx] += len(self.members[key])
-        return (score_sum / count).astype(np.float32), (map_sum / count[:, None, None]).astype(np.float32)
+        score = score_sum / count if logit is None else 1.0 / (1.0 + np.exp(-logit))
+        return score.astype(np.float32), (map_sum / count[:, None, None]).astype(np.float32)
 
     def predict(self, x: np.ndarray, groups: list | None = None) -> dict[str, np.ndarray]:
         """``raw_score``, ``score`` (calibrated), ``label`` (True: anomalous), ``heatmap`` ([0, 1]), ``mask``."""

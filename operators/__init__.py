@@ -4,6 +4,7 @@ from .clip_expert import CreateClipExpert
 from .ensemble import EnsembleExperts
 from .evaluate import EvaluateAnomalies
 from .evaluate_judge import EvaluateJudge
+from .export_expert import ExportExpert, ImportExpert
 from .fit_expert import FitExpert
 from .judge import JudgeSamples
 from .review import ReviewSamples
@@ -11,7 +12,7 @@ from .score import ScoreSamples
 from .video import ScoreVideo
 
 OPERATORS = [FitExpert, ScoreSamples, CreateClipExpert, EvaluateAnomalies, ReviewSamples, JudgeSamples, ScoreVideo,
-             EnsembleExperts, EvaluateJudge]
+             EnsembleExperts, EvaluateJudge, ExportExpert, ImportExpert]
 
 
 def register(p) -> None:

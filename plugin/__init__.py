@@ -14,6 +14,7 @@ from .evaluation import evaluate, label_accuracy
 from .experts import (CompositeExpert, Expert, create_clip_expert, ensemble_experts, fit_expert, list_experts,
                       load_expert)
 from .experts.select import format_selection, select_experts, selection_table
+from .experts import export_expert, import_expert
 from .fields import FieldNames
 from .judging import JudgeFieldNames, JudgeResults, judge
 from .judging.qa_run import evaluate_judge
@@ -48,6 +49,8 @@ __all__ = [
     "label_accuracy",
     "list_experts",
     "load_expert",
+    "export_expert",
+    "import_expert",
     "score",
     "score_video",
     "select_experts",

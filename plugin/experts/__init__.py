@@ -8,6 +8,8 @@
   synthetic, :mod:`.synthetic`);
 - :mod:`.clip`: the zero/few-shot CLIP expert (``create_clip_expert``);
 - :mod:`.record`: the :class:`Expert` record and the explicit loader table (run method -> model);
+- :mod:`.export` / :mod:`.importing`: ``export_expert`` (to the line) and ``import_expert`` (anomalib models
+  trained elsewhere);
 - :mod:`.fits`: each fit's own folder, switched to only when the fit has succeeded.
 
 Example:
@@ -17,12 +19,14 @@ Example:
 
 from .clip import create_clip_expert
 from .combined import ALL, CompositeExpert
+from .export import export_expert
 from .fit import fit_expert
 from .fits import FitFolder, remove_orphan_fits
 from .grouped import ensemble_experts, fit_grouped_expert, group_fields
+from .importing import import_expert
 from .record import EXPERT_LOADERS, Expert, list_experts, load_expert
 from .single import calibrate_expert, decodable_images, fit_single_expert, holdout_split
 
-__all__ = ["ALL", "EXPERT_LOADERS", "CompositeExpert", "Expert", "FitFolder", "calibrate_expert", "create_clip_expert",
+__all__ = ["export_expert", "import_expert", "ALL", "EXPERT_LOADERS", "CompositeExpert", "Expert", "FitFolder", "calibrate_expert", "create_clip_expert",
            "decodable_images", "ensemble_experts", "fit_expert", "fit_grouped_expert", "fit_single_expert",
            "group_fields", "holdout_split", "list_experts", "load_expert", "remove_orphan_fits"]
