@@ -25,11 +25,13 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
 import random
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -173,3 +175,22 @@ class ScriptedServer:
             h.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
             pass
+
+
+def main() -> None:
+    """Serve in this process until stdin closes (benchmarks run servers apart from the client's GIL): prints
+    the base URL on the first line, then, when stdin closes, the recordings as one JSON line."""
+    ap = argparse.ArgumentParser(description="a scripted OpenAI-compatible server on 127.0.0.1")
+    ap.add_argument("--latency", type=float, nargs=2, default=(0.0, 0.0))
+    ap.add_argument("--max-concurrency", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    with ScriptedServer(latency=tuple(args.latency), max_concurrency=args.max_concurrency, seed=args.seed) as server:
+        print(server.base_url, flush=True)
+        sys.stdin.read()
+        print(json.dumps({"n_requests": server.n_requests, "answered": server.answered,
+                          "max_in_flight": server.max_in_flight, "connections": server.connections}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -97,6 +97,8 @@ def test_two_servers_one_failing_is_taken_out_and_back_after_the_cooldown():
         backend = _backend([good.base_url, flaky.base_url], max_concurrency=3, max_failures=2, cooldown=0.3)
         answers = backend.judge([_request(i) for i in range(60)])
         again = _backend(good.base_url).judge([_request(i) for i in range(5)])
+        backend.close()  # connections closed; the next request opens them again
+        assert backend.judge([_request(0)])[0].p_yes == pytest.approx(answers[0].p_yes)
     assert all(a.error is None for a in answers) and [a.meta["i"] for a in answers] == list(range(60))
     by_server = {s: sum(a.server == s for a in answers) for s in (good.base_url, flaky.base_url)}
     assert by_server[flaky.base_url] > 0 and sum(by_server.values()) == 60  # back after its cool-down
