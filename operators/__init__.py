@@ -9,10 +9,11 @@ from .fit_expert import FitExpert
 from .judge import JudgeSamples
 from .review import ReviewSamples
 from .score import ScoreSamples
+from .select_experts import SelectExperts
 from .video import ScoreVideo
 
 OPERATORS = [FitExpert, ScoreSamples, CreateClipExpert, EvaluateAnomalies, ReviewSamples, JudgeSamples, ScoreVideo,
-             EnsembleExperts, EvaluateJudge, ExportExpert, ImportExpert]
+             EnsembleExperts, SelectExperts, EvaluateJudge, ExportExpert, ImportExpert]
 
 
 def register(p) -> None:

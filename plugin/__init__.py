@@ -13,7 +13,8 @@ Example:
 from .evaluation import evaluate, label_accuracy
 from .experts import (CompositeExpert, Expert, create_clip_expert, ensemble_experts, fit_expert, list_experts,
                       load_expert)
-from .experts.select import format_selection, select_experts, selection_table
+from .experts.select import select_experts
+from .experts.selection_report import format_selection, selection_markdown, selection_table
 from .experts import export_expert, import_expert
 from .fields import FieldNames
 from .judging import JudgeFieldNames, JudgeResults, judge
@@ -55,6 +56,7 @@ __all__ = [
     "score_video",
     "select_experts",
     "selection_table",
+    "selection_markdown",
     "format_selection",
     "set_threshold",
     "flagged_view",

@@ -5,7 +5,8 @@
 - :mod:`.grouped`: per-group experts and ensembles (``ensemble_experts``); :mod:`.combined`: how their
   members' outputs combine;
 - :mod:`.select`: ``select_experts``, candidates fitted and chosen on validation anomalies (labelled or
-  synthetic, :mod:`.synthetic`);
+  synthetic: :mod:`.validation`, :mod:`.synthetic`), the optional supervised head (:mod:`.head`) and the recorded
+  table (:mod:`.selection_report`);
 - :mod:`.clip`: the zero/few-shot CLIP expert (``create_clip_expert``);
 - :mod:`.record`: the :class:`Expert` record and the explicit loader table (run method -> model);
 - :mod:`.export` / :mod:`.importing`: ``export_expert`` (to the line) and ``import_expert`` (anomalib models

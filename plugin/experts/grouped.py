@@ -164,11 +164,12 @@ def fit_grouped_expert(samples, group_by: str, model: str = "padim", key: str | 
         owned.append(member)
         size = spec.image_size
     calibration_ids = sorted(set().union(*(_holdout_ids(dataset, m) for m in owned)))
-    return register_composite(samples, key, members, group_field=group_by, image_size=size, calibration_ids=calibration_ids,
-                     owned=owned, kind=f"{model} per {group_by}", threshold=fit_kwargs.get("threshold", "far"),
-                     threshold_param=fit_kwargs.get("threshold_param"), batch_size=fit_kwargs.get("batch_size", 8),
-                     seed=fit_kwargs.get("seed", 51), device=fit_kwargs.get("device", "auto"), progress=progress,
-                     output_dir=output_dir)
+    return register_composite(samples, key, members, group_field=group_by, image_size=size,
+                              calibration_ids=calibration_ids, owned=owned, kind=f"{model} per {group_by}",
+                              threshold=fit_kwargs.get("threshold", "far"),
+                              threshold_param=fit_kwargs.get("threshold_param"),
+                              batch_size=fit_kwargs.get("batch_size", 8), seed=fit_kwargs.get("seed", 51),
+                              device=fit_kwargs.get("device", "auto"), progress=progress, output_dir=output_dir)
 
 
 def ensemble_experts(
@@ -250,7 +251,7 @@ def ensemble_experts(
         size = max((tuple(s.image_size) for s in specs), key=lambda hw: hw[0] * hw[1])
     else:
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    return register_composite(samples, key, {ALL: names}, group_field=None, image_size=size, calibration_ids=calibration_ids,
-                     owned=[], kind="ensemble of " + " + ".join(names), threshold=threshold,
-                     threshold_param=threshold_param, batch_size=batch_size, seed=seed, device=device,
-                     progress=progress)
+    return register_composite(samples, key, {ALL: names}, group_field=None, image_size=size,
+                              calibration_ids=calibration_ids, owned=[], kind="ensemble of " + " + ".join(names),
+                              threshold=threshold, threshold_param=threshold_param, batch_size=batch_size, seed=seed,
+                              device=device, progress=progress)

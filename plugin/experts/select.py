@@ -19,7 +19,7 @@ dataset needs, with which layers and size, is found here by measuring, not guess
    the unsupervised choice on the same samples; its interval is recorded either way.
 
 The run records the table of candidates (``load_expert(ds, key).options["selection"]``,
-:func:`selection_table`), and the App's form shows it.
+:func:`~.selection_report.selection_table`), and the App's form shows it.
 
 Example:
     >>> expert = fav.select_experts(ds.match_tags("train"), key="auto_ens", budget_s=300)
@@ -40,19 +40,19 @@ import numpy as np
 import torch
 import torch.nn.functional as nnf
 
-from .._common import check_image_collection, check_key
+from .._common import check_key, check_image_collection
 from ..calibration import calibrated_arrays, threshold_from_normals
-from ..images import DecodedImages
-from ..metrics import auroc, binary_image_metrics
 from ..models import backbones as fbb
 from ..models.anomalib_build import available_models, name_key
 from ..models.base import resolve_device
 from ..runs import delete_expert_runs, expert_run_key, expert_state
 from .combined import ALL
 from .grouped import register_composite
-from .record import Expert, load_expert, member_calibration
-from .single import fit_single_expert, holdout_split
-from .synthetic import GENERATORS, KINDS, LOCAL_KINDS, family, synthetic_anomalies
+from .head import fit_supervised_head
+from .record import Expert, member_calibration
+from .single import fit_single_expert
+from .synthetic import GENERATORS, KINDS, LOCAL_KINDS
+from .validation import validation_set
 
 logger = logging.getLogger(__name__)
 
@@ -149,46 +149,6 @@ def _forward_seconds(backbone: str, size: int, device: torch.device, batch: int 
     return min(times) / batch
 
 
-@dataclass
-class _ValidationSet:
-    """What the candidates are ranked on: images (at the largest candidate size), labels and kinds."""
-
-    mode: str  # "labelled" or "synthetic"
-    images: list[torch.Tensor]
-    labels: np.ndarray  # 1 = anomalous
-    kinds: list[str]  # "normal", "anomalous" (labelled) or a synthetic kind
-    normal_ids: list[str]
-
-    def metrics(self, scores: np.ndarray) -> dict[str, Any]:
-        """The metrics of ``scores`` and the objective they are ranked by."""
-        if self.mode == "labelled":
-            m = binary_image_metrics(scores, self.labels)
-            return {"auroc": m["auroc"], "ap": m["ap"], "objective": m["auroc"] + 1e-3 * m["ap"]}
-        normal = np.array([k == "normal" for k in self.kinds])
-        per_kind = {}
-        for kind in dict.fromkeys(k for k in self.kinds if k != "normal"):
-            keep = normal | np.array([k == kind for k in self.kinds])
-            per_kind[kind] = auroc(scores[keep], ~normal[keep])
-        local = float(np.mean([v for k, v in per_kind.items() if family(k) == "local"]))
-        glob = float(np.mean([v for k, v in per_kind.items() if family(k) == "global"]))
-        return {"auroc": auroc(scores, ~normal), "local_auroc": local, "global_auroc": glob,
-                "per_kind": per_kind, "objective": (local + glob) / 2}
-
-
-def _labels_of(view, gt_field: str, positive: str) -> tuple[list[str], list[str], np.ndarray]:
-    """(ids, paths, labels) of the samples of ``view`` with a ``gt_field`` label (1 = ``positive``)."""
-    if view._root_dataset.get_field(gt_field) is None:
-        raise ValueError(f"the validation view has no field {gt_field!r} (pass gt_field=)")
-    labelled = view.exists(gt_field)
-    ids, paths, labels = labelled.values(["id", "filepath", f"{gt_field}.label"])
-    return ids, paths, np.array([lab == positive for lab in labels], dtype=int)
-
-
-def _decode(paths: Sequence[str], size: int) -> list[torch.Tensor]:
-    images = DecodedImages(list(paths), (size, size))
-    return [images[i] for i in range(len(images))]
-
-
 def _candidate_scores(spec: Expert, images: list[torch.Tensor], size: int, device, batch_size: int) -> np.ndarray:
     """Calibrated image scores of a fitted candidate on ``images`` (resized to ``size`` when they differ)."""
     model = spec.load(device=device)
@@ -201,99 +161,6 @@ def _candidate_scores(spec: Expert, images: list[torch.Tensor], size: int, devic
         scores, _, _, _ = calibrated_arrays(model.predict(x), cal)
         out.append(scores)
     return np.concatenate(out)
-
-
-def _validation_set(train_view, val_view, gt_field: str, positive: str, synthetic: bool, selection_share: float,
-                    seed: int, size: int) -> tuple[_ValidationSet, Any]:
-    """The validation set and the view the candidates are fitted on (checks the bad inputs first)."""
-    train_ids, train_paths = train_view.values(["id", "filepath"])
-    if val_view is not None:
-        check_image_collection(val_view, "select_experts")
-        ids, paths, labels = _labels_of(val_view, gt_field, positive)
-        n_pos = int(labels.sum())
-        n_neg = len(labels) - n_pos
-        if n_pos and not n_neg:
-            raise ValueError(f"all {n_pos} labelled samples of the validation view are {positive!r}: ranking "
-                             "needs known-good ones too (add normal samples to val_view)")
-        fit_view = train_view.exclude(ids) if set(ids) & set(train_ids) else train_view
-        if n_pos:
-            if n_neg < 2 or n_pos < 2:
-                raise ValueError(f"the validation view has {n_pos} anomalous and {n_neg} normal labelled samples; "
-                                 "ranking needs 2+ of each")
-            images = _decode(paths, size)
-            return _ValidationSet("labelled", images, labels, [positive if y else "normal" for y in labels],
-                                  [i for i, y in zip(ids, labels) if not y]), fit_view
-        if not synthetic:
-            raise ValueError(f"the validation view has no sample labelled {positive!r} in {gt_field!r} and "
-                             "synthetic=False: nothing to rank the candidates on (label a few anomalies or "
-                             "pass synthetic=True)")
-        normal_ids = [i for i, y in zip(ids, labels) if not y] if len(ids) else val_view.values("id")
-        normal_paths = [p for p, y in zip(paths, labels) if not y] if len(ids) else val_view.values("filepath")
-    else:
-        if not synthetic:
-            raise ValueError("without a validation view the candidates are ranked on synthetic anomalies; "
-                             "synthetic=False leaves nothing to rank them on (pass val_view= with labelled "
-                             "anomalies, or synthetic=True)")
-        held, rest = holdout_split(train_paths, selection_share, seed + 1)
-        normal_ids = [train_ids[i] for i in held]
-        normal_paths = [train_paths[i] for i in held]
-        fit_view = train_view.select([train_ids[i] for i in rest], ordered=False)
-    if len(normal_paths) < 3:
-        raise ValueError(f"synthetic anomalies need 3+ good validation images, got {len(normal_paths)}")
-    normals = _decode(normal_paths, size)
-    anomalies, kinds = synthetic_anomalies(normals, KINDS, seed=seed)
-    labels = np.array([0] * len(normals) + [1] * len(anomalies))
-    return _ValidationSet("synthetic", normals + anomalies, labels, ["normal"] * len(normals) + kinds,
-                          list(normal_ids)), fit_view
-
-
-def _bootstrap(fn, n: int, rng: np.random.Generator, labels: np.ndarray, reps: int = 400) -> tuple[float, float]:
-    """95 % percentile interval of ``fn(idx)`` over bootstrap resamples of ``n`` samples with both classes."""
-    vals = []
-    for _ in range(reps):
-        idx = rng.integers(0, n, n)
-        if 0 < labels[idx].sum() < n:
-            vals.append(fn(idx))
-    return (float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))) if vals else (0.0, 1.0)
-
-
-def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score  # heavy: only for the head and its intervals
-
-    return float(roc_auc_score(labels, scores))
-
-
-def _supervised_head(columns: np.ndarray, names: list[str], labels: np.ndarray, chosen: np.ndarray,
-                     seed: int) -> dict[str, Any]:
-    """Fit the head out of fold and compare it with the unsupervised choice on the same labelled samples."""
-    from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-
-    n_pos = int(labels.sum())
-    n_neg = len(labels) - n_pos
-    if min(n_pos, n_neg) < 5:
-        return {"used": False, "reason": f"needs 5+ labelled anomalies and normals, got {n_pos} and {n_neg}"}
-    folds = StratifiedKFold(n_splits=min(5, n_pos, n_neg), shuffle=True, random_state=seed)
-    cs = [0.01, 0.1, 1.0]  # strong regularisation: a few labelled defects must not be memorised
-    inner = LogisticRegressionCV(Cs=cs, cv=3, scoring="roc_auc", class_weight="balanced", max_iter=1000)
-    oof = cross_val_predict(inner, columns, labels, cv=folds, method="predict_proba")[:, 1]
-    head_auc, base_auc = _auc(oof, labels), _auc(chosen, labels)
-    rng = np.random.default_rng(seed)
-    head_ci = _bootstrap(lambda i: _auc(oof[i], labels[i]), len(labels), rng, labels)
-    diff_ci = _bootstrap(lambda i: _auc(oof[i], labels[i]) - _auc(chosen[i], labels[i]), len(labels), rng, labels)
-    used = head_auc > base_auc
-    out = {"used": used, "auroc": head_auc, "auroc_ci95": list(head_ci), "unsupervised_auroc": base_auc,
-           "difference_ci95": list(diff_ci), "features": list(names), "validation": "out-of-fold (stratified "
-           f"{folds.n_splits}-fold), C chosen by inner 3-fold CV among {cs}",
-           "reason": ("its out-of-fold AUROC beats the unsupervised choice" if used else
-                      "its out-of-fold AUROC does not beat the unsupervised choice")}
-    if used:
-        final = LogisticRegressionCV(Cs=cs, cv=folds, scoring="roc_auc", class_weight="balanced",
-                                     max_iter=1000).fit(columns, labels)
-        out["coef"] = [float(c) for c in final.coef_[0]]
-        out["intercept"] = float(final.intercept_[0])
-        out["C"] = float(final.C_[0])
-    return out
 
 
 def select_experts(
@@ -311,6 +178,7 @@ def select_experts(
     backbone: str | None = None,
     max_members: int = 3,
     supervised_head: bool = True,
+    keep_candidates: bool = False,
     selection_share: float = 0.3,
     holdout: float = 0.2,
     seed: int = 51,
@@ -347,6 +215,8 @@ def select_experts(
         backbone: timm backbone (default: the offline EfficientNet-Lite).
         max_members: the largest ensemble tried.
         supervised_head: with 5+ labelled anomalies and normals, try the logistic-regression head.
+        keep_candidates: keep the candidates that were not chosen as experts of their own (to score and compare
+            them); by default they are deleted.
         selection_share: share of ``train_view`` held out for synthetic anomalies when ``val_view`` is None.
         holdout: each candidate's held-out share for calibration.
         seed: seed of the splits, fits and synthetic anomalies.
@@ -358,7 +228,8 @@ def select_experts(
         progress: FiftyOne progress convention (passed to each candidate's fit).
 
     Returns:
-        The recorded :class:`Expert`; its ``options["selection"]`` holds the table (:func:`format_selection`).
+        The recorded :class:`Expert`; its ``options["selection"]`` holds the table
+        (:func:`~.selection_report.format_selection`).
 
     Raises:
         ValueError: before any fit: a bad key or an existing one, an empty or non-image view, unknown
@@ -381,7 +252,7 @@ def select_experts(
     n_train = train_view.count()
     cands = _candidates(candidates, int(image_size), backbone, int(n_train * (1 - selection_share) * (1 - holdout)))
     size = max(c.image_size for c in cands)
-    val, fit_view = _validation_set(train_view, val_view, gt_field, positive, synthetic, selection_share, seed, size)
+    val, fit_view = validation_set(train_view, val_view, gt_field, positive, synthetic, selection_share, seed, size)
 
     # the budget: every candidate's cost estimated from a timed forward pass of its backbone
     bb = backbone or fbb.default_offline_backbone() or "resnet18"
@@ -446,13 +317,14 @@ def select_experts(
     head_info = {"used": False, "reason": "no labelled anomalies" if val.mode == "synthetic" else "switched off"}
     if val.mode == "labelled" and supervised_head:
         names = list(columns)
-        head_info = _supervised_head(np.stack([columns[n] for n in names], axis=1), names, val.labels,
+        head_info = fit_supervised_head(np.stack([columns[n] for n in names], axis=1), names, val.labels,
                                      np.mean([columns[n] for n in members], axis=0), seed)
         if head_info["used"]:
             members = names
             head = {"members": names, "coef": head_info["coef"], "intercept": head_info["intercept"]}
 
-    delete_expert_runs(dataset, [f"{key}__{n}" for n in columns if n not in members])
+    if not keep_candidates:
+        delete_expert_runs(dataset, [f"{key}__{n}" for n in columns if n not in members])
     member_keys = [f"{key}__{n}" for n in members]
     common = None
     for m in member_keys:
@@ -476,36 +348,3 @@ def select_experts(
         kind=("head over " if head else "selected: ") + " + ".join(members), threshold=threshold,
         threshold_param=threshold_param, batch_size=batch_size, seed=seed, device=device, progress=progress,
         selection=selection, head=head)
-
-
-def selection_table(samples, key: str) -> dict[str, Any] | None:
-    """The selection recorded with expert ``key`` by :func:`select_experts` (None for an expert chosen otherwise)."""
-    return load_expert(samples, key).options.get("selection")
-
-
-def format_selection(samples, key: str) -> str:
-    """The candidate table of expert ``key`` as text (one line per candidate, then the choice)."""
-    sel = selection_table(samples, key)
-    if not sel:
-        return f"expert {key!r} was not chosen by select_experts"
-    lines = [f"validated on {sel['validation']} anomalies ({sel['num_anomalous']} anomalous, "
-             f"{sel['num_normal']} normal); ranked by {sel['objective']}"]
-    for r in sel["candidates"]:
-        if r["status"] != "fitted":
-            lines.append(f"  {r['candidate']:<22} {r['status']}: {r.get('error')}")
-            continue
-        parts = [f"AUROC {r['auroc']:.3f}"]
-        if "local_auroc" in r:
-            parts.append(f"local {r['local_auroc']:.3f} global {r['global_auroc']:.3f}")
-        if r.get("ap") is not None:
-            parts.append(f"AP {r['ap']:.3f}")
-        lines.append(f"  {r['candidate']:<22} " + ", ".join(parts) + f" (fit {r['fit_s']} s)")
-    c = sel["chosen"]
-    lines.append(f"chosen: {' + '.join(c['members'])} (objective {c['objective']:.3f})")
-    h = sel["head"]
-    if h.get("auroc") is not None:
-        lines.append(f"supervised head: AUROC {h['auroc']:.3f} [{h['auroc_ci95'][0]:.3f}, {h['auroc_ci95'][1]:.3f}] "
-                     f"vs {h['unsupervised_auroc']:.3f}: {'used' if h['used'] else 'not used'} ({h['reason']})")
-    else:
-        lines.append(f"supervised head: not used ({h['reason']})")
-    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""The table :func:`~fiftyone_anomaly_vlm.select_experts` records with the expert it chose: read back, as text
+(scripts) and as markdown (the App's form).
+
+Example:
+    >>> print(fav.format_selection(ds, "auto_ens"))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .record import load_expert
+
+
+def selection_table(samples, key: str) -> dict[str, Any] | None:
+    """The selection recorded with expert ``key`` by :func:`select_experts` (None for an expert chosen otherwise)."""
+    return load_expert(samples, key).options.get("selection")
+
+
+def format_selection(samples, key: str) -> str:
+    """The candidate table of expert ``key`` as text (one line per candidate, then the choice)."""
+    sel = selection_table(samples, key)
+    if not sel:
+        return f"expert {key!r} was not chosen by select_experts"
+    lines = [f"validated on {sel['validation']} anomalies ({sel['num_anomalous']} anomalous, "
+             f"{sel['num_normal']} normal); ranked by {sel['objective']}"]
+    for r in sel["candidates"]:
+        if r["status"] != "fitted":
+            lines.append(f"  {r['candidate']:<22} {r['status']}: {r.get('error')}")
+            continue
+        parts = [f"AUROC {r['auroc']:.3f}"]
+        if "local_auroc" in r:
+            parts.append(f"local {r['local_auroc']:.3f} global {r['global_auroc']:.3f}")
+        if r.get("ap") is not None:
+            parts.append(f"AP {r['ap']:.3f}")
+        lines.append(f"  {r['candidate']:<22} " + ", ".join(parts) + f" (fit {r['fit_s']} s)")
+    c = sel["chosen"]
+    lines.append(f"chosen: {' + '.join(c['members'])} (objective {c['objective']:.3f})")
+    h = sel["head"]
+    if h.get("auroc") is not None:
+        lines.append(f"supervised head: AUROC {h['auroc']:.3f} [{h['auroc_ci95'][0]:.3f}, {h['auroc_ci95'][1]:.3f}] "
+                     f"vs {h['unsupervised_auroc']:.3f}: {'used' if h['used'] else 'not used'} ({h['reason']})")
+    else:
+        lines.append(f"supervised head: not used ({h['reason']})")
+    return "\n".join(lines)
+
+
+def selection_markdown(samples, key: str) -> str | None:
+    """The candidate table of expert ``key`` as a markdown table (None when ``key`` was not chosen by
+    :func:`select_experts`); the App's form shows it."""
+    try:
+        sel = selection_table(samples, key)
+    except (ValueError, FileNotFoundError):
+        return None
+    if not sel:
+        return None
+    synthetic = sel["validation"] == "synthetic"
+    head = "| candidate | status | AUROC | " + ("local | global |" if synthetic else "AP |") + " fit s |"
+    lines = [f"**{key}**: chosen **{' + '.join(sel['chosen']['members'])}** on {sel['validation']} anomalies "
+             f"({sel['num_anomalous']} anomalous, {sel['num_normal']} normal)", "", head,
+             "|---|---|---:|" + ("---:|---:|" if synthetic else "---:|") + "---:|"]
+    for r in sel["candidates"]:
+        if r["status"] != "fitted":
+            cells = ["", ""] if synthetic else [""]
+            lines.append(f"| {r['candidate']} | {r['status']}: {r.get('error', '')} | | " + " | ".join(cells) + " | |")
+            continue
+        cells = ([f"{r['local_auroc']:.3f}", f"{r['global_auroc']:.3f}"] if synthetic else [f"{r['ap']:.3f}"])
+        lines.append(f"| {r['candidate']} | fitted | {r['auroc']:.3f} | " + " | ".join(cells) + f" | {r['fit_s']} |")
+    h = sel["head"]
+    lines += ["", f"Supervised head: {'used' if h['used'] else 'not used'} ({h['reason']})"
+              + (f", AUROC {h['auroc']:.3f} [{h['auroc_ci95'][0]:.3f}, {h['auroc_ci95'][1]:.3f}]"
+                 if h.get("auroc") is not None else "")]
+    return "\n".join(lines)

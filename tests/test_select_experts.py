@@ -1,0 +1,189 @@
+"""Global experts and choosing experts by evidence (issue #22).
+
+The texture-statistics expert fits, scores, calibrates and reloads like any anomalib expert; DFKDE with too few
+training images fails with a clear error before fitting; ``select_experts`` ranks candidates on synthetic
+anomalies (no labels) and on labelled ones, lists a candidate that fails and goes on, records the chosen
+expert with its table; the supervised head is switched on only when it beats the unsupervised choice; the bad
+inputs of the issue fail before anything is fitted; the operator runs from the App and its form shows the table.
+All on a tiny generated texture set (48 px) with the offline EfficientNet-Lite backbone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fiftyone as fo
+from fiftyone import ViewField as F
+
+import fiftyone_anomaly_vlm as fav
+from fiftyone_anomaly_vlm.datasets import make_texture_dataset
+from fiftyone_anomaly_vlm.experts.head import fit_supervised_head
+from fiftyone_anomaly_vlm.experts.synthetic import KINDS, synthetic_anomalies
+from fiftyone_anomaly_vlm.images import DecodedImages
+from fiftyone_anomaly_vlm.metrics import auroc
+from test_panel_browser import (_input_after_label, _notification, _text, _wait, browser,  # noqa: F401 - fixture
+                                open_operator_form, run_operator, save_png, served_app)
+
+try:
+    from selenium.webdriver.common.keys import Keys
+except ImportError:  # the browser test skips, saying why (test_panel_browser.browser)
+    pass
+
+SIZE = 48
+COMMON = dict(image_size=SIZE, device="cpu", budget_s=3600)
+TEXTURE = {"name": "texture", "model": "texturestats", "model_kwargs": {"layers": ["blocks.2", "blocks.4"]}}
+
+
+@pytest.fixture(scope="module")
+def textures():
+    """Tiny texture set: 24 good (12 train), 6 per defect kind."""
+    ds = make_texture_dataset("fav-select-textures", num_normal=24, num_per_defect=6, size=SIZE, seed=1)
+    yield ds
+    fo.delete_dataset(ds.name)
+
+
+@pytest.fixture(scope="module")
+def selected(textures):
+    """select_experts on synthetic anomalies: the texture expert, PaDiM and a DFKDE that cannot fit."""
+    ds = textures
+    bad = {"name": "dfkde_bad", "model": "dfkde", "model_kwargs": {"n_pca_components": 500}}
+    fav.select_experts(ds.match_tags("good"), candidates=[TEXTURE, "padim", bad], key="auto", selection_share=0.4,
+                       keep_candidates=True, **COMMON)
+    return ds
+
+
+def test_selection_on_synthetic_anomalies_records_the_table(selected):
+    ds = selected
+    sel = fav.selection_table(ds, "auto")
+    assert sel["validation"] == "synthetic" and set(sel["generators"]) == set(KINDS)
+    rows = {r["candidate"]: r for r in sel["candidates"]}
+    assert rows["dfkde_bad"]["status"] == "failed" and "needs 500+ training images" in rows["dfkde_bad"]["error"]
+    for name in ("texture", f"padim_{SIZE}"):
+        r = rows[name]
+        assert r["status"] == "fitted" and set(r["per_kind"]) == set(KINDS)
+        assert 0 <= r["local_auroc"] <= 1 and 0 <= r["global_auroc"] <= 1 and r["fit_s"] > 0
+    # the chosen option is the best of the singles and ensembles tried (fewest members on a tie)
+    best = max(t["objective"] for t in sel["ensembles"])
+    assert sel["chosen"]["objective"] == pytest.approx(best)
+    members = [f"auto__{m}" for m in sel["chosen"]["members"]]
+    config = ds.get_run_info("auto_expert").config
+    assert config.members == {"*": members} and config.owned_members == members and config.head is None
+    # keep_candidates: the candidates not chosen stay experts of their own, not owned by the choice
+    assert set(fav.list_experts(ds)) == {"auto", "auto__texture", f"auto__padim_{SIZE}"}
+    assert sel["head"] == {"used": False, "reason": "no labelled anomalies"}
+    text = fav.format_selection(ds, "auto")
+    assert "dfkde_bad" in text and "chosen:" in text
+    # the chosen expert scores like any expert: global defects stand out
+    test = ds.match_tags("train", bool=False)
+    fav.score(test, expert="auto", progress=False)
+    scores, labels, kinds = test.values(["auto_score", "ground_truth.label", "defect_type"])
+    normal = np.array([lab == "normal" for lab in labels])
+    colour = normal | np.array([k == "colour" for k in kinds])
+    assert auroc(np.array(scores)[colour], ~normal[colour]) > 0.8
+
+
+def test_texture_expert_fits_scores_calibrates_and_reloads(selected):
+    ds = selected
+    # fitted as a candidate through fit_expert: an ordinary anomalib expert run, built by name (texturestats)
+    spec = fav.load_expert(ds, "auto__texture")
+    assert spec.model_class.endswith("texture_stats.TextureStats")
+    assert spec.options["layers"] == ["blocks.2", "blocks.4"]
+    cal = spec.options["calibration"]
+    assert cal["rule"] == "far" and len(cal["image_scores"]) == spec.options["num_holdout"]
+    model = spec.load("cpu")
+    paths = ds.match_tags("train", bool=False).values("filepath")[:6]
+    images = torch.stack(list(DecodedImages(paths, (SIZE, SIZE))))
+    first = model.predict(images)
+    again = fav.load_expert(ds, "auto__texture").load("cpu").predict(images)
+    assert torch.allclose(first.raw_score, again.raw_score) and first.raw_score.min() >= 0
+    assert first.raw_map.shape == (6, SIZE, SIZE)  # image-level: a flat map at the image score
+    assert torch.allclose(first.raw_map[:, 0, 0], first.raw_score)
+    # ensemble-able with a patch expert (calibrated scores averaged)
+    fav.ensemble_experts(ds, ["auto__texture", f"auto__padim_{SIZE}"], key="tex_padim", device="cpu")
+    assert fav.load_expert(ds, "tex_padim").load("cpu").predict(images).raw_score.shape == (6,)
+
+
+def test_dfkde_with_too_few_training_images_fails_before_fitting(textures):
+    with pytest.raises(ValueError, match=r"dfkde needs 16\+ training images and \d+ remain"):
+        fav.fit_expert(textures.match_tags("train"), model="dfkde", key="dfkde", image_size=SIZE, device="cpu")
+    assert "dfkde_expert" not in textures.list_runs()
+
+
+def test_selection_on_labelled_anomalies_and_the_head_stays_off(textures):
+    ds = textures
+    rest = ds.match_tags("train", bool=False)
+    val = rest.match(F("defect_type") != "speck")  # 12 good, 6 grain, 6 colour: the texture expert separates them
+    fav.select_experts(ds.match_tags("train"), val, candidates=[TEXTURE], key="lab", **COMMON)
+    sel = fav.selection_table(ds, "lab")
+    assert sel["validation"] == "labelled" and sel["generators"] is None
+    assert (sel["num_anomalous"], sel["num_normal"]) == (12, 12)
+    row = sel["candidates"][0]
+    assert row["status"] == "fitted" and row["ap"] > 0.5 and "local_auroc" not in row
+    head = sel["head"]
+    # the head cannot beat a choice that already ranks the labelled samples (nearly) perfectly: switched off
+    assert head["unsupervised_auroc"] >= head["auroc"] and head["used"] is False
+    assert head["auroc_ci95"][0] <= head["auroc"] <= head["auroc_ci95"][1]
+    assert ds.get_run_info("lab_expert").config.head is None
+
+
+def test_supervised_head_is_switched_on_only_when_it_beats_the_mean():
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 20 + [1] * 10)
+    good = y + rng.normal(0, 0.3, y.size)
+    # two candidates that err in opposite directions: their mean ranks no better than chance, a weighted sum does
+    cols = np.stack([good, -good + rng.normal(0, 0.05, y.size)], axis=1)
+    on = fit_supervised_head(cols, ["a", "b"], y, cols.mean(axis=1), seed=0)
+    assert on["used"] and on["auroc"] > 0.9 > on["unsupervised_auroc"] and len(on["coef"]) == 2
+    off = fit_supervised_head(cols, ["a", "b"], y, y.astype(float), seed=0)  # the choice is already perfect
+    assert not off["used"] and "coef" not in off
+    few = fit_supervised_head(cols[:24], ["a", "b"], y[:24], cols[:24, 0], seed=0)  # 4 anomalies
+    assert not few["used"] and "needs 5+" in few["reason"]
+
+
+def test_synthetic_anomalies_are_reproducible_and_change_the_image():
+    img = torch.rand(3, 32, 32)
+    a, kinds = synthetic_anomalies([img], seed=3)
+    b, _ = synthetic_anomalies([img], seed=3)
+    assert kinds == list(KINDS) and all(torch.equal(x, z) for x, z in zip(a, b))
+    assert all((x - img).abs().mean() > 1e-3 for x in a)
+
+
+def test_bad_inputs_fail_before_anything_is_fitted(textures):
+    ds = textures
+    train, good_rest = ds.match_tags("train"), ds.match_tags("good").match_tags("train", bool=False)
+    with pytest.raises(ValueError, match="synthetic=False"):
+        fav.select_experts(train, good_rest, candidates=[TEXTURE], key="bad", synthetic=False, **COMMON)
+    with pytest.raises(ValueError, match="synthetic=False"):
+        fav.select_experts(train, None, candidates=[TEXTURE], key="bad", synthetic=False, **COMMON)
+    anomalous = ds.match(F("ground_truth.label") == "anomalous")
+    with pytest.raises(ValueError, match="are 'anomalous'"):
+        fav.select_experts(train, anomalous, candidates=[TEXTURE], key="bad", **COMMON)
+    with pytest.raises(ValueError, match="too small for any candidate"):
+        fav.select_experts(train, candidates=[TEXTURE], key="bad", image_size=SIZE, device="cpu", budget_s=0.01)
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        fav.select_experts(train, candidates=["nope"], key="bad", **COMMON)
+    assert not [k for k in ds.list_runs() if k.startswith("bad")]
+
+
+def test_select_experts_from_the_app_shows_the_table(textures, browser):
+    ds, driver = textures, browser
+    with served_app(driver, ds) as session:
+        session.view = ds.match_tags("good")
+        _wait("the good view", lambda: f"{ds.match_tags('good').count()} samples" in _text(driver), 30)
+        run_operator(driver, "choose experts", "Anomaly: choose experts by evidence",
+                     texts={"Candidate models (comma-separated; empty: auto)": "texturestats", "Image size": str(SIZE),
+                            "Expert key": "app_sel"})
+        _notification(driver, "Expert 'app_sel' chosen", timeout=240)
+        ds.reload()
+        sel = fav.selection_table(ds, "app_sel")
+        assert sel["validation"] == "synthetic" and sel["candidates"][0]["candidate"] == f"texturestats_{SIZE}"
+        open_operator_form(driver, "choose experts", "Anomaly: choose experts by evidence")
+        field = _input_after_label(driver, "Expert key")
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys("app_sel")  # the form shows the table of the expert recorded under the key
+        _wait("the candidate table in the form", lambda: "chosen texturestats_48 on synthetic anomalies"
+              in _text(driver), 30)
+        assert "Supervised head: not used (no labelled anomalies)" in _text(driver)
+        save_png(driver, "app-select-experts-table")
