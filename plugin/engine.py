@@ -21,6 +21,10 @@ and what one batch writes); the engine does the rest the same way for all of the
    is lost and the next call resumes;
 7. **finish**: counts (:class:`RunStats`) and the job's own final step.
 
+A run split into shards (``shard=(i, n)``, :mod:`~fiftyone_anomaly_vlm.shards`) does the same on the samples of
+its shard (a hash of the sample id), under a lease of its own (key, shard); its state and progress go to the run's
+shard ledger, and the shard that completes the set does step 7 for the whole view and stores the run's totals.
+
 Example:
     >>> stats = run_job(view, ScoreJob(expert, ...), key="padim", overwrite=False)
     >>> stats.num_done, stats.num_skipped, stats.num_errors
@@ -31,6 +35,7 @@ from __future__ import annotations
 import itertools
 from abc import ABC, abstractmethod
 import logging
+import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +47,7 @@ import fiftyone.core.utils as fou
 from ._common import check_key  # noqa: F401 - re-exported: the engine's key rule
 from .fields import FieldSpec
 from .leases import RunLease
+from .shards import check_shard, complete_shard, in_shard, set_shard, shard_ids, start_shard, store_totals
 from .writers import BatchOutput, OrderedWriter, declare_fields
 
 logger = logging.getLogger(__name__)
@@ -211,7 +217,8 @@ def clear_fields(samples, specs: list[FieldSpec], done_field: str) -> None:
             samples.clear_frame_fields(frames)
 
 
-def run_job(samples, job: Job, key: str, *, overwrite: bool = False, progress: bool | Any = None) -> RunStats:
+def run_job(samples, job: Job, key: str, *, overwrite: bool = False, progress: bool | Any = None,
+            shard: tuple[int, int] | None = None) -> RunStats:
     """Run ``job`` on ``samples`` under the run ``key`` (see the module docstring for the steps).
 
     Args:
@@ -220,38 +227,77 @@ def run_job(samples, job: Job, key: str, *, overwrite: bool = False, progress: b
         key: the run key (already checked with :func:`check_key`).
         overwrite: replace the run's results on these samples (and its record), whatever wrote them.
         progress: FiftyOne progress convention: None/True/False, or a callable taking a ``ProgressBar``.
+        shard: ``(index, count)``: work on that shard of ``samples`` only (see the module docs).
 
     Returns:
-        :class:`RunStats`.
+        :class:`RunStats` (of the shard, for a shard).
+
+    Raises:
+        ValueError: a bad ``shard``, or ``overwrite`` with ``shard`` (clear the run on the whole view first).
     """
     dataset = samples._root_dataset
+    if shard is not None:
+        shard = check_shard(shard)
+        if overwrite:
+            raise ValueError("overwrite=True with shard=...: a shard cannot clear the run for the other shards; "
+                             "score again with overwrite=True and shards=N (it clears the run once), or "
+                             "delete the run first")
+        dataset._doc.reload("runs")  # runs registered by the other shards' processes
     check_run_key(dataset, key, job, overwrite)
     stats = RunStats(num_samples=samples.count())
-    with RunLease(dataset, key, job.verb):
+    with RunLease(dataset, key, job.verb, shard=shard):
         selected = job.select(samples)
         if overwrite:
             clear_fields(selected, job.fields, job.done_field)
-        record_run(dataset, key, job.config())
+        if shard is None or key not in dataset.list_runs():  # a shard keeps the record its siblings share
+            record_run(dataset, key, job.config())
         declare_fields(dataset, job.fields)
         job.setup(dataset)
-        stats.num_selected = selected.count()
         todo = selected if overwrite else selected.exists(job.done_field, False)
         columns = job.columns()
         rows = dict(zip(columns, todo.values(columns)))
+        if shard is None:
+            stats.num_selected = selected.count()
+        else:
+            keep = [in_shard(sid, *shard) for sid in rows["id"]]
+            rows = {name: [v for v, k in zip(values, keep) if k] for name, values in rows.items()}
+            stats.num_selected = len(shard_ids(selected.values("id"), *shard))
+            start_shard(dataset, key, shard[0], shard[1], stats.num_selected)
         n = len(rows[columns[0]])
         stats.num_skipped = stats.num_selected - n
-        if n:
-            writer = OrderedWriter(dataset, job.fields, job.error_field, job.done_field)
-            with writer, fou.ProgressBar(total=n, progress=progress) as pb, \
-                    Prefetch(job.prepare, job.batches(rows), job.prefetch,
-                             name=f"fav-{job.verb}-prepare") as prepared_items:
-                for prepared in prepared_items:
-                    out = job.compute(prepared)
-                    writer.submit(out)
-                    stats.add(out)
-                    pb.update(out.size)
-        job.finish(samples, stats)
+        try:
+            if n:
+                _batch_loop(dataset, job, rows, n, stats, progress, key, shard)
+        except BaseException as exc:
+            if shard is not None:
+                set_shard(dataset, key, shard[0], state="failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+        if shard is None:
+            job.finish(samples, stats)
+        elif complete_shard(dataset, key, shard[0], stats.num_errors):  # the last shard finishes the run
+            job.finish(samples, stats)
+            store_totals(dataset, key, {"num_samples": stats.num_samples, "num_done": samples.count(job.done_field),
+                                        "num_errors": samples.count(job.error_field), **dict(stats.counts)})
     return stats
+
+
+def _batch_loop(dataset, job: Job, rows: dict[str, list], n: int, stats: RunStats, progress, key: str,
+                shard: tuple[int, int] | None) -> None:
+    """Compute and write the batches of ``rows`` (a shard's progress goes to its ledger every 2 s)."""
+    writer = OrderedWriter(dataset, job.fields, job.error_field, job.done_field)
+    last = time.monotonic()
+    with writer, fou.ProgressBar(total=n, progress=progress) as pb, \
+            Prefetch(job.prepare, job.batches(rows), job.prefetch,
+                     name=f"fav-{job.verb}-prepare") as prepared_items:
+        for prepared in prepared_items:
+            out = job.compute(prepared)
+            writer.submit(out)
+            stats.add(out)
+            pb.update(out.size)
+            if shard is not None and time.monotonic() - last > 2.0:
+                last = time.monotonic()
+                set_shard(dataset, key, shard[0], done=stats.num_skipped + stats.num_done + stats.num_errors,
+                          num_errors=stats.num_errors)
 
 
 class Prefetch:

@@ -35,7 +35,7 @@ import fiftyone as fo
 import fiftyone.utils.image as foui
 
 from ._common import check_image_collection, check_key, default_output_dir
-from .engine import BatchOutput, Job, check_positive_int, run_job
+from .engine import BatchOutput, Job, check_positive_int, clear_fields, run_job
 from .experts import Expert, load_expert
 from .fields import FieldNames
 from .calibration import Calibration, calibrated_arrays
@@ -45,6 +45,10 @@ from .native import at_map_sizes, map_size, native_loader
 from .regions import RegionRule, check_min_area, declare_region_attributes, image_size_of
 from .runs import EXPERT_METHODS, AnomalyScoreRunConfig
 from .runs.score import remove_orphaned_pngs
+from .shards import QueuedShards, queue_shards
+
+#: the score operator that ``score(..., shards=N)`` queues (``fiftyone.yml``'s plugin name / operator name)
+SCORE_OPERATOR = "@anomaly-vlm/anomaly-vlm/score_anomalies"
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +243,9 @@ def score(
     overwrite: bool = False,
     min_region_area: float = 0.0,
     progress: bool | Any = None,
-) -> ScoreResults:
+    shard: tuple[int, int] | None = None,
+    shards: int | None = None,
+) -> ScoreResults | QueuedShards:
     """Score every sample of ``samples`` with a fitted expert and record the run ``key``.
 
     Args:
@@ -256,9 +262,15 @@ def score(
             the image in ``[0, 1)`` (0.001 = 0.1 %; 0 keeps every region). Recorded on the run and used again
             by :func:`set_threshold`.
         progress: FiftyOne progress convention: None/True/False, or a callable taking a ``ProgressBar``.
+        shard: ``(index, count)``: score only that shard of ``samples`` (a hash of the sample id, see
+            :mod:`~fiftyone_anomaly_vlm.shards`), e.g. from your own job scheduler; every shard writes the one
+            run ``key``, the one that completes the set counts the flagged samples of the whole view.
+        shards: queue this many delegated operations, one per shard, and return at once
+            (:class:`~fiftyone_anomaly_vlm.shards.QueuedShards`); ``fiftyone delegated launch`` workers run them.
 
     Returns:
-        :class:`ScoreResults` with counts.
+        :class:`ScoreResults` with counts (of the shard, for ``shard``), or
+        :class:`~fiftyone_anomaly_vlm.shards.QueuedShards` for ``shards``.
 
     Raises:
         ValueError: empty view, non-image media, bad key, batch size or ``min_region_area``, unknown expert, or ``key`` already
@@ -275,6 +287,11 @@ def score(
     spec = resolve_expert(samples, expert)
     key = check_key(key or spec.key)
     dataset = samples._root_dataset
+    if shards is not None:
+        return _queue_score_shards(samples, spec, key, shards, shard, overwrite, device=device,
+                                   batch_size=batch_size, min_region_area=min_region_area)
+    if shard is not None:
+        dataset._doc.reload("runs")  # the run as the other shards' processes recorded it
     if key in dataset.list_runs() and dataset.get_run_info(key).config.method in EXPERT_METHODS:
         owner = getattr(dataset.get_run_info(key).config, "expert", key)
         raise ValueError(f"key {key!r} holds the record of expert {owner!r}; choose another key for the scores")
@@ -293,10 +310,28 @@ def score(
                    history=_history(recorded, calibration, overwrite),
                    previous_dirs=recorded.output_dirs if isinstance(recorded, AnomalyScoreRunConfig) else [],
                    min_region_area=min_region_area)
-    stats = run_job(samples, job, key, overwrite=overwrite, progress=progress)
+    stats = run_job(samples, job, key, overwrite=overwrite, progress=progress, shard=shard)
     return ScoreResults(key=key, fields=job.names, num_samples=n_total, num_scored=stats.num_done,
                         num_skipped=stats.num_skipped, num_errors=stats.num_errors,
                         num_flagged=stats.counts["flagged"], output_dir=out_dir, errors=stats.errors)
+
+
+def _queue_score_shards(samples, spec: Expert, key: str, shards: int, shard, overwrite: bool,
+                        **params: Any) -> QueuedShards:
+    """``score(..., shards=N)``: queue one delegated score operation per shard (``overwrite`` clears the run's
+    fields on ``samples`` once, here, before any shard starts, and forgets its record, so the shards record the
+    new expert fit; values outside ``samples`` stay)."""
+    shards = check_positive_int("shards", shards)
+    if shard is not None:
+        raise ValueError("pass shard=(i, n) (run one shard here) or shards=N (queue N shards), not both")
+    dataset = samples._root_dataset
+    if overwrite and key in dataset.list_runs():
+        if dataset.get_run_info(key).config.method != ScoreJob.method:
+            raise ValueError(f"key {key!r} is already used by a run of another kind; choose another key")
+        names = FieldNames(key)
+        clear_fields(samples, names.specs(), names.score)
+        fo.core.runs.Run.delete_run(dataset, key, cleanup=False)
+    return queue_shards(samples, SCORE_OPERATOR, dict(expert=spec.key, **params), key, shards)
 
 
 def _history(recorded, calibration: Calibration | None, overwrite: bool) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ Example:
 """
 
 from ..runs import run_owned_fields
-from .queries import flagged_view, raw_threshold, run_errors, score_histogram, threshold_counts
+from .queries import create_review_indexes, flagged_view, raw_threshold, run_errors, score_histogram, threshold_counts
 from .targets import (FUSED_SUFFIX, ReviewTarget, calibration_of, default_threshold, review_target, run_fields,
                       scoring_runs)
 from .verdicts import (REVIEW_FIELD, REVIEWED_TAG, VERDICTS, recalibrate_from_review, recalibration_caution,
@@ -19,6 +19,7 @@ from .verdicts import (REVIEW_FIELD, REVIEWED_TAG, VERDICTS, recalibrate_from_re
                        threshold_caution)
 
 __all__ = ["FUSED_SUFFIX", "REVIEWED_TAG", "REVIEW_FIELD", "ReviewTarget", "VERDICTS", "calibration_of",
+           "create_review_indexes",
            "default_threshold", "flagged_view", "raw_threshold", "recalibrate_from_review", "recalibration_caution",
            "refit_with_reviewed", "review", "review_target", "reviewed_anomalies", "reviewed_normals", "run_errors",
            "run_fields", "run_owned_fields", "score_histogram", "scoring_runs", "set_calibrated_threshold",

@@ -23,6 +23,7 @@ from fiftyone.operators.delegated import DelegatedOperationService
 
 from ..runs import (CLIP_METHOD, COMPOSITE_METHOD, EVALUATION_METHOD, EXPERT_METHOD, JUDGE_EVAL_METHOD, JUDGE_METHOD,
                     QUESTIONS_METHOD, SCORE_METHOD, VIDEO_METHOD, recorded_config)
+from ..shards import sharded_run
 
 #: the kind shown for each run method of the plugin (runs of other methods are not listed)
 RUN_KINDS = {
@@ -115,7 +116,8 @@ def _run_detail(dataset, key: str, config) -> str:
         done = dataset.count(key) if key in schema else 0
         errors = dataset.count(f"{key}_error") if f"{key}_error" in schema else 0
         word = {SCORE_METHOD: "scored", JUDGE_METHOD: "judged", VIDEO_METHOD: "videos scored"}[method]
-        return f"{done} {word}, {errors} errors"
+        split = sharded_run(dataset, key)  # a run split into shards: how far its shards are
+        return f"{done} {word}, {errors} errors" + (f" ({split.describe()})" if split is not None else "")
     if method in (EXPERT_METHOD, COMPOSITE_METHOD, CLIP_METHOD):
         train, holdout = getattr(config, "num_train", None), getattr(config, "num_holdout", None)
         return ", ".join(([f"trained on {train}"] if train is not None else [])

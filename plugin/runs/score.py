@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from ..fields import FieldNames
+from ..shards import forget_shards
 from .base import SCORE_METHOD, AnomalyRunConfig, FieldsRun, remove_owned_dir
 
 
@@ -90,6 +91,7 @@ class AnomalyScoreRun(FieldsRun):
     def cleanup(self, samples, key):  # noqa: D102
         super().cleanup(samples, key)
         dataset = samples._root_dataset
+        forget_shards(dataset, key)
         mask_field = FieldNames(key).mask
         if mask_field in dataset.mask_targets:
             dataset.mask_targets.pop(mask_field)
