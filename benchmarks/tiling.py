@@ -89,6 +89,9 @@ def _peak_child(dataset: str, key: str, path: str) -> dict:
     code = f"""
 import json, os, sys, threading, time
 sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+import torch
+if os.environ.get("FAV_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["FAV_BENCH_THREADS"]))
 import fiftyone as fo, fiftyone_anomaly_vlm as fav
 def rss():
     with open("/proc/self/statm") as f:
@@ -127,7 +130,15 @@ def main() -> None:
     parser.add_argument("--elpv-tiled", action="store_true", help="ELPV with tiling on too (4 tiles a cell: "
                         "four times the CPU time of the off row)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (0: torch's default); on shared cores more than 1 makes timings "
+                             "swing up to 20x (OpenMP threads spin while other processes hold the cores)")
     args = parser.parse_args()
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        os.environ["FAV_BENCH_THREADS"] = str(args.threads)
 
     import logging
 
@@ -201,8 +212,8 @@ def main() -> None:
         print(f"peak memory scoring one {args.large}x{args.large} image, tiling {'on' if key == 'tiled' else 'off'}: "
               + (f"+{m['peak_mb']:.0f} MB resident at peak (above {m['before_mb']:.0f} MB with the expert loaded), "
                  f"{m['seconds']:.1f} s" if "peak_mb" in m else f"not run: {m['error']}"))
-    print(f"(tile {args.tile}, stride {args.stride}; off: whole image resized to {args.image_size}; "
-          f"{os.cpu_count()} CPU cores shared with other jobs: compare quality, not seconds)")
+    print(f"(tile {args.tile}, stride {args.stride}; off: whole image resized to {args.image_size}; torch threads "
+          f"{args.threads or 'default'}; {os.cpu_count()} CPU cores shared with other jobs: compare quality, not seconds)")
 
 
 if __name__ == "__main__":
