@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 
 import numpy as np
 import pytest
@@ -18,8 +19,9 @@ import fiftyone as fo
 
 import fiftyone_anomaly_vlm as fav
 from fiftyone_anomaly_vlm.judging import JudgeFieldNames, fuse_scores
-from fiftyone_anomaly_vlm.models.judge.base import JudgeRequest
+from fiftyone_anomaly_vlm.models.judge.base import BackendUnavailable, JudgeRequest
 from fiftyone_anomaly_vlm.models.judge.openai_compat import OpenAICompatBackend
+from fiftyone_anomaly_vlm.operators.judge import backend_from_params
 from fiftyone_anomaly_vlm.runs import JudgeRunConfig
 
 SECRET = "sk-h21-very-secret-0123456789abcdef"
@@ -140,3 +142,17 @@ def test_rank_fusion_does_not_depend_on_the_split(fitted):
     e, v = view.values(["padim_score", "whole_p_anomalous"])
     assert list(whole.values()) == pytest.approx(fuse_scores(np.array(e), np.array(v), "rank").tolist())
     assert fo.dataset_exists(fitted.name)
+
+
+def test_pre_check_and_form_with_several_servers(caplog):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/v1"  # nothing listens there any more
+    with ScriptedServer() as server:
+        _backend([server.base_url, closed]).check()  # one usable server: the run goes on, the other is named
+        assert "cannot reach the VLM server at " + closed in caplog.text
+    with pytest.raises(BackendUnavailable, match="cannot reach"):
+        _backend([closed, closed]).check()
+    backend = backend_from_params(dict(backend="openai", base_url=f"{server.base_url}, {closed}", server_model="m"))
+    assert backend.base_urls == [server.base_url, closed] and backend.max_in_flight == 16
+    assert backend_from_params(dict(backend="openai", base_url=closed, server_model="m")).base_urls == [closed]
