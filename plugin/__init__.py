@@ -21,10 +21,11 @@ from .judging import JudgeFieldNames, JudgeResults, judge
 from .judging.qa_run import evaluate_judge
 from .metrics import image_metrics
 from .models import available_models
-from .reviewing import (ReviewTarget, flagged_view, recalibrate_from_review, refit_with_reviewed, review,
-                     review_target, reviewed_anomalies, reviewed_normals, run_fields, score_histogram, scoring_runs,
+from .reviewing import (ReviewTarget, create_review_indexes, flagged_view, recalibrate_from_review,
+                        refit_with_reviewed, review, review_target, reviewed_anomalies, reviewed_normals, run_fields, score_histogram, scoring_runs,
                      threshold_counts)
 from .scoring import ScoreResults, score
+from .shards import QueuedShards, resume_shards, shard_states
 from .thresholds import set_threshold
 from .video import (LearnedQuestions, VideoFieldNames, VideoResults, learn_questions, load_questions, score_video,
                     video_frames)
@@ -34,6 +35,10 @@ __all__ = [
     "Expert",
     "FieldNames",
     "ScoreResults",
+    "QueuedShards",
+    "create_review_indexes",
+    "resume_shards",
+    "shard_states",
     "available_models",
     "create_clip_expert",
     "ensemble_experts",
