@@ -22,8 +22,8 @@ from .judging.qa_run import evaluate_judge
 from .metrics import image_metrics
 from .models import available_models
 from .reviewing import (ReviewTarget, create_review_indexes, flagged_view, recalibrate_from_review,
-                        refit_with_reviewed, review, review_target, reviewed_anomalies, reviewed_normals, run_fields, score_histogram, scoring_runs,
-                     threshold_counts)
+                        refit_with_reviewed, review, review_target, reviewed_anomalies, reviewed_normals, run_fields,
+                        score_histogram, scoring_runs, threshold_counts)
 from .scoring import ScoreResults, score
 from .shards import QueuedShards, resume_shards, shard_states
 from .thresholds import set_threshold
