@@ -26,6 +26,7 @@ warnings.filterwarnings("ignore")
 from _env import isolate  # noqa: E402 - before FiftyOne
 
 _TMP = isolate("fav-bench-")
+from review_speed import best_of  # noqa: E402 - the same timing rule as the 100k review benchmark
 
 
 def build(n: int, key: str, seed: int = 0):
@@ -72,16 +73,6 @@ def build(n: int, key: str, seed: int = 0):
             })
         coll.insert_many(docs, ordered=False)
     return ds
-
-
-def best_of(fn, repeats: int) -> tuple[float, object]:
-    """Best wall time of ``repeats`` calls (and the last result)."""
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def main() -> None:
