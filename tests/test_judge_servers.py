@@ -21,6 +21,7 @@ import fiftyone_anomaly_vlm as fav
 from fiftyone_anomaly_vlm.judging import JudgeFieldNames, fuse_scores
 from fiftyone_anomaly_vlm.models.judge.base import BackendUnavailable, JudgeRequest
 from fiftyone_anomaly_vlm.models.judge.openai_compat import OpenAICompatBackend
+from fiftyone_anomaly_vlm.models.judge.server_pool import redact
 from fiftyone_anomaly_vlm.operators.judge import backend_from_params
 from fiftyone_anomaly_vlm.runs import JudgeRunConfig
 
@@ -156,3 +157,17 @@ def test_pre_check_and_form_with_several_servers(caplog):
     backend = backend_from_params(dict(backend="openai", base_url=f"{server.base_url}, {closed}", server_model="m"))
     assert backend.base_urls == [server.base_url, closed] and backend.max_in_flight == 16
     assert backend_from_params(dict(backend="openai", base_url=closed, server_model="m")).base_urls == [closed]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('{"Authorization": "Bearer sk-abc123"}', '{"Authorization": "Bearer ***"}'),
+    ("Basic dXNlcjpwYXNz", "Basic ***"),
+    ("api-key=hunter2 ok", "api-key=*** ok"),
+    ("{'password': 'abc'}", "{'password': '***'}"),
+    ("http://user:pw@gpu:8000/v1", "http://***@gpu:8000/v1"),
+    (f"echo: {SECRET[:14]}", "echo: ***"),  # an echo cut short still starts with the key
+    ("basic validation failed; max_tokens=96 is too many tokens", "basic validation failed; max_tokens=96 is too "
+                                                                   "many tokens"),  # plain words stay
+])
+def test_redact(text, expected):
+    assert redact(text, [SECRET]) == expected

@@ -53,7 +53,8 @@ REDACTED = "***"
 _AUTH_WORDS = r"(?:bearer|basic|token|api[-_ ]?key|x-api-key|authorization|password|secret)"
 #: ``Bearer abc``, ``"authorization": "Bearer abc"``, ``api-key=abc``, ``'password': 'abc'``...
 _SECRET_PATTERNS = (
-    re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=:-]+"),
+    re.compile(r"(?i)\b(bearer)(\s+)[A-Za-z0-9._~+/=:-]+"),
+    re.compile(r"\b([Bb]asic|BASIC)(\s+)(?=[a-z]*[A-Z0-9+/=])[A-Za-z0-9+/=]{8,}"),  # base64, not a plain word
     re.compile(rf"(?i)({_AUTH_WORDS}[\"']?\s*[:=]\s*[\"']?)(?!(?:bearer|basic)\s)([^\s\"',;}}\]]+)"),
     re.compile(r"(?i)(://)[^/@\s:]+:[^/@\s]+@"),
 )
@@ -69,8 +70,9 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
         if len(secret) >= 12:  # an echo cut short still starts with the key
             text = re.sub(re.escape(secret[:8]) + r"[^\s\"',;}\]]*", REDACTED, text)
     text = _SECRET_PATTERNS[0].sub(rf"\1\2{REDACTED}", text)
-    text = _SECRET_PATTERNS[1].sub(rf"\1{REDACTED}", text)
-    return _SECRET_PATTERNS[2].sub(rf"\1{REDACTED}@", text)
+    text = _SECRET_PATTERNS[1].sub(rf"\1\2{REDACTED}", text)
+    text = _SECRET_PATTERNS[2].sub(rf"\1{REDACTED}", text)
+    return _SECRET_PATTERNS[3].sub(rf"\1{REDACTED}@", text)
 
 
 def public_url(url: str) -> str:
