@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 #: the metadata file of an exported folder
 METADATA = "expert.json"
@@ -75,7 +75,9 @@ def normalized_map(raw_map, low: float, high: float) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- images
-def _float_array(img: Image.Image) -> np.ndarray:
+def float_array(img: Image.Image) -> np.ndarray:
+    """A decoded image as ``(H, W, 3)`` float32 in [0, 1] (16-bit and float images scaled, other modes converted
+    to RGB by pillow, alpha dropped)."""
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         arr = np.asarray(img, dtype=np.uint16).astype(np.float32) / 65535.0
@@ -104,15 +106,21 @@ def resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def load_image(path: str, size: tuple[int, int]) -> np.ndarray:
-    """Decode ``path`` as the plugin does (JPEG draft, huge images reduced) -> ``(3, H, W)`` float32 in [0, 1]."""
+    """Decode ``path`` as the plugin does (JPEG draft, EXIF orientation, huge images reduced) -> ``(3, H, W)`` float32 in [0, 1]."""
     with Image.open(path) as img:
         img.draft("RGB", (size[1] * 2, size[0] * 2))
+        try:
+            orientation = int(img.getexif().get(0x0112, 1) or 1)
+        except Exception:  # noqa: BLE001 - a broken EXIF block is read as "as stored"
+            orientation = 1
+        if orientation != 1:
+            img = ImageOps.exif_transpose(img)  # upright, as the plugin and the App show it
         n_pixels = img.width * img.height
         if n_pixels > _REDUCE_ABOVE_PIXELS and img.mode not in _WIDE_MODES:
             img = img.reduce(int(np.sqrt(n_pixels / _REDUCE_ABOVE_PIXELS)) + 1)
         else:
             img.load()
-        arr = _float_array(img)
+        arr = float_array(img)
     return np.clip(resize(arr, size), 0.0, 1.0).transpose(2, 0, 1).astype(np.float32)
 
 

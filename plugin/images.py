@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .models.line_inference import float_array
+
 # Decoding an image larger than this many pixels first shrinks it with PIL's cheap ``reduce`` (box filter
 # by an integer factor), so an 8000x8000 photo does not become a 768 MB float tensor.
 _REDUCE_ABOVE_PIXELS = 4096 * 4096
@@ -34,27 +36,13 @@ class ImageLoadError(Exception):
 
 
 def _to_float_array(img: Image.Image) -> np.ndarray:
-    """Convert a decoded PIL image to an ``(H, W, 3)`` float32 array in ``[0, 1]``."""
-    mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        arr = np.asarray(img, dtype=np.uint16).astype(np.float32) / 65535.0
-    elif mode == "I":
-        arr = np.asarray(img, dtype=np.int32).astype(np.float32)
-        hi = 65535.0 if arr.max(initial=0) > 255 else 255.0
-        arr = np.clip(arr / hi, 0.0, 1.0)
-    elif mode == "F":
-        arr = np.asarray(img, dtype=np.float32)
-        _check_finite(arr)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo)
-    else:
-        if mode != "RGB":
-            # RGBA/LA/P/CMYK/1/L: PIL's own conversions (alpha is dropped, palettes expanded).
-            img = img.convert("RGB")
-        arr = np.asarray(img, dtype=np.uint8).astype(np.float32) / 255.0
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    return arr
+    """Convert a decoded PIL image to an ``(H, W, 3)`` float32 array in ``[0, 1]``.
+
+    The conversion is :func:`~fiftyone_anomaly_vlm.models.line_inference.float_array`, the one exported experts
+    use at the line, so both see the same pixels."""
+    if img.mode == "F":  # the one mode whose pixels can be NaN or infinite: this module's message
+        _check_finite(np.asarray(img, dtype=np.float32))
+    return float_array(img)
 
 
 def _check_finite(arr: np.ndarray) -> None:

@@ -24,6 +24,7 @@ from fiftyone_anomaly_vlm.fields import FieldNames
 from fiftyone_anomaly_vlm.images import load_image
 from fiftyone_anomaly_vlm.models import line_inference
 from fiftyone_anomaly_vlm.models.anomalib_fit import TensorDataset, make_datamodule
+from test_panel_browser import _dismiss_notifications, _notification, browser, run_operator, served_app  # noqa: F401
 
 SIZE = 32
 FIT = dict(pretrained=False, backbone="resnet18", image_size=SIZE, device="cpu")
@@ -189,3 +190,18 @@ def test_import_engine_checkpoint_and_bad_inputs(ds, tmp_path):
     cal = ds.get_run_info("ext_expert").config
     assert cal.weights["source"] == "import" and cal.num_holdout == len(known_good)
     assert fav.evaluate(ds, "ext", gt_field="ground_truth") is not None
+
+
+def test_export_operator_in_the_app(ds, tmp_path, browser):
+    out = tmp_path / "from_app"
+    with served_app(browser, ds):
+        run_operator(browser, "export expert", "Anomaly: export expert", texts={"Output folder": str(out)},
+                     dropdowns={"onnx": "torch"})
+        _notification(browser, "Exported 'padim'", timeout=180)
+        meta = json.loads((out / "expert.json").read_text())
+        assert meta["format"] == "torch" and meta["expert"] == "padim" and (out / "infer.py").is_file()
+        _dismiss_notifications(browser)
+        run_operator(browser, "export expert", "Anomaly: export expert", texts={"Output folder": str(out)},
+                     dropdowns={"onnx": "torch"})  # the folder is not empty now: an error, nothing replaced
+        assert "not empty" in _notification(browser, "not empty", timeout=120)
+    assert json.loads((out / "expert.json").read_text())["exported_at"] == meta["exported_at"]
