@@ -125,7 +125,10 @@ def judge(
             resumes.
         prefetch: batches prepared ahead in a worker thread (images read, crops cut, reference chosen,
             the backend's processor run) while the backend answers the current one; 0: no overlap. None:
-            1, except for a local model on the CPU (0), where both halves would compete for the same cores.
+            1, except for a local model on the CPU (0), where both halves would compete for the same cores,
+            and a server backend, whose requests are sent as a batch is prepared: enough batches to keep its
+            whole window busy (``1 + max_in_flight / batch_size``; with servers, ``batch_size`` 32 or more
+            also spreads the database writes over more samples).
         crop_source: ``"maxima"`` (crops around the expert map's highest local maxima) or ``"regions"`` (the
             expert run's defect regions ``<expert>_regions``, most anomalous first, each with a margin; a sample
             without regions falls back to maxima).
