@@ -310,6 +310,8 @@ def test_server_backend_with_and_without_logprobs(labelled, tmp_path):
             assert lab.correct == (lab.choice == lab.truth)
         assert rep2.rows[0]["from_text"] == 3 and any("parsed from the text" in n for n in rep2.notes)
         assert rep.rows
+    labelled.delete_run("srv")
+    labelled.delete_run("srv2")
 
 
 def _mmad_module():
