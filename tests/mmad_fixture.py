@@ -77,9 +77,9 @@ def write_mmad_fixture(root: str, copies: int = 1) -> str:
             seed += 1
             rel = f"{dataset}/{cls}/test/{defect}/{c:03d}.png"
             _image(os.path.join(root, rel), seed, defect != "good")
+            mask = None if defect == "good" else f"{dataset}/{cls}/ground_truth/{defect}/{c:03d}.png"
             data[rel] = {"image_path": rel, "conversation": _conversation(cls, defect),
-                         "similar_templates": templates[::-1], "random_templates": templates,
-                         "mask_path": None if defect == "good" else f"{dataset}/{cls}/ground_truth/{defect}/{c:03d}.png"}
+                         "similar_templates": templates[::-1], "random_templates": templates, "mask_path": mask}
     path = os.path.join(root, "mmad.json")
     with open(path, "w") as f:
         json.dump(data, f, indent=1)

@@ -243,6 +243,15 @@ def test_bad_inputs(labelled, backend, caplog):
             assert any(note in n for n in report.notes)
         with pytest.raises(ValueError, match="no 'defect classification' questions"):
             report.best_variant(DEFECT_CLASSIFICATION)
+        # boxes instead of masks: localization from fo.Detections (all in the top right cell here)
+        anomalous = [g == "anomalous" for g in ds.values("ground_truth.label")]
+        box = [0.7, 0.05, 0.2, 0.2]
+        ds.set_values("boxes", [fo.Detections(detections=[fo.Detection(label="defect", bounding_box=box)])
+                                if a else None for a in anomalous])
+        fav.evaluate_judge(ds, backend=backend, key="boxes_qa", gt_field="ground_truth", mask_field="boxes",
+                           subtasks=[LOCALIZATION], max_new_tokens=1)
+        located = [lab for _, lab in _stored(ds, "boxes_qa")]
+        assert len(located) == sum(anomalous) and {lab.truth_label for lab in located} == {"top right"}
     finally:
         ds.delete()
 
@@ -360,6 +369,10 @@ def test_mmad_script_end_to_end(tiny_dir, tmp_path, capsys):
     questions = mmad.load_questions(json_path, str(root), 1, similar=False)
     assert questions[0]["template"] == str(root / entries[first_two[0]]["random_templates"][0])
     assert mmad.request_for(questions[0], 1).user.startswith(mmad.INSTRUCTION)
+    # MMAD's own text reading: the letter parsed from the generated text, marked so
+    assert mmad.main(["--mmad-json", json_path, "--images", str(root), "--model", tiny_dir, "--device", "cpu",
+                      "--limit", "1", "--answer-from", "text", "--max-new-tokens", "4", "--answers-out", str(out)]) == 0
+    assert all(a["from_text"] for a in json.loads(out.read_text()))
     assert mmad.main(["--mmad-json", str(tmp_path / "none.json"), "--model", tiny_dir]) == 2
     assert "is not there: nothing run" in capsys.readouterr().out
 

@@ -98,8 +98,8 @@ class EvaluateJudgeJob(Job):
             self.paths.update(job.paths)
         self.paths["gt"] = f"{gt_field}.label" if self.gt_kind == "classification" else gt_field
         if defect_field:
-            self.paths["defect"] = (f"{defect_field}.label"
-                                    if field_kind(dataset, defect_field, "defect") == "classification" else defect_field)
+            kind = field_kind(dataset, defect_field, "defect")
+            self.paths["defect"] = f"{defect_field}.label" if kind == "classification" else defect_field
         self.mask_kind = _mask_kind(dataset, mask_field) if mask_field else None
         if mask_field:
             self.paths["mask"] = mask_field if self.mask_kind == "mask" else f"{mask_field}.detections.bounding_box"
