@@ -40,9 +40,11 @@ def _backend(urls, **kw) -> OpenAICompatBackend:
 
 
 def test_malformed_answers_keep_their_text_and_the_rest_of_the_batch():
-    with ScriptedServer() as server:
+    with ScriptedServer() as server, ScriptedServer(fail_status=503) as failing:  # one answers, one fails
         requests = [_request(0), *(_request(k + 1, m) for k, m in enumerate(MARKERS)), _request(4)]
-        answers = _backend(server.base_url).judge(requests)  # before: OverflowError, the whole batch lost
+        # before: OverflowError, the whole batch lost
+        answers = _backend([failing.base_url, server.base_url], max_failures=2).judge(requests)
+    assert {a.server for a in answers} == {server.base_url} and failing.n_requests >= 1
     good = [answers[0], answers[4]]
     assert all(a.error is None and 0.0 < a.p_yes < 1.0 for a in good)
     for a in answers[1:4]:
