@@ -158,7 +158,9 @@ def _score_percent(score: float) -> str:
 
 def _times(peak: float, normal: float | None, pixel_threshold: float) -> str:
     if normal and normal > 0:
-        return f"peak {peak / normal:.1f}x the known-good maximum"
+        # the calibrated map stops at 1: a peak there is at least that many times the known-good maximum
+        at_least = "at least " if peak >= 1.0 else ""
+        return f"peak {at_least}{peak / normal:.1f}x the known-good maximum"
     return f"peak {peak:.2f}, pixel threshold {pixel_threshold:.2f}"
 
 

@@ -7,6 +7,8 @@ the served App (headless Chromium).
 
 from __future__ import annotations
 
+import re
+import time
 import uuid
 
 import numpy as np
@@ -19,6 +21,7 @@ from fiftyone import ViewField as F
 
 try:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 except ImportError:  # the browser test skips, saying why (test_panel_browser.browser)
     pass
 
@@ -27,8 +30,8 @@ from fiftyone_anomaly_vlm.judging.regions import MIN_REGION_CROP, REGION_MARGIN,
 from fiftyone_anomaly_vlm.regions import RegionRule, check_min_area, explain, find_regions, region_detections
 from fiftyone_anomaly_vlm.runs import AnomalyScoreRunConfig
 from conftest import fitted_clone
-from test_panel_browser import (_click, _notification, _text, _wait, browser, open_operator_form,  # noqa: F401
-                                _input_after_label, served_app)
+from test_panel_browser import (_click, _input_after_label, _notification, _text, _wait, browser,  # noqa: F401
+                                open_operator_form, save_png, served_app)
 
 
 def _two_blobs():
@@ -83,6 +86,8 @@ def test_explanation_says_how_many_where_how_large_how_far():
     dets, n, text = RegionRule(0.0, 0.5, 0.4).values(heat, heat > 0.5, None, anomalous=False, score=0.2)
     assert (len(dets.detections), n, text) == (3, 3, None)
     assert "above 99.99 %" in explain(0.99994, [], None, normal=0.5, pixel_threshold=0.4)
+    assert "peak at least 2.0x the known-good maximum" in explain(0.99, [], np.ones((4, 4)), normal=0.5,
+                                                                  pixel_threshold=0.4)
 
 
 def test_judge_crops_come_from_the_regions():
@@ -116,6 +121,10 @@ def _mask_components(mask_path: str) -> int:
     return ndimage.label(np.asarray(Image.open(mask_path)) > 0, structure=np.ones((3, 3)))[1]
 
 
+def _total_area(view, f) -> float:
+    return sum(d["area_share"] for dets in view.values(f.regions) for d in dets.detections)
+
+
 def _check_regions_follow_masks(view, f) -> None:
     for s in view.select_fields([f.label, f.mask, f.regions, f.num_regions, f.explanation, f.score]):
         dets = s[f.regions].detections
@@ -141,10 +150,13 @@ def test_score_writes_regions_that_follow_set_threshold_and_go_with_the_run(scor
     before = view.values(f.num_regions)
     assert sum(before) > 0 and ds.count(f.explanation) == ds.count_values(f"{f.label}.label").get("anomalous", 0)
 
-    # a looser threshold: larger masks, more regions, more explanations
-    fav.set_threshold(ds, "pd", rule="far", param=0.5)
+    # a lower pixel threshold (half way down to the median normal pixel): larger masks, other regions
+    cal = ds.get_run_info("pd").config.calibration
+    area_before = _total_area(view, f)
+    lower = (cal["map_low"] + cal["pixel_threshold"]) / 2
+    fav.set_threshold(ds, "pd", rule="far", param=0.5, pixel_threshold=lower)
     after = view.values(f.num_regions)
-    assert after != before and sum(after) > sum(before)
+    assert after != before and _total_area(view, f) > area_before
     _check_regions_follow_masks(view, f)
 
     # the review queries of the README: samples with a region over 0.5 % of the image; most regions first
@@ -159,7 +171,7 @@ def test_score_writes_regions_that_follow_set_threshold_and_go_with_the_run(scor
                                       if k not in ("min_region_area", "cls", "type")})
     assert legacy.min_region_area == 0.0
     ds.delete_sample_fields([f.regions, f.num_regions, f.explanation])
-    fav.set_threshold(ds, "pd", rule="far", param=0.5)
+    fav.set_threshold(ds, "pd", rule="far", param=0.5, pixel_threshold=lower)
     assert view.values(f.num_regions) == after
 
     ds.delete_run("pd")
@@ -176,3 +188,73 @@ def test_min_region_area_is_recorded_and_checked(scored):
     assert ds.get_run_info("pd2").config.min_region_area == 0.01
     shares = [d["area_share"] for dets in ds.exists(f.score).values(f.regions) for d in dets.detections]
     assert all(s >= 0.01 for s in shares)
+
+
+def _samples_shown(driver) -> int | None:
+    """The sample count above the grid ("21 of 27 samples", or "21 samples" in the App's lightning mode)."""
+    found = re.search(r"\b(\d+)(?: of \d+)? samples\b", _text(driver))
+    return int(found.group(1)) if found else None
+
+
+def _expand_filter(driver, field: str, attribute: str):
+    """Expand ``field`` in the App's sidebar (clicking its arrow again while the App redraws) and return the
+    numeric filter of its detections' ``attribute``."""
+    css = f"[data-cy='numeric-slider-container-{field}-detections-{attribute}']"
+
+    def expanded():
+        if not driver.find_elements(By.CSS_SELECTOR, css):
+            arrows = driver.find_elements(By.CSS_SELECTOR, f"[data-cy=sidebar-field-arrow-enabled-{field}]")
+            if arrows:
+                driver.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click();", arrows[0])
+            time.sleep(2)
+        return driver.find_elements(By.CSS_SELECTOR, css)
+    return _wait(f"the {attribute} filter of {field} in the sidebar", expanded, 90)[0]
+
+
+def test_score_form_min_area_and_regions_in_the_app(scored, browser):
+    ds, driver, f = scored, browser, fav.FieldNames("app")
+    test = ds.match_tags("train", bool=False)
+    with served_app(driver, test) as session:
+        # a minimum area the form refuses, then one it takes
+        open_operator_form(driver, "score samples", "Anomaly: score samples")
+        field = _input_after_label(driver, "Smallest defect region (share of the image)")
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys("2")
+        _wait("the form's error", lambda: "min_region_area must be a share of the image in [0, 1)" in _text(driver), 30)
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys("0.001")
+        key = _input_after_label(driver, "Run key")
+        key.send_keys(Keys.CONTROL, "a")
+        key.send_keys("app")
+        _wait("the form to accept the values", lambda: "must be a share" not in _text(driver) and driver.find_element(
+            By.XPATH, "//button[normalize-space(.)='Execute']").is_enabled(), 30)
+        _click(driver, "button", "Execute")
+        _notification(driver, "flagged anomalous in 'app'", timeout=240)
+        _click(driver, "button", "Done")
+
+        ds.reload()
+        assert ds.get_run_info("app").config.min_region_area == 0.001
+        regions = test.values(f.regions)
+        assert len(regions) == len(test) and all(r is not None for r in regions)
+        shares = [d["area_share"] for r in regions for d in r.detections]
+        assert shares and min(shares) >= 0.001
+        assert test.values(f.num_regions) == [len(r.detections) for r in regions]
+
+        # the sidebar: expand the regions, type a minimum area_share: the grid shows the samples with a region at
+        # least that large (a README filter: "over 0.5 % of the image") and the sidebar counts the regions kept
+        session.refresh()
+        container = _expand_filter(driver, f.regions, "area_share")
+        low = _wait("the filter's min input", lambda: container.find_elements(By.CSS_SELECTOR, "input[placeholder=min]"),
+                    60)[0]
+        # a bound between the regions' sizes (the median one), so that some regions are filtered out
+        bound = float(f"{float(np.median(shares)):.3g}")
+        low.click()
+        low.send_keys(str(bound), Keys.ENTER)
+        big = test.filter_labels(f.regions, F("area_share") >= bound)
+        n = big.count()
+        assert 0 < n < len(test), n
+        _wait(f"{n} samples above the grid (bound {bound})", lambda: _samples_shown(driver) == n, 60)
+        shown, total = big.count(f"{f.regions}.detections"), test.count(f"{f.regions}.detections")
+        assert 0 < shown < total, (shown, total)
+        _wait(f"'{shown} of {total}' regions in the sidebar", lambda: f"{shown} of {total}" in _text(driver), 30)
+        save_png(driver, "app-regions-filter")
