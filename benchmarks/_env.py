@@ -27,3 +27,19 @@ def isolate(prefix: str) -> str:
 #: PatchCore on 2 CPU cores: stride-16 features and a 1 % coreset (anomalib's greedy coreset over stride-8
 #: patches of 600 cells takes hours there)
 PATCHCORE_CPU_KWARGS = {"layers": ["blocks.4"], "coreset_sampling_ratio": 0.01}
+
+
+def add_threads_argument(parser) -> None:
+    """``--threads`` (default 1): torch CPU threads of a benchmark; 0 keeps torch's default."""
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (0: torch's default); on shared cores more than 1 makes timings "
+                             "swing up to 10-20x (OpenMP threads spin while other processes hold the cores)")
+
+
+def set_threads(threads: int) -> None:
+    """Apply ``--threads`` (0: leave torch's default); child processes read ``FAV_BENCH_THREADS``."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+        os.environ["FAV_BENCH_THREADS"] = str(threads)

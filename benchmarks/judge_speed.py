@@ -29,6 +29,8 @@ import tempfile
 import time
 import warnings
 
+from _env import add_threads_argument, set_threads  # noqa: E402 - this folder is on sys.path when run
+
 warnings.filterwarnings("ignore")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -132,15 +134,9 @@ def main() -> None:
     parser.add_argument("--tiny-max-pixels", type=int, default=56 * 56,
                         help="image budget of the tiny model (larger: more image tokens, slower generate)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the pipelined rows (best kept)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (0: torch's default); on shared cores more than 1 makes timings "
-                             "swing up to 10x (OpenMP threads spin while other processes hold the cores)")
+    add_threads_argument(parser)
     args = parser.parse_args()
-
-    import torch
-
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     from fiftyone_anomaly_vlm.models.judge import make_backend
     from tiny_vlms import build_qwen2_vl

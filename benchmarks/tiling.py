@@ -32,7 +32,7 @@ import time
 import warnings
 
 warnings.filterwarnings("ignore")
-from _env import PATCHCORE_CPU_KWARGS, isolate  # noqa: E402 - before FiftyOne
+from _env import PATCHCORE_CPU_KWARGS, add_threads_argument, isolate, set_threads  # noqa: E402 - before FiftyOne
 
 _TMP = isolate("fav-tiling-")
 
@@ -131,15 +131,9 @@ def main() -> None:
     parser.add_argument("--elpv-tiled", action="store_true", help="ELPV with tiling on too (4 tiles a cell: "
                         "four times the CPU time of the off row)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (0: torch's default); on shared cores more than 1 makes timings "
-                             "swing up to 20x (OpenMP threads spin while other processes hold the cores)")
+    add_threads_argument(parser)
     args = parser.parse_args()
-    if args.threads > 0:
-        import torch
-
-        torch.set_num_threads(args.threads)
-        os.environ["FAV_BENCH_THREADS"] = str(args.threads)
+    set_threads(args.threads)
 
     import logging
 
