@@ -109,12 +109,9 @@ def make_parts_dataset(
         persistent: keep the dataset across sessions.
         overwrite: replace an existing dataset of that name.
     """
-    if fo.dataset_exists(name):
-        if not overwrite:
-            return fo.load_dataset(name)
-        fo.delete_dataset(name)
-    images_dir = images_dir or os.path.join(fo.config.default_dataset_dir, "anomaly_vlm", "generated", name)
-    os.makedirs(images_dir, exist_ok=True)
+    existing, images_dir = start_generated(name, images_dir, overwrite)
+    if existing is not None:
+        return existing
     rng = np.random.default_rng(seed)
     n_train = int(round(train_fraction * num_normal))
     samples = []
@@ -136,6 +133,23 @@ def make_parts_dataset(
             sample.tags = ["good", "train"] if i < n_train else ["good"]
         Image.fromarray((img * 255).astype(np.uint8)).save(path)
         samples.append(sample)
+    return save_generated(name, samples, persistent)
+
+
+def start_generated(name: str, images_dir: str | None, overwrite: bool) -> tuple[fo.Dataset | None, str]:
+    """Before generating dataset ``name``: (the existing dataset when it is kept, else None; the images folder,
+    created; default ``<fo default dataset dir>/anomaly_vlm/generated/<name>``)."""
+    if fo.dataset_exists(name):
+        if not overwrite:
+            return fo.load_dataset(name), ""
+        fo.delete_dataset(name)
+    images_dir = images_dir or os.path.join(fo.config.default_dataset_dir, "anomaly_vlm", "generated", name)
+    os.makedirs(images_dir, exist_ok=True)
+    return None, images_dir
+
+
+def save_generated(name: str, samples: list[fo.Sample], persistent: bool) -> fo.Dataset:
+    """The generated ``samples`` as dataset ``name``, its ``ground_truth_mask`` targets set (1 = defect)."""
     dataset = fo.Dataset(name, persistent=persistent)
     dataset.add_samples(samples, progress=False)
     dataset.mask_targets = {"ground_truth_mask": {1: "defect"}}

@@ -28,6 +28,8 @@ from scipy import ndimage
 
 import fiftyone as fo
 
+from .parts import save_generated, start_generated
+
 TEXTURE_DEFECTS = ("speck", "grain", "colour")
 #: the generator's parameters (relative to the image side where they are sizes)
 TEXTURE_PARAMS = {
@@ -123,12 +125,9 @@ def make_texture_dataset(
         persistent: keep the dataset across sessions.
         overwrite: replace an existing dataset of that name.
     """
-    if fo.dataset_exists(name):
-        if not overwrite:
-            return fo.load_dataset(name)
-        fo.delete_dataset(name)
-    images_dir = images_dir or os.path.join(fo.config.default_dataset_dir, "anomaly_vlm", "generated", name)
-    os.makedirs(images_dir, exist_ok=True)
+    existing, images_dir = start_generated(name, images_dir, overwrite)
+    if existing is not None:
+        return existing
     rng = np.random.default_rng(seed)
     n_train = int(round(train_fraction * num_normal))
     kinds = [None] * num_normal + [k for _ in range(num_per_defect) for k in TEXTURE_DEFECTS]
@@ -150,8 +149,4 @@ def make_texture_dataset(
                 Image.fromarray(mask.astype(np.uint8)).save(mask_path)
                 sample["ground_truth_mask"] = fo.Segmentation(mask_path=mask_path)
         samples.append(sample)
-    dataset = fo.Dataset(name, persistent=persistent)
-    dataset.add_samples(samples, progress=False)
-    dataset.mask_targets = {"ground_truth_mask": {1: "defect"}}
-    dataset.save()
-    return dataset
+    return save_generated(name, samples, persistent)
