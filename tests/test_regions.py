@@ -20,16 +20,19 @@ import fiftyone as fo
 from fiftyone import ViewField as F
 
 try:
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 except ImportError:  # the browser test skips, saying why (test_panel_browser.browser)
     pass
 
 import fiftyone_anomaly_vlm as fav
-from fiftyone_anomaly_vlm.judging.regions import MIN_REGION_CROP, REGION_MARGIN, region_crops
+from fiftyone_anomaly_vlm.judging.regions import MIN_REGION_CROP, REGION_MARGIN, expert_crops, region_crops
+from fiftyone_anomaly_vlm.models.judge import make_backend
 from fiftyone_anomaly_vlm.regions import RegionRule, check_min_area, explain, find_regions, region_detections
 from fiftyone_anomaly_vlm.runs import AnomalyScoreRunConfig
 from conftest import fitted_clone
+from tiny_vlms import BUILDERS
 from test_panel_browser import (_click, _input_after_label, _notification, _text, _wait, browser,  # noqa: F401
                                 open_operator_form, save_png, served_app)
 
@@ -174,6 +177,7 @@ def test_score_writes_regions_that_follow_set_threshold_and_go_with_the_run(scor
     fav.set_threshold(ds, "pd", rule="far", param=0.5, pixel_threshold=lower)
     assert view.values(f.num_regions) == after
 
+    assert {f.regions, f.explanation} <= set(fav.run_fields(ds, "pd"))  # shown when reviewing the run
     ds.delete_run("pd")
     assert not {f.regions, f.num_regions, f.explanation} & set(ds.get_field_schema())
 
@@ -188,6 +192,35 @@ def test_min_region_area_is_recorded_and_checked(scored):
     assert ds.get_run_info("pd2").config.min_region_area == 0.01
     shares = [d["area_share"] for dets in ds.exists(f.score).values(f.regions) for d in dets.detections]
     assert all(s >= 0.01 for s in shares)
+
+
+def test_judge_takes_its_crops_from_the_regions(scored, tmp_path):
+    """A real judge run (a tiny random Qwen2-VL built here) with ``crop_source="regions"``: the boxes it records
+    are the expert's regions cut with their margin; a sample without regions falls back to the map's maxima."""
+    ds, f = scored, fav.FieldNames("pd3")
+    test = ds.match_tags("train", bool=False)
+    fav.score(test, expert="padim", key="pd3", num_workers=0)
+    with_regions = test.match(F(f.num_regions) > 0).limit(2).values("id")
+    without = test.match(F(f.num_regions) == 0).limit(1).values("id")
+    view = ds.select(with_regions + without)
+    with pytest.raises(ValueError, match="crop_source"):
+        fav.judge(view, "vj", backend=None, expert="pd3", crop_source="boxes")
+    backend = make_backend("transformers", model=BUILDERS["qwen2_vl"](str(tmp_path / "qwen")), device="cpu",
+                           max_pixels=56 * 56, batch_size=8)
+    fav.judge(view, "vj", backend=backend, expert="pd3", crops=2, crop_source="regions", max_new_tokens=4)
+    assert ds.get_run_info("vj").config.prompt["crop_source"] == "regions"
+    kinds = set()
+    for s in view.select_fields([f.regions, f.map, "vj_regions"]):
+        image = Image.open(s.filepath).convert("RGB")
+        if s[f.regions].detections:
+            expected = region_crops(image, s[f.regions], 2)[1]
+            kinds.add("regions")
+        else:
+            expected = expert_crops(image, s[f.map].map_path, 2)[1]
+            kinds.add("maxima")
+        got = [(tuple(d.bounding_box), d.confidence, d["location"]) for d in s["vj_regions"].detections]
+        assert got == [(pytest.approx(bx), pytest.approx(peak), where) for bx, peak, where in expected]
+    assert kinds == {"regions", "maxima"}
 
 
 def _samples_shown(driver) -> int | None:
@@ -205,7 +238,8 @@ def _expand_filter(driver, field: str, attribute: str):
         if not driver.find_elements(By.CSS_SELECTOR, css):
             arrows = driver.find_elements(By.CSS_SELECTOR, f"[data-cy=sidebar-field-arrow-enabled-{field}]")
             if arrows:
-                driver.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click();", arrows[0])
+                driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", arrows[0])
+                ActionChains(driver).move_to_element(arrows[0]).click().perform()
             time.sleep(2)
         return driver.find_elements(By.CSS_SELECTOR, css)
     return _wait(f"the {attribute} filter of {field} in the sidebar", expanded, 90)[0]

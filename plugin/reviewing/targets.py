@@ -71,7 +71,7 @@ def review_target(samples, name: str) -> ReviewTarget:
     if name in runs and _method(recorded_config(dataset, name)) in REVIEWABLE_METHODS:
         config = recorded_config(dataset, name)
         fields = FieldNames(name)
-        show = [fields.label, fields.map, fields.mask]
+        show = [fields.label, fields.map, fields.mask, fields.regions, fields.explanation]
         for judge_key in _judges_of(dataset, name):  # the VLM's verdict on the same samples
             jf = JudgeFieldNames(judge_key)
             show += [jf.label, jf.defect, jf.location, jf.explanation]
@@ -128,8 +128,8 @@ def default_threshold(samples, key: str) -> float:
 
 
 def run_fields(samples, key: str) -> list[str]:
-    """The fields worth showing on each sample in the App for review target ``key``: the label, heatmap and
-    mask of the expert, and the VLM judge's verdict, defect type, location, explanation and regions, where
+    """The fields worth showing on each sample in the App for review target ``key``: the label, heatmap, mask,
+    defect regions and explanation of the expert, and the VLM judge's verdict, defect type, location, explanation and regions, where
     they exist."""
     return list(review_target(samples, key).show)
 
