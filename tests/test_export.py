@@ -24,7 +24,8 @@ from fiftyone_anomaly_vlm.fields import FieldNames
 from fiftyone_anomaly_vlm.images import load_image
 from fiftyone_anomaly_vlm.models import line_inference
 from fiftyone_anomaly_vlm.models.anomalib_fit import TensorDataset, make_datamodule
-from test_panel_browser import _dismiss_notifications, _notification, browser, run_operator, served_app  # noqa: F401
+from test_panel_browser import (_click, _dismiss_notifications, _notification, _text, _wait, browser,  # noqa: F401
+                                run_operator, served_app)
 
 SIZE = 32
 FIT = dict(pretrained=False, backbone="resnet18", image_size=SIZE, device="cpu")
@@ -33,9 +34,9 @@ PADIM = dict(model="padim", model_kwargs={"layers": ["layer1", "layer2"]}, **FIT
 
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory):
-    name = f"export-{uuid.uuid4().hex[:6]}"
+    name = f"line-parts-{uuid.uuid4().hex[:6]}"
     dataset = make_parts_dataset(name, num_normal=12, num_anomalous=4, size=SIZE, seed=5,
-                                 images_dir=str(tmp_path_factory.mktemp("parts")))
+                                 images_dir=str(tmp_path_factory.mktemp("parts")), persistent=True)
     for i, sample in enumerate(dataset.iter_samples(autosave=True)):
         sample["line"] = "a" if i % 2 else "b"
     fav.fit_expert(dataset.match_tags("train"), key="padim", **PADIM)
@@ -195,11 +196,13 @@ def test_import_engine_checkpoint_and_bad_inputs(ds, tmp_path):
 def test_export_operator_in_the_app(ds, tmp_path, browser):
     out = tmp_path / "from_app"
     with served_app(browser, ds):
+        _wait("the dataset", lambda: f"{len(ds)} samples" in _text(browser), 60)
         run_operator(browser, "export expert", "Anomaly: export expert", texts={"Output folder": str(out)},
                      dropdowns={"onnx": "torch"})
         _notification(browser, "Exported 'padim'", timeout=180)
         meta = json.loads((out / "expert.json").read_text())
         assert meta["format"] == "torch" and meta["expert"] == "padim" and (out / "infer.py").is_file()
+        _click(browser, "button", "Done")  # the progress dialog
         _dismiss_notifications(browser)
         run_operator(browser, "export expert", "Anomaly: export expert", texts={"Output folder": str(out)},
                      dropdowns={"onnx": "torch"})  # the folder is not empty now: an error, nothing replaced
