@@ -109,6 +109,7 @@ def main() -> None:
         stats = foo.get_db_conn().command("collStats", ds._sample_collection_name)
         sizes.append((n, built, indexed, stats["avgObjSize"], stats["storageSize"] / n, stats["totalIndexSize"] / n,
                       ", ".join(indexes)))
+        print(f"{n:,} samples done: {rows[-3:]}, {sizes[-1]}", flush=True)  # partial results as they come
         ds.delete()
 
     print("\n| samples | query | no review indexes (s) | with indexes (s) | result (same both ways) |")

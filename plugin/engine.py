@@ -35,6 +35,7 @@ from __future__ import annotations
 import itertools
 from abc import ABC, abstractmethod
 import logging
+import os
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,6 +52,8 @@ from .shards import check_shard, complete_shard, in_shard, set_shard, shard_ids,
 from .writers import BatchOutput, OrderedWriter, declare_fields
 
 logger = logging.getLogger(__name__)
+#: seconds between two progress updates of a shard in its ledger ($FAV_SHARD_PROGRESS_S, default 2)
+SHARD_PROGRESS_EVERY = float(os.environ.get("FAV_SHARD_PROGRESS_S", 2.0))
 
 def check_positive_int(name: str, value: Any) -> int:
     """``value`` as an int >= 1, or a ValueError naming the argument."""
@@ -274,7 +277,8 @@ def run_job(samples, job: Job, key: str, *, overwrite: bool = False, progress: b
             raise
         if shard is None:
             job.finish(samples, stats)
-        elif complete_shard(dataset, key, shard[0], stats.num_errors):  # the last shard finishes the run
+        elif complete_shard(dataset, key, shard[0], stats.num_errors, stats.num_skipped + stats.num_done
+                            + stats.num_errors):  # the last shard finishes the run
             job.finish(samples, stats)
             store_totals(dataset, key, {"num_samples": stats.num_samples, "num_done": samples.count(job.done_field),
                                         "num_errors": samples.count(job.error_field), **dict(stats.counts)})
@@ -283,7 +287,8 @@ def run_job(samples, job: Job, key: str, *, overwrite: bool = False, progress: b
 
 def _batch_loop(dataset, job: Job, rows: dict[str, list], n: int, stats: RunStats, progress, key: str,
                 shard: tuple[int, int] | None) -> None:
-    """Compute and write the batches of ``rows`` (a shard's progress goes to its ledger every 2 s)."""
+    """Compute and write the batches of ``rows`` (a shard's progress goes to its ledger every
+    :data:`SHARD_PROGRESS_EVERY` seconds)."""
     writer = OrderedWriter(dataset, job.fields, job.error_field, job.done_field)
     last = time.monotonic()
     with writer, fou.ProgressBar(total=n, progress=progress) as pb, \
@@ -291,13 +296,13 @@ def _batch_loop(dataset, job: Job, rows: dict[str, list], n: int, stats: RunStat
                      name=f"fav-{job.verb}-prepare") as prepared_items:
         for prepared in prepared_items:
             out = job.compute(prepared)
-            writer.submit(out)
+            written = stats.num_skipped + stats.num_done + stats.num_errors
+            writer.submit(out)  # returns once the batches before this one are written
             stats.add(out)
             pb.update(out.size)
-            if shard is not None and time.monotonic() - last > 2.0:
+            if shard is not None and time.monotonic() - last >= SHARD_PROGRESS_EVERY:
                 last = time.monotonic()
-                set_shard(dataset, key, shard[0], done=stats.num_skipped + stats.num_done + stats.num_errors,
-                          num_errors=stats.num_errors)
+                set_shard(dataset, key, shard[0], done=written, num_errors=stats.num_errors - len(out.errors))
 
 
 class Prefetch:

@@ -44,7 +44,7 @@ from .labels import ANOMALOUS, anomaly_label
 from .native import at_map_sizes, map_size, native_loader
 from .regions import RegionRule, check_min_area, declare_region_attributes, image_size_of
 from .runs import EXPERT_METHODS, AnomalyScoreRunConfig
-from .runs.score import remove_orphaned_pngs
+from .runs.score import record_output_dir, remove_orphaned_pngs
 from .shards import QueuedShards, queue_shards
 
 #: the score operator that ``score(..., shards=N)`` queues (``fiftyone.yml``'s plugin name / operator name)
@@ -172,6 +172,7 @@ class ScoreJob(Job):
     def setup(self, dataset) -> None:
         os.makedirs(self.maps_dir, exist_ok=True)
         os.makedirs(self.masks_dir, exist_ok=True)
+        record_output_dir(dataset, self.key, self.out_dir)  # a shard may keep the record another shard made
         if self.names.mask not in dataset.mask_targets:
             dataset.mask_targets[self.names.mask] = {1: ANOMALOUS}
             dataset.save()

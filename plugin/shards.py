@@ -79,7 +79,8 @@ class ShardState:
         index: the shard's index.
         count: how many shards the run has.
         state: ``queued``, ``running``, ``stale``, ``failed`` or ``complete`` (see the module docs).
-        done: samples of the shard written so far (by the current or last runner, skipped ones included).
+        done: samples of the shard written so far (by the current or last runner, skipped ones included; the
+            batch being written is not counted).
         total: samples in the shard (known once it started).
         num_errors: samples of the shard that got an error.
         error: why a failed shard failed.
@@ -186,10 +187,11 @@ def start_shard(dataset, key: str, index: int, count: int, total: int) -> None:
     _coll().update_one({"_id": _ledger_id(dataset, key)}, {"$set": {"finished": False}})
 
 
-def complete_shard(dataset, key: str, index: int, num_errors: int) -> bool:
-    """Mark shard ``index`` complete; True for exactly one caller: the one whose shard completed the set (it
-    finishes the run), even when the last shards complete at the same moment."""
-    set_shard(dataset, key, index, state="complete", num_errors=num_errors)
+def complete_shard(dataset, key: str, index: int, num_errors: int, done: int) -> bool:
+    """Mark shard ``index`` complete (``done`` samples, ``num_errors`` of them errors); True for exactly one
+    caller: the one whose shard completed the set (it finishes the run), even when the last shards complete at
+    the same moment."""
+    set_shard(dataset, key, index, state="complete", num_errors=num_errors, done=done)
     run = sharded_run(dataset, key)
     if run is None or not run.complete:
         return False

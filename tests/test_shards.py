@@ -41,7 +41,7 @@ def _flagged(ds, key):
     return ds.match(F(f"{key}.label") == "anomalous").count()
 
 
-def test_worker_side_shards_score_each_sample_once(shard_ds):
+def test_worker_side_shards_score_each_sample_once(shard_ds, tmp_path):
     ds, ids = shard_ds, shard_ds.values("id")
     parts = [shard_ids(ids, i, 2) for i in range(2)]
     assert sorted(parts[0] + parts[1]) == sorted(ids) and parts[0] and parts[1]
@@ -65,15 +65,18 @@ def test_worker_side_shards_score_each_sample_once(shard_ds):
 
     again = fav.score(ds, key="half", shard=(0, 2), **SCORE)  # a finished shard again: nothing to do
     assert again.num_scored == 0 and again.num_skipped == len(parts[0])
-    last = fav.score(ds, key="half", shard=(1, 2), **SCORE)
-    assert last.num_scored == len(parts[1])
+    own = tmp_path / "shard-1"  # a shard writing its heatmaps elsewhere (another machine's mount)
+    last = fav.score(ds, key="half", shard=(1, 2), output_dir=str(own), **SCORE)
+    assert last.num_scored == len(parts[1]) and len(os.listdir(own / "maps")) == len(parts[1])
     ds.reload()
     run = sharded_run(ds, "half")
     assert run.complete and ds.count("half_score") == len(ds)
+    assert [(s.done, s.total) for s in run.shards] == [(len(p), len(p)) for p in parts]
     assert run.totals["num_done"] == len(ds) and run.totals["num_errors"] == 0
     assert run.totals["flagged"] == last.num_flagged == _flagged(ds, "half") > 0
     ds.delete_run("half")
     assert sharded_run(ds, "half") is None
+    assert not (own / "maps").exists() and not os.path.exists(first.output_dir)  # every shard's files
 
 
 def _wait(what, predicate, timeout):
@@ -91,7 +94,8 @@ def test_delegated_shards_survive_a_killed_worker(shard_ds, tmp_path):
     queued = fav.score(ds, key=key, shards=2, **{k: v for k, v in SCORE.items() if k != "num_workers"})
     assert queued.count == 2 and len(queued.op_ids) == 2
     assert [s.state for s in sharded_run(ds, key).shards] == ["queued", "queued"]
-    env = dict(subprocess_env(), FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS="true", OMP_NUM_THREADS="1")
+    env = dict(subprocess_env(), FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS="true", OMP_NUM_THREADS="1",
+               FAV_SHARD_PROGRESS_S="0")  # the ledger's progress after every batch: the kill lands mid-shard
     workers = [subprocess.Popen(worker_command(), env=env, stdout=open(tmp_path / f"w{i}.log", "w"),  # noqa: SIM115
                                 stderr=subprocess.STDOUT, start_new_session=True) for i in range(2)]
     print("worker logs:", tmp_path)
@@ -103,9 +107,9 @@ def test_delegated_shards_survive_a_killed_worker(shard_ds, tmp_path):
             failed = [d.result.error for d in map(service.get, map(ObjectId, queued.op_ids))
                       if d.run_state == ExecutionRunState.FAILED]
             assert not failed, failed
-            return next((s for s in sharded_run(ds, key).shards if s.state == "running"), None)
+            return next((s for s in sharded_run(ds, key).shards if s.state == "running" and s.done), None)
 
-        running = _wait("a shard to start", started, 480)
+        running = _wait("a shard to write its first batch", started, 480)
         pid = int(running.host.rsplit(":", 1)[1])
         os.kill(pid, signal.SIGKILL)
         for proc in workers:
@@ -119,7 +123,7 @@ def test_delegated_shards_survive_a_killed_worker(shard_ds, tmp_path):
         ds.reload()
         victim_ids = shard_ids(ds.values("id"), victim, 2)
         done_before = ds.select(victim_ids).exists(f"{key}_score").count()
-        assert done_before < len(victim_ids)
+        assert 0 < done_before < len(victim_ids)
         print(f"shard {victim}: {done_before} of {len(victim_ids)} samples scored when its worker was killed")
         assert service.get(ObjectId(queued.op_ids[victim])).run_state == ExecutionRunState.RUNNING  # FiftyOne never learns
 

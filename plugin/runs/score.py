@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import fiftyone.core.odm as foo
+
 from ..fields import FieldNames
 from ..shards import forget_shards
 from .base import SCORE_METHOD, AnomalyRunConfig, FieldsRun, remove_owned_dir
@@ -103,6 +105,15 @@ class AnomalyScoreRun(FieldsRun):
         out_dir = self.config.output_dir
         if self.config.owns_output_dir and out_dir and os.path.isdir(out_dir) and not os.listdir(out_dir):
             os.rmdir(out_dir)
+
+
+def record_output_dir(dataset, key: str, out_dir: str) -> None:
+    """Add ``out_dir`` to the recorded ``output_dirs`` of scoring run ``key`` with one atomic ``$addToSet`` (a
+    shard scoring into a folder of its own, while the other shards do the same), so that ``delete_run`` removes
+    every shard's PNGs."""
+    run_doc = dataset._doc.runs[key]
+    foo.get_db_conn().runs.update_one({"_id": run_doc.id}, {"$addToSet": {"config.output_dirs": out_dir}})
+    run_doc.reload()
 
 
 def png_dirs(config: AnomalyScoreRunConfig) -> list[str]:
