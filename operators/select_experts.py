@@ -5,7 +5,7 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fiftyone_anomaly_vlm import available_models, list_experts, select_experts, selection_markdown
+from fiftyone_anomaly_vlm import list_experts, select_experts, selection_markdown
 
 from ._forms import check_key, device_and_batch, dropdown, target_input
 from ._progress import long_running_config, reports_errors, run_with_progress
@@ -30,7 +30,7 @@ class SelectExperts(foo.Operator):
                     description="Local (Perlin, cut-paste) and global (colour, blur, grain) kinds")
         inputs.str("candidates", required=False, label="Candidate models (comma-separated; empty: auto)",
                    description="auto: PaDiM at two sizes, PatchCore, DFM, DFKDE and two texture-statistics experts; "
-                               "or names among: " + ", ".join(available_models()))
+                               "or anomalib model names (padim, patchcore, dfm, dfkde, ...) and texturestats")
         inputs.int("image_size", default=128, min=32, label="Image size")
         inputs.float("budget_s", default=600.0, min=1.0, label="Time budget (seconds)",
                      description="Candidates whose estimated cost no longer fits are skipped and listed")
