@@ -22,6 +22,7 @@ from test_panel_browser import (_click, _input_after_label, _notification, _text
                                 open_operator_form, served_app)
 
 try:
+    from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 except ImportError:  # the browser test skips, saying why (test_panel_browser.browser)
     pass
@@ -179,10 +180,12 @@ def test_fit_form_offers_tiling_with_a_hint_and_checks_the_settings(parts, brows
         _wait("the stride's error", lambda: "tile_stride=64 is larger than tile_size=48" in _text(driver), 30)
         field = _input_after_label(driver, "Tile stride (px)")
         field.send_keys(Keys.CONTROL, "a")
-        field.send_keys("32")
+        field.send_keys("48")
         _wait("the error gone", lambda: "is larger than tile_size" not in _text(driver), 30)
+        _wait("the form to accept the values", lambda: driver.find_element(
+            By.XPATH, "//button[normalize-space(.)='Execute']").is_enabled(), 30)
         _click(driver, "button", "Execute")
         _notification(driver, "Expert 'padim' fitted", timeout=240)
     ds.reload()
     config = ds.get_run_info("padim_expert").config
-    assert (config.tile_size, config.tile_stride, list(config.image_size)) == (48, 32, [48, 48])
+    assert (config.tile_size, config.tile_stride, list(config.image_size)) == (48, 48, [48, 48])
