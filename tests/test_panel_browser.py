@@ -79,27 +79,10 @@ def browser():
     shutil.rmtree(profile, ignore_errors=True)
 
 
-_APP = {}  # the one App server of this test process: {"port": int, "anchor": fo.Session}
-
-
-def _app_port() -> int:
-    """Port of an App server shared by every browser test of this process (starting one takes ~15 s on 2 cores).
-
-    An anchor session with no dataset keeps it running: FiftyOne stops a port's server when its last session
-    closes, so each test's own session (``served_app``) can close without taking the server down."""
-    if "port" not in _APP:
-        port = _free_port()
-        _APP["anchor"] = fo.launch_app(None, address="127.0.0.1", port=port, remote=True, auto=False)
-        _APP["port"] = port
-    return _APP["port"]
-
-
 @contextlib.contextmanager
 def served_app(driver, samples, spaces=None):
-    """Serve the App on ``samples`` (a dataset or view), open it in ``driver``; yields the session.
-
-    Every call opens a new session (its own state: dataset, view, spaces) on the process's shared App server."""
-    port = _app_port()
+    """Serve the App on ``samples`` (a dataset or view), open it in ``driver``; yields the session."""
+    port = _free_port()
     session = fo.launch_app(samples, spaces=spaces, address="127.0.0.1", port=port, remote=True, auto=False)
     try:
         driver.get(f"http://127.0.0.1:{port}/datasets/{samples._root_dataset.name}")
