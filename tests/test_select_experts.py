@@ -175,7 +175,7 @@ def test_select_experts_from_the_app_shows_the_table(textures, browser):
         run_operator(driver, "choose experts", "Anomaly: choose experts by evidence",
                      texts={"Candidate models (comma-separated; empty: auto)": "texturestats", "Image size": str(SIZE),
                             "Expert key": "app_sel"})
-        _notification(driver, "Expert 'app_sel' chosen", timeout=240)
+        _notification(driver, "Expert 'app_sel' chosen", timeout=420)
         ds.reload()
         sel = fav.selection_table(ds, "app_sel")
         assert sel["validation"] == "synthetic" and sel["candidates"][0]["candidate"] == f"texturestats_{SIZE}"
