@@ -23,7 +23,7 @@ from fiftyone_anomaly_vlm.experts.head import fit_supervised_head
 from fiftyone_anomaly_vlm.experts.synthetic import KINDS, synthetic_anomalies
 from fiftyone_anomaly_vlm.images import DecodedImages
 from fiftyone_anomaly_vlm.metrics import auroc
-from test_panel_browser import (_input_after_label, _notification, _text, _wait, browser,  # noqa: F401 - fixture
+from test_panel_browser import (_input_after_label, _notification, _text, _thumbnails_drawn, _wait, browser,  # noqa: F401 - fixture
                                 open_operator_form, run_operator, save_png, served_app)
 
 try:
@@ -170,8 +170,10 @@ def test_bad_inputs_fail_before_anything_is_fitted(textures):
 def test_select_experts_from_the_app_shows_the_table(textures, browser):
     ds, driver = textures, browser
     with served_app(driver, ds) as session:
+        _wait("the thumbnails drawn", lambda: _thumbnails_drawn(driver), 60)
         session.view = ds.match_tags("good")
         _wait("the good view", lambda: f"{ds.match_tags('good').count()} samples" in _text(driver), 30)
+        driver.execute_script("document.activeElement && document.activeElement.blur()")  # keys to the page
         run_operator(driver, "choose experts", "Anomaly: choose experts by evidence",
                      texts={"Candidate models (comma-separated; empty: auto)": "texturestats", "Image size": str(SIZE),
                             "Expert key": "app_sel"})
