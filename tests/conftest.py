@@ -28,6 +28,8 @@ os.environ.update(
     FIFTYONE_SHOW_PROGRESS_BARS="false",
     HF_HUB_OFFLINE="1",
 )
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of scripts/test.sh's processes: one torch thread each, so two
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # processes do not fight over the cores
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 import pytest  # noqa: E402
@@ -86,3 +88,11 @@ def fitted_clone(parts_template: fo.Dataset, name: str):
 
 def pytest_sessionfinish(session, exitstatus):  # noqa: D103
     sys.stdout.flush()
+
+
+def pytest_configure(config):
+    """Start (or attach to) FiftyOne's database service in the first pytest process, before scripts/test.sh's two
+    worker processes (pytest-xdist) start: two processes starting the service at the same moment read each
+    other's replies ("Got response id ... but expected ...") and failed their tests."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        fo.list_datasets()

@@ -156,8 +156,17 @@ def _input_after_label(driver, label: str):
 
 def open_operator_form(driver, search: str, title: str) -> None:
     """Open the operator browser (backtick) and the form of the operator found by ``search`` (not executed)."""
+    def browser_open():
+        return driver.find_elements(By.CSS_SELECTOR, "input[placeholder*='earch']")
+
     ActionChains(driver).send_keys("`").perform()
-    _wait("the operator browser", lambda: driver.find_elements(By.CSS_SELECTOR, "input[placeholder*='earch']"), 20)
+    try:
+        _wait("the operator browser", browser_open, 10)
+    except AssertionError:  # the key went to a dialog or input still holding the focus (e.g. after a finished run)
+        ActionChains(driver).send_keys(Keys.ESCAPE).perform()
+        driver.execute_script("document.activeElement && document.activeElement.blur()")
+        ActionChains(driver).send_keys("`").perform()
+        _wait("the operator browser", browser_open, 20)
     ActionChains(driver).send_keys(search).perform()
     _wait(f"'{title}' in the operator browser", lambda: title in _text(driver), 20)
     ActionChains(driver).send_keys(Keys.ENTER).perform()
