@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
                       + ("  (WARNING: too few held-out normals for that rate)" if cal.far["too_wide"] else "")),
         ("flagged anomalous", f"{res.num_flagged} of {res.num_samples}"),
         ("scoring errors", str(res.num_errors)),
-        ("fields", f"{f.label}, {f.score}, {f.raw_score}, {f.map}, {f.mask}, {f.error}"),
+        ("fields", ", ".join(f.all())),
         ("runs", ", ".join(ds.list_runs())),
         ("time", f"{time.time() - t0:.0f} s"),
     ]
