@@ -15,6 +15,7 @@ import fiftyone.operators as foo
 
 import fiftyone_anomaly_vlm as fav
 from fiftyone_anomaly_vlm.models.clip_expert import ClipExpert, sliding_windows
+from conftest import IMAGE_SIZE
 
 PLUGIN = "@anomaly-vlm/anomaly-vlm"
 # 64 px / patch 16 -> a 4x4 token grid: windows of 2 (9 of them) and 3 (4) patches fit
@@ -88,7 +89,7 @@ def test_zero_shot_writes_the_fields_of_fitted_experts(parts, tiny_config):
     sample = good.first()
     heat = np.asarray(Image.open(sample.clip_map.map_path))
     mask = np.asarray(Image.open(sample.clip_mask.mask_path))
-    assert heat.shape == mask.shape == (64, 64) and sample.clip_map.range == [0, 65535]
+    assert heat.shape == mask.shape == (IMAGE_SIZE, IMAGE_SIZE) and sample.clip_map.range == [0, 65535]  # image's size
     assert np.mean((mask > 0) == (heat / 65535 > 0.5)) > 0.99  # mask = map > 0.5 (16-bit rounding aside)
     assert parts.get_run_info("clip").config.expert == "clip"
 
