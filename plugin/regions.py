@@ -23,11 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
 import fiftyone as fo
 
+from . import images
 from .labels import grid_word
 
 #: the label of every region detection
@@ -242,10 +242,10 @@ class RegionRule:
 
 
 def image_size_of(path: str) -> tuple[int, int] | None:
-    """``(width, height)`` of an image file, read from its header (its area does not depend on the EXIF
-    orientation); None when it cannot be read."""
+    """``(width, height)`` of an image as the App shows it (:func:`~fiftyone_anomaly_vlm.images.image_size_of`,
+    header only); None when it cannot be read (the area then counts map pixels)."""
     try:
-        with Image.open(path) as img:
-            return img.size
-    except Exception:  # noqa: BLE001 - the area then counts map pixels
+        height, width = images.image_size_of(path)
+    except images.ImageLoadError:
         return None
+    return width, height
