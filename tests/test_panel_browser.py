@@ -217,11 +217,21 @@ def _combobox(driver, value: str):
 
 
 def _choose(driver, current: str, value: str) -> None:
-    box = _combobox(driver, current)
-    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
-    ActionChains(driver).move_to_element(box).click().perform()
-    option = _wait(f"option {value!r}", lambda: next(
-        (o for o in driver.find_elements(By.CSS_SELECTOR, "li[role=option]") if o.text == value), None), 10)
+    def listed():
+        return next((o for o in driver.find_elements(By.CSS_SELECTOR, "li[role=option]") if o.text == value), None)
+
+    for attempt in range(3):  # on 2 loaded cores a click during a re-render can land before the menu listens
+        box = _combobox(driver, current)
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
+        ActionChains(driver).move_to_element(box).click().perform()
+        try:
+            option = _wait(f"option {value!r}", listed, 10)
+            break
+        except AssertionError:
+            if attempt == 2:
+                raise
+            if driver.find_elements(By.CSS_SELECTOR, "li[role=option]"):  # a menu without it: close, reopen
+                ActionChains(driver).move_to_element(_combobox(driver, current)).click().perform()
     option.click()
     _combobox(driver, value)
 

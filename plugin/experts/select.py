@@ -217,7 +217,8 @@ def select_experts(
         supervised_head: with 5+ labelled anomalies and normals, try the logistic-regression head.
         keep_candidates: keep the candidates that were not chosen as experts of their own (to score and compare
             them); by default they are deleted.
-        selection_share: share of ``train_view`` held out for synthetic anomalies when ``val_view`` is None.
+        selection_share: share of ``train_view`` held out for synthetic anomalies when ``val_view`` is None
+            (exactly ``round(selection_share * len(train_view))`` images, chosen by a hash of their paths).
         holdout: each candidate's held-out share for calibration.
         seed: seed of the splits, fits and synthetic anomalies.
         device: ``"auto"``, ``"cpu"``, ``"cuda:0"``...

@@ -187,9 +187,11 @@ def fit_single_expert(
                   image_size=size)
 
 
-def holdout_split(paths: list[str], holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def holdout_split(paths: list[str], holdout: float, seed: int, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Indices (held out, training) of the samples with these image ``paths``: a sample is held out when
-    a hash of its file path and ``seed`` falls below ``holdout``.
+    a hash of its file path and ``seed`` falls below ``holdout``. ``exact=True`` holds out exactly
+    ``round(holdout * len(paths))`` samples instead (those with the smallest hashes): the count no longer
+    varies with where the files live, but the choice then depends on the whole list, not on each image.
 
     The choice is per image, not per view, so experts fitted with the same seed on overlapping views (one
     on all normals, one per product group) hold out the same samples: an ensemble of them is calibrated
@@ -199,7 +201,11 @@ def holdout_split(paths: list[str], holdout: float, seed: int) -> tuple[np.ndarr
     """
     u = np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{path}".encode(), digest_size=8).digest(), "big")
                   / 2.0**64 for path in paths])
-    held = u < holdout
+    if exact:
+        held = np.zeros(len(paths), dtype=bool)
+        held[np.argsort(u, kind="stable")[:int(round(holdout * len(paths)))]] = True
+    else:
+        held = u < holdout
     if not held.any():
         held[int(np.argmin(u))] = True
     if held.all():

@@ -94,7 +94,7 @@ def validation_set(train_view, val_view, gt_field: str, positive: str, synthetic
             raise ValueError("without a validation view the candidates are ranked on synthetic anomalies; "
                              "synthetic=False leaves nothing to rank them on (pass val_view= with labelled "
                              "anomalies, or synthetic=True)")
-        held, rest = holdout_split(train_paths, selection_share, seed + 1)
+        held, rest = holdout_split(train_paths, selection_share, seed + 1, exact=True)  # a count users can plan for
         normal_ids = [train_ids[i] for i in held]
         normal_paths = [train_paths[i] for i in held]
         fit_view = train_view.select([train_ids[i] for i in rest], ordered=False)
