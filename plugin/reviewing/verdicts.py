@@ -33,10 +33,11 @@ from fiftyone import ViewField as F
 
 from ..calibration import ThresholdUncertaintyWarning, describe_far, rate_interval, threshold_from_labels
 from ..experts import fit_expert, list_experts
-from ..fields import FieldNames
+from ..fields import FieldNames, label_spec
 from ..labels import ANOMALOUS, NORMAL
 from ..runs import COMPOSITE_METHOD, expert_run_key, expert_state, recorded_config, update_run_config
 from ..thresholds import set_threshold
+from ..writers import declare_fields
 from .queries import raw_threshold
 from .targets import ReviewTarget, calibration_of, review_target, scoring_runs
 
@@ -119,8 +120,7 @@ def review(samples, verdict: str, *, key: str | None = None, user: str | None = 
                                         model_label=model_label, run_key=key, reviewer=user, timestamp=now)
     if not values:
         return 0
-    if field not in dataset.get_field_schema():
-        dataset.add_sample_field(field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Classification)
+    declare_fields(dataset, [label_spec(field)])  # race-safe: several reviewers may write verdicts at once
     dataset.set_values(field, values, key_field="id")
     done = dataset.select(list(values))
     done.untag_samples([_verdict_tag(v) for v in VERDICTS if v != verdict])
