@@ -17,8 +17,9 @@ Cost: peak memory (max RSS of a child process that loads the expert and scores o
 image) without and with tiling.
 
 Usage:
-    .venv/bin/python benchmarks/tiling.py [--size 1024] [--normal 20] [--anomalous 10] [--model padim]
+    .venv/bin/python benchmarks/tiling.py [--size 1024] [--normal 20] [--anomalous 10] [--model padim [patchcore]]
         [--tile 256] [--stride 224] [--image-size 256] [--large 8000] [--elpv-max-test N | --no-elpv]
+        [--elpv-tiled] [--no-parts]
 """
 
 from __future__ import annotations
@@ -41,11 +42,11 @@ def _model_kwargs(model: str) -> dict | None:
     return PATCHCORE_CPU_KWARGS if model == "patchcore" else None
 
 
-def _fit_score_eval(fav, ds, test, key: str, args, *, tiled: bool, image_size: int, tile: int, stride: int,
+def _fit_score_eval(fav, ds, test, key: str, args, *, model: str, tiled: bool, image_size: int, tile: int, stride: int,
                     masks: bool) -> dict:
     t0 = time.time()
     kw = dict(tile_size=tile, tile_stride=stride) if tiled else dict(image_size=image_size)
-    fav.fit_expert(ds.match_tags("train"), model=args.model, key=key, model_kwargs=_model_kwargs(args.model),
+    fav.fit_expert(ds.match_tags("train"), model=model, key=key, model_kwargs=_model_kwargs(model),
                    device="cpu", seed=args.seed, progress=False, **kw)
     fit_s = time.time() - t0
     t1 = time.time()
@@ -56,7 +57,38 @@ def _fit_score_eval(fav, ds, test, key: str, args, *, tiled: bool, image_size: i
     m = ev.metrics
     return {"auroc": m["auroc"], "auroc_calibrated": fav.image_metrics(test, key)["auroc"],
             "pixel_auroc": m.get("pixel_auroc"), "aupro": m.get("aupro"), "fit_s": fit_s,
-            "s_per_image": score_s / len(test)}
+            "s_per_image": score_s / len(test), **(_region_recall(test, key) if masks else {})}
+
+
+def _region_recall(test, key: str) -> dict:
+    """How the ``<key>_regions`` written by scoring (the run's default threshold and minimum area) meet the
+    generated defects.
+
+    The generator puts one defect in each defective part, drawn into its ``ground_truth_mask``. Rule: a region
+    *hits* the defect when its box, in the image's pixels rounded outwards, contains at least one pixel of the
+    defect's mask; a defect is *found* when at least one region hits it. Returns the recall (found / defective
+    parts) and the regions that hit no defect, per normal and per defective image.
+    """
+    import numpy as np
+
+    found = defective = normal = false_on_normal = false_on_defective = 0
+    for sample in test.select_fields([f"{key}_regions", "ground_truth", "ground_truth_mask"]):
+        regions = sample[f"{key}_regions"]
+        boxes = [d.bounding_box for d in regions.detections] if regions is not None else []
+        if sample.ground_truth.label != "anomalous":
+            normal += 1
+            false_on_normal += len(boxes)
+            continue
+        mask = np.asarray(sample.ground_truth_mask.get_mask()) > 0
+        h, w = mask.shape
+        hits = [mask[int(np.floor(y * h)):int(np.ceil((y + bh) * h)),
+                     int(np.floor(x * w)):int(np.ceil((x + bw) * w))].any() for x, y, bw, bh in boxes]
+        defective += 1
+        found += any(hits)
+        false_on_defective += hits.count(False)
+    return {"recall": found / defective if defective else None, "found": found, "defects": defective,
+            "false_per_normal": false_on_normal / normal if normal else None,
+            "false_per_defective": false_on_defective / defective if defective else None}
 
 
 def _both_image_scores(fav, test, key: str) -> dict:
@@ -121,12 +153,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--normal", type=int, default=20, help="normal parts (half fit the expert)")
     parser.add_argument("--anomalous", type=int, default=10)
-    parser.add_argument("--model", default="padim", choices=["padim", "patchcore"])
+    parser.add_argument("--model", nargs="+", default=["padim"], choices=["padim", "patchcore"],
+                        help="one or more models (the memory rows use the first)")
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--stride", type=int, default=224)
     parser.add_argument("--image-size", type=int, default=256, help="model input when not tiled")
     parser.add_argument("--large", type=int, default=8000, help="side of the image of the memory rows (0: none)")
     parser.add_argument("--no-elpv", action="store_true")
+    parser.add_argument("--no-parts", action="store_true", help="skip the generated parts (their rows, region "
+                        "recall and the memory rows, which score the parts' experts): ELPV only")
     parser.add_argument("--elpv-max-test", type=int, default=None, help="ELPV: a seeded subset of the test cells")
     parser.add_argument("--elpv-tiled", action="store_true", help="ELPV with tiling on too (4 tiles a cell: "
                         "four times the CPU time of the off row)")
@@ -147,20 +182,24 @@ def main() -> None:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("fiftyone_anomaly_vlm").setLevel(logging.ERROR)
-    rows = []
-    ds = make_parts_dataset("parts-hr", num_normal=args.normal, num_anomalous=args.anomalous, size=args.size,
-                            seed=args.seed, defect_types=SMALL_DEFECT_TYPES)
-    test = ds.match_tags("train", bool=False)
-    for tiled in (False, True):
-        key = "tiled" if tiled else "whole"
-        m = _fit_score_eval(fav, ds, test, key, args, tiled=tiled, image_size=args.image_size, tile=args.tile,
-                            stride=args.stride, masks=True)
-        rows.append((f"parts {args.size}px, {args.model}", "on" if tiled else "off", m))
-        print("[tiling]", rows[-1], flush=True)
-    scores = _both_image_scores(fav, test, "tiled")
-    print("[tiling] tiled image score AUROC:", scores, flush=True)
+    rows, scores, mem = [], {}, {}
+    if args.no_parts:
+        args.large = 0
+    ds = None if args.no_parts else make_parts_dataset(
+        "parts-hr", num_normal=args.normal, num_anomalous=args.anomalous, size=args.size, seed=args.seed,
+        defect_types=SMALL_DEFECT_TYPES)
+    models = [] if ds is None else args.model
+    for model in models:
+        for tiled in (False, True):
+            test = ds.match_tags("train", bool=False)
+            key = f"{model}_{'tiled' if tiled else 'whole'}"
+            m = _fit_score_eval(fav, ds, test, key, args, model=model, tiled=tiled, image_size=args.image_size,
+                                tile=args.tile, stride=args.stride, masks=True)
+            rows.append((f"parts {args.size}px, {model}", "on" if tiled else "off", m))
+            print("[tiling]", rows[-1], flush=True)
+        scores[model] = _both_image_scores(fav, test, f"{model}_tiled")
+        print("[tiling] tiled image score AUROC:", model, scores[model], flush=True)
 
-    mem = {}
     if args.large:
         rng = np.random.default_rng(1)
         path = os.path.join(_TMP, f"large_{args.large}.png")
@@ -168,7 +207,7 @@ def main() -> None:
         base = (rng.normal(0.5, 0.02, (side // 8, side // 8)) * 255).clip(0, 255).astype(np.uint8)
         Image.fromarray(np.kron(base, np.ones((8, 8), np.uint8))).convert("RGB").save(path, compress_level=1)
         ds.add_sample(fo.Sample(filepath=path, tags=["large"]))
-        for key in ("whole", "tiled"):
+        for key in (f"{args.model[0]}_whole", f"{args.model[0]}_tiled"):
             mem[key] = _peak_child(ds.name, key, path)
             print("[tiling] memory", key, mem[key], flush=True)
 
@@ -185,9 +224,10 @@ def main() -> None:
                 etest = etest.take(args.elpv_max_test, seed=args.seed)
             for tiled in (False, True) if args.elpv_tiled else (False,):
                 key = "elpv_tiled" if tiled else "elpv_whole"
-                m = _fit_score_eval(fav, elpv, etest, key, args, tiled=tiled, image_size=224, tile=224, stride=76,
-                                    masks=False)
-                rows.append((f"ELPV 300px ({len(etest)} test cells), {args.model}", "on" if tiled else "off", m))
+                m = _fit_score_eval(fav, elpv, etest, key, args, model=args.model[0], tiled=tiled, image_size=224,
+                                    tile=224, stride=76, masks=False)
+                rows.append((f"ELPV 300px ({len(etest)} test cells), {args.model[0]}", "on" if tiled else "off",
+                             m))
                 print("[tiling]", rows[-1], flush=True)
 
     print()
@@ -202,10 +242,22 @@ def main() -> None:
               f"| {fmt(m['aupro'])} "
               f"| {m['fit_s']:.0f} | {m['s_per_image']:.2f} |")
     print()
-    print(f"tiled image score (parts set, image AUROC): map_max {scores['map_max']:.3f}, "
-          f"tile_max {scores['tile_max']:.3f}")
+    for model, sc in scores.items():
+        print(f"tiled image score (parts set, {model}, image AUROC): map_max {sc['map_max']:.3f}, "
+              f"tile_max {sc['tile_max']:.3f}")
+    recall_rows = [(name, tiling, m) for name, tiling, m in rows if "recall" in m]
+    if recall_rows:
+        print()
+        print("| set | tiling | defects found by a region (recall) | regions on no defect, per normal image "
+              "| per defective image |")
+        print("|---|---|---|---|---|")
+        for name, tiling, m in recall_rows:
+            print(f"| {name} | {tiling} | {m['found']}/{m['defects']} = {m['recall']:.2f} "
+                  f"| {m['false_per_normal']:.2f} | {m['false_per_defective']:.2f} |")
+        print("(a region hits the defect when its box, in image pixels, contains a pixel of the generated defect's "
+              "mask; regions at each run's default threshold and minimum area)")
     for key, m in mem.items():
-        print(f"peak memory scoring one {args.large}x{args.large} image, tiling {'on' if key == 'tiled' else 'off'}: "
+        print(f"peak memory scoring one {args.large}x{args.large} image, {key}: "
               + (f"+{m['peak_mb']:.0f} MB resident at peak (above {m['before_mb']:.0f} MB with the expert loaded), "
                  f"{m['seconds']:.1f} s" if "peak_mb" in m else f"not run: {m['error']}"))
     print(f"(tile {args.tile}, stride {args.stride}; off: whole image resized to {args.image_size}; torch threads "
