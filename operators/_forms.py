@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fiftyone.operators.types as types
 
+from fiftyone_anomaly_vlm.storage import output_dir_problem, storage_root
+
 #: the target choices of ``inputs.view_target``, in words ("Fits on 30 samples of the current view")
 TARGET_WORDS = {"DATASET": "the dataset", "DATASET_VIEW": "the dataset", "CURRENT_VIEW": "the current view",
                 "SELECTED_SAMPLES": "the current selection", "BASE_VIEW": "the base view"}
@@ -14,6 +16,34 @@ def device_and_batch(inputs: types.Object, batch_size: int) -> None:
     inputs.str("device", default="auto", label="Device",
                description="'auto' uses CUDA when present, else CPU; or 'cpu', 'cuda:0', ...")
     inputs.int("batch_size", default=batch_size, label="Batch size", min=1)
+
+
+def shards_input(inputs: types.Object) -> None:
+    """The "Shards" input of the score, judge and video forms: how many delegated operations split the run."""
+    inputs.int("shards", default=1, min=1, label="Shards (delegated operations)",
+               description="Split the run into this many delegated operations, each on a part of the view "
+                           "(by a hash of the sample id), for several `fiftyone delegated launch` workers")
+
+
+def shard_params(params: dict) -> tuple[tuple[int, int] | None, int]:
+    """``(shard, shards)`` of an operator's parameters: the shard ``(i, n)`` this operation runs when it is one
+    queued by ``shards=N`` (``shard_index``/``shard_count``, set by ``queue_shards``), else None; and how many
+    shards the form asks for (1: not split)."""
+    shard = (int(params["shard_index"]), int(params["shard_count"])) if params.get("shard_count") else None
+    return shard, int(params.get("shards") or 1)
+
+
+def output_dir_input(inputs: types.Object, params: dict, what: str) -> None:
+    """The optional "Output folder" input of the operators that write files, marked invalid with the reason when
+    the folder cannot be written (checked where the form runs, creating nothing; the verb checks again, on the
+    machine that runs it, before any work)."""
+    prop = inputs.str("output_dir", required=False, label="Output folder",
+                      description=f"Where {what} go. Empty: the plugin's folder for this dataset under the storage "
+                                  f"root ({storage_root()}, $FAV_STORAGE_ROOT); a relative path is taken under "
+                                  "that root, so it means the same folder on every worker")
+    problem = output_dir_problem(params.get("output_dir"))
+    if problem:
+        prop.invalid, prop.error_message = True, problem
 
 
 def check_key(prop, value: str | None, taken: list[str], what: str) -> bool:

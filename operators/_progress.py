@@ -91,6 +91,14 @@ class RunOutcome:
         self.result = result
 
 
+def report_queued(ctx, queued) -> Generator:
+    """What a form's ``shards=N`` run yields once its shards are queued (``yield from`` it): the
+    :class:`~fiftyone_anomaly_vlm.shards.QueuedShards` as the run's outcome and a notification."""
+    yield RunOutcome(queued)
+    yield ctx.trigger("notify", dict(message=f"Queued {queued.count} shards of '{queued.key}' for the delegated "
+                                             "workers", variant="success"))
+
+
 def started_from_app(ctx) -> bool:
     """Whether the App's server streams this immediate run to the browser.
 

@@ -10,8 +10,9 @@ from fiftyone_anomaly_vlm.regions import check_min_area
 from fiftyone_anomaly_vlm.runs import EXPERT_METHODS, runs_of
 
 from ._choices import EXPERT, check_choice, unknown_choice
-from ._forms import check_key, device_and_batch, dropdown, nothing_to_choose
-from ._progress import RunOutcome, long_running_config, reports_errors, run_with_progress
+from ._forms import output_dir_input
+from ._forms import check_key, device_and_batch, dropdown, nothing_to_choose, shard_params, shards_input
+from ._progress import long_running_config, report_queued, reports_errors, run_with_progress
 
 _FIT_FIRST = "run 'Anomaly: fit vision expert' first"
 
@@ -51,29 +52,26 @@ class ScoreSamples(foo.Operator):
         except ValueError as exc:
             area_prop.invalid, area_prop.error_message = True, str(exc)
         device_and_batch(inputs, batch_size=16)
-        inputs.int("shards", default=1, label="Shards (delegated operations)",
-                   description="Split the run into this many delegated operations, each on a part of the view "
-                               "(by a hash of the sample id), for several `fiftyone delegated launch` workers")
+        output_dir_input(inputs, ctx.params, "the heatmap and mask PNGs")
+        shards_input(inputs)
         return types.Property(inputs, view=types.View(label="Score samples"))
 
     @reports_errors
     def execute(self, ctx):
         p = ctx.params
-        shard = (int(p["shard_index"]), int(p["shard_count"])) if p.get("shard_count") else None
-        if shard is None and int(p.get("shards") or 1) > 1:  # queue one delegated operation per shard
-            queued = score(ctx.target_view(), expert=p["expert"], key=p.get("key") or p["expert"],
-                           device=p.get("device", "auto"), batch_size=int(p.get("batch_size", 16)),
-                           overwrite=bool(p.get("overwrite", False)), min_region_area=p.get("min_region_area") or 0.0,
-                           shards=int(p["shards"]))
-            yield RunOutcome(queued)
-            yield ctx.trigger("notify", dict(message=f"Queued {queued.count} shards of '{queued.key}' for the "
-                                                     "delegated workers", variant="success"))
+        shard, shards = shard_params(p)
+        if shard is None and shards > 1:  # queue one delegated operation per shard
+            yield from report_queued(ctx, score(
+                ctx.target_view(), expert=p["expert"], key=p.get("key") or p["expert"], device=p.get("device", "auto"),
+                batch_size=int(p.get("batch_size", 16)), overwrite=bool(p.get("overwrite", False)),
+                min_region_area=p.get("min_region_area") or 0.0, shards=shards,
+                output_dir=p.get("output_dir") or None))
             return
         results = yield from run_with_progress(
             ctx, "scoring", score, ctx.target_view(), expert=p["expert"], key=p.get("key") or p["expert"],
             device=p.get("device", "auto"), batch_size=int(p.get("batch_size", 16)),
             num_workers=None if ctx.delegated else 0, overwrite=bool(p.get("overwrite", False)),
-            min_region_area=p.get("min_region_area") or 0.0, shard=shard,
+            min_region_area=p.get("min_region_area") or 0.0, shard=shard, output_dir=p.get("output_dir") or None,
         )
         if not ctx.delegated:
             yield ctx.trigger("reload_dataset")

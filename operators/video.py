@@ -10,7 +10,7 @@ from fiftyone_anomaly_vlm.runs import QUESTIONS_METHOD, VIDEO_METHOD, runs_of
 from fiftyone_anomaly_vlm.video import SMOOTHING
 
 from ._choices import EXPERT, check_choice
-from ._forms import check_key, dropdown, nothing_to_choose, vlm_backend_inputs
+from ._forms import check_key, dropdown, nothing_to_choose, output_dir_input, vlm_backend_inputs
 from ._progress import long_running_config, reports_errors, run_with_progress
 from .judge import API_KEY_SECRET, backend_from_params
 
@@ -69,6 +69,7 @@ class ScoreVideo(foo.Operator):
         inputs.int("min_length", default=1, min=1, label="Shortest stretch (sampled frames)")
         inputs.str("device", default="auto", label="Device")
         inputs.int("batch_size", default=16, min=1, label="Batch size")
+        output_dir_input(inputs, p, "the sampled frame images")
         return types.Property(inputs, view=types.View(label="Score videos"))
 
     @reports_errors
@@ -92,6 +93,7 @@ class ScoreVideo(foo.Operator):
             threshold=float(p.get("threshold") or 0) or None, min_length=int(p.get("min_length", 1)),
             explain=bool(p.get("explain", True)), device=p.get("device", "auto"),
             batch_size=int(p.get("batch_size", 16)), overwrite=bool(p.get("overwrite", False)),
+            frames_dir=p.get("output_dir") or None,
         )
         if not ctx.delegated:
             yield ctx.trigger("reload_dataset")

@@ -48,7 +48,8 @@ import fiftyone.core.utils as fou
 from ._common import check_key  # noqa: F401 - re-exported: the engine's key rule
 from .fields import FieldSpec
 from .leases import RunLease
-from .shards import check_shard, complete_shard, in_shard, set_shard, shard_ids, start_shard, store_totals
+from .shards import (QueuedShards, check_shard, complete_shard, in_shard, queue_shards, set_shard, shard_ids,
+                     start_shard, store_totals)
 from .writers import BatchOutput, OrderedWriter, declare_fields
 
 logger = logging.getLogger(__name__)
@@ -173,6 +174,12 @@ class Job(ABC):
     def finish(self, samples, stats: RunStats) -> None:
         """After the last batch is written (e.g. values that need the whole view)."""
 
+    def totals(self, samples) -> dict[str, int]:
+        """The verb's counters over the whole view, read from the database: a run split into shards stores them
+        as its totals when its last shard finishes, whichever processes wrote the samples (a shard's own
+        counters cover only what its last runner did)."""
+        return {}
+
 
 def check_run_key(dataset, key: str, job: Job, overwrite: bool) -> None:
     """The one place that decides whether ``key`` may be (re)used by ``job``.
@@ -243,7 +250,7 @@ def run_job(samples, job: Job, key: str, *, overwrite: bool = False, progress: b
         shard = check_shard(shard)
         if overwrite:
             raise ValueError("overwrite=True with shard=...: a shard cannot clear the run for the other shards; "
-                             "score again with overwrite=True and shards=N (it clears the run once), or "
+                             "run again with overwrite=True and shards=N (it clears the run once), or "
                              "delete the run first")
         dataset._doc.reload("runs")  # runs registered by the other shards' processes
     check_run_key(dataset, key, job, overwrite)
@@ -279,10 +286,37 @@ def run_job(samples, job: Job, key: str, *, overwrite: bool = False, progress: b
             job.finish(samples, stats)
         elif complete_shard(dataset, key, shard[0], stats.num_errors, stats.num_skipped + stats.num_done
                             + stats.num_errors):  # the last shard finishes the run
+            own = dict(stats.counts)  # this shard's counters: not the run's
             job.finish(samples, stats)
             store_totals(dataset, key, {"num_samples": stats.num_samples, "num_done": samples.count(job.done_field),
-                                        "num_errors": samples.count(job.error_field), **dict(stats.counts)})
+                                        "num_errors": samples.count(job.error_field),
+                                        **{k: v for k, v in stats.counts.items() if own.get(k) != v},
+                                        **job.totals(samples)})
     return stats
+
+
+def queue_run_shards(samples, method: str, specs: list[FieldSpec], done_field: str, operator_uri: str,
+                     params: dict[str, Any], key: str, shards: Any, shard: Any, overwrite: bool) -> QueuedShards:
+    """A verb's ``shards=N``: queue one delegated operation of ``operator_uri`` per shard, each running the verb
+    with ``params`` on its shard (:func:`~fiftyone_anomaly_vlm.shards.queue_shards`). ``overwrite`` clears the
+    run's fields (``specs``, sample and frame fields; ``done_field`` first) on ``samples`` once, here, before any
+    shard starts, and forgets its record, so the shards record the new model; values outside ``samples`` stay.
+
+    Raises:
+        ValueError: ``shards`` not a whole number >= 1, both ``shard`` and ``shards``, or ``key`` held by a run
+            of another kind than ``method``.
+    """
+    shards = check_positive_int("shards", shards)
+    if shard is not None:
+        raise ValueError("pass shard=(i, n) (run one shard here) or shards=N (queue N shards), not both")
+    dataset = samples._root_dataset
+    if key in dataset.list_runs():
+        if dataset.get_run_info(key).config.method != method:
+            raise ValueError(f"key {key!r} is already used by a run of another kind; choose another key")
+        if overwrite:
+            clear_fields(samples, specs, done_field)
+            fo.core.runs.Run.delete_run(dataset, key, cleanup=False)
+    return queue_shards(samples, operator_uri, params, key, shards)
 
 
 def _batch_loop(dataset, job: Job, rows: dict[str, list], n: int, stats: RunStats, progress, key: str,

@@ -35,7 +35,7 @@ import fiftyone as fo
 import fiftyone.utils.image as foui
 
 from ._common import check_image_collection, check_key, default_output_dir
-from .engine import BatchOutput, Job, check_positive_int, clear_fields, run_job
+from .engine import BatchOutput, Job, check_positive_int, queue_run_shards, run_job
 from .experts import Expert, load_expert
 from .fields import FieldNames
 from .calibration import Calibration, calibrated_arrays
@@ -45,7 +45,8 @@ from .native import at_map_sizes, map_size, native_loader
 from .regions import RegionRule, check_min_area, declare_region_attributes, image_size_of
 from .runs import EXPERT_METHODS, AnomalyScoreRunConfig
 from .runs.score import record_output_dir, remove_orphaned_pngs
-from .shards import QueuedShards, queue_shards
+from .shards import QueuedShards
+from .storage import app_root, label_path, output_folder
 
 #: the score operator that ``score(..., shards=N)`` queues (``fiftyone.yml``'s plugin name / operator name)
 SCORE_OPERATOR = "@anomaly-vlm/anomaly-vlm/score_anomalies"
@@ -132,13 +133,14 @@ class ScoreJob(Job):
 
     def __init__(self, samples, spec: Expert, key: str, model, calibration: Calibration | None, *,
                  out_dir: str, owns_dir: bool, batch_size: int, num_workers: int, history: list[dict],
-                 previous_dirs: list[str] = (), min_region_area: float = 0.0) -> None:
+                 previous_dirs: list[str] = (), min_region_area: float = 0.0, label_root: str | None = None) -> None:
         self.spec, self.model, self.calibration, self.key = spec, model, calibration, key
         self.names = FieldNames(key)
         self.fields = self.names.specs()
         self.error_field, self.done_field = self.names.error, self.names.score
         self.dataset = samples._root_dataset
         self.out_dir, self.owns_dir, self.previous_dirs = out_dir, owns_dir, list(previous_dirs)
+        self.label_root = label_root  # the labels' paths point under it (the run's app_root)
         self.maps_dir, self.masks_dir = os.path.join(out_dir, "maps"), os.path.join(out_dir, "masks")
         self.batch_size, self.num_workers, self.history = batch_size, num_workers, history
         self.regions = RegionRule.of(calibration, min_region_area)
@@ -166,7 +168,7 @@ class ScoreJob(Job):
             normalized_image_threshold=cal.normalized_image_threshold if cal else 0.5,
             normalized_pixel_threshold=cal.normalized_pixel_threshold if cal else 0.5,
             threshold_history=self.history, output_dirs=[*self.previous_dirs, self.out_dir],
-            min_region_area=self.regions.min_area,
+            min_region_area=self.regions.min_area, app_root=self.label_root,
         )
 
     def setup(self, dataset) -> None:
@@ -205,7 +207,7 @@ class ScoreJob(Job):
         out = BatchOutput(errors=failed, size=len(items))
         for group, pred in self._predict(ok):
             _batch_values(out, self.names, [sid for sid, _ in group], pred, self.maps_dir, self.masks_dir,
-                          self.calibration, regions=self.regions,
+                          self.calibration, regions=self.regions, label_root=self.label_root,
                           image_sizes=[image_size_of(self.filepaths[sid]) for sid, _ in group],
                           map_sizes=[sizes.get(sid) for sid, _ in group])
         return out
@@ -256,7 +258,9 @@ def score(
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda:0"``...
         batch_size: images per forward pass (and per database write).
         num_workers: image-decoding worker processes (default: up to 4, 0 decodes in this process).
-        output_dir: folder for heatmap/mask PNGs (default: ``<fo default dataset dir>/anomaly_vlm/<dataset>/scores/<key>``).
+        output_dir: folder for heatmap/mask PNGs (default: ``<storage root>/<dataset>/scores/<key>``, see
+            :mod:`~fiftyone_anomaly_vlm.storage`; a relative path is taken under the storage root). Created and
+            checked writable before anything else.
         overwrite: score every sample again; by default samples already scored under ``key`` by the same
             expert fit are skipped, so an interrupted run resumes.
         min_region_area: the smallest connected region of a mask written to ``<key>_regions``, as a share of
@@ -288,9 +292,10 @@ def score(
     spec = resolve_expert(samples, expert)
     key = check_key(key or spec.key)
     dataset = samples._root_dataset
+    out_dir, owns_dir = output_folder(output_dir, default_output_dir(samples, "scores", key))
     if shards is not None:
         return _queue_score_shards(samples, spec, key, shards, shard, overwrite, device=device,
-                                   batch_size=batch_size, min_region_area=min_region_area)
+                                   batch_size=batch_size, min_region_area=min_region_area, output_dir=output_dir)
     if shard is not None:
         dataset._doc.reload("runs")  # the run as the other shards' processes recorded it
     if key in dataset.list_runs() and dataset.get_run_info(key).config.method in EXPERT_METHODS:
@@ -304,13 +309,12 @@ def score(
     cal_dict = recorded.calibration if recorded is not None and not overwrite else None
     cal_dict = cal_dict or spec.options.get("calibration")
     calibration = Calibration.from_dict(cal_dict) if cal_dict and "image_scores" in cal_dict else None
-    owns_dir = output_dir is None
-    out_dir = output_dir or default_output_dir(samples, "scores", key)
+    label_root = recorded.app_root if recorded is not None and not overwrite else app_root()
     job = ScoreJob(samples, spec, key, model, calibration, out_dir=out_dir, owns_dir=owns_dir,
                    batch_size=batch_size, num_workers=num_workers,
                    history=_history(recorded, calibration, overwrite),
                    previous_dirs=recorded.output_dirs if isinstance(recorded, AnomalyScoreRunConfig) else [],
-                   min_region_area=min_region_area)
+                   min_region_area=min_region_area, label_root=label_root)
     stats = run_job(samples, job, key, overwrite=overwrite, progress=progress, shard=shard)
     return ScoreResults(key=key, fields=job.names, num_samples=n_total, num_scored=stats.num_done,
                         num_skipped=stats.num_skipped, num_errors=stats.num_errors,
@@ -319,20 +323,10 @@ def score(
 
 def _queue_score_shards(samples, spec: Expert, key: str, shards: int, shard, overwrite: bool,
                         **params: Any) -> QueuedShards:
-    """``score(..., shards=N)``: queue one delegated score operation per shard (``overwrite`` clears the run's
-    fields on ``samples`` once, here, before any shard starts, and forgets its record, so the shards record the
-    new expert fit; values outside ``samples`` stay)."""
-    shards = check_positive_int("shards", shards)
-    if shard is not None:
-        raise ValueError("pass shard=(i, n) (run one shard here) or shards=N (queue N shards), not both")
-    dataset = samples._root_dataset
-    if overwrite and key in dataset.list_runs():
-        if dataset.get_run_info(key).config.method != ScoreJob.method:
-            raise ValueError(f"key {key!r} is already used by a run of another kind; choose another key")
-        names = FieldNames(key)
-        clear_fields(samples, names.specs(), names.score)
-        fo.core.runs.Run.delete_run(dataset, key, cleanup=False)
-    return queue_shards(samples, SCORE_OPERATOR, dict(expert=spec.key, **params), key, shards)
+    """``score(..., shards=N)``: one delegated score operation per shard (:func:`~.engine.queue_run_shards`)."""
+    names = FieldNames(key)
+    return queue_run_shards(samples, ScoreJob.method, names.specs(), names.score, SCORE_OPERATOR,
+                            dict(expert=spec.key, **params), key, shards, shard, overwrite)
 
 
 def _history(recorded, calibration: Calibration | None, overwrite: bool) -> list[dict[str, Any]]:
@@ -353,11 +347,14 @@ def threshold_record(calibration: Calibration, **extra: Any) -> dict[str, Any]:
 
 def _batch_values(out: BatchOutput, fields: FieldNames, ids: list[str], pred, maps_dir: str, masks_dir: str,
                   calibration: Calibration | None = None, *, regions: RegionRule | None = None,
-                  image_sizes: list | None = None, map_sizes: list | None = None) -> None:
+                  image_sizes: list | None = None, map_sizes: list | None = None,
+                  label_root: str | None = None) -> None:
     """Fill ``out`` with one predicted batch: PNG files written now, field values for the writer.
 
     ``regions`` (default: every region, the calibration's thresholds) makes the region fields from each map
     and mask; ``image_sizes`` (``(width, height)`` per sample, None where unknown) gives their areas in pixels.
+    The PNGs go to ``maps_dir`` / ``masks_dir`` on this machine; the labels store their paths under ``label_root``
+    (:func:`~.storage.label_path`; None: as written).
 
     A sample whose score or map is not finite (NaN/inf from the model) gets an error, never a label.
     """
@@ -377,8 +374,8 @@ def _batch_values(out: BatchOutput, fields: FieldNames, ids: list[str], pred, ma
         foui.write(masks[i].astype(np.uint8), mask_path)
         s = float(scores[i])
         values[fields.label][sid] = anomaly_label(bool(labels[i]), s, anomaly_score=s)
-        values[fields.map][sid] = fo.Heatmap(map_path=map_path, range=HEATMAP_RANGE)
-        values[fields.mask][sid] = fo.Segmentation(mask_path=mask_path)
+        values[fields.map][sid] = fo.Heatmap(map_path=label_path(map_path, label_root), range=HEATMAP_RANGE)
+        values[fields.mask][sid] = fo.Segmentation(mask_path=label_path(mask_path, label_root))
         (values[fields.regions][sid], values[fields.num_regions][sid],
          values[fields.explanation][sid]) = (regions or RegionRule.of(calibration, 0.0)).values(
             maps[i], masks[i], image_sizes[i] if image_sizes else None, anomalous=bool(labels[i]), score=s)

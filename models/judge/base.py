@@ -228,3 +228,14 @@ class JudgeBackend(ABC):
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable description for the run config (model id, revision...; never secrets)."""
         return {"backend": self.name}
+
+    def spec(self) -> dict[str, Any]:
+        """``make_backend``'s arguments (``name`` included) that build this backend again in another process,
+        e.g. the delegated workers of ``judge(..., shards=N)``: JSON-serialisable, never a secret.
+
+        Raises:
+            ValueError: this backend cannot be rebuilt from arguments (one built in code, or one holding a
+                secret that would have to be stored).
+        """
+        raise ValueError(f"a {type(self).__name__} cannot be rebuilt by a worker: pass make_backend's arguments "
+                         "as a dict instead, e.g. backend={'name': 'openai', 'base_url': ..., 'model': ...}")

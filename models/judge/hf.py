@@ -154,6 +154,9 @@ class TransformersBackend(JudgeBackend):
             raise ImportError("the transformers judge backend needs `pip install transformers torch`") from exc
 
         self.model_name = check_model_source(str(model))
+        self._args = dict(model=self.model_name, revision=revision, dtype=dtype if isinstance(dtype, str) else None,
+                          device=device, max_pixels=max_pixels, processor_kwargs=processor_kwargs,
+                          model_kwargs=model_kwargs, batch_size=batch_size, trust_remote_code=trust_remote_code)
         self.revision = revision
         self.device = str(resolve_device(device))
         self.torch_dtype = _dtype(dtype, self.device)
@@ -193,6 +196,17 @@ class TransformersBackend(JudgeBackend):
             "pixel_budget": self.pixel_budget,
             "processor_kwargs": {k: v for k, v in self.processor_kwargs.items() if _jsonable(v)},
         }
+
+    def spec(self) -> dict[str, Any]:
+        """The constructor's arguments as given (``device="auto"`` stays "auto": each worker picks its own)."""
+        args = dict(self._args)
+        if args["dtype"] is None:
+            args["dtype"] = str(self.torch_dtype).replace("torch.", "")
+        bad = [k for k in ("processor_kwargs", "model_kwargs") if args[k] and not _jsonable(args[k])]
+        if bad:
+            raise ValueError(f"the backend's {bad} cannot be sent to a worker (not JSON): pass make_backend's "
+                             "arguments as a dict instead")
+        return {"name": self.name, **args}
 
     # --- prompt -------------------------------------------------------------------------------------------
     def prompt_text(self, request: JudgeRequest) -> str:

@@ -156,6 +156,28 @@ class OpenAICompatBackend(JudgeBackend):
             "extra_body": self.extra_body,
         }
 
+    def spec(self) -> dict[str, Any]:
+        """The constructor's arguments but the key: a worker reads it from ``api_key_env`` (its environment
+        variable, or the FiftyOne secret of that name in an operator).
+
+        Raises:
+            ValueError: extra ``headers`` (they may hold secrets and would be stored with the operations), or a
+                key passed as ``api_key`` that ``api_key_env`` does not hold here.
+        """
+        if self._headers:
+            raise ValueError("a backend with extra headers cannot be sent to workers (the headers would be stored "
+                             "with the delegated operations)")
+        if self.__api_key and self.__api_key != os.environ.get(self.api_key_env or ""):
+            raise ValueError(f"the API key passed as api_key cannot be sent to workers (it would be stored with the "
+                             f"operations): set it as the environment variable or FiftyOne secret "
+                             f"{self.api_key_env!r} where the workers run, and build the backend with api_key_env")
+        return {"name": self.name, "base_url": list(self.base_urls), "model": self.model,
+                "api_key_env": self.api_key_env, "max_concurrency": self.max_concurrency, "timeout": self.timeout,
+                "max_retries": self.max_retries, "backoff": self.backoff, "max_backoff": self.max_backoff,
+                "top_logprobs": self.top_logprobs, "image_format": self.image_format,
+                "jpeg_quality": self.jpeg_quality, "extra_body": self.extra_body,
+                "max_failures": self.max_failures, "cooldown": self.cooldown}
+
     def _auth_headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json", **self._headers}
         if self.__api_key:

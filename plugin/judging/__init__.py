@@ -11,7 +11,7 @@ Example:
 
 from ..fields import JudgeFieldNames
 from .fusion import FUSE_METHODS, fuse_scores
-from .job import JudgeJob, describe_backend, load_rgb
+from .job import JudgeJob, backend_spec, build_backend, describe_backend, load_rgb
 from .parse import ParsedAnswer, normalize_location, parse_answer
 from .prompt import (GRID, QUESTION, SYSTEM, VERDICT_WORDS, build_request, expert_verdict_words,
                      knowledge_for)
@@ -36,6 +36,8 @@ __all__ = [
     "JudgeResults",
     "ParsedAnswer",
     "References",
+    "backend_spec",
+    "build_backend",
     "build_request",
     "cheap_embedding",
     "class_path",

@@ -21,9 +21,11 @@ import fiftyone as fo
 from ..engine import BatchOutput, Job, RunStats
 from ..fields import FieldNames, JudgeFieldNames
 from ..labels import ANOMALOUS, UNPARSED, anomaly_label
+from ..models.judge import BACKENDS, make_backend
 from ..models.judge.base import JudgeBackend, JudgeRequest
 from ..models.judge.hf import prepare_image
-from ..runs import JUDGE_METHOD, JudgeRunConfig
+from ..runs import JUDGE_METHOD, SCORE_METHOD, JudgeRunConfig, run_method
+from ..storage import local_path
 from .fusion import fuse_scores
 from .parse import parse_answer
 from .prompt import QUESTION, SYSTEM, VERDICT_WORDS, build_request, expert_verdict_words, knowledge_for
@@ -38,6 +40,40 @@ def describe_backend(backend: JudgeBackend) -> dict[str, Any]:
     credential (keys naming a key, token, secret, password or authorization; ``api_key_env`` is kept)."""
     desc = dict(backend.describe() or {})
     return {k: v for k, v in desc.items() if not any(w in k.lower() for w in _SECRET_WORDS) or k == "api_key_env"}
+
+
+def backend_spec(backend: JudgeBackend | Mapping[str, Any]) -> dict[str, Any]:
+    """What a worker builds ``backend`` from (``make_backend``'s arguments, ``name`` included): the dict given,
+    or a built backend's :meth:`~fiftyone_anomaly_vlm.models.judge.JudgeBackend.spec`.
+
+    Raises:
+        TypeError: neither a ``JudgeBackend`` nor a dict.
+        ValueError: an unknown backend name, or a backend that cannot be rebuilt elsewhere.
+    """
+    if isinstance(backend, JudgeBackend):
+        return backend.spec()
+    if not isinstance(backend, Mapping):
+        raise TypeError(f"backend must be a JudgeBackend (see make_backend) or make_backend's arguments as a dict, "
+                        f"got {type(backend).__name__}")
+    spec = dict(backend)
+    if spec.get("name") not in BACKENDS:
+        raise ValueError(f"backend dict needs 'name': one of {list(BACKENDS)}, got {spec.get('name')!r}")
+    if spec.get("api_key") is not None:
+        raise ValueError("backend dict: pass api_key_env (the environment variable or FiftyOne secret holding the "
+                         "key where the workers run), not api_key: the dict is stored with the operations")
+    return spec
+
+
+def build_backend(backend: JudgeBackend | Mapping[str, Any]) -> JudgeBackend:
+    """``backend`` itself, or the backend ``make_backend`` builds from a dict of its arguments (``name`` included).
+
+    Raises:
+        TypeError, ValueError: as :func:`backend_spec`.
+    """
+    if isinstance(backend, JudgeBackend):
+        return backend
+    spec = backend_spec(backend)
+    return make_backend(spec.pop("name"), **spec)
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -83,6 +119,9 @@ class JudgeJob(Job):
         self.fields = self.names.specs()
         self.error_field, self.done_field = self.names.error, self.names.label
         self.efields = FieldNames(expert) if expert is not None else None
+        # the expert run's map paths point under its app_root: read them where this machine mounts the storage
+        self.map_root = (dataset.get_run_info(expert).config.app_root
+                         if expert is not None and run_method(dataset, expert) == SCORE_METHOD else None)
         if isinstance(knowledge, str) and knowledge in dataset.get_field_schema():
             self.knowledge_kind, self.knowledge_field = "field", knowledge
         else:
@@ -184,7 +223,7 @@ class JudgeJob(Job):
         if self.n_crops and row.get("regions") is not None and row["regions"].detections:
             crops, boxes = region_crops(image, row["regions"], self.n_crops)
         elif self.n_crops and row.get("map"):
-            crops, boxes = expert_crops(image, row["map"], self.n_crops)
+            crops, boxes = expert_crops(image, local_path(row["map"], self.map_root), self.n_crops)
         else:
             crops, boxes = [], []
         regions[row["id"]] = boxes
@@ -254,3 +293,7 @@ class JudgeJob(Job):
                 fused = fuse_scores(np.asarray(s_e), np.asarray(s_v), self.fuse)
                 dataset.set_values(f.fused, dict(zip(ids, map(float, fused))), key_field="id")
         stats.counts["anomalous"] = samples.match(fo.ViewField(f"{f.label}.label") == ANOMALOUS).count()
+
+    def totals(self, samples) -> dict[str, int]:
+        """Unparsed answers over the whole view (a sharded run's totals)."""
+        return {"unparsed": samples.match(fo.ViewField(f"{self.names.label}.label") == UNPARSED).count()}

@@ -39,15 +39,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine import check_collection, check_key, check_positive_int, run_job
+from ..engine import check_collection, check_key, check_positive_int, queue_run_shards, run_job
 from ..fields import FieldNames, JudgeFieldNames
 from ..models.judge.base import JudgeBackend
-from ..runs import SCORE_METHOD
+from ..runs import JUDGE_METHOD, SCORE_METHOD
+from ..shards import QueuedShards, check_shard
 from .fusion import FUSE_METHODS
-from .job import JudgeJob
+from .job import JudgeJob, backend_spec, build_backend
 from .prompt import SYSTEM
 from .regions import CROP_SOURCES
 
+#: the judge operator that ``judge(..., shards=N)`` queues (``fiftyone.yml``'s plugin name / operator name)
+JUDGE_OPERATOR = "@anomaly-vlm/anomaly-vlm/judge_anomalies"
 @dataclass
 class JudgeResults:
     """What a :func:`judge` call did.
@@ -81,7 +84,7 @@ def judge(
     samples,
     key: str = "vlm",
     *,
-    backend: JudgeBackend,
+    backend: JudgeBackend | Mapping[str, Any],
     expert: str | None = None,
     reference: str | None = None,
     knowledge: str | Mapping[str, str] | None = None,
@@ -97,13 +100,18 @@ def judge(
     prefetch: int | None = None,
     crop_source: str = "maxima",
     progress: bool | Any = None,
-) -> JudgeResults:
+    shard: tuple[int, int] | None = None,
+    shards: int | None = None,
+) -> JudgeResults | QueuedShards:
     """Ask a VLM whether each sample is anomalous, which defect, where and why; record the run ``key``.
 
     Args:
         samples: a dataset or view of images.
         key: run key and field prefix (see :class:`JudgeFieldNames`).
-        backend: a :class:`~fiftyone_anomaly_vlm.models.judge.JudgeBackend` (see ``make_backend``).
+        backend: a :class:`~fiftyone_anomaly_vlm.models.judge.JudgeBackend` (see ``make_backend``), or
+            ``make_backend``'s arguments as a dict (``{"name": "openai", "base_url": [...], "model": ...}``):
+            built here, or, with ``shards``, sent as is to the workers (no model loaded here; a server's API key
+            is read where the workers run, from ``api_key_env``).
         expert: key of a scoring run (:func:`score`); its ``<expert>_map`` gives the crops, its
             ``<expert>_score`` the verdict in words and the fused score. None: full image only.
         reference: a normal image to compare with: a sample id, a tag (the nearest tagged sample by a cheap
@@ -133,26 +141,36 @@ def judge(
             expert run's defect regions ``<expert>_regions``, most anomalous first, each with a margin; a sample
             without regions falls back to maxima).
         progress: FiftyOne progress convention: None/True/False, or a callable taking a ``ProgressBar``.
+        shard: ``(index, count)``: judge only that shard of ``samples`` (a hash of the sample id, see
+            :mod:`~fiftyone_anomaly_vlm.shards`), e.g. from your own job scheduler; every shard writes the one
+            run ``key``; the one that completes the set counts the anomalous samples of the whole view (each
+            sample's ``K_fused`` is its own, whichever shard judged it).
+        shards: queue this many delegated operations, one per shard, and return at once
+            (:class:`~fiftyone_anomaly_vlm.shards.QueuedShards`); ``fiftyone delegated launch`` workers run them,
+            each building the backend from its arguments (:meth:`~fiftyone_anomaly_vlm.models.judge.JudgeBackend.spec`).
 
     Returns:
-        :class:`JudgeResults` with counts.
+        :class:`JudgeResults` with counts (of the shard, for ``shard``), or
+        :class:`~fiftyone_anomaly_vlm.shards.QueuedShards` for ``shards``.
 
     Raises:
         ValueError: empty view, bad key or batch size, unknown expert run, a ``key`` used by another kind of
             run or by another model (without ``overwrite``), no candidate reference, bad ``fuse``.
-        TypeError: ``backend`` is not a ``JudgeBackend``.
+        TypeError: ``backend`` is neither a ``JudgeBackend`` nor a dict.
         BackendUnavailable: the backend's pre-check failed (e.g. the server cannot be reached); nothing recorded.
         RunBusyError: another process is writing the run ``key``.
     """
     n_total = check_collection(samples, "judge")
     key = check_key(key)
+    if shard is not None:
+        shard = check_shard(shard)
     batch_size = check_positive_int("batch_size", batch_size)
     if crop_source not in CROP_SOURCES:
         raise ValueError(f"crop_source must be one of {list(CROP_SOURCES)}, got {crop_source!r}")
     if fuse not in FUSE_METHODS:
         raise ValueError(f"fuse must be 'rank' or 'logistic', got {fuse!r}")
-    if not isinstance(backend, JudgeBackend):
-        raise TypeError(f"backend must be a JudgeBackend (see make_backend), got {type(backend).__name__}")
+    # a TypeError / bad dict before any write; with shards, what the workers build the backend from
+    spec = backend_spec(backend) if shards is not None or not isinstance(backend, JudgeBackend) else None
     dataset = samples._root_dataset
     if expert is not None:
         if (expert not in dataset.list_runs()
@@ -167,12 +185,21 @@ def judge(
         raise ValueError("only_flagged needs an expert (the samples it labelled anomalous)")
     if class_field is not None and class_field not in dataset.get_field_schema():
         raise ValueError(f"class_field {class_field!r} is not a field of this dataset")
+    if shards is not None:
+        args = dict(expert=expert, reference=reference, knowledge=dict(knowledge) if isinstance(knowledge, Mapping)
+                    else knowledge, class_field=class_field, crops=crops, use_expert_verdict=use_expert_verdict,
+                    only_flagged=only_flagged, batch_size=batch_size, fuse=fuse, max_new_tokens=max_new_tokens,
+                    system=system, prefetch=prefetch, crop_source=crop_source)
+        names = JudgeFieldNames(key)
+        return queue_run_shards(samples, JUDGE_METHOD, names.specs(), names.label, JUDGE_OPERATOR,
+                                dict(args=args, backend_spec=spec), key, shards, shard, overwrite)
+    backend = build_backend(backend)
     backend.check()  # an unreachable server fails here, once, before a run is recorded
     job = JudgeJob(samples, key, backend, expert=expert, reference=reference, knowledge=knowledge,
                    class_field=class_field, crops=crops, use_expert_verdict=use_expert_verdict,
                    only_flagged=only_flagged, batch_size=batch_size, fuse=fuse, max_new_tokens=max_new_tokens,
                    system=system, prefetch=prefetch, crop_source=crop_source)
-    stats = run_job(samples, job, key, overwrite=overwrite, progress=progress)
+    stats = run_job(samples, job, key, overwrite=overwrite, progress=progress, shard=shard)
     return JudgeResults(
         key=key, fields=job.names, num_samples=n_total, num_judged=stats.num_done, num_skipped=stats.num_skipped,
         num_not_flagged=stats.num_samples - stats.num_selected, num_errors=stats.num_errors,

@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,20 +24,23 @@ import fiftyone as fo
 
 from .._common import check_key
 from ..calibration import Calibration
-from ..engine import BatchOutput, Job, RunStats, check_positive_int, run_job
+from ..engine import BatchOutput, Job, RunStats, check_positive_int, queue_run_shards, run_job
 from ..experts import Expert
 from ..scoring import resolve_expert
 from ..fields import VideoFieldNames
-from ..judging import describe_backend
+from ..judging import backend_spec, build_backend, describe_backend
 from ..labels import ANOMALOUS, anomaly_label
 from ..models.judge.base import JudgeBackend
 from ..runs import VIDEO_METHOD, VideoAnomalyRunConfig
+from ..shards import QueuedShards, check_shard
 from .frames import SampledVideo, check_video_collection, extract_frames, frames_location
 from .learning import load_questions
 from .questions import DEFAULT_QUESTIONS, check_combine
 from .scorer import FrameScorer, FrameScores, LoadedFrames
 from .timeline import find_segments, smooth_scores
 
+#: the video operator that ``score_video(..., shards=N)`` queues (``fiftyone.yml``'s plugin name / operator name)
+VIDEO_OPERATOR = "@anomaly-vlm/anomaly-vlm/score_video"
 #: videos are grouped into one work item (and one write) until they hold this many sampled frames
 FRAMES_PER_ITEM = 256
 
@@ -177,6 +180,14 @@ class VideoJob(Job):
         if self.names.label in samples._root_dataset.get_field_schema():
             stats.counts["flagged"] = samples.match(fo.ViewField(f"{self.names.label}.label") == ANOMALOUS).count()
 
+    def totals(self, samples) -> dict[str, int]:
+        """Frames scored, frame errors and segments over the whole view (a sharded run's totals): a frame
+        without an error always has a raw score (:meth:`~.scorer.FrameScorer.score`)."""
+        f = self.names
+        return {"frames": samples.count(f"frames.{f.frame_raw_score}"),
+                "frame_errors": samples.count(f"frames.{f.frame_error}"),
+                "segments": samples.count(f"{f.segments}.detections")}
+
 
 def _num(x) -> float | None:
     return float(x) if x is not None and np.isfinite(x) else None
@@ -219,7 +230,7 @@ def score_video(
     key: str = "video",
     *,
     expert: str | Expert | None = None,
-    backend: JudgeBackend | None = None,
+    backend: JudgeBackend | Mapping[str, Any] | None = None,
     questions: str | Sequence[str] | None = None,
     combine: str = "max",
     frames_per_prompt: int = 1,
@@ -235,14 +246,18 @@ def score_video(
     frames_dir: str | None = None,
     overwrite: bool = False,
     progress: bool | Any = None,
-) -> VideoResults:
+    shard: tuple[int, int] | None = None,
+    shards: int | None = None,
+) -> VideoResults | QueuedShards:
     """Score the frames of every video, smooth them over time, write frame/video fields and segments.
 
     Args:
         samples: a video dataset or view.
         key: run key and field prefix (see :class:`VideoFieldNames`).
         expert: a fitted image expert (name or :class:`Expert`), e.g. fitted on frames of normal videos.
-        backend: a VLM judge backend asked the guiding ``questions`` (see :mod:`.questions`).
+        backend: a VLM judge backend asked the guiding ``questions`` (see :mod:`.questions`), or
+            ``make_backend``'s arguments as a dict (``{"name": "openai", "base_url": ..., "model": ...}``), which
+            ``shards`` sends to the workers as is.
         questions: a list of yes/no questions, the key of a :func:`learn_questions` run, or None (one
             generic question). Only used with ``backend``.
         combine: ``"max"`` / ``"mean"`` over the questions' P(yes), or ``"joint"`` (one prompt listing them).
@@ -263,9 +278,16 @@ def score_video(
             by default videos already scored under ``key`` by the same expert fit, VLM and questions are
             skipped, so an interrupted run resumes.
         progress: FiftyOne progress convention, over videos.
+        shard: ``(index, count)``: score only that shard of the videos (a hash of the video's sample id, see
+            :mod:`~fiftyone_anomaly_vlm.shards`): all frames of a video are in one shard, so its smoothing and
+            segments are its own; every shard writes the one run ``key``, and the one that completes the set
+            counts the flagged videos of the whole view and stores the run's totals.
+        shards: queue this many delegated operations, one per shard, and return at once
+            (:class:`~fiftyone_anomaly_vlm.shards.QueuedShards`); ``fiftyone delegated launch`` workers run them.
 
     Returns:
-        :class:`VideoResults`.
+        :class:`VideoResults` (of the shard, for ``shard``), or
+        :class:`~fiftyone_anomaly_vlm.shards.QueuedShards` for ``shards``.
 
     Raises:
         ValueError: not a video view, empty, no ffmpeg, neither expert nor backend, bad key or batch size, a
@@ -279,11 +301,24 @@ def score_video(
     batch_size = check_positive_int("batch_size", batch_size)
     if expert is None and backend is None:
         raise ValueError("score_video needs an expert, a VLM backend, or both")
-    if backend is not None and not isinstance(backend, JudgeBackend):
-        raise TypeError(f"backend must be a JudgeBackend (see make_backend), got {type(backend).__name__}")
+    if shard is not None:
+        shard = check_shard(shard)
+    # a TypeError / bad dict before any work; with shards, what the workers build the backend from
+    spec_of_backend = (backend_spec(backend) if backend is not None and (
+        shards is not None or not isinstance(backend, JudgeBackend)) else None)
     check_combine(combine)
     smooth_scores(np.zeros(1), window, smoothing)  # a bad smoothing fails before any work
     qs = resolve_questions(samples, questions) if backend is not None else []
+    if shards is not None:
+        args = dict(expert=resolve_expert(samples, expert).key if expert is not None else None,
+                    questions=qs or None, combine=combine, frames_per_prompt=frames_per_prompt, context=context,
+                    fps=fps, window=window, smoothing=smoothing, threshold=threshold, min_length=min_length,
+                    explain=explain, device=device, batch_size=batch_size, frames_dir=frames_dir)
+        names = VideoFieldNames(key)
+        return queue_run_shards(samples, VIDEO_METHOD, names.specs(), names.score, VIDEO_OPERATOR,
+                                dict(args=args, backend_spec=spec_of_backend), key, shards, shard, overwrite)
+    if backend is not None:
+        backend = build_backend(backend)
 
     spec = model = calibration = expert_threshold = None
     if expert is not None:
@@ -320,7 +355,7 @@ def score_video(
         explain=bool(explain and backend is not None),
         frames_dir=frames_location(samples, frames_dir)[0],
     )
-    stats = run_job(samples, job, key, overwrite=overwrite, progress=progress)
+    stats = run_job(samples, job, key, overwrite=overwrite, progress=progress, shard=shard)
     return VideoResults(key=key, fields=job.names, questions=qs, threshold=threshold, num_videos=n_total,
                         num_scored=stats.num_done, num_skipped=stats.num_skipped, num_frames=stats.counts["frames"],
                         num_frame_errors=stats.counts["frame_errors"], num_errors=stats.num_errors,
