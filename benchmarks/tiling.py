@@ -108,7 +108,7 @@ def _both_image_scores(fav, test, key: str) -> dict:
             out = tiled.expert.predict(tiles)
             best = max(best, float(out.raw_score.max()))
             for i, box in enumerate(boxes):
-                stitcher.add(out.raw_map[i][None], box)
+                stitcher.add(out.raw_map[i][None], box, tiled.tile)
         map_max.append(float(stitcher.result().max()))
         tile_max.append(best)
     truth = np.array([g == "anomalous" for g in test.values("ground_truth.label")])

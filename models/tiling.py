@@ -138,14 +138,25 @@ class Stitcher:
         x1 = max(x0 + 1, min(int(round((x + w) * self.sx)), self.out_size[1]))
         return y0, y1, x0, x1
 
-    def add(self, maps: torch.Tensor, box: tuple[int, int, int, int]) -> None:
-        """Add ``maps`` ``(channels, tile, tile)`` of the tile ``box`` (its padding, if any, is cut off)."""
+    def add(self, maps: torch.Tensor, box: tuple[int, int, int, int], tile: int | None = None) -> None:
+        """Add ``maps`` ``(channels, m, m)`` of the tile ``box`` (its padding, if any, is cut off).
+
+        ``tile`` is the side of the (padded) tile the maps cover; None means the maps are at the tile's size
+        (``m`` = tile). A model input smaller than the tile gives smaller maps: the padding is then cut in map
+        pixels (the same share of the map as of the tile).
+        """
         _, _, h, w = box
-        maps = maps[:, :h, :w].float()
+        if tile is not None and maps.shape[-1] != tile:
+            mh, mw = maps.shape[-2:]
+            h_map, w_map = max(1, round(h * mh / tile)), max(1, round(w * mw / tile))
+            maps = maps[:, :h_map, :w_map].float()
+            h, w = h_map, w_map  # map pixels: resized into the output box below
+        else:
+            maps = maps[:, :h, :w].float()
         y0, y1, x0, x1 = self.out_box(box)
-        if (y1 - y0, x1 - x0) != (h, w):
+        if tuple(maps.shape[-2:]) != (y1 - y0, x1 - x0):
             maps = F.interpolate(maps[None], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False,
-                                 antialias=(y1 - y0) < h)[0]
+                                 antialias=(y1 - y0) < maps.shape[-2])[0]
         self.sum[:, y0:y1, x0:x1] += maps
         self.count[y0:y1, x0:x1] += 1.0
 
@@ -161,7 +172,7 @@ def stitch(tile_maps: torch.Tensor, image_size: tuple[int, int], tile: int, stri
     for maps already in hand (tests, tools)."""
     stitcher = Stitcher(image_size, out_size or image_size)
     for m, box in zip(tile_maps, tile_boxes(*image_size, tile, stride), strict=True):
-        stitcher.add(m[None], box)
+        stitcher.add(m[None], box, tile)
     return stitcher.result()[0]
 
 
@@ -213,7 +224,7 @@ class TiledExpert(VisionExpert):
             score_best = max(score_best, float(out.score.max()))
             raw_map = out.raw_map if out.raw_map is not None else out.anomaly_map
             for i, box in enumerate(boxes):
-                stitcher.add(torch.stack([raw_map[i], out.anomaly_map[i]]), box)
+                stitcher.add(torch.stack([raw_map[i], out.anomaly_map[i]]), box, self.tile)
         raw_map, anomaly_map = stitcher.result()
         if self.image_score == "map_max":
             raw_best, score_best = float(raw_map.max()), float(anomaly_map.max())

@@ -59,6 +59,10 @@ def test_stitch_matches_anomalib_tiler_and_rebuilds_a_known_map():
     # an image smaller than a tile: one padded tile, cut back to the image
     assert tile_boxes(1, 1, 64, 32) == [(0, 0, 1, 1)]
     assert stitch(torch.full((1, 64, 64), 0.25), (1, 1), 64, 32).tolist() == [[0.25]]
+    # a model input smaller than the tile (maps 32 px for 64 px tiles): the padding is cut in map pixels too
+    half = torch.zeros(1, 32, 32)
+    half[0, :20, :25] = 1.0  # the 40x50 image's share of the padded tile; the padding reads 0
+    assert stitch(half, (40, 50), 64, 64).eq(1.0).all()
 
 
 @pytest.mark.parametrize(("tile", "stride", "message"), [
@@ -127,6 +131,32 @@ def test_tiled_fit_records_tiles_and_score_writes_maps_at_image_resolution(tiled
         assert np.asarray(Image.open(sample.tiled_map.map_path)).shape == (96, 96)
     # a resumed call skips what is scored; the tiled settings come from the record
     assert fav.score(ds, expert="tiled", num_workers=0).num_skipped == len(ds) - 1
+
+
+def test_an_8000px_image_scores_with_maps_at_the_cap(tiled, tmp_path):
+    """An 8000x8000 image scores, tiled (1024 px tiles read by a 32 px model input: 8x8 tiles) and untiled, and
+    its heatmap and mask are written at the documented cap (MAP_MAX_SIDE on the longer side)."""
+    ds = tiled
+    side = 8000
+    rng = np.random.default_rng(3)
+    arr = np.kron(rng.integers(60, 200, (side // 16, side // 16), dtype=np.uint8), np.ones((16, 16), np.uint8))
+    arr[4000:4012, 6000:6012] = 255  # a bright speck 12 px across
+    path = _save(tmp_path / "large.png", arr, compress_level=1)
+    ds.add_sample(fo.Sample(filepath=path, tags=["large"]))
+    large = ds.match_tags("large")
+    kw = dict(KW, image_size=32)
+    fav.fit_expert(ds.match_tags("train"), key="big_tiles", tile_size=1024, **kw)
+    fav.fit_expert(ds.match_tags("train"), key="big_whole", **kw)
+    for key in ("big_tiles", "big_whole"):
+        result = fav.score(large, expert=key, num_workers=0)
+        assert (result.num_scored, result.num_errors) == (1, 0), key
+        sample = large.first()
+        assert np.isfinite(sample[f"{key}_score"]), key
+        heat = np.asarray(Image.open(sample[f"{key}_map"].map_path))
+        mask = np.asarray(Image.open(sample[f"{key}_mask"].mask_path))
+        assert heat.shape == mask.shape == (MAP_MAX_SIDE, MAP_MAX_SIDE), key
+        assert sample[f"{key}_num_regions"] == len(sample[f"{key}_regions"].detections
+                                                    if sample[f"{key}_regions"] else []), key
 
 
 def _exif_rotated_jpeg(path, upright: np.ndarray) -> str:
