@@ -265,7 +265,7 @@ def score(
             expert fit are skipped, so an interrupted run resumes.
         min_region_area: the smallest connected region of a mask written to ``<key>_regions``, as a share of
             the image in ``[0, 1)`` (0.001 = 0.1 %; 0 keeps every region). Recorded on the run and used again
-            by :func:`set_threshold`.
+            by :func:`set_threshold`. Resuming a run takes its recorded value (another one is refused).
         progress: FiftyOne progress convention: None/True/False, or a callable taking a ``ProgressBar``.
         shard: ``(index, count)``: score only that shard of ``samples`` (a hash of the sample id, see
             :mod:`~fiftyone_anomaly_vlm.shards`), e.g. from your own job scheduler; every shard writes the one
@@ -304,6 +304,10 @@ def score(
     recorded = dataset.get_run_info(key).config if key in dataset.list_runs() else None
     if recorded is not None and recorded.method != ScoreJob.method:
         recorded = None  # another kind of run: the engine refuses the key before anything is written
+    if recorded is not None and not overwrite and recorded.min_region_area != min_region_area:
+        raise ValueError(f"run {key!r} wrote its regions with min_region_area={recorded.min_region_area}; resume it "
+                         f"with the same value, or pass overwrite=True to score every sample again with "
+                         f"min_region_area={min_region_area} (a resume keeps the regions already written)")
     model = spec.load(device=device)  # a broken checkpoint fails here, before any write
     # thresholds/normalisation: a resumed run keeps its own (possibly re-thresholded) calibration
     cal_dict = recorded.calibration if recorded is not None and not overwrite else None

@@ -192,6 +192,13 @@ def test_min_region_area_is_recorded_and_checked(scored):
     assert ds.get_run_info("pd2").config.min_region_area == 0.01
     shares = [d["area_share"] for dets in ds.exists(f.score).values(f.regions) for d in dets.detections]
     assert all(s >= 0.01 for s in shares)
+    # resuming with another minimum area would leave the first samples' regions at 0.01: refused, nothing written
+    before = ds.exists(f.score).count()
+    with pytest.raises(ValueError, match=r"min_region_area=0.01.*same value.*overwrite=True"):
+        fav.score(test, expert="padim", key="pd2", num_workers=0)
+    assert ds.exists(f.score).count() == before and ds.get_run_info("pd2").config.min_region_area == 0.01
+    result = fav.score(test, expert="padim", key="pd2", num_workers=0, min_region_area=0.01)  # same value: resumes
+    assert result.num_skipped == before and ds.exists(f.score).count() == len(test)
 
 
 def test_judge_takes_its_crops_from_the_regions(scored, tmp_path):
