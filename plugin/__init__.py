@@ -26,6 +26,7 @@ from .reviewing import (ReviewTarget, create_review_indexes, flagged_view, recal
                         score_histogram, scoring_runs, threshold_counts)
 from .scoring import ScoreResults, score
 from .shards import QueuedShards, resume_shards, shard_states
+from .storage import delete_dataset, storage_root
 from .thresholds import set_threshold
 from .video import (LearnedQuestions, VideoFieldNames, VideoResults, learn_questions, load_questions, score_video,
                     video_frames)
@@ -38,6 +39,8 @@ __all__ = [
     "QueuedShards",
     "create_review_indexes",
     "resume_shards",
+    "delete_dataset",
+    "storage_root",
     "shard_states",
     "available_models",
     "create_clip_expert",

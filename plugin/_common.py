@@ -7,6 +7,8 @@ import os
 import fiftyone as fo
 from fiftyone.core.odm import DatasetSampleDocument, get_default_fields
 
+from .storage import storage_root
+
 
 def check_image_collection(samples, what: str) -> int:
     """Fail early, with one clear message, when ``samples`` cannot be used; return the sample count.
@@ -54,5 +56,6 @@ def check_key(key: str) -> str:
 
 
 def default_output_dir(samples, *parts: str) -> str:
-    """``<fo.config.default_dataset_dir>/anomaly_vlm/<dataset name>/<parts...>``."""
-    return os.path.join(fo.config.default_dataset_dir, "anomaly_vlm", samples._root_dataset.name, *parts)
+    """``<storage root>/<dataset name>/<parts...>`` (the root: ``$FAV_STORAGE_ROOT``, else
+    ``<fo.config.default_dataset_dir>/anomaly_vlm``, see :mod:`.storage`)."""
+    return os.path.join(storage_root(), samples._root_dataset.name, *parts)

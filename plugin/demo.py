@@ -13,15 +13,13 @@ it builds it first (the demo above) only when it is missing, so run the demo wit
 
 A re-run replaces the dataset of the same name and says so: :func:`delete_dataset_and_files` deletes its runs
 (each run removes its own files: heatmap and mask PNGs, expert fits), the dataset and the plugin's folder of
-it (``<fo default dataset dir>/anomaly_vlm/<dataset>``). ``fo.delete_dataset`` alone does none of this (it
+it (``<storage root>/<dataset>``, see :mod:`.storage`). ``fo.delete_dataset`` alone does none of this (it
 runs no run cleanup), so call that function to delete a dataset the plugin has worked on.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import time
 
 import fiftyone as fo
@@ -33,24 +31,13 @@ from .experts import fit_expert
 from .metrics import image_metrics
 from .scoring import score
 from .datasets import load_elpv, make_parts_dataset
+from .storage import delete_dataset
 
 
 def delete_dataset_and_files(name: str) -> str | None:
     """Delete dataset ``name``, its runs' files and the plugin's folder of it; say what was removed (None: no
-    such dataset and no folder)."""
-    folder = os.path.join(fo.config.default_dataset_dir, "anomaly_vlm", name)
-    what = []
-    if fo.dataset_exists(name):
-        ds = fo.load_dataset(name)
-        runs = ds.list_runs()
-        what.append(f"dataset '{name}' ({len(ds)} samples, runs {', '.join(runs) or 'none'})")
-        ds.delete_runs()  # each run removes its own files (PNG folders, fits); fo.delete_dataset would not
-        ds.delete()
-    if os.path.isdir(folder):
-        num = sum(len(files) for _, _, files in os.walk(folder))
-        shutil.rmtree(folder, ignore_errors=True)
-        what.append(f"{num} more files under {folder}")
-    return "; ".join(what) or None
+    such dataset and no folder). The same as :func:`fiftyone_anomaly_vlm.delete_dataset`."""
+    return delete_dataset(name)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -26,6 +26,7 @@ from .images import read_heatmap
 from .labels import ANOMALOUS, NORMAL
 from .regions import RegionRule, declare_region_attributes, image_size_of
 from .scoring import threshold_record
+from .storage import local_path
 from .writers import declare_fields
 
 
@@ -96,6 +97,8 @@ def set_threshold(
     region_values: dict[str, dict[str, Any]] = {fields.regions: {}, fields.num_regions: {}, fields.explanation: {}}
     with fou.ProgressBar(total=len(ids), progress=progress) as pb:
         for sid, s, map_path, mask_path, filepath in pb(zip(ids, norm, map_paths, mask_paths, filepaths)):
+            # the labels point under the run's app_root: the same files on this machine
+            map_path, mask_path = local_path(map_path, config.app_root), local_path(mask_path, config.app_root)
             if map_path and mask_path and os.path.isfile(map_path):
                 heatmap = read_heatmap(map_path)
                 mask = heatmap > new.normalized_pixel_threshold

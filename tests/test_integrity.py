@@ -85,7 +85,8 @@ def _scores(ds, key: str) -> dict:
 
 def _expert_record(ds, key: str) -> dict:
     ds.reload()
-    return json.loads(json.dumps(ds.get_run_info(f"{key}_expert").config.serialize()))
+    config = ds.get_run_info(f"{key}_expert").config  # paths as this machine sees them (stored relative to the root)
+    return json.loads(json.dumps({name: getattr(config, name) for name in config.attributes()}))
 
 
 # ----------------------------------------------------------------- defect 1: a killed re-fit

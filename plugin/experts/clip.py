@@ -25,6 +25,7 @@ import torch
 import fiftyone as fo
 
 from .._common import check_image_collection, check_key, default_output_dir
+from ..storage import output_folder
 from ..images import ImageLoadError, load_image
 from ..models.clip_expert import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipExpert
 from ..models.progress import phase_bar
@@ -151,8 +152,7 @@ def create_clip_expert(
     )  # bad names, missing weights and bad scales fail here, before any work
     size = expert.image_size
 
-    owns_dir = output_dir is None
-    out_dir = output_dir or default_output_dir(samples, "experts", key)
+    out_dir, owns_dir = output_folder(output_dir, default_output_dir(samples, "experts", key))
     with FitFolder(samples, out_dir, key) as fit:  # the memory goes to the fit's own folder
         checkpoint, reference_ids, errors = _encode_references(expert, fit, ref_view, k_shot=k_shot, size=size,
                                                                batch_size=batch_size, seed=seed, progress=progress)

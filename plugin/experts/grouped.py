@@ -22,6 +22,7 @@ import fiftyone as fo
 from fiftyone import ViewField as F
 
 from .._common import check_image_collection, check_key, default_output_dir
+from ..storage import output_folder
 from ..calibration import threshold_from_normals
 from ..runs import COMPOSITE_METHOD, ExpertRunConfig, expert_run_key, expert_state, run_owned_fields
 from .combined import ALL
@@ -72,7 +73,7 @@ def register_composite(samples, key: str, members: dict[str, list[str]], *, grou
     """
     dataset = samples._root_dataset
     run_key = expert_run_key(key)
-    out_dir = output_dir or default_output_dir(samples, "experts", key)
+    out_dir = output_folder(output_dir, default_output_dir(samples, "experts", key))[0]
     with FitFolder(samples, out_dir, key) as fit:
         spec_path = fit.file("composite.json")
         with open(spec_path, "w") as f:  # the composite's "checkpoint": what it combines, for identity and humans

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .._common import check_image_collection, check_key, default_output_dir
+from ..storage import output_folder
 from ..calibration import threshold_from_normals
 from ..models import AnomalibExpert
 from ..models.anomalib_build import network_size
@@ -93,7 +94,7 @@ def import_expert(samples, checkpoint: str, key: str, *, model: str | None = Non
         logger.warning("import_expert: skipping sample %s: %s", sid, err)
     calibration = calibrate_expert(expert, images, rule=threshold, param=threshold_param, batch_size=batch_size,
                                    progress=progress)  # a model that cannot take the images fails here
-    out_dir = output_dir or default_output_dir(samples, "experts", key)
+    out_dir = output_folder(output_dir, default_output_dir(samples, "experts", key))[0]
     ext = ".pt" if checkpoint.endswith(".pt") else ".ckpt"
     with FitFolder(samples, out_dir, key) as fit:
         copied = fit.file("model" + ext)

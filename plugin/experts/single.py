@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .._common import check_image_collection, check_key, default_output_dir
+from ..storage import output_folder
 from ..calibration import Calibration, threshold_from_normals
 from ..images import DecodedImages, ImageLoadError, check_image
 from ..models import AnomalibExpert, TiledExpert, check_tile_settings
@@ -105,6 +106,8 @@ def fit_single_expert(
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
     threshold_from_normals(np.zeros(1), threshold, threshold_param)  # a bad rule fails before any work
+    # an output folder that cannot be written fails before any work (relative: under the storage root)
+    out_dir, owns_dir = output_folder(output_dir, default_output_dir(samples, "experts", key))
     tiling = check_tile_settings(tile_size, tile_stride)  # bad tile settings fail before any work
     if tile_image_score not in TILE_IMAGE_SCORES:
         raise ValueError(f"tile_image_score must be one of {TILE_IMAGE_SCORES}, got {tile_image_score!r}")
@@ -130,8 +133,6 @@ def fit_single_expert(
                + (" or a smaller n_pca_components in model_kwargs" if need > 2 else ""))
         raise ValueError(msg)
 
-    owns_dir = output_dir is None
-    out_dir = output_dir or default_output_dir(samples, "experts", key)
     train_paths, val_paths = [paths[i] for i in train_idx], [paths[i] for i in val_idx]
     train, val, calibrated = images.take(train_idx), images.take(val_idx), expert
     if tiling:  # the model learns tiles cut at the images' own resolution; calibration sees whole stitched maps

@@ -8,6 +8,7 @@ from typing import Any
 import fiftyone.core.runs as fors
 
 from ..engine import record_run
+from ..storage import RootRelativePaths
 from .base import EXPERT_METHOD, AnomalyRunConfig, remove_owned_dir
 
 #: suffix of the run key under which a fitted expert is recorded (``fit_expert(key="padim")`` -> ``padim_expert``)
@@ -24,7 +25,7 @@ def expert_run_key(key: str) -> str:
 EXPERT_STATE = ("calibration", "train_ids", "holdout_ids", "errors")
 
 
-class ExpertRunConfig(AnomalyRunConfig):
+class ExpertRunConfig(RootRelativePaths, AnomalyRunConfig):
     """Config of a fitted vision expert; it writes no fields.
 
     ``method`` tells the expert's kind: ``"anomalib_expert"`` (one anomalib model), ``"composite_expert"``
@@ -32,6 +33,10 @@ class ExpertRunConfig(AnomalyRunConfig):
     ``owned_members``, ``combine``), ``"winclip"`` (CLIP zero/few-shot: ``object_name``, ``object_field``,
     ``description``, ``scales``, ``k_shot``, ``reference_ids``...). Kind-specific parameters are kept as
     attributes of the same names.
+
+    ``checkpoint`` and ``output_dir`` are recorded relative to the storage root (:mod:`~fiftyone_anomaly_vlm.storage`)
+    and are absolute paths on this machine once loaded; ``storage_root`` is the root of the process that wrote the
+    record (for information).
 
     Args:
         expert: the expert's name.
@@ -73,6 +78,7 @@ class ExpertRunConfig(AnomalyRunConfig):
     """
 
     METHOD = EXPERT_METHOD
+    PATH_ATTRS = ("checkpoint", "output_dir")
 
     def __init__(self, expert: str | None = None, model: str | None = None, model_class: str | None = None,
                  checkpoint: str | None = None, fit_id: str | None = None, output_dir: str | None = None,
@@ -102,7 +108,7 @@ class ExpertRunConfig(AnomalyRunConfig):
         state = dict(calibration=calibration, train_ids=train_ids, holdout_ids=holdout_ids, errors=errors)
         self._state = {name: value for name, value in state.items() if value is not None}
         super().__init__(method=method, **kwargs)
-
+        self.resolve_root_paths()
 
     def fitted_state(self) -> dict[str, Any]:
         """The fitted state given to the constructor (or recorded in the config by 0.1), not serialised with

@@ -5,8 +5,11 @@ has written to is recorded (``output_dirs``), so nothing is lost when a later ca
 ``output_dir``. A PNG in those folders that no sample's ``<key>_map`` / ``<key>_mask`` references any more
 (after ``overwrite``, or re-scoring some samples elsewhere) is removed at the end of the scoring call
 (:func:`remove_orphaned_pngs`); ``delete_run`` removes the folders. ``fo.delete_dataset`` runs no run
-cleanup: call :func:`fiftyone_anomaly_vlm.demo.delete_dataset_and_files` (or ``dataset.delete_runs()`` before
-deleting it).
+cleanup: call :func:`fiftyone_anomaly_vlm.delete_dataset` (or ``dataset.delete_runs()`` before deleting it).
+
+Folders are recorded relative to the storage root, and the labels' paths point under the run's ``app_root``
+(see :mod:`~fiftyone_anomaly_vlm.storage`): a shard on a machine that mounts the storage elsewhere records the
+same folder, and any machine's ``delete_run`` removes it.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import fiftyone.core.odm as foo
 
 from ..fields import FieldNames
 from ..shards import forget_shards
+from ..storage import RootRelativePaths, local_path, stored_path
 from .base import SCORE_METHOD, AnomalyRunConfig, FieldsRun, remove_owned_dir
 
 
-class AnomalyScoreRunConfig(AnomalyRunConfig):
+class AnomalyScoreRunConfig(RootRelativePaths, AnomalyRunConfig):
     """Config of a scoring run: which expert (and which fit of it) scored, where its maps are, the threshold.
 
     Args:
@@ -49,10 +53,20 @@ class AnomalyScoreRunConfig(AnomalyRunConfig):
         min_region_area: the smallest region written to ``<key>_regions``, as a share of the image (0: every
             region; runs of earlier releases load with 0 and have no regions until scored again or
             re-thresholded).
+        app_root: the storage root as the App's machine sees it, recorded when the run was first recorded
+            (``$FAV_APP_STORAGE_ROOT``, else the recording process's root): the ``map_path`` / ``mask_path`` of the
+            labels point under it, whichever worker wrote the PNG (None for runs of earlier releases: their labels
+            hold the writing machine's paths).
         **legacy: parameters of earlier releases.
+
+    ``checkpoint``, ``output_dir``, ``maps_dir``, ``masks_dir`` and ``output_dirs`` are recorded relative to the
+    storage root and are absolute paths on this machine once loaded (``storage_root``: the root of the process
+    that wrote the record).
     """
 
     METHOD = SCORE_METHOD
+    PATH_ATTRS = ("checkpoint", "output_dir", "maps_dir", "masks_dir")
+    PATH_LIST_ATTRS = ("output_dirs",)
 
     def __init__(self, expert: str | None = None, expert_run: str | None = None, expert_fit_id: str | None = None,
                  model: str | None = None, model_class: str | None = None, checkpoint: str | None = None,
@@ -61,19 +75,23 @@ class AnomalyScoreRunConfig(AnomalyRunConfig):
                  fields: list[str] | None = None, device: str | None = None, batch_size: int | None = None,
                  calibration: dict[str, Any] | None = None, normalized_image_threshold: float = 0.5,
                  normalized_pixel_threshold: float = 0.5, threshold_history: list[dict] | None = None,
-                 output_dirs: list[str] | None = None, min_region_area: float = 0.0, **legacy: Any) -> None:
+                 output_dirs: list[str] | None = None, min_region_area: float = 0.0, app_root: str | None = None,
+                 **legacy: Any) -> None:
         self.expert, self.expert_run, self.expert_fit_id = expert, expert_run, expert_fit_id
         self.model, self.model_class, self.checkpoint = model, model_class, checkpoint
         self.image_size = image_size
         self.output_dir, self.maps_dir, self.masks_dir = output_dir, maps_dir, masks_dir
-        self.output_dirs = [d for d in (output_dirs or []) if d != output_dir] + ([output_dir] if output_dir else [])
+        self.output_dirs = list(output_dirs or [])
         self.owns_output_dir, self.heatmap_range, self.fields = owns_output_dir, heatmap_range, fields
         self.device, self.batch_size, self.calibration = device, batch_size, calibration
         self.normalized_image_threshold = normalized_image_threshold
         self.normalized_pixel_threshold = normalized_pixel_threshold
         self.threshold_history = list(threshold_history or [])
-        self.min_region_area = min_region_area
+        self.min_region_area, self.app_root = min_region_area, app_root
         super().__init__(**legacy)
+        self.resolve_root_paths()
+        out = self.output_dir
+        self.output_dirs = list(dict.fromkeys(d for d in self.output_dirs if d != out)) + ([out] if out else [])
 
 
 class AnomalyScoreRun(FieldsRun):
@@ -112,7 +130,7 @@ def record_output_dir(dataset, key: str, out_dir: str) -> None:
     shard scoring into a folder of its own, while the other shards do the same), so that ``delete_run`` removes
     every shard's PNGs."""
     run_doc = dataset._doc.runs[key]
-    foo.get_db_conn().runs.update_one({"_id": run_doc.id}, {"$addToSet": {"config.output_dirs": out_dir}})
+    foo.get_db_conn().runs.update_one({"_id": run_doc.id}, {"$addToSet": {"config.output_dirs": stored_path(out_dir)}})
     run_doc.reload()
 
 
@@ -135,8 +153,9 @@ def remove_orphaned_pngs(dataset, key: str) -> int:
     schema = dataset.get_field_schema()
     used: set[str] = set()
     for field, attr in ((names.map, "map_path"), (names.mask, "mask_path")):
-        if field in schema:
-            used.update(os.path.realpath(p) for p in dataset.distinct(f"{field}.{attr}") if p)
+        if field in schema:  # labels point under the run's app_root: where those files are on this machine
+            paths = dataset.distinct(f"{field}.{attr}")
+            used.update(os.path.realpath(local_path(p, config.app_root)) for p in paths if p)
     removed = 0
     for folder in png_dirs(config):
         if not os.path.isdir(folder):

@@ -8,10 +8,11 @@ from typing import Any
 import fiftyone.core.runs as fors
 
 from ..fields import VideoFieldNames
+from ..storage import RootRelativePaths
 from .base import QUESTIONS_METHOD, VIDEO_METHOD, AnomalyRunConfig, FieldsRun
 
 
-class VideoAnomalyRunConfig(AnomalyRunConfig):
+class VideoAnomalyRunConfig(RootRelativePaths, AnomalyRunConfig):
     """Config of a video run.
 
     Args:
@@ -32,9 +33,13 @@ class VideoAnomalyRunConfig(AnomalyRunConfig):
         frames_dir: where sampled frames are.
         fields: the fields written.
         **legacy: parameters of earlier releases.
+
+    ``expert_checkpoint`` and ``frames_dir`` are recorded relative to the storage root
+    (:mod:`~fiftyone_anomaly_vlm.storage`) and are absolute paths on this machine once loaded.
     """
 
     METHOD = VIDEO_METHOD
+    PATH_ATTRS = ("expert_checkpoint", "frames_dir")
 
     def __init__(self, expert: str | None = None, expert_checkpoint: str | None = None,
                  backend: dict[str, Any] | None = None, questions: list[str] | None = None,
@@ -49,6 +54,7 @@ class VideoAnomalyRunConfig(AnomalyRunConfig):
         self.threshold, self.expert_threshold, self.min_length = threshold, expert_threshold, min_length
         self.explain, self.frames_dir, self.fields = explain, frames_dir, fields
         super().__init__(**legacy)
+        self.resolve_root_paths()
 
 
 class VideoAnomalyRun(FieldsRun):

@@ -20,6 +20,7 @@ from PIL import Image
 import fiftyone as fo
 
 from .._common import default_output_dir
+from ..storage import output_folder
 from ..engine import check_collection
 
 #: the frame error of a frame the video announces but ffmpeg could not decode (e.g. a truncated file)
@@ -50,8 +51,9 @@ def check_video_collection(samples, what: str) -> int:
 
 def frames_location(samples, output_dir: str | None) -> tuple[str, str | None]:
     """``(folder, rel_dir)`` of the frame images of ``samples``: ``output_dir`` (default: the plugin's folder
-    for the dataset) and the videos' common folder, which FiftyOne mirrors below it."""
-    out = output_dir or default_output_dir(samples, "frames")
+    for the dataset under the storage root; a relative path is taken under that root; created and checked
+    writable, see :func:`~..storage.output_folder`) and the videos' common folder, which FiftyOne mirrors below it."""
+    out = output_folder(output_dir, default_output_dir(samples, "frames"))[0]
     dirs = sorted({os.path.dirname(os.path.abspath(p)) for p in samples._root_dataset.distinct("filepath")})
     rel = os.path.commonpath(dirs) if dirs else None
     return out, rel
