@@ -133,6 +133,22 @@ def test_tiled_fit_records_tiles_and_score_writes_maps_at_image_resolution(tiled
     assert fav.score(ds, expert="tiled", num_workers=0).num_skipped == len(ds) - 1
 
 
+def test_tiled_scoring_with_decoding_workers_matches_in_process(tiled):
+    """num_workers > 0 (images decoded in worker processes) gives a tiled expert the same scores, maps and
+    per-sample errors as decoding in this process (the run "tiled" of the test above, num_workers=0)."""
+    ds = tiled
+    view = ds.exists("tiled_score").match_tags("bad", bool=False).limit(4)
+    view = view.concat(ds.match_tags("bad"))  # the bad inputs, the broken file among them
+    result = fav.score(view, expert="tiled", key="tiled_w2", num_workers=2, batch_size=3)
+    assert (result.num_scored, result.num_errors) == (len(view) - 1, 1)
+    for sample in view:
+        assert (sample.tiled_w2_error is None) == (sample.tiled_error is None), sample.filepath
+        if sample.tiled_error is None:
+            assert sample.tiled_w2_score == pytest.approx(sample.tiled_score, abs=1e-6)
+            assert np.array_equal(np.asarray(Image.open(sample.tiled_w2_map.map_path)),
+                                  np.asarray(Image.open(sample.tiled_map.map_path)))
+
+
 def test_an_8000px_image_scores_with_maps_at_the_cap(tiled, tmp_path):
     """An 8000x8000 image scores, tiled (1024 px tiles read by a 32 px model input: 8x8 tiles) and untiled, and
     its heatmap and mask are written at the documented cap (MAP_MAX_SIDE on the longer side)."""
