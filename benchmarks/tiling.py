@@ -60,35 +60,47 @@ def _fit_score_eval(fav, ds, test, key: str, args, *, model: str, tiled: bool, i
             "s_per_image": score_s / len(test), **(_region_recall(test, key) if masks else {})}
 
 
+#: smallest region areas (share of the image) at which region recall is also read: the regions of a run scored
+#: with ``min_region_area=a`` are exactly its regions at 0 whose ``area_share`` is at least ``a``
+RECALL_MIN_AREAS = (0.0, 1e-4, 1e-3)
+
+
 def _region_recall(test, key: str) -> dict:
-    """How the ``<key>_regions`` written by scoring (the run's default threshold and minimum area) meet the
-    generated defects.
+    """How the ``<key>_regions`` written by scoring (the run's default threshold, ``min_region_area`` 0) meet the
+    generated defects, also keeping only regions of at least each of :data:`RECALL_MIN_AREAS`.
 
     The generator puts one defect in each defective part, drawn into its ``ground_truth_mask``. Rule: a region
     *hits* the defect when its box, in the image's pixels rounded outwards, contains at least one pixel of the
-    defect's mask; a defect is *found* when at least one region hits it. Returns the recall (found / defective
-    parts) and the regions that hit no defect, per normal and per defective image.
+    defect's mask; a defect is *found* when at least one region hits it. Returns, per minimum area, the recall
+    (found / defective parts) and the regions that hit no defect, per normal and per defective image.
     """
     import numpy as np
 
-    found = defective = normal = false_on_normal = false_on_defective = 0
+    stats = {a: dict(found=0, false_on_normal=0, false_on_defective=0) for a in RECALL_MIN_AREAS}
+    defective = normal = 0
     for sample in test.select_fields([f"{key}_regions", "ground_truth", "ground_truth_mask"]):
         regions = sample[f"{key}_regions"]
-        boxes = [d.bounding_box for d in regions.detections] if regions is not None else []
+        dets = regions.detections if regions is not None else []
         if sample.ground_truth.label != "anomalous":
             normal += 1
-            false_on_normal += len(boxes)
+            for a in RECALL_MIN_AREAS:
+                stats[a]["false_on_normal"] += sum(d["area_share"] >= a for d in dets)
             continue
+        defective += 1
         mask = np.asarray(sample.ground_truth_mask.get_mask()) > 0
         h, w = mask.shape
-        hits = [mask[int(np.floor(y * h)):int(np.ceil((y + bh) * h)),
-                     int(np.floor(x * w)):int(np.ceil((x + bw) * w))].any() for x, y, bw, bh in boxes]
-        defective += 1
-        found += any(hits)
-        false_on_defective += hits.count(False)
-    return {"recall": found / defective if defective else None, "found": found, "defects": defective,
-            "false_per_normal": false_on_normal / normal if normal else None,
-            "false_per_defective": false_on_defective / defective if defective else None}
+        hits = [(d["area_share"], mask[int(np.floor(y * h)):int(np.ceil((y + bh) * h)),
+                                      int(np.floor(x * w)):int(np.ceil((x + bw) * w))].any())
+                for d in dets for x, y, bw, bh in [d.bounding_box]]
+        for a in RECALL_MIN_AREAS:
+            kept = [hit for share, hit in hits if share >= a]
+            stats[a]["found"] += any(kept)
+            stats[a]["false_on_defective"] += kept.count(False)
+    return {"defects": defective, "recall": {
+        a: {"found": st["found"], "recall": st["found"] / defective if defective else None,
+            "false_per_normal": st["false_on_normal"] / normal if normal else None,
+            "false_per_defective": st["false_on_defective"] / defective if defective else None}
+        for a, st in stats.items()}}
 
 
 def _both_image_scores(fav, test, key: str) -> dict:
@@ -248,14 +260,16 @@ def main() -> None:
     recall_rows = [(name, tiling, m) for name, tiling, m in rows if "recall" in m]
     if recall_rows:
         print()
-        print("| set | tiling | defects found by a region (recall) | regions on no defect, per normal image "
-              "| per defective image |")
-        print("|---|---|---|---|---|")
+        print("| set | tiling | smallest region (share of the image) | defects found by a region (recall) "
+              "| regions on no defect, per normal image | per defective image |")
+        print("|---|---|---|---|---|---|")
         for name, tiling, m in recall_rows:
-            print(f"| {name} | {tiling} | {m['found']}/{m['defects']} = {m['recall']:.2f} "
-                  f"| {m['false_per_normal']:.2f} | {m['false_per_defective']:.2f} |")
+            for a, r in m["recall"].items():
+                print(f"| {name} | {tiling} | {a:g} | {r['found']}/{m['defects']} = {r['recall']:.2f} "
+                      f"| {r['false_per_normal']:.2f} | {r['false_per_defective']:.2f} |")
         print("(a region hits the defect when its box, in image pixels, contains a pixel of the generated defect's "
-              "mask; regions at each run's default threshold and minimum area)")
+              "mask; regions at each run's default threshold, scored with min_region_area 0 and read again keeping "
+              "only regions of at least the area given, as scoring with that min_region_area writes them)")
     for key, m in mem.items():
         print(f"peak memory scoring one {args.large}x{args.large} image, {key}: "
               + (f"+{m['peak_mb']:.0f} MB resident at peak (above {m['before_mb']:.0f} MB with the expert loaded), "
