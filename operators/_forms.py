@@ -46,6 +46,16 @@ def output_dir_input(inputs: types.Object, params: dict, what: str) -> None:
         prop.invalid, prop.error_message = True, problem
 
 
+def queued_shard_form(ctx, inputs: types.Object, label: str):
+    """The form of one shard queued by a verb's ``shards=N`` from Python (its ``args`` are the verb's own
+    keyword arguments, not the form's inputs), or None for every other call: what the delegated operation's
+    parameters are checked against."""
+    if ctx.params.get("args") is None:
+        return None
+    inputs.str("key", required=True, label="Run key")
+    return types.Property(inputs, view=types.View(label=label))
+
+
 def check_key(prop, value: str | None, taken: list[str], what: str) -> bool:
     """Mark ``prop`` invalid with a message; returns whether the key is usable."""
     if not value or not value.isidentifier():

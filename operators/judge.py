@@ -12,7 +12,7 @@ from fiftyone_anomaly_vlm.models.judge import make_backend
 from fiftyone_anomaly_vlm.runs import AnomalyScoreRunConfig, JudgeRunConfig
 
 from ._choices import SCORE_RUN, check_choice
-from ._forms import check_key, dropdown, shard_params, shards_input, vlm_backend_inputs
+from ._forms import check_key, dropdown, queued_shard_form, shard_params, shards_input, vlm_backend_inputs
 from ._progress import long_running_config, report_queued, reports_errors, run_with_progress
 
 #: default name of the secret / environment variable holding a server's API key
@@ -72,6 +72,9 @@ class JudgeSamples(foo.Operator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         inputs.view_target(ctx)
+        queued = queued_shard_form(ctx, inputs, "VLM judge and explain")
+        if queued is not None:
+            return queued
         p = ctx.params
         key = p.get("key", "vlm")
         key_prop = inputs.str("key", default="vlm", required=True, label="Run key",

@@ -10,8 +10,8 @@ from fiftyone_anomaly_vlm.regions import check_min_area
 from fiftyone_anomaly_vlm.runs import EXPERT_METHODS, runs_of
 
 from ._choices import EXPERT, check_choice, unknown_choice
-from ._forms import output_dir_input
-from ._forms import check_key, device_and_batch, dropdown, nothing_to_choose, shard_params, shards_input
+from ._forms import (check_key, device_and_batch, dropdown, nothing_to_choose, output_dir_input, shard_params,
+                     shards_input)
 from ._progress import long_running_config, report_queued, reports_errors, run_with_progress
 
 _FIT_FIRST = "run 'Anomaly: fit vision expert' first"

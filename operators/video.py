@@ -10,9 +10,10 @@ from fiftyone_anomaly_vlm.runs import QUESTIONS_METHOD, VIDEO_METHOD, runs_of
 from fiftyone_anomaly_vlm.video import SMOOTHING
 
 from ._choices import EXPERT, check_choice
-from ._forms import check_key, dropdown, nothing_to_choose, output_dir_input, vlm_backend_inputs
-from ._progress import long_running_config, reports_errors, run_with_progress
-from .judge import API_KEY_SECRET, backend_from_params
+from ._forms import (check_key, dropdown, nothing_to_choose, output_dir_input, queued_shard_form, shard_params,
+                     shards_input, vlm_backend_inputs)
+from ._progress import long_running_config, report_queued, reports_errors, run_with_progress
+from .judge import API_KEY_SECRET, backend_from_spec, backend_spec_from_params
 
 _NONE = "(none)"
 _DEFAULT_Q, _TYPED_Q = "(one generic question)", "(type them)"
@@ -33,6 +34,9 @@ class ScoreVideo(foo.Operator):
         if ctx.dataset is None or ctx.dataset.media_type != "video":
             return nothing_to_choose(inputs, "not_video", "Not a video dataset",
                                      "This operator scores video datasets", "Score videos")
+        queued = queued_shard_form(ctx, inputs, "Score videos")
+        if queued is not None:
+            return queued
         p = ctx.params
         runs = ctx.dataset.list_runs()
         key = p.get("key", "video")
@@ -70,31 +74,43 @@ class ScoreVideo(foo.Operator):
         inputs.str("device", default="auto", label="Device")
         inputs.int("batch_size", default=16, min=1, label="Batch size")
         output_dir_input(inputs, p, "the sampled frame images")
+        shards_input(inputs)
         return types.Property(inputs, view=types.View(label="Score videos"))
 
     @reports_errors
     def execute(self, ctx):
         p = ctx.params
-        expert = p.get("expert")
-        expert = None if expert in (None, _NONE) else expert
-        backend = questions = None
-        if p.get("use_vlm"):
-            backend = backend_from_params(dict(p, device=p.get("device", "auto")), ctx.secrets)
-            choice = p.get("question_set") or _DEFAULT_Q
-            if choice == _TYPED_Q:
-                questions = [q for q in (p.get("questions") or "").splitlines() if q.strip()]
-            elif choice != _DEFAULT_Q:
-                questions = choice
-        results = yield from run_with_progress(
-            ctx, "scoring videos", score_video, ctx.target_view(), key=p.get("key") or "video", expert=expert,
-            backend=backend, questions=questions, combine=p.get("combine", "max"),
-            frames_per_prompt=int(p.get("frames_per_prompt", 1)), fps=float(p.get("fps") or 0) or None,
-            window=int(p.get("window", 5)), smoothing=p.get("smoothing", "uniform"),
-            threshold=float(p.get("threshold") or 0) or None, min_length=int(p.get("min_length", 1)),
-            explain=bool(p.get("explain", True)), device=p.get("device", "auto"),
-            batch_size=int(p.get("batch_size", 16)), overwrite=bool(p.get("overwrite", False)),
-            frames_dir=p.get("output_dir") or None,
-        )
+        shard, shards = shard_params(p)
+        key = p.get("key") or "video"
+        if p.get("args") is not None:  # one shard queued by score_video(..., shards=N): its own arguments
+            spec = p.get("backend_spec")
+            results = yield from run_with_progress(
+                ctx, "scoring videos", score_video, ctx.target_view(), key=key, shard=shard,
+                backend=backend_from_spec(spec, ctx.secrets) if spec else None, **p["args"])
+        else:
+            expert = p.get("expert")
+            spec = questions = None
+            if p.get("use_vlm"):
+                spec = backend_spec_from_params(dict(p, device=p.get("device", "auto")))
+                choice = p.get("question_set") or _DEFAULT_Q
+                if choice == _TYPED_Q:
+                    questions = [q for q in (p.get("questions") or "").splitlines() if q.strip()]
+                elif choice != _DEFAULT_Q:
+                    questions = choice
+            args = dict(expert=None if expert in (None, _NONE) else expert, questions=questions,
+                        combine=p.get("combine", "max"), frames_per_prompt=int(p.get("frames_per_prompt", 1)),
+                        fps=float(p.get("fps") or 0) or None, window=int(p.get("window", 5)),
+                        smoothing=p.get("smoothing", "uniform"), threshold=float(p.get("threshold") or 0) or None,
+                        min_length=int(p.get("min_length", 1)), explain=bool(p.get("explain", True)),
+                        device=p.get("device", "auto"), batch_size=int(p.get("batch_size", 16)),
+                        overwrite=bool(p.get("overwrite", False)), frames_dir=p.get("output_dir") or None)
+            if shards > 1:  # queue one delegated operation per shard; the workers build the backend
+                yield from report_queued(ctx, score_video(ctx.target_view(), key=key, backend=spec, shards=shards,
+                                                          **args))
+                return
+            results = yield from run_with_progress(
+                ctx, "scoring videos", score_video, ctx.target_view(), key=key,
+                backend=backend_from_spec(spec, ctx.secrets) if spec else None, **args)
         if not ctx.delegated:
             yield ctx.trigger("reload_dataset")
         msg = (f"Scored {results.num_scored} videos ({results.num_frames} frames, {results.num_frame_errors} frame "

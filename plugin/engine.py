@@ -88,7 +88,7 @@ class RunStats:
     """Counts of one engine run.
 
     Attributes:
-        num_samples: samples in the target view.
+        num_samples: samples in the target view (in the shard of the view, for a shard).
         num_selected: samples the job selected (e.g. only flagged ones).
         num_skipped: selected samples already done under this key (resume).
         num_done: samples written without error by this call.
@@ -272,7 +272,10 @@ def run_job(samples, job: Job, key: str, *, overwrite: bool = False, progress: b
             keep = [in_shard(sid, *shard) for sid in rows["id"]]
             rows = {name: [v for v, k in zip(values, keep) if k] for name, values in rows.items()}
             stats.num_selected = len(shard_ids(selected.values("id"), *shard))
-            start_shard(dataset, key, shard[0], shard[1], stats.num_selected)
+            stats.num_samples = (stats.num_selected if selected is samples
+                                 else len(shard_ids(samples.values("id"), *shard)))
+            # a shard with samples to do opens the run again: the last shard to complete finishes it again
+            start_shard(dataset, key, shard[0], shard[1], stats.num_selected, reopen=bool(rows["id"]))
         n = len(rows[columns[0]])
         stats.num_skipped = stats.num_selected - n
         try:
@@ -288,7 +291,7 @@ def run_job(samples, job: Job, key: str, *, overwrite: bool = False, progress: b
                             + stats.num_errors):  # the last shard finishes the run
             own = dict(stats.counts)  # this shard's counters: not the run's
             job.finish(samples, stats)
-            store_totals(dataset, key, {"num_samples": stats.num_samples, "num_done": samples.count(job.done_field),
+            store_totals(dataset, key, {"num_samples": samples.count(), "num_done": samples.count(job.done_field),
                                         "num_errors": samples.count(job.error_field),
                                         **{k: v for k, v in stats.counts.items() if own.get(k) != v},
                                         **job.totals(samples)})

@@ -13,6 +13,7 @@ but its lease expired or its process is gone: the worker died), ``failed`` (rais
 Example:
     >>> fav.score(view, expert="padim", shard=(3, 8))      # a worker-side call, e.g. from your own scheduler
     >>> fav.score(view, expert="padim", shards=8)          # queue 8 delegated operations (workers run them)
+    >>> fav.judge(view, backend=backend, expert="padim", shards=8)   # judge and score_video take the same
     >>> [s.state for s in shard_states(dataset, "padim")]
     ['complete', 'running', ...]
     >>> resume_shards(dataset, "padim")                    # queue again the shards whose worker died
@@ -179,12 +180,15 @@ def set_shard(dataset, key: str, index: int, **values: Any) -> None:
                        {"$set": {f"parts.{index}.{k}": v for k, v in values.items()}})
 
 
-def start_shard(dataset, key: str, index: int, count: int, total: int) -> None:
-    """Mark shard ``index`` running (on this host) with ``total`` samples."""
+def start_shard(dataset, key: str, index: int, count: int, total: int, reopen: bool = True) -> None:
+    """Mark shard ``index`` running (on this host) with ``total`` samples; ``reopen``: it has samples to do, so the
+    run is not finished any more (the shard that completes the set finishes it again). A shard run again with
+    nothing to do leaves a finished run finished: its finish step runs once."""
     open_ledger(dataset, key, count)
     set_shard(dataset, key, index, state="running", done=0, total=total, num_errors=0, error=None,
               host=f"{socket.gethostname()}:{os.getpid()}")
-    _coll().update_one({"_id": _ledger_id(dataset, key)}, {"$set": {"finished": False}})
+    if reopen:
+        _coll().update_one({"_id": _ledger_id(dataset, key)}, {"$set": {"finished": False}})
 
 
 def complete_shard(dataset, key: str, index: int, num_errors: int, done: int) -> bool:
@@ -212,7 +216,8 @@ def forget_shards(dataset, key: str) -> None:
 
 @dataclass
 class QueuedShards:
-    """What ``score(..., shards=N)`` did: it queued one delegated operation per shard (workers run them).
+    """What ``score``, ``judge`` or ``score_video`` with ``shards=N`` did: it queued one delegated operation per
+    shard (workers run them).
 
     Attributes:
         key: the run key.
@@ -242,7 +247,7 @@ def queue_shards(samples, operator_uri: str, params: dict[str, Any], key: str, c
 def resume_shards(dataset, key: str) -> list[str]:
     """Queue again every shard of the run ``key`` whose worker died (``stale``) or that failed, from its
     delegated operation: the old operation, left ``running`` by a killed worker, is marked failed, and a copy
-    is queued (``fiftyone delegated rerun``); the new run scores only its shard's samples without a score.
+    is queued (``fiftyone delegated rerun``); the new run does only its shard's samples not yet done.
 
     Returns:
         The ids of the queued operations.
@@ -260,7 +265,8 @@ def resume_shards(dataset, key: str) -> list[str]:
             continue
         if not shard.op_id:
             raise ValueError(f"shard {shard.index} of run {key!r} is {shard.state} and was not scheduled as a "
-                             f"delegated operation: run score(..., shard=({shard.index}, {run.count})) again")
+                             f"delegated operation: run its call (score, judge or score_video) again with "
+                             f"shard=({shard.index}, {run.count})")
         doc = service.get(ObjectId(shard.op_id))
         if doc.run_state == ExecutionRunState.RUNNING:  # its worker died: FiftyOne never learns it
             service.set_failed(doc.id, result=ExecutionResult(error=f"worker lost (shard {shard.index} stale)"))

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import fiftyone.core.runs as fors
 
 from ..fields import RunFieldNames
+from ..shards import forget_shards
 from ..writers import remove_colorscales
 
 EXPERT_METHOD = "anomalib_expert"
@@ -132,6 +133,7 @@ class FieldsRun(fors.Run):
 
     def cleanup(self, samples, key):  # noqa: D102
         dataset = samples._root_dataset
+        forget_shards(dataset, key)  # a run split into shards: its ledger
         specs = self.FIELD_NAMES(key).specs()
         schema = dataset.get_field_schema()
         sample = list(dict.fromkeys(s.name for s in specs if not s.frame and s.name in schema))
