@@ -3,6 +3,7 @@ the CLIP expert), recorded under ``<name>_expert``."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import fiftyone.core.runs as fors
@@ -173,10 +174,14 @@ def register_expert_run(dataset, run_key: str, config: ExpertRunConfig) -> None:
 
 
 class ExpertRun(fors.Run):
-    """A fitted expert. Deleting the run deletes the folder the plugin created for it, and the per-group
-    experts a composite expert fitted for itself (``owned_members``)."""
+    """A fitted expert. Deleting the run deletes the folder the plugin created for it (in a folder the user chose:
+    its fit's own folder, ``<output_dir>/<fit_id>``), and the per-group experts a composite expert fitted for
+    itself (``owned_members``)."""
 
     def cleanup(self, samples, key):  # noqa: D102 - FiftyOne's docstring applies
-        if self.config.owns_output_dir:
-            remove_owned_dir(self.config.output_dir)
+        config = self.config
+        if config.owns_output_dir:
+            remove_owned_dir(config.output_dir)
+        elif config.fit_id and config.output_dir:  # a fit id names one fit: no other expert uses its folder
+            remove_owned_dir(os.path.join(config.output_dir, config.fit_id))
         delete_expert_runs(samples._root_dataset, list(self.config.owned_members))
