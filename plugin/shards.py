@@ -8,7 +8,8 @@ and run key) records each shard's state and progress. The shard that completes t
 whole view (e.g. the flagged count) and stores the run's totals in the ledger.
 
 States of a shard: ``queued`` (scheduled, not started), ``running`` (its lease is live), ``stale`` (it was running
-but its lease expired or its process is gone: the worker died), ``failed`` (raised), ``complete``.
+but its lease expired or its process is gone: the worker died), ``failed`` (raised, or its delegated operation
+failed before the shard started), ``complete``.
 
 Example:
     >>> fav.score(view, expert="padim", shard=(3, 8))      # a worker-side call, e.g. from your own scheduler
@@ -138,8 +139,23 @@ def sharded_run(dataset, key: str) -> ShardedRun | None:
         state = ShardState(index=i, count=count, **{k: v for k, v in part.items() if k in _PART_KEYS})
         if state.state == "running" and lease_state(dataset, key, (i, count)) != "live":
             state.state = "stale"
+        elif state.state == "queued" and state.op_id:  # its operation may have failed before the shard started
+            _check_operation(state)
         shards.append(state)
     return ShardedRun(key=key, count=count, shards=shards, totals=doc.get("totals"))
+
+
+def _check_operation(state: ShardState) -> None:
+    """A queued shard whose delegated operation failed before the shard started (e.g. the VLM server could not
+    be reached, the expert could not load) is ``failed``, with the operation's error."""
+    try:
+        doc = DelegatedOperationService().get(ObjectId(state.op_id))
+    except ValueError:  # the operation was deleted (``fiftyone delegated delete``)
+        return
+    if doc.run_state == ExecutionRunState.FAILED:
+        state.state = "failed"
+        error = doc.result.error if doc.result is not None else None
+        state.error = str(error).strip().splitlines()[-1] if error else "its delegated operation failed"
 
 
 _PART_KEYS = {"state", "done", "total", "num_errors", "error", "host", "op_id", "updated"}

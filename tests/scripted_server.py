@@ -83,10 +83,11 @@ class ScriptedServer:
         fail_status: answer every chat request with this status (the body echoes the headers).
         fail_first: with ``fail_status``, fail only the first N chat requests, then answer normally.
         seed: seed of the latency draws.
+        port: the port to listen on (0: a free one).
     """
 
     def __init__(self, latency: tuple[float, float] = (0.0, 0.0), max_concurrency: int | None = None,
-                 fail_status: int | None = None, fail_first: int | None = None, seed: int = 0):
+                 fail_status: int | None = None, fail_first: int | None = None, seed: int = 0, port: int = 0):
         self.latency, self.fail_status, self.fail_first = latency, fail_status, fail_first
         self._rng = random.Random(seed)
         self._cap = threading.BoundedSemaphore(max_concurrency) if max_concurrency else None
@@ -116,7 +117,7 @@ class ScriptedServer:
             daemon_threads = True
             request_queue_size = 512  # many clients connect at once
 
-        self._httpd = Server(("127.0.0.1", 0), Handler)
+        self._httpd = Server(("127.0.0.1", port), Handler)
         self._httpd.handle_error = lambda request, address: None
         self.base_url = f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)

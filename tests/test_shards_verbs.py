@@ -6,13 +6,15 @@ exactly once into the one run key; a second runner of a live shard is refused; t
 finishes the run once (the view's anomalous/flagged counts, the run's totals), and every value equals the one an
 unsplit run writes (the fused score included: fusion is per sample). ``judge(..., shards=2)`` queues two
 delegated operations that carry the backend's arguments, never its key, and one real ``fiftyone delegated
-launch`` worker runs them.
+launch`` worker runs them: while the server is down both fail (the ledger says failed, with the reason), and
+``resume_shards`` re-queues them once it is up.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -31,7 +33,7 @@ from fiftyone_anomaly_vlm.datasets import ffmpeg_available, make_video_dataset
 from fiftyone_anomaly_vlm.fields import VideoFieldNames
 from fiftyone_anomaly_vlm.leases import RunBusyError, RunLease
 from fiftyone_anomaly_vlm.models.judge import make_backend
-from fiftyone_anomaly_vlm.shards import shard_ids, sharded_run
+from fiftyone_anomaly_vlm.shards import resume_shards, shard_ids, sharded_run
 from scripted_server import ScriptedServer
 from test_video_engine import RedBackend
 
@@ -115,40 +117,57 @@ def test_judge_shards_queued_carry_the_backend_not_its_key(judged_ds, tmp_path, 
     assert key not in ds.list_runs() and sharded_run(ds, key) is None
 
     monkeypatch.setenv("FAV_TEST_JUDGE_KEY", "sk-s3cret")
-    with ScriptedServer() as server:
-        backend = make_backend("openai", base_url=server.base_url, model="scripted", api_key_env="FAV_TEST_JUDGE_KEY")
-        queued = fav.judge(ds, key=key, backend=backend, shards=2, **JUDGE)
-        assert queued.count == 2 and [s.state for s in sharded_run(ds, key).shards] == ["queued", "queued"]
-        ops = [service.get(ObjectId(i)) for i in queued.op_ids]
-        params = [op.context.request_params["params"] for op in ops]
-        assert [(p["shard_index"], p["shard_count"], p["key"]) for p in params] == [(0, 2, key), (1, 2, key)]
-        assert params[0]["backend_spec"]["api_key_env"] == "FAV_TEST_JUDGE_KEY"
-        assert "sk-s3cret" not in repr(params) and params[0]["args"]["expert"] == "padim"
+    port = _free_port()  # the server is not up yet: both shards fail, then resume once it is
+    backend = make_backend("openai", base_url=f"http://127.0.0.1:{port}/v1", model="scripted",
+                           api_key_env="FAV_TEST_JUDGE_KEY")
+    queued = fav.judge(ds, key=key, backend=backend, shards=2, **JUDGE)
+    assert queued.count == 2 and [s.state for s in sharded_run(ds, key).shards] == ["queued", "queued"]
+    params = [service.get(ObjectId(i)).context.request_params["params"] for i in queued.op_ids]
+    assert [(p["shard_index"], p["shard_count"], p["key"]) for p in params] == [(0, 2, key), (1, 2, key)]
+    assert params[0]["backend_spec"]["api_key_env"] == "FAV_TEST_JUDGE_KEY"
+    assert "sk-s3cret" not in repr(params) and params[0]["args"]["expert"] == "padim"
 
-        env = dict(subprocess_env(), FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS="true", OMP_NUM_THREADS="1")
-        with open(tmp_path / "worker.log", "w") as log:
-            worker = subprocess.Popen(worker_command(), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
-        try:
-            end = time.time() + 300
-            while time.time() < end:
-                docs = [service.get(ObjectId(i)) for i in queued.op_ids]
-                if all(d.run_state in (ExecutionRunState.COMPLETED, ExecutionRunState.FAILED) for d in docs):
-                    break
-                time.sleep(0.5)
-            states = [(d.run_state, d.result and d.result.error) for d in docs]
-            assert all(s == ExecutionRunState.COMPLETED for s, _ in states), (states, (tmp_path / "worker.log")
-                                                                              .read_text()[-3000:])
-        finally:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
-        assert server.answered == len(ds)  # the worker's backend, built from the arguments, asked each once
+    env = dict(subprocess_env(), FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS="true", OMP_NUM_THREADS="1")
+    with open(tmp_path / "worker.log", "w") as log:
+        worker = subprocess.Popen(worker_command(), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        failed = _ended(service, queued.op_ids, tmp_path)
+        assert [d.run_state for d in failed] == [ExecutionRunState.FAILED] * 2
+        run = sharded_run(ds, key)  # failed before the shards started: the ledger says so, with the reason
+        assert [s.state for s in run.shards] == ["failed", "failed"] and str(port) in run.shards[0].error
+        with ScriptedServer(port=port) as server:
+            resumed = resume_shards(ds, key)
+            assert len(resumed) == 2 and [s.state for s in sharded_run(ds, key).shards] == ["queued", "queued"]
+            docs = _ended(service, resumed, tmp_path)
+            assert [d.run_state for d in docs] == [ExecutionRunState.COMPLETED] * 2, [d.result.error for d in docs]
+            assert server.answered == len(ds)  # the worker's backend, built from the arguments, asked each once
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
     ds.reload()
     run = sharded_run(ds, key)
     assert run.complete and run.totals["num_done"] == len(ds) == ds.count(key)
     assert sum(d.result.result["num_judged"] for d in docs) == len(ds)
     assert ds.count(f"{key}_fused") == len(ds)
     ds.delete_run(key)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ended(service, op_ids, logs, timeout=300):
+    """The delegated operations ``op_ids`` once each has completed or failed."""
+    end = time.time() + timeout
+    while time.time() < end:
+        docs = [service.get(ObjectId(i)) for i in op_ids]
+        if all(d.run_state in (ExecutionRunState.COMPLETED, ExecutionRunState.FAILED) for d in docs):
+            return docs
+        time.sleep(0.5)
+    raise AssertionError(f"operations still running: {(logs / 'worker.log').read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
