@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -28,7 +29,7 @@ from test_panel_browser import (_click, _input_after_label, _notification, _text
 
 SCORE_KW = dict(device="cpu", batch_size=16, num_workers=0)
 
-#: machine B: score shard 1 of 2 of run "s", or delete run "s"
+#: machine B: score shard 1 of 2 of run "s" and re-threshold it (every mask rewritten), or delete run "s"
 _MACHINE_B = r"""
 import json, sys
 import fiftyone as fo
@@ -36,6 +37,7 @@ import fiftyone_anomaly_vlm as fav
 ds = fo.load_dataset(sys.argv[1])
 if sys.argv[2] == "score":
     r = fav.score(ds, expert="padim", key="s", shard=(1, 2), device="cpu", batch_size=16, num_workers=0)
+    fav.set_threshold(ds, "s", rule="far", param=0.2)
     print(json.dumps({"scored": r.num_scored, "output_dir": r.output_dir,
                       "checkpoint": fav.load_expert(ds, "padim").checkpoint}))
 else:
@@ -78,6 +80,7 @@ def test_two_machines_mounting_the_storage_elsewhere_share_experts_scores_and_cl
     first = fav.score(parts, expert="padim", key="s", shard=(0, 2), **SCORE_KW)
 
     mnt_a.unlink()  # machine B cannot see A's mount: it finds everything under its own
+    started = time.time()
     b = _machine_b(parts, "score", mnt_b, mnt_a)
     assert b["checkpoint"] == os.path.join(str(mnt_b), expert["checkpoint"])
     assert b["output_dir"] == os.path.join(str(mnt_b), parts.name, "scores", "s")
@@ -85,6 +88,8 @@ def test_two_machines_mounting_the_storage_elsewhere_share_experts_scores_and_cl
     maps_dir = shared / parts.name / "scores" / "s" / "maps"
     # B finished the run (the last shard): it removed no PNG in use, though the labels name A's paths
     assert len(_pngs(maps_dir)) == len(parts)
+    masks_dir = maps_dir.parent / "masks"  # B re-thresholded A's masks too (reached through its own mount)
+    assert min(os.path.getmtime(masks_dir / n) for n in _pngs(masks_dir)) >= started
 
     mnt_a.symlink_to(shared, target_is_directory=True)  # the App's machine again
     parts.reload()
