@@ -41,11 +41,14 @@ from fiftyone import ViewField as F  # noqa: E402
 
 import fiftyone_anomaly_vlm as fav  # noqa: E402
 from fiftyone_anomaly_vlm.datasets import TEXTURE_DEFECTS, TEXTURE_PARAMS, load_elpv, make_texture_dataset  # noqa: E402
+from fiftyone_anomaly_vlm.experts.head import bootstrap_interval, rank_auroc  # noqa: E402
 from fiftyone_anomaly_vlm.metrics import auroc  # noqa: E402
 
 
 def kind_aurocs(test, key: str, kind_field: str, kinds) -> dict[str, float]:
-    """Image AUROC of ``key``'s scores per defect kind (normals vs that kind) and over all anomalies."""
+    """Image AUROC of ``key``'s scores per defect kind (normals vs that kind) and over all anomalies, with a 95 %
+    bootstrap interval per kind (``<kind>_ci``): with a few dozen defects of a kind, differences smaller than
+    that interval's half-width are noise."""
     fav.score(test, expert=key, key=key, overwrite=True, progress=False)
     scores, labels, kinds_of = test.values([f"{key}_score", "ground_truth.label", kind_field])
     s = np.array(scores, dtype=float)
@@ -54,6 +57,9 @@ def kind_aurocs(test, key: str, kind_field: str, kinds) -> dict[str, float]:
     for kind in kinds:
         keep = normal | np.array([k == kind for k in kinds_of])
         out[kind] = auroc(s[keep], ~normal[keep])
+        y, sk = (~normal[keep]).astype(int), s[keep]
+        out[f"{kind}_ci"] = bootstrap_interval(lambda i: rank_auroc(sk[i], y[i]), len(y),
+                                               np.random.default_rng(0), y, reps=500)
     out["all"] = auroc(s, ~normal)
     return out
 
@@ -90,6 +96,7 @@ def run(ds, name: str, train, test, val_good, val_labelled, kind_field: str, kin
     head = sel["head"]
     note = " + ".join(sel["chosen"]["members"]) + f"; head {'used' if head['used'] else 'off'}"
     if head.get("auroc") is not None:
+        note += " on scores + pooled features" if "PCA" in head.get("pooled_features", "") else ""
         note += f" (head AUROC {head['auroc']:.3f} [{head['auroc_ci95'][0]:.3f}, {head['auroc_ci95'][1]:.3f}])"
     rows.append(("auto-selected, 10 labelled anomalies", kind_aurocs(test, "auto_lab", kind_field, kinds),
                  note + f"; {lab_s:.0f} s"))
@@ -101,7 +108,8 @@ def print_table(title: str, rows, kinds) -> None:
     print("| expert | " + " | ".join(kinds) + " | all | note |")
     print("|---|" + "---:|" * (len(kinds) + 1) + "---|")
     for name, m, note in rows:
-        cells = [f"{m[k]:.3f}" if m.get(k) is not None else "n/a" for k in (*kinds, "all")]
+        cells = [(f"{m[k]:.3f}" + (f" [{m[k + '_ci'][0]:.2f}, {m[k + '_ci'][1]:.2f}]" if k + "_ci" in m else ""))
+                 if m.get(k) is not None else "n/a" for k in (*kinds, "all")]
         print(f"| {name} | " + " | ".join(cells) + f" | {note} |")
 
 

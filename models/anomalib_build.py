@@ -195,7 +195,7 @@ def build_model(
         model.pre_processor = PreProcessor(transform=Compose(transforms))
     if not isinstance(model, AnomalibModule):  # pragma: no cover - anomalib guarantees this
         raise TypeError(type(model))
-    _check_layers(model, kwargs.get("layers"))
+    _check_layers(model, [*(kwargs.get("layers") or []), *(kwargs.get("gram_layers") or [])])  # texturestats
     if local_weights and snake != "efficientad":
         load_backbone_weights(model, local_weights)
     weights_info = {
@@ -255,8 +255,9 @@ def _check_layers(model: torch.nn.Module, requested: Sequence[str] | None) -> No
     if not requested:
         return
     for sub in model.modules():
-        if isinstance(sub, TimmFeatureExtractor) and list(sub.layers) != list(requested):
-            missing = [layer for layer in requested if layer not in sub.layers]
+        missing = [layer for layer in requested if layer not in sub.layers] if isinstance(
+            sub, TimmFeatureExtractor) else []
+        if missing:
             msg = (f"layers {missing} are not feature layers of backbone {sub.backbone!r} (anomalib's warning "
                    "above lists the available ones; for EfficientNet-Lite: blocks.0, blocks.1, blocks.2, "
                    "blocks.4, blocks.6)")

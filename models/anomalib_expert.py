@@ -225,6 +225,30 @@ class AnomalibExpert(VisionExpert):
             raw_map=_at_size(raw_map.float(), self.image_size).cpu(),
         )
 
+    @torch.inference_mode()
+    def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(N, D)`` descriptors of whole images ``(N, 3, H, W)`` in ``[0, 1]``: per channel of the model's
+        backbone layers, the spatial mean and standard deviation (the texture expert's own descriptors; for
+        PaDiM, PatchCore, DFM, DFKDE: of their feature extractor's layers). Used by the supervised head of
+        :func:`~fiftyone_anomaly_vlm.select_experts`.
+
+        Raises:
+            ValueError: the model has no backbone feature extractor (EfficientAd, a ViT wrapper...).
+        """
+        from .texture_stats import pooled_statistics  # anomalib components: only when pooling
+
+        model = self.model
+        images = images.to(self.device, non_blocking=True)
+        batch = model.pre_processor(images) if model.pre_processor else images
+        inner = model.model
+        if hasattr(inner, "descriptors"):
+            return inner.descriptors(batch).float().cpu()
+        extractor = getattr(inner, "feature_extractor", None)
+        features = extractor(batch) if extractor is not None else None
+        if not isinstance(features, dict):
+            raise ValueError(f"{self.model_class} has no backbone feature extractor to pool")
+        return pooled_statistics(features, list(features)).float().cpu()
+
     @property
     def model_class(self) -> str:
         """Fully qualified class name of the wrapped anomalib model."""

@@ -11,6 +11,7 @@ make one pass, ``"training epoch e/E"`` otherwise), fitting the model between tr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -147,5 +148,24 @@ def fit_model(
             from lightning.fabric.utilities.seed import seed_everything
 
             seed_everything(seed, verbose=False)
-        engine.fit(model=model, datamodule=datamodule)
+        with _quiet_tqdm(progress is not True):
+            engine.fit(model=model, datamodule=datamodule)
     model.to(device).eval()
+
+
+@contextlib.contextmanager
+def _quiet_tqdm(quiet: bool):
+    """Without ``progress=True``, anomalib's own tqdm bars inside a fit (PatchCore's "Selecting Coreset
+    Indices") stay off the console: tqdm reads its defaults from ``TQDM_*`` variables (restored after)."""
+    if not quiet:
+        yield
+        return
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before

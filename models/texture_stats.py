@@ -4,7 +4,10 @@ A patch model (PaDiM, PatchCore) scores an image by its most unusual spot, so a 
 whole image a little (a finer or coarser grain, another tint, a softer focus) barely moves it. This model
 describes each image by the statistics of a backbone layer's features over the whole image: per channel,
 the spatial mean and standard deviation (the first two moments of the texture; a Gram matrix's diagonal
-is their sum of squares). A Gaussian is fitted on those descriptors of the good images with scikit-learn's
+is their sum of squares) and, optionally (``gram_layers``), the whole Gram matrix of a layer's channels
+(Gatys et al.'s texture descriptor: which channels fire together; its upper triangle, ``C (C + 1) / 2``
+numbers for ``C`` channels, so it is meant for a shallow layer: 820 for EfficientNet-Lite's ``blocks.2``,
+6,328 for ``blocks.4``, whose covariance fit would cost more than every other candidate). A Gaussian is fitted on those descriptors of the good images with scikit-learn's
 Ledoit-Wolf shrinkage (the descriptor has hundreds of dimensions and a fit may see a few dozen images), and
 an image's score is its squared Mahalanobis distance to it. It is an image-level model: its anomaly map is
 flat at the image score.
@@ -15,6 +18,8 @@ it with anomalib's ``Engine``, saves a Lightning checkpoint and calibrates it li
 
 Example:
     >>> fav.fit_expert(ds.match_tags("good"), model="texturestats", key="texture")
+    >>> fav.fit_expert(ds.match_tags("good"), model="texturestats", key="gram",
+    ...                model_kwargs={"layers": ["blocks.2"], "gram_layers": ["blocks.2"]})
 """
 
 from __future__ import annotations
@@ -34,12 +39,19 @@ from anomalib.visualization import Visualizer
 from torch import nn
 
 
-def pooled_statistics(features: dict[str, torch.Tensor], layers: Sequence[str]) -> torch.Tensor:
-    """``(N, 2 * sum C)``: per layer and channel, the spatial mean and standard deviation of the features."""
+def pooled_statistics(features: dict[str, torch.Tensor], layers: Sequence[str],
+                      gram_layers: Sequence[str] = ()) -> torch.Tensor:
+    """``(N, D)``: per layer of ``layers`` and channel, the spatial mean and standard deviation of the features;
+    then per layer of ``gram_layers``, the upper triangle of its channels' Gram matrix (``F F^T / (H W)``)."""
     parts = []
     for layer in layers:
         f = features[layer].float().flatten(2)  # (N, C, H*W)
         parts += [f.mean(dim=2), f.std(dim=2, unbiased=False)]
+    for layer in gram_layers:
+        f = features[layer].float().flatten(2)
+        gram = f @ f.transpose(1, 2) / f.shape[2]  # (N, C, C)
+        rows, cols = torch.triu_indices(gram.shape[1], gram.shape[2], device=gram.device)
+        parts.append(gram[:, rows, cols])
     return torch.cat(parts, dim=1)
 
 
@@ -51,13 +63,17 @@ class TextureStatsModel(DynamicBufferMixin, nn.Module):
         layers: feature layers whose statistics are pooled.
         pre_trained: ImageNet weights (the plugin loads offline weights itself when False is passed with a
             local file; see :func:`~fiftyone_anomaly_vlm.models.anomalib_build.build_model`).
+        gram_layers: layers whose channel Gram matrix is added to the descriptor (shallow ones: see above).
     """
 
-    def __init__(self, backbone: str, layers: Sequence[str], pre_trained: bool = True) -> None:
+    def __init__(self, backbone: str, layers: Sequence[str], pre_trained: bool = True,
+                 gram_layers: Sequence[str] = ()) -> None:
         super().__init__()
         self.layers = list(layers)
+        self.gram_layers = list(gram_layers)
+        extracted = list(dict.fromkeys(self.layers + self.gram_layers))
         self.feature_extractor = TimmFeatureExtractor(backbone=backbone, pre_trained=pre_trained,
-                                                      layers=self.layers).eval()
+                                                      layers=extracted).eval()
         self.register_buffer("mean", torch.empty(0))
         self.register_buffer("precision", torch.empty(0))
         self.memory_bank: list[torch.Tensor] = []
@@ -65,7 +81,7 @@ class TextureStatsModel(DynamicBufferMixin, nn.Module):
     def descriptors(self, batch: torch.Tensor) -> torch.Tensor:
         """Pooled statistics of ``batch`` (pre-processed images)."""
         with torch.no_grad():
-            return pooled_statistics(self.feature_extractor(batch), self.layers)
+            return pooled_statistics(self.feature_extractor(batch), self.layers, self.gram_layers)
 
     def fit(self) -> None:
         """Fit the Gaussian (Ledoit-Wolf shrunk covariance) on the descriptors gathered during training."""
@@ -102,6 +118,7 @@ class TextureStats(MemoryBankMixin, AnomalibModule):
         backbone: timm backbone (the plugin's default: the offline EfficientNet-Lite).
         layers: feature layers whose per-channel mean and standard deviation describe an image.
         pre_trained: ImageNet weights for the backbone.
+        gram_layers: layers whose channels' Gram matrix (upper triangle) joins the descriptor; default none.
         pre_processor, post_processor, evaluator, visualizer: anomalib's components, as for every model.
     """
 
@@ -110,6 +127,7 @@ class TextureStats(MemoryBankMixin, AnomalibModule):
         backbone: str = "resnet18",
         layers: Sequence[str] = ("layer2", "layer3"),
         pre_trained: bool = True,
+        gram_layers: Sequence[str] = (),
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -117,7 +135,8 @@ class TextureStats(MemoryBankMixin, AnomalibModule):
     ) -> None:
         super().__init__(pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator,
                          visualizer=visualizer)
-        self.model = TextureStatsModel(backbone=backbone, layers=list(layers), pre_trained=pre_trained)
+        self.model = TextureStatsModel(backbone=backbone, layers=list(layers), pre_trained=pre_trained,
+                                       gram_layers=list(gram_layers))
 
     @staticmethod
     def configure_optimizers() -> None:  # pylint: disable=arguments-differ

@@ -5,6 +5,7 @@ training images fails with a clear error before fitting; ``select_experts`` rank
 anomalies (no labels) and on labelled ones, lists a candidate that fails and goes on, records the chosen
 expert with its table; the supervised head is switched on only when it beats the unsupervised choice; the bad
 inputs of the issue fail before anything is fitted; the operator runs from the App and its form shows the table.
+The head on pooled features switches on in a real case where the scores miss a global change.
 All on a tiny generated texture set (48 px) with the offline EfficientNet-Lite backbone.
 """
 
@@ -19,7 +20,10 @@ from fiftyone import ViewField as F
 
 import fiftyone_anomaly_vlm as fav
 from fiftyone_anomaly_vlm.datasets import make_texture_dataset
-from fiftyone_anomaly_vlm.experts.head import fit_supervised_head
+from fiftyone_anomaly_vlm.calibration import calibrated_arrays
+from fiftyone_anomaly_vlm.experts.combined import CompositeExpert
+from fiftyone_anomaly_vlm.experts.head import fit_supervised_head, pooled_projection, project
+from fiftyone_anomaly_vlm.experts.record import member_calibration
 from fiftyone_anomaly_vlm.experts.synthetic import KINDS, synthetic_anomalies
 from fiftyone_anomaly_vlm.images import DecodedImages
 from fiftyone_anomaly_vlm.metrics import auroc
@@ -103,6 +107,15 @@ def test_texture_expert_fits_scores_calibrates_and_reloads(selected):
     # ensemble-able with a patch expert (calibrated scores averaged)
     fav.ensemble_experts(ds, ["auto__texture", f"auto__padim_{SIZE}"], key="tex_padim", device="cpu")
     assert fav.load_expert(ds, "tex_padim").load("cpu").predict(images).raw_score.shape == (6,)
+    # Gram-style descriptors as an option: blocks.2's 40 channels add their Gram matrix's 820 upper-triangle terms
+    fav.fit_expert(ds.match_tags("train"), model="texturestats", key="gram", image_size=SIZE, device="cpu",
+                   model_kwargs={"layers": ["blocks.2"], "gram_layers": ["blocks.2"]}, progress=False)
+    gram = fav.load_expert(ds, "gram").load("cpu")
+    assert gram.pooled_features(images).shape == (6, 2 * 40 + 40 * 41 // 2)
+    assert torch.isfinite(gram.predict(images).raw_score).all()
+    with pytest.raises(ValueError, match=r"layers \['nope'\] are not feature layers"):
+        fav.fit_expert(ds.match_tags("train"), model="texturestats", key="gram_bad", image_size=SIZE, device="cpu",
+                       model_kwargs={"layers": ["blocks.2"], "gram_layers": ["nope"]}, progress=False)
 
 
 def test_dfkde_with_too_few_training_images_fails_before_fitting(textures):
@@ -124,6 +137,8 @@ def test_selection_on_labelled_anomalies_and_the_head_stays_off(textures):
     head = sel["head"]
     # the head cannot beat a choice that already ranks the labelled samples (nearly) perfectly: switched off
     assert head["unsupervised_auroc"] >= head["auroc"] and head["used"] is False
+    assert head["features"][:2] == ["texture", "texture pooled PC1"] and len(head["features"]) == 4
+    assert head["pooled_features"].startswith("texture's pooled backbone statistics, PCA to 3")
     assert head["auroc_ci95"][0] <= head["auroc"] <= head["auroc_ci95"][1]
     assert ds.get_run_info("lab_expert").config.head is None
 
@@ -140,6 +155,32 @@ def test_supervised_head_is_switched_on_only_when_it_beats_the_mean():
     assert not off["used"] and "coef" not in off
     few = fit_supervised_head(cols[:24], ["a", "b"], y[:24], cols[:24, 0], seed=0)  # 4 anomalies
     assert not few["used"] and "needs 5+" in few["reason"]
+
+
+def test_head_on_pooled_features_switches_on_where_the_scores_miss_a_global_change(selected):
+    """A real small case: PaDiM (fitted by the synthetic selection) on 12 good images against tinted copies of
+    them (red +12 %, blue -12 %: another light over the whole image), which its calibrated scores barely rank
+    (AUROC ~0.6). The head on those scores and 3 PCA components of PaDiM's pooled backbone statistics is
+    switched on, and a composite expert recorded with it scores exactly like the head."""
+    ds = selected
+    spec = fav.load_expert(ds, f"auto__padim_{SIZE}")
+    model, cal = spec.load("cpu"), member_calibration(spec)
+    paths = ds.match_tags("good").match_tags("train", bool=False).values("filepath")
+    good = torch.stack(list(DecodedImages(paths, (SIZE, SIZE))))
+    tinted = (good * torch.tensor([1.12, 1.0, 0.88]).view(1, 3, 1, 1)).clamp(0, 1)
+    images, y = torch.cat([good, tinted]), np.array([0] * len(good) + [1] * len(good))
+    scores = calibrated_arrays(model.predict(images), cal)[0]
+    train = torch.stack(list(DecodedImages(ds.match_tags("train").values("filepath"), (SIZE, SIZE))))
+    descriptors = model.pooled_features(images).double().numpy()
+    proj = pooled_projection(np.vstack([model.pooled_features(train).double().numpy(), descriptors]))
+    columns = np.hstack([scores[:, None], project(descriptors, proj)])
+    on = fit_supervised_head(columns, ["padim", "pc1", "pc2", "pc3"], y, scores, seed=0)
+    assert on["used"] and on["auroc"] > on["unsupervised_auroc"] + 0.1 and on["auroc"] > 0.9, on
+    head = {"members": ["padim"], "coef": on["coef"][:1], "intercept": on["intercept"],
+            "pooled": {"member": 0, "coef": on["coef"][1:], **proj}}
+    composite = CompositeExpert({"*": [(model, cal, (SIZE, SIZE))]}, (SIZE, SIZE), head=head)
+    logit = columns @ np.array(on["coef"]) + on["intercept"]
+    assert np.allclose(composite.predict(images).raw_score.numpy(), 1 / (1 + np.exp(-logit)), atol=1e-4)
 
 
 def test_synthetic_anomalies_are_reproducible_and_change_the_image():

@@ -31,6 +31,7 @@ import torch.nn.functional as nnf
 
 from ..calibration import Calibration, calibrated_arrays
 from ..models.base import ExpertOutput, VisionExpert
+from .head import project
 
 #: group name of members that score every sample (ensembles)
 ALL = "*"
@@ -46,7 +47,9 @@ class CompositeExpert(VisionExpert):
         group_field: the sample field whose value picks the group (None: every image goes to :data:`ALL`).
         head: a supervised head (:func:`~fiftyone_anomaly_vlm.select_experts`): the image score is
             ``sigmoid(coef . member calibrated scores + intercept)`` instead of their mean (members in the
-            order given; ensembles only). Heatmaps stay the mean of the members' maps.
+            order given; ensembles only); with ``head["pooled"]``, plus ``pooled coef .`` the whitened PCA
+            components of the member ``pooled["member"]``'s pooled backbone statistics
+            (:mod:`.head`). Heatmaps stay the mean of the members' maps.
     """
 
     def __init__(self, members: dict[str, list[tuple[Any, Calibration | None, tuple[int, int]]]],
@@ -119,6 +122,10 @@ class CompositeExpert(VisionExpert):
                 score_sum[idx] += scores
                 if logit is not None:
                     logit[idx] += float(self.head["coef"][j]) * scores
+                    pooled = self.head.get("pooled")  # recorded by select_experts since its pooled features
+                    if pooled is not None and pooled["member"] == j:
+                        z = project(model.pooled_features(x).double().numpy(), pooled)
+                        logit[idx] += z @ np.asarray(pooled["coef"], dtype=float)
                 map_sum[idx] += maps_t.squeeze(1).double().numpy()
             count[idx] += len(self.members[group])
         mean_score = score_sum / count if logit is None else 1.0 / (1.0 + np.exp(-logit))

@@ -15,8 +15,9 @@ dataset needs, with which layers and size, is found here by measuring, not guess
    (an ensemble, :mod:`.combined`) are compared; the better one, fewer members on a tie, is recorded as
    ``<key>_expert``, a composite expert whose members are the kept candidates ``<key>__<candidate>``;
 4. with labelled anomalies, an optional supervised head (a strongly regularised, cross-validated logistic
-   regression on the candidates' calibrated scores) replaces the mean only when its out-of-fold AUROC beats
-   the unsupervised choice on the same samples; its interval is recorded either way.
+   regression on the candidates' calibrated scores and 3 PCA components of a candidate's pooled backbone
+   statistics, :mod:`.head`) replaces the mean only when its out-of-fold AUROC beats the unsupervised choice
+   on the same samples; its interval is recorded either way.
 
 The run records the table of candidates (``load_expert(ds, key).options["selection"]``,
 :func:`~.selection_report.selection_table`), and the App's form shows it.
@@ -48,11 +49,11 @@ from ..models.base import resolve_device
 from ..runs import delete_expert_runs, expert_run_key, expert_state
 from .combined import ALL
 from .grouped import register_composite
-from .head import fit_supervised_head
-from .record import Expert, member_calibration
+from .head import fit_supervised_head, pooled_projection, project
+from .record import Expert, load_expert, member_calibration
 from .single import fit_single_expert
 from .synthetic import GENERATORS, KINDS, LOCAL_KINDS
-from .validation import validation_set
+from .validation import decode_square, validation_set
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,45 @@ def _candidate_scores(spec: Expert, images: list[torch.Tensor], size: int, devic
         scores, _, _, _ = calibrated_arrays(model.predict(x), cal)
         out.append(scores)
     return np.concatenate(out)
+
+
+def _pooled_features(key: str, order: list[str], sizes: dict[str, int], fit_view, val, device, batch_size: int,
+                     seed: int) -> tuple[dict[str, Any] | None, np.ndarray | None]:
+    """The supervised head's pooled features: the first candidate of ``order`` whose backbone can be pooled
+    (:meth:`~..models.anomalib_expert.AnomalibExpert.pooled_features`) describes up to 100 of its training
+    images and the validation images (a PCA of both, labels unused: :func:`.head.pooled_projection`); returns
+    the validation images in that PCA's coordinates.
+
+    Returns ``(projection with member_name and num_fit, (N_val, k) array)``, or ``(None, None)``.
+    """
+    dataset = fit_view._root_dataset
+    paths = fit_view.values("filepath")
+    if len(paths) > 100:
+        paths = list(np.random.default_rng(seed).choice(paths, 100, replace=False))
+    for name in order:
+        size = sizes[name]
+        model = load_expert(dataset, f"{key}__{name}").load(device=device)
+
+        def pool(images: list[torch.Tensor]) -> np.ndarray:
+            out = []
+            for start in range(0, len(images), batch_size):
+                x = torch.stack([t.float() for t in images[start:start + batch_size]])
+                if tuple(x.shape[-2:]) != (size, size):
+                    x = nnf.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+                out.append(model.pooled_features(x).double().numpy())
+            return np.concatenate(out)
+
+        try:
+            val_features = pool(val.images)
+        except (ValueError, AttributeError) as exc:  # no backbone to pool (a ViT, EfficientAd...): try the next
+            logger.info("select_experts: %s has no pooled features: %s", name, exc)
+            continue
+        # the PCA sees the validation images too (never their labels): a defect's direction is one the
+        # good images alone barely vary along
+        projection = pooled_projection(np.vstack([pool(decode_square(paths, size)), val_features]))
+        return {**projection, "member_name": name, "num_fit": len(paths) + len(val.images)}, project(
+            val_features, projection)
+    return None, None
 
 
 def select_experts(
@@ -318,11 +358,27 @@ def select_experts(
     head_info = {"used": False, "reason": "no labelled anomalies" if val.mode == "synthetic" else "switched off"}
     if val.mode == "labelled" and supervised_head:
         names = list(columns)
-        head_info = fit_supervised_head(np.stack([columns[n] for n in names], axis=1), names, val.labels,
-                                     np.mean([columns[n] for n in members], axis=0), seed)
+        kinds = {c.name: name_key(c.model) for c in cands}
+        order = [n for n in names if kinds[n] == "texturestats"] + [n for n in ranked if kinds[n] != "texturestats"]
+        pooled, z = _pooled_features(key, order, {c.name: c.image_size for c in cands}, fit_view, val, device,
+                                     batch_size, seed)
+        features = np.stack([columns[n] for n in names], axis=1)
+        feature_names = list(names)
+        if pooled is not None:
+            features = np.hstack([features, z])
+            feature_names += [f"{pooled['member_name']} pooled PC{i + 1}" for i in range(z.shape[1])]
+        head_info = fit_supervised_head(features, feature_names, val.labels,
+                                        np.mean([columns[n] for n in members], axis=0), seed)
+        head_info["pooled_features"] = (f"{pooled['member_name']}'s pooled backbone statistics, PCA to "
+                                        f"{z.shape[1]} (fitted on {pooled['num_fit']} training and validation images)"
+                                        if pooled is not None else "none (no candidate's backbone could be pooled)")
         if head_info["used"]:
             members = names
-            head = {"members": names, "coef": head_info["coef"], "intercept": head_info["intercept"]}
+            coef = head_info["coef"]
+            head = {"members": names, "coef": coef[:len(names)], "intercept": head_info["intercept"]}
+            if pooled is not None:
+                head["pooled"] = {"member": names.index(pooled["member_name"]), "coef": coef[len(names):],
+                                  **{k: pooled[k] for k in ("mean", "components", "scale")}}
 
     if not keep_candidates:
         delete_expert_runs(dataset, [f"{key}__{n}" for n in columns if n not in members])

@@ -40,6 +40,8 @@ def format_selection(samples, key: str) -> str:
     if h.get("auroc") is not None:
         lines.append(f"supervised head: AUROC {h['auroc']:.3f} [{h['auroc_ci95'][0]:.3f}, {h['auroc_ci95'][1]:.3f}] "
                      f"vs {h['unsupervised_auroc']:.3f}: {'used' if h['used'] else 'not used'} ({h['reason']})")
+        if h.get("pooled_features"):
+            lines.append(f"  features: the candidates' calibrated scores + {h['pooled_features']}")
     else:
         lines.append(f"supervised head: not used ({h['reason']})")
     return "\n".join(lines)
