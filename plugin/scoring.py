@@ -259,8 +259,8 @@ def score(
         batch_size: images per forward pass (and per database write).
         num_workers: image-decoding worker processes (default: up to 4, 0 decodes in this process).
         output_dir: folder for heatmap/mask PNGs (default: ``<storage root>/<dataset>/scores/<key>``, see
-            :mod:`~fiftyone_anomaly_vlm.storage`; a relative path is taken under the storage root). Created and
-            checked writable before anything else.
+            :mod:`~fiftyone_anomaly_vlm.storage`; a relative path is taken under the storage root). Checked
+            writable before anything else.
         overwrite: score every sample again; by default samples already scored under ``key`` by the same
             expert fit are skipped, so an interrupted run resumes.
         min_region_area: the smallest connected region of a mask written to ``<key>_regions``, as a share of

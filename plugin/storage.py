@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from typing import Any, ClassVar
 
 import fiftyone as fo
@@ -103,29 +102,18 @@ def local_path(path: str | None, label_root: str | None) -> str | None:
 
 def output_folder(output_dir: str | None, default: str) -> tuple[str, bool]:
     """``(folder, owned)`` for a verb's ``output_dir`` argument: ``default`` (the plugin's own, removed with the
-    run) when None or ``""``; a relative path under :func:`storage_root`; an absolute one as it is. The folder is
-    created and checked writable (:func:`check_output_dir`) before any work."""
-    owned = not output_dir
-    folder = default if owned else resolve_path(os.path.expanduser(str(output_dir)))
-    return check_output_dir(folder), owned
-
-
-def check_output_dir(folder: str) -> str:
-    """Create ``folder`` if needed and check that a file can be written in it; returns its absolute path.
+    run) when None or ``""``; a relative path under :func:`storage_root`; an absolute one as it is. Checked
+    before any work (:func:`output_dir_problem`); the writer creates it.
 
     Raises:
-        ValueError: the folder cannot be created, is a file, or is not writable (the message says which).
+        ValueError: the folder is a file, cannot be created, or is not writable (the message says which).
     """
-    folder = os.path.abspath(folder)
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ValueError(f"output folder {folder} is a file, not a folder")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fav-write-check-"):
-            pass
-    except OSError as exc:
-        raise ValueError(f"output folder {folder} is not writable: {exc.strerror or exc}") from None
-    return folder
+    owned = not output_dir
+    folder = os.path.abspath(default if owned else resolve_path(os.path.expanduser(str(output_dir))))
+    problem = output_dir_problem(folder)
+    if problem:
+        raise ValueError(problem)
+    return folder, owned
 
 
 def output_dir_problem(output_dir: str | None) -> str | None:

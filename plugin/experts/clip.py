@@ -137,6 +137,7 @@ def create_clip_expert(
     if run_key in dataset.list_runs() and not overwrite:
         msg = f"an expert named {key!r} already exists; pass overwrite=True or another key"
         raise ValueError(msg)
+    out_dir, owns_dir = output_folder(output_dir, default_output_dir(samples, "experts", key))  # unwritable: here
     if k_shot < 1:
         raise ValueError(f"k_shot must be at least 1, got {k_shot}")
     if object_field is not None and object_field.split(".")[0] not in dataset.get_field_schema():
@@ -152,7 +153,6 @@ def create_clip_expert(
     )  # bad names, missing weights and bad scales fail here, before any work
     size = expert.image_size
 
-    out_dir, owns_dir = output_folder(output_dir, default_output_dir(samples, "experts", key))
     with FitFolder(samples, out_dir, key) as fit:  # the memory goes to the fit's own folder
         checkpoint, reference_ids, errors = _encode_references(expert, fit, ref_view, k_shot=k_shot, size=size,
                                                                batch_size=batch_size, seed=seed, progress=progress)

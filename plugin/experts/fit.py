@@ -76,8 +76,8 @@ def fit_expert(
         batch_size: training batch size.
         max_epochs: training epochs for models that train (PaDiM/PatchCore always make one pass).
         output_dir: the expert's folder (default: ``<storage root>/<dataset>/experts/<key>``, see
-            :mod:`~fiftyone_anomaly_vlm.storage`; a relative path is taken under the storage root; created and
-            checked writable before any work);
+            :mod:`~fiftyone_anomaly_vlm.storage`; a relative path is taken under the storage root; checked
+            writable before any work);
             each fit saves its checkpoint in a folder of its own there, ``<output_dir>/<fit_id>/model.ckpt``.
         seed: seed of the held-out split and of torch.
         threshold: threshold rule on the held-out normals: ``"far"`` (false-alarm rate), ``"percentile"``,

@@ -75,6 +75,7 @@ def import_expert(samples, checkpoint: str, key: str, *, model: str | None = Non
     if run_key in dataset.list_runs() and not overwrite:
         raise ValueError(f"an expert named {key!r} already exists; pass overwrite=True or another key")
     threshold_from_normals(np.zeros(1), threshold, threshold_param)  # a bad rule fails before any work
+    out_dir = output_folder(output_dir, default_output_dir(samples, "experts", key))[0]  # unwritable: fails here
     module, model_class = read_model_file(checkpoint, model)
     own = pre_processor_size(module)
     if image_size is not None:
@@ -94,7 +95,6 @@ def import_expert(samples, checkpoint: str, key: str, *, model: str | None = Non
         logger.warning("import_expert: skipping sample %s: %s", sid, err)
     calibration = calibrate_expert(expert, images, rule=threshold, param=threshold_param, batch_size=batch_size,
                                    progress=progress)  # a model that cannot take the images fails here
-    out_dir = output_folder(output_dir, default_output_dir(samples, "experts", key))[0]
     ext = ".pt" if checkpoint.endswith(".pt") else ".ckpt"
     with FitFolder(samples, out_dir, key) as fit:
         copied = fit.file("model" + ext)

@@ -51,8 +51,8 @@ def check_video_collection(samples, what: str) -> int:
 
 def frames_location(samples, output_dir: str | None) -> tuple[str, str | None]:
     """``(folder, rel_dir)`` of the frame images of ``samples``: ``output_dir`` (default: the plugin's folder
-    for the dataset under the storage root; a relative path is taken under that root; created and checked
-    writable, see :func:`~..storage.output_folder`) and the videos' common folder, which FiftyOne mirrors below it."""
+    for the dataset under the storage root; a relative path is taken under that root; checked writable,
+    see :func:`~..storage.output_folder`) and the videos' common folder, which FiftyOne mirrors below it."""
     out = output_folder(output_dir, default_output_dir(samples, "frames"))[0]
     dirs = sorted({os.path.dirname(os.path.abspath(p)) for p in samples._root_dataset.distinct("filepath")})
     rel = os.path.commonpath(dirs) if dirs else None
