@@ -27,6 +27,7 @@ import torch
 from .anomalib_build import available_models, build_model
 from .anomalib_export import read_model_file
 from .anomalib_fit import fit_model
+from .backbones import pooled_statistics
 from .base import ExpertOutput, VisionExpert, resolve_device
 from .efficient_ad import offline_efficient_ad
 
@@ -235,8 +236,6 @@ class AnomalibExpert(VisionExpert):
         Raises:
             ValueError: the model has no backbone feature extractor (EfficientAd, a ViT wrapper...).
         """
-        from .texture_stats import pooled_statistics  # anomalib components: only when pooling
-
         model = self.model
         images = images.to(self.device, non_blocking=True)
         batch = model.pre_processor(images) if model.pre_processor else images

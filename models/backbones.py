@@ -214,3 +214,21 @@ def converted_weights(backbone: str, *, verify: bool = True) -> Path:
     os.replace(tmp, target)  # atomic: concurrent first uses never see half a file
     logger.info("converted %s weights from %s to %s", backbone, src_path, target)
     return target
+
+
+def pooled_statistics(features: dict[str, torch.Tensor], layers: list[str] | tuple[str, ...],
+                      gram_layers: list[str] | tuple[str, ...] = ()) -> torch.Tensor:
+    """``(N, D)``: per layer of ``layers`` and channel, the spatial mean and standard deviation of the backbone
+    features ``{layer: (N, C, H, W)}``; then per layer of ``gram_layers``, the upper triangle of its channels'
+    Gram matrix (``F F^T / (H W)``). The texture-statistics expert's descriptor, and the pooled features of the
+    supervised head of ``select_experts``."""
+    parts = []
+    for layer in layers:
+        f = features[layer].float().flatten(2)  # (N, C, H*W)
+        parts += [f.mean(dim=2), f.std(dim=2, unbiased=False)]
+    for layer in gram_layers:
+        f = features[layer].float().flatten(2)
+        gram = f @ f.transpose(1, 2) / f.shape[2]  # (N, C, C)
+        rows, cols = torch.triu_indices(gram.shape[1], gram.shape[2], device=gram.device)
+        parts.append(gram[:, rows, cols])
+    return torch.cat(parts, dim=1)

@@ -21,6 +21,8 @@ import warnings
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as nnf
 
 #: components of the pooled features the head sees (a few: 5-20 labelled defects must not be memorised)
 POOLED_COMPONENTS = 3
@@ -35,6 +37,17 @@ def pooled_projection(features: np.ndarray, components: int = POOLED_COMPONENTS)
     pca = PCA(n_components=k, random_state=0).fit(features)
     scale = np.sqrt(np.maximum(pca.explained_variance_, 1e-12))
     return {"mean": pca.mean_.tolist(), "components": pca.components_.tolist(), "scale": scale.tolist()}
+
+
+def pooled_descriptors(model, images: list[torch.Tensor], size: int, batch_size: int) -> np.ndarray:
+    """``(N, D)``: ``model.pooled_features`` of ``images`` (resized to ``size`` when they differ), in batches."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.stack([t.float() for t in images[start:start + batch_size]])
+        if tuple(x.shape[-2:]) != (size, size):
+            x = nnf.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(model.pooled_features(x).double().numpy())
+    return np.concatenate(out)
 
 
 def project(features: np.ndarray, projection: dict[str, Any]) -> np.ndarray:

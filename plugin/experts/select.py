@@ -49,7 +49,7 @@ from ..models.base import resolve_device
 from ..runs import delete_expert_runs, expert_run_key, expert_state
 from .combined import ALL
 from .grouped import register_composite
-from .head import fit_supervised_head, pooled_projection, project
+from .head import fit_supervised_head, pooled_descriptors, pooled_projection, project
 from .record import Expert, load_expert, member_calibration
 from .single import fit_single_expert
 from .synthetic import GENERATORS, KINDS, LOCAL_KINDS
@@ -180,24 +180,15 @@ def _pooled_features(key: str, order: list[str], sizes: dict[str, int], fit_view
     for name in order:
         size = sizes[name]
         model = load_expert(dataset, f"{key}__{name}").load(device=device)
-
-        def pool(images: list[torch.Tensor]) -> np.ndarray:
-            out = []
-            for start in range(0, len(images), batch_size):
-                x = torch.stack([t.float() for t in images[start:start + batch_size]])
-                if tuple(x.shape[-2:]) != (size, size):
-                    x = nnf.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-                out.append(model.pooled_features(x).double().numpy())
-            return np.concatenate(out)
-
         try:
-            val_features = pool(val.images)
+            val_features = pooled_descriptors(model, val.images, size, batch_size)
         except (ValueError, AttributeError) as exc:  # no backbone to pool (a ViT, EfficientAd...): try the next
             logger.info("select_experts: %s has no pooled features: %s", name, exc)
             continue
         # the PCA sees the validation images too (never their labels): a defect's direction is one the
         # good images alone barely vary along
-        projection = pooled_projection(np.vstack([pool(decode_square(paths, size)), val_features]))
+        train_features = pooled_descriptors(model, decode_square(paths, size), size, batch_size)
+        projection = pooled_projection(np.vstack([train_features, val_features]))
         return {**projection, "member_name": name, "num_fit": len(paths) + len(val.images)}, project(
             val_features, projection)
     return None, None
