@@ -13,8 +13,14 @@ size, now the image's), scoring seconds per image. The tiled image score is meas
 over the test images: ``map_max`` (maximum of the stitched map) and ``tile_max`` (the model's own image score,
 highest over the tiles).
 
-Cost: peak memory (max RSS of a child process that loads the expert and scores one generated ``--large`` px
-image) without and with tiling.
+Region recall (parts set): the ``<key>_regions`` that scoring writes at the run's default threshold against the
+generated defects (one per defective part, its ``ground_truth_mask``). A region hits the defect when its box, in
+image pixels rounded outwards, contains a pixel of the defect's mask; a defect is found when a region hits it.
+Reported: defects found / defective parts, and regions that hit no defect per normal and per defective image,
+keeping every region and only those of at least 0.01 % and 0.1 % of the image (:data:`RECALL_MIN_AREAS`).
+
+Cost: peak memory (resident memory of a child process that loads the expert and scores one generated
+``--large`` px image, sampled every 20 ms) and seconds, without and with tiling (the first ``--model``).
 
 Usage:
     .venv/bin/python benchmarks/tiling.py [--size 1024] [--normal 20] [--anomalous 10] [--model padim [patchcore]]
