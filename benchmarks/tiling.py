@@ -8,8 +8,9 @@ Sets:
 
 Rows per set: the expert fitted on the whole image resized to ``--image-size`` ("off") and the same model and
 backbone fitted on ``--tile`` px tiles every ``--stride`` px at native resolution ("on"); image AUROC (raw
-scores, and calibrated ``<key>_score`` as ``benchmarks/quality.py`` reports it), pixel AUROC and AUPRO (anomalib's metrics through ``fav.evaluate``, ground-truth masks at the heatmap's
-size, now the image's), scoring seconds per image. The tiled image score is measured both ways from one pass
+scores, and calibrated ``<key>_score`` as ``benchmarks/quality.py`` reports it), pixel AUROC and AUPRO
+(anomalib's metrics through ``fav.evaluate``, ground-truth masks at the heatmap's size, now the image's), scoring
+seconds per image. The tiled image score is measured both ways from one pass
 over the test images: ``map_max`` (maximum of the stitched map) and ``tile_max`` (the model's own image score,
 highest over the tiles).
 
@@ -281,7 +282,8 @@ def main() -> None:
               + (f"+{m['peak_mb']:.0f} MB resident at peak (above {m['before_mb']:.0f} MB with the expert loaded), "
                  f"{m['seconds']:.1f} s" if "peak_mb" in m else f"not run: {m['error']}"))
     print(f"(tile {args.tile}, stride {args.stride}; off: whole image resized to {args.image_size}; torch threads "
-          f"{args.threads or 'default'}; {os.cpu_count()} CPU cores shared with other jobs: compare quality, not seconds)")
+          f"{args.threads or 'default'}; {os.cpu_count()} CPU cores shared with other jobs: compare quality, "
+          "not seconds)")
 
 
 if __name__ == "__main__":
