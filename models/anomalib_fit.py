@@ -12,7 +12,10 @@ make one pass, ``"training epoch e/E"`` otherwise), fitting the model between tr
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import re
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -153,19 +156,24 @@ def fit_model(
     model.to(device).eval()
 
 
+#: progress bars anomalib draws with tqdm inside a fit, whatever the trainer's settings (PatchCore's coreset)
+_ANOMALIB_BARS = ("Selecting Coreset Indices",)
+
+
 @contextlib.contextmanager
 def _quiet_tqdm(quiet: bool):
-    """Without ``progress=True``, anomalib's own tqdm bars inside a fit (PatchCore's "Selecting Coreset
-    Indices") stay off the console: tqdm reads its defaults from ``TQDM_*`` variables (restored after)."""
+    """Without ``progress=True``, anomalib's own tqdm bars inside a fit stay off the console: what the fit writes
+    to ``sys.stderr`` is held and written out after it, less those bars' lines (tqdm reads its ``TQDM_*``
+    settings once, at import, so they cannot switch it off here)."""
     if not quiet:
         yield
         return
-    before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    held = io.StringIO()
     try:
-        yield
+        with contextlib.redirect_stderr(held):
+            yield
     finally:
-        if before is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = before
+        kept = [line for line in re.split(r"[\r\n]+", held.getvalue())
+                if line.strip() and not line.lstrip().startswith(_ANOMALIB_BARS)]
+        if kept:
+            sys.stderr.write("\n".join(kept) + "\n")

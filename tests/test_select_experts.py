@@ -11,6 +11,8 @@ All on a tiny generated texture set (48 px) with the offline EfficientNet-Lite b
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -118,6 +120,13 @@ def test_texture_expert_fits_scores_calibrates_and_reloads(selected):
                        model_kwargs={"layers": ["blocks.2"], "gram_layers": ["nope"]}, progress=False)
 
 
+def test_patchcore_fit_keeps_anomalib_coreset_bar_off_the_console(textures, capfd):
+    fav.fit_expert(textures.match_tags("train"), model="patchcore", key="pc_quiet", image_size=SIZE, device="cpu",
+                   model_kwargs={"layers": ["blocks.4"], "coreset_sampling_ratio": 0.2}, progress=False)
+    assert "Selecting Coreset Indices" not in capfd.readouterr().err
+    textures.delete_run("pc_quiet_expert")
+
+
 def test_dfkde_with_too_few_training_images_fails_before_fitting(textures):
     with pytest.raises(ValueError, match=r"dfkde needs 16\+ training images and \d+ remain"):
         fav.fit_expert(textures.match_tags("train"), model="dfkde", key="dfkde", image_size=SIZE, device="cpu")
@@ -149,7 +158,9 @@ def test_supervised_head_is_switched_on_only_when_it_beats_the_mean():
     good = y + rng.normal(0, 0.3, y.size)
     # two candidates that err in opposite directions: their mean ranks no better than chance, a weighted sum does
     cols = np.stack([good, -good + rng.normal(0, 0.05, y.size)], axis=1)
-    on = fit_supervised_head(cols, ["a", "b"], y, cols.mean(axis=1), seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # scikit-learn's notes on its future defaults stay inside
+        on = fit_supervised_head(cols, ["a", "b"], y, cols.mean(axis=1), seed=0)
     assert on["used"] and on["auroc"] > 0.9 > on["unsupervised_auroc"] and len(on["coef"]) == 2
     off = fit_supervised_head(cols, ["a", "b"], y, y.astype(float), seed=0)  # the choice is already perfect
     assert not off["used"] and "coef" not in off
