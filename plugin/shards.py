@@ -22,10 +22,12 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import os
 import socket
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -253,11 +255,26 @@ def queue_shards(samples, operator_uri: str, params: dict[str, Any], key: str, c
     open_ledger(dataset, key, count, restart=True)
     queued = QueuedShards(key=key, count=count)
     for i in range(count):
-        result = foo_ops.execute_operator(operator_uri, ctx=dict(view=samples.view(), params={
-            **params, "key": key, "shard_index": i, "shard_count": count}), request_delegation=True)
+        result = _delegate(operator_uri, dict(view=samples.view(), params={
+            **params, "key": key, "shard_index": i, "shard_count": count}))
         queued.op_ids.append(str(result.result["id"]))
         set_shard(dataset, key, i, state="queued", op_id=queued.op_ids[-1])
     return queued
+
+
+def _delegate(operator_uri: str, ctx: dict[str, Any]) -> ExecutionResult:
+    """``execute_operator(..., request_delegation=True)``, also from inside an operator (a form's ``shards=N``,
+    run from Python or by a worker), where an event loop runs and FiftyOne would return an unawaited task:
+    there it runs in a thread of its own."""
+    def queue() -> ExecutionResult:
+        return foo_ops.execute_operator(operator_uri, ctx=ctx, request_delegation=True)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return queue()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fav-queue-shard") as pool:
+        return pool.submit(queue).result()
 
 
 def resume_shards(dataset, key: str) -> list[str]:

@@ -22,6 +22,7 @@ import pytest
 from bson import ObjectId
 
 import fiftyone as fo
+import fiftyone.operators as foo
 from fiftyone import ViewField as F
 from fiftyone.operators.delegated import DelegatedOperationService
 from fiftyone.operators.executor import ExecutionRunState
@@ -33,11 +34,12 @@ from fiftyone_anomaly_vlm.datasets import ffmpeg_available, make_video_dataset
 from fiftyone_anomaly_vlm.fields import VideoFieldNames
 from fiftyone_anomaly_vlm.leases import RunBusyError, RunLease
 from fiftyone_anomaly_vlm.models.judge import make_backend
-from fiftyone_anomaly_vlm.shards import resume_shards, shard_ids, sharded_run
+from fiftyone_anomaly_vlm.shards import forget_shards, resume_shards, shard_ids, sharded_run
 from scripted_server import ScriptedServer
 from test_video_engine import RedBackend
 
 JUDGE = dict(expert="padim", batch_size=4, crops=1)
+JUDGE_URI, VIDEO_URI = "@anomaly-vlm/anomaly-vlm/judge_anomalies", "@anomaly-vlm/anomaly-vlm/score_video"
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +154,29 @@ def test_judge_shards_queued_carry_the_backend_not_its_key(judged_ds, tmp_path, 
     assert ds.count(f"{key}_fused") == len(ds)
     ds.delete_run(key)
 
+    # the judge form's Shards field: the operator queues the shards with the backend the form describes
+    form = dict(key="vlm_form", backend="openai", base_url="http://gpu-a:8000/v1, http://gpu-b:8000/v1",
+                server_model="m", api_key_secret="FAV_TEST_JUDGE_KEY", expert="padim", crops=1, shards=2)
+    foo.execute_operator(JUDGE_URI, ctx=dict(view=ds.view(), params=form)).raise_exceptions()
+    _check_form_queued(ds, "vlm_form", dict(name="openai", base_url=["http://gpu-a:8000/v1", "http://gpu-b:8000/v1"],
+                                            model="m", api_key_env="FAV_TEST_JUDGE_KEY", max_concurrency=8),
+                       expert="padim", crops=1)
+
+
+def _check_form_queued(ds, key, backend_spec, **args):
+    """Two shards of ``key`` queued by an operator's form (not run here: deleted again)."""
+    service, run = DelegatedOperationService(), sharded_run(ds, key)
+    assert run.count == 2 and [s.state for s in run.shards] == ["queued", "queued"]
+    try:
+        params = [service.get(ObjectId(s.op_id)).context.request_params["params"] for s in run.shards]
+        assert [(p["key"], p["shard_index"]) for p in params] == [(key, 0), (key, 1)]
+        assert params[0]["backend_spec"] == backend_spec
+        assert {k: params[0]["args"][k] for k in args} == args
+    finally:  # no worker here: none left for another test's worker
+        for s in run.shards:
+            service.delete_operation(ObjectId(s.op_id))
+    forget_shards(ds, key)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -230,3 +255,11 @@ def test_video_shards_each_video_once_and_finish_once(clips):
             service.delete_operation(ObjectId(op_id))
     for key in ("vall", "vsh"):
         ds.delete_run(key)
+
+    # the video form's Shards field: the operator queues the shards with the backend the form describes
+    form = dict(key="vform", use_vlm=True, backend="openai", base_url="http://gpu:8000/v1", server_model="m",
+                question_set="(type them)", questions="Is there fire?\nIs there smoke?", fps=4.0, shards=2)
+    foo.execute_operator(VIDEO_URI, ctx=dict(view=ds.view(), params=form)).raise_exceptions()
+    _check_form_queued(ds, "vform", dict(name="openai", base_url="http://gpu:8000/v1", model="m",
+                                         api_key_env="FAV_VLM_API_KEY", max_concurrency=8),
+                       questions=["Is there fire?", "Is there smoke?"], fps=4.0, expert=None)
