@@ -2,7 +2,7 @@
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``scripts/setup.sh`` installs them where apt exists) and
 ``selenium`` (the ``test`` extra). Browser tests skip, with the reason, when any of them is missing or Chromium
-cannot start. The walk-through saves the README's screenshots (``docs/review-*.png``).
+cannot start. The walk-through takes the README's screenshots (``docs/review-*.png``, written there when FAV_UPDATE_SCREENSHOTS=1).
 
 The helpers here (``browser``, ``served_app``, ``run_operator``...) are shared with ``test_app_*.py``.
 """
@@ -16,6 +16,7 @@ import shutil
 import socket
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -194,11 +195,14 @@ def run_operator(driver, search: str, title: str, texts: dict[str, str] | None =
 
 
 def save_png(driver, name: str, width: int = 1280) -> None:
-    """A small screenshot for the README: docs/<name>.png, ``width`` pixels wide, a 256-colour palette PNG."""
+    """A small screenshot for the README, ``width`` pixels wide, a 256-colour palette PNG: docs/<name>.png when
+    ``FAV_UPDATE_SCREENSHOTS=1`` (refreshing the README's pictures), else the test run's data folder (a test run
+    leaves the checkout unchanged)."""
     image = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
     image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
-    DOCS.mkdir(exist_ok=True)
-    image.quantize(colors=256).save(DOCS / f"{name}.png", optimize=True)
+    folder = DOCS if os.environ.get("FAV_UPDATE_SCREENSHOTS") == "1" else Path(fo.config.default_dataset_dir) / "screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    image.quantize(colors=256).save(folder / f"{name}.png", optimize=True)
 
 
 def _thumbnails_drawn(driver) -> bool:
