@@ -38,21 +38,9 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from torch import nn
 
+from .backbones import pooled_statistics
 
-def pooled_statistics(features: dict[str, torch.Tensor], layers: Sequence[str],
-                      gram_layers: Sequence[str] = ()) -> torch.Tensor:
-    """``(N, D)``: per layer of ``layers`` and channel, the spatial mean and standard deviation of the features;
-    then per layer of ``gram_layers``, the upper triangle of its channels' Gram matrix (``F F^T / (H W)``)."""
-    parts = []
-    for layer in layers:
-        f = features[layer].float().flatten(2)  # (N, C, H*W)
-        parts += [f.mean(dim=2), f.std(dim=2, unbiased=False)]
-    for layer in gram_layers:
-        f = features[layer].float().flatten(2)
-        gram = f @ f.transpose(1, 2) / f.shape[2]  # (N, C, C)
-        rows, cols = torch.triu_indices(gram.shape[1], gram.shape[2], device=gram.device)
-        parts.append(gram[:, rows, cols])
-    return torch.cat(parts, dim=1)
+__all__ = ["TextureStats", "TextureStatsModel", "pooled_statistics"]
 
 
 class TextureStatsModel(DynamicBufferMixin, nn.Module):
