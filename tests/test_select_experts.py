@@ -150,6 +150,8 @@ def test_selection_on_labelled_anomalies_tries_the_head_on_pooled_features(textu
     assert head["used"] == (head["auroc"] > head["unsupervised_auroc"])
     assert head["features"][:2] == ["texture", "texture pooled PC1"] and len(head["features"]) == 4
     assert head["pooled_features"].startswith("texture's pooled backbone statistics, PCA to 3")
+    assert "texture's pooled backbone statistics" in fav.format_selection(ds, "lab")
+    assert "texture's pooled backbone statistics" in fav.selection_markdown(ds, "lab")  # what the App's form shows
     assert head["auroc_ci95"][0] <= head["auroc"] <= head["auroc_ci95"][1]
     recorded = ds.get_run_info("lab_expert").config.head
     assert (recorded is None) == (not head["used"])

@@ -71,5 +71,7 @@ def selection_markdown(samples, key: str) -> str | None:
     h = sel["head"]
     lines += ["", f"Supervised head: {'used' if h['used'] else 'not used'} ({h['reason']})"
               + (f", AUROC {h['auroc']:.3f} [{h['auroc_ci95'][0]:.3f}, {h['auroc_ci95'][1]:.3f}]"
-                 if h.get("auroc") is not None else "")]
+                 if h.get("auroc") is not None else "")
+              + (f"; features: the candidates' calibrated scores + {h['pooled_features']}"
+                 if h.get("pooled_features") else "")]
     return "\n".join(lines)
