@@ -8,6 +8,7 @@ point at an existing database on purpose.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import uuid
@@ -43,3 +44,27 @@ def set_threads(threads: int) -> None:
 
         torch.set_num_threads(threads)
         os.environ["FAV_BENCH_THREADS"] = str(threads)
+
+
+def add_speck_argument(parser) -> None:
+    """``--speck-px``: the generated texture set's speck diameter in pixels (default: the generator's own
+    ``TEXTURE_PARAMS["speck_radius"]``, 2 % of the side, i.e. a 4.5 px wide speck at 96 px, 12 px at 256 px)."""
+    parser.add_argument("--speck-px", type=float, default=None,
+                        help="speck diameter in px at --size (the mask's width: the Gaussian spot above half its "
+                             "peak, 2.355 x its sigma); default: the generator's 2 %% of the side as radius")
+    parser.add_argument("--speck-contrast", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="speck contrast range (intensity 0-1; default: the generator's 0.10-0.16)")
+
+
+def apply_speck_args(args) -> None:
+    """Set the texture generator's speck from ``--speck-px`` / ``--speck-contrast`` (None: leave it).
+
+    The generator draws a Gaussian spot of sigma ``TEXTURE_PARAMS["speck_radius"] * size`` and masks it above
+    half its peak, so the mask's width is ``2 * sqrt(2 ln 2) * sigma``; everything else stays.
+    """
+    from fiftyone_anomaly_vlm.datasets import TEXTURE_PARAMS
+
+    if args.speck_px is not None:
+        TEXTURE_PARAMS["speck_radius"] = float(args.speck_px) / (2 * math.sqrt(2 * math.log(2)) * args.size)
+    if args.speck_contrast is not None:
+        TEXTURE_PARAMS["speck_contrast"] = tuple(float(c) for c in args.speck_contrast)
