@@ -5,7 +5,9 @@ texture set with local specks and global grain/colour changes, and on real ELPV 
 Generated set (``make_texture_dataset``, parameters in ``TEXTURE_PARAMS``): ``--normal`` good textures
 (half fit the candidates, the other half are test normals, 10 of them also validation normals) and
 ``--per-defect`` images of each defect kind (speck: local, ~2 % radius; grain: the grain size x/÷ 1.18-1.30;
-colour: one channel's gain ± 4-7 %). Validation anomalies (the labelled row) are 10 defective images
+colour: one channel's gain ± 4-7 %; ``--speck-px`` / ``--speck-contrast`` change the specks' width in pixels and
+contrast, e.g. ``--size 256 --speck-px 10`` for the issue's real case of ~10 px specks in 250 px images).
+Validation anomalies (the labelled row) are 10 defective images
 (mixed kinds) kept out of the test set.
 
 ELPV (``pip install elpv-dataset``): a seeded subset (``--elpv-train`` good cells to fit on, ``--elpv-test``
@@ -19,7 +21,7 @@ budget (``--budget``); the chosen expert is scored on the test set afterwards.
 
 Usage:
     .venv/bin/python benchmarks/experts_select.py [--size 96] [--normal 120] [--per-defect 30] [--budget 900]
-        [--no-elpv] [--device cpu]
+        [--no-elpv] [--device cpu] [--speck-px 10] [--speck-contrast 0.10 0.16]
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import time
 import warnings
 
 warnings.filterwarnings("ignore")
-from _env import isolate  # noqa: E402 - before FiftyOne
+from _env import add_speck_argument, apply_speck_args, isolate  # noqa: E402 - before FiftyOne
 
 _TMP = isolate("fav-select-")
 
@@ -175,7 +177,9 @@ def main() -> None:
     p.add_argument("--no-textures", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    add_speck_argument(p)
     args = p.parse_args()
+    apply_speck_args(args)
     args.size_of = {"textures": args.size, "elpv": args.elpv_size}
     t = time.perf_counter()
     print(f"cpu cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f} (other jobs share the cores)")
