@@ -48,6 +48,43 @@ os.environ.update(
 )
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one of scripts/test.sh's processes: one torch thread each, so two
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # processes do not fight over the cores
+
+
+def _start_private_mongod() -> None:
+    """Run the suite on a ``mongod`` of its own (FiftyOne's binary, this process's database folder, a free port)
+    and point FiftyOne at it with ``FIFTYONE_DATABASE_URI``; xdist workers, App servers and delegated workers
+    started by the tests inherit the URI. Without it every process attaches to whatever FiftyOne database service
+    already runs on the machine, whose owner may stop it (or delete its folder) in the middle of the suite: a
+    suite run beside a benchmark lost its database halfway (ServerSelectionTimeoutError in 15 tests)."""
+    import importlib.util
+    import socket
+    import subprocess
+    import time
+
+    # FiftyOne's own binary (fiftyone/db/bin, as DatabaseService.find_mongod), found without importing fiftyone:
+    # FiftyOne reads FIFTYONE_DATABASE_URI once, at import
+    mongod = Path(importlib.util.find_spec("fiftyone").origin).parent / "db" / "bin" / "mongod"
+    db = _TMP / "db"
+    (db / "log").mkdir(parents=True, exist_ok=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([str(mongod), "--dbpath", str(db), "--logpath", str(db / "log" / "mongo.log"),
+                             "--port", str(port), "--bind_ip", "127.0.0.1", "--nounixsocket"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    atexit.register(lambda: (proc.terminate(), proc.wait(30)))  # registered after the file clean-up: runs first
+    end = time.time() + 60
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            break
+        if proc.poll() is not None or time.time() > end:
+            raise RuntimeError(f"the test database (mongod) did not start: see {db / 'log' / 'mongo.log'}")
+        time.sleep(0.2)
+    os.environ["FIFTYONE_DATABASE_URI"] = f"mongodb://127.0.0.1:{port}"
+
+
+if not os.environ.get("PYTEST_XDIST_WORKER") and not os.environ.get("FIFTYONE_DATABASE_URI"):
+    _start_private_mongod()
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 import pytest  # noqa: E402
@@ -109,8 +146,9 @@ def pytest_sessionfinish(session, exitstatus):  # noqa: D103
 
 
 def pytest_configure(config):
-    """Start (or attach to) FiftyOne's database service in the first pytest process, before scripts/test.sh's two
-    worker processes (pytest-xdist) start: two processes starting the service at the same moment read each
-    other's replies ("Got response id ... but expected ...") and failed their tests."""
+    """Connect to the database in the first pytest process, before scripts/test.sh's two worker processes
+    (pytest-xdist) start. With the suite's own mongod this only checks it answers; otherwise it starts (or attaches to) FiftyOne's service once:
+    two processes starting the service at the same moment read each other's replies ("Got response id ... but
+    expected ...") and failed their tests."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         fo.list_datasets()
