@@ -20,7 +20,7 @@ import fiftyone_anomaly_vlm as fav
 from conftest import IMAGE_SIZE
 from fiftyone_anomaly_vlm.operators.judge import backend_from_params
 from test_panel_browser import (_click, _dismiss_notifications, _notification, _text, _wait,  # noqa: F401
-                                browser, run_operator, save_png, served_app)
+                                browser, run_operator, save_png, served_app, set_view)
 
 PLUGIN = "@anomaly-vlm/anomaly-vlm"
 EVALUATE = dict(run="padim", gt_field="ground_truth", positive="anomalous", eval_key="padim_eval")
@@ -62,7 +62,7 @@ def test_run_errors_show_in_the_app(scored, browser):
         _click_done(driver)
 
         # fit with a hub backbone while offline: the RuntimeError of the worker thread, shown; no expert
-        session.view = ds.match_tags("train")
+        set_view(session, ds.match_tags("train"))
         _wait("the training view", lambda: f"{len(ds.match_tags('train'))} samples" in _text(driver), 30)
         expected = _python_error(fav.fit_expert, ds.match_tags("train"), model="padim", key="hub",
                                  pretrained=True, backbone="wide_resnet50_2", image_size=IMAGE_SIZE, device="cpu")

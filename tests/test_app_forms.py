@@ -21,7 +21,7 @@ from fiftyone_anomaly_vlm.gt_fields import anomaly_tags, count_labelled_anomalou
 from fiftyone_anomaly_vlm.runs import (AnomalyEvaluationRunConfig, AnomalyScoreRunConfig, ExpertRunConfig,
                                        register_expert_run)
 from test_panel_browser import (_click, _notification, _select_tiles, _text, _thumbnails_drawn, _wait,  # noqa: F401
-                                browser, open_operator_form, save_png, served_app)
+                                browser, open_operator_form, save_png, served_app, set_view)
 
 
 def test_fit_target_counts_and_ground_truth_fields(parts):
@@ -98,7 +98,7 @@ def test_forms_count_warn_and_leave_out_fit_samples_in_the_app(parts, browser):
         _close_form(driver)
 
         # a filtered view of known-good samples: the count, no warning
-        session.view = train
+        set_view(session, train)
         _wait("the training view", lambda: f"{len(train)} samples" in _text(driver), 30)
         open_operator_form(driver, "fit vision", "Anomaly: fit vision expert")
         _wait("the fit form's count", lambda: f"Fits on {len(train)} samples of the current view" in _text(driver), 30)
@@ -107,7 +107,7 @@ def test_forms_count_warn_and_leave_out_fit_samples_in_the_app(parts, browser):
 
         # evaluate the whole dataset with one sample left selected in the grid: the dataset is evaluated, less the
         # expert's own samples (recorded on the evaluation run)
-        session.view = None
+        set_view(session, None)
         _wait("the whole dataset", lambda: f"{len(ds)} samples" in _text(driver), 30)
         _wait("the thumbnails drawn", lambda: _thumbnails_drawn(driver), 30)
         _select_tiles(driver, [0])

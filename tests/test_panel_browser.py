@@ -96,6 +96,13 @@ def served_app(driver, samples, spaces=None):
         session.close()
 
 
+def set_view(session, view) -> None:
+    """``session.view = view`` once the session's event client is connected: under load its stream to the App
+    server can drop, and FiftyOne's client then waits 10 s before reconnecting ("Client is not connected")."""
+    _wait("the session's connection to the App server", lambda: session._client._connected, 60)
+    session.view = view
+
+
 def _wait(what, predicate, timeout=30):
     end = time.time() + timeout
     while time.time() < end:
@@ -307,7 +314,7 @@ def _fit_and_score_from_forms(driver, session, ds) -> None:
     """The main path as a user walks it: fit from the form on a filtered view (the train-tagged normals), score
     the dataset from the form, open the top sample and see the heatmap and mask drawn over it."""
     train = ds.match_tags("train")
-    session.view = train
+    set_view(session, train)
     _wait("the filtered view", lambda: f"{len(train)} samples" in _text(driver), 30)
     run_operator(driver, "fit vision", "Anomaly: fit vision expert", choices=["None: random backbone (smoke tests)"],
                  texts={"Backbone (timm name)": "resnet18", "Image size": str(IMAGE_SIZE)})
@@ -318,7 +325,7 @@ def _fit_and_score_from_forms(driver, session, ds) -> None:
     config = ds.get_run_info("padim_expert").config
     assert fav.list_experts(ds) == ["padim"] and config.num_train + config.num_holdout == len(train)
 
-    session.view = None
+    set_view(session, None)
     _wait("the whole dataset", lambda: f"{len(ds)} samples" in _text(driver), 30)
     run_operator(driver, "score samples", "Anomaly: score samples")
     flagged = _notification(driver, "flagged anomalous in 'padim'", timeout=240)
@@ -329,7 +336,7 @@ def _fit_and_score_from_forms(driver, session, ds) -> None:
     assert f"{ds.count_values('padim.label').get('anomalous', 0)} flagged" in flagged
 
     # the top-scored sample in the modal: ticking the heatmap, then the mask, draws colour over the grey part
-    session.view = ds.sort_by("padim_score", reverse=True)
+    set_view(session, ds.sort_by("padim_score", reverse=True))
     _wait("the sorted grid", lambda: _thumbnails_drawn(driver), 30)
     tiles = sorted(driver.find_elements(By.CSS_SELECTOR, "[data-cy=looker]"), key=lambda t: (t.rect["y"], t.rect["x"]))
     ActionChains(driver).move_to_element(tiles[0]).click().perform()
@@ -345,7 +352,7 @@ def _fit_and_score_from_forms(driver, session, ds) -> None:
         assert shown > plain + 500, (field, plain, shown)
         ActionChains(driver).move_to_element(box).click().perform()  # hidden again: the next overlay on its own
         _wait(f"{field} hidden", lambda: _colourful_pixels(canvas) < plain + 500, 20)
-    session.view = None  # back to the grid of the whole dataset (the App closes the modal)
+    set_view(session, None)  # back to the grid of the whole dataset (the App closes the modal)
     _wait("the modal closed", lambda: not driver.find_elements(By.CSS_SELECTOR, "[data-cy=modal-looker-container]"), 20)
 
 

@@ -19,7 +19,7 @@ from fiftyone_anomaly_vlm.images import load_image
 from fiftyone_anomaly_vlm.models.tiling import MAX_TILE_SIZE, check_tile_settings, stitch, tile_boxes
 from fiftyone_anomaly_vlm.native import MAP_MAX_SIDE
 from test_panel_browser import (_click, _input_after_label, _notification, _text, _wait, browser,  # noqa: F401
-                                open_operator_form, served_app)
+                                open_operator_form, served_app, set_view)
 
 try:
     from selenium.webdriver.common.by import By
@@ -208,7 +208,7 @@ def test_fit_form_offers_tiling_with_a_hint_and_checks_the_settings(parts, brows
     ds, driver = parts, browser
     train = ds.match_tags("train")
     with served_app(driver, ds) as session:
-        session.view = train
+        set_view(session, train)
         _wait("the training view", lambda: f"{len(train)} samples" in _text(driver), 30)
         open_operator_form(driver, "fit vision", "Anomaly: fit vision expert")
         _click(driver, "label", "None: random backbone (smoke tests)")
