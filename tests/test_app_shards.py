@@ -38,3 +38,32 @@ def test_score_form_shards_queue_delegated_operations(fitted, browser):
 
     for op in ops:  # no worker here (tests/test_shards.py runs score shards to the end): none left for another's
         service.delete_operation(op.id)
+
+
+JUDGE_URI = "@anomaly-vlm/anomaly-vlm/judge_anomalies"
+
+
+def test_judge_form_shards_queue_delegated_operations_with_the_backend_spec(parts, browser):
+    """Shards = 2 in the judge form: two queued judge operations carrying the form's backend as make_backend's
+    arguments (the model is only named: nothing is loaded in the App), the ledger with 2 queued shards."""
+    ds, driver, key = parts, browser, "vlm_sharded"
+    service = DelegatedOperationService()
+    before = {str(op.id) for op in service.list_operations(dataset_name=ds.name)}
+    with served_app(driver, ds):
+        run_operator(driver, "judge and explain", "Anomaly: VLM judge and explain",
+                     texts={"Model": "/models/judge-not-loaded-here", "Shards (delegated operations)": "2",
+                            "Run key": key})
+        _notification(driver, f"Queued 2 shards of '{key}'", timeout=120)
+        _click_text(driver, "button", "Done")
+        _dismiss_notifications(driver)
+
+    ops = [op for op in service.list_operations(dataset_name=ds.name) if str(op.id) not in before]
+    assert sorted(op.operator for op in ops) == [JUDGE_URI] * 2
+    params = sorted((op.context.request_params["params"] for op in ops), key=lambda p: p["shard_index"])
+    assert [(p["key"], p["shard_index"], p["shard_count"]) for p in params] == [(key, 0, 2), (key, 1, 2)]
+    assert all(p["backend_spec"]["model"] == "/models/judge-not-loaded-here" for p in params)
+    run = sharded_run(ds, key)
+    assert run.count == 2 and [s.state for s in run.shards] == ["queued", "queued"]
+    assert key not in ds.list_runs()  # nothing judged by the App
+    for op in ops:
+        service.delete_operation(op.id)
