@@ -62,8 +62,8 @@ def test_run_errors_show_in_the_app(scored, browser):
         _click_done(driver)
 
         # fit with a hub backbone while offline: the RuntimeError of the worker thread, shown; no expert
-        set_view(session, ds.match_tags("train"))
-        _wait("the training view", lambda: f"{len(ds.match_tags('train'))} samples" in _text(driver), 30)
+        set_view(session, ds.match_tags("train"), "the training view",
+                 lambda: f"{len(ds.match_tags('train'))} samples" in _text(driver))
         expected = _python_error(fav.fit_expert, ds.match_tags("train"), model="padim", key="hub",
                                  pretrained=True, backbone="wide_resnet50_2", image_size=IMAGE_SIZE, device="cpu")
         run_operator(driver, "fit vision", "Anomaly: fit vision expert",

@@ -98,8 +98,8 @@ def test_forms_count_warn_and_leave_out_fit_samples_in_the_app(parts, browser):
         _close_form(driver)
 
         # a filtered view of known-good samples: the count, no warning
-        set_view(session, train)
-        _wait("the training view", lambda: f"{len(train)} samples" in _text(driver), 30)
+        set_view(session, train, "the training view",
+                 lambda: f"{len(train)} samples" in _text(driver))
         open_operator_form(driver, "fit vision", "Anomaly: fit vision expert")
         _wait("the fit form's count", lambda: f"Fits on {len(train)} samples of the current view" in _text(driver), 30)
         assert "No filter" not in _text(driver) and "labelled anomalous" not in _text(driver)
@@ -107,8 +107,8 @@ def test_forms_count_warn_and_leave_out_fit_samples_in_the_app(parts, browser):
 
         # evaluate the whole dataset with one sample left selected in the grid: the dataset is evaluated, less the
         # expert's own samples (recorded on the evaluation run)
-        set_view(session, None)
-        _wait("the whole dataset", lambda: f"{len(ds)} samples" in _text(driver), 30)
+        set_view(session, None, "the whole dataset",
+                 lambda: f"{len(ds)} samples" in _text(driver))
         _wait("the thumbnails drawn", lambda: _thumbnails_drawn(driver), 30)
         _select_tiles(driver, [0])
         open_operator_form(driver, "evaluate against", "Anomaly: evaluate against ground truth")

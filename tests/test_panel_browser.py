@@ -96,11 +96,23 @@ def served_app(driver, samples, spaces=None):
         session.close()
 
 
-def set_view(session, view) -> None:
-    """``session.view = view`` once the session's event client is connected: under load its stream to the App
-    server can drop, and FiftyOne's client then waits 10 s before reconnecting ("Client is not connected")."""
-    _wait("the session's connection to the App server", lambda: session._client._connected, 60)
-    session.view = view
+def set_view(session, view, what=None, until=None, timeout=60) -> None:
+    """``session.view = view``, sent once the session's event client is connected, and sent again until
+    ``until()`` holds (``what`` names it in the failure). Under load the client's stream to the App server can
+    drop: FiftyOne's client then waits 10 s ("Client is not connected") and re-subscribes with the session's
+    *initial* state, which can undo a view sent just before; re-sending the view makes it stick."""
+    end = time.time() + timeout
+    while True:
+        _wait("the session's connection to the App server", lambda: session._client._connected, 60)
+        session.view = view
+        if until is None:
+            return
+        try:
+            _wait(what or "the view in the App", until, min(20, max(1, end - time.time())))
+            return
+        except AssertionError:
+            if time.time() >= end:
+                raise
 
 
 def _wait(what, predicate, timeout=30):
@@ -314,8 +326,8 @@ def _fit_and_score_from_forms(driver, session, ds) -> None:
     """The main path as a user walks it: fit from the form on a filtered view (the train-tagged normals), score
     the dataset from the form, open the top sample and see the heatmap and mask drawn over it."""
     train = ds.match_tags("train")
-    set_view(session, train)
-    _wait("the filtered view", lambda: f"{len(train)} samples" in _text(driver), 30)
+    set_view(session, train, "the filtered view",
+             lambda: f"{len(train)} samples" in _text(driver))
     run_operator(driver, "fit vision", "Anomaly: fit vision expert", choices=["None: random backbone (smoke tests)"],
                  texts={"Backbone (timm name)": "resnet18", "Image size": str(IMAGE_SIZE)})
     _notification(driver, "Expert 'padim' fitted", timeout=240)
@@ -325,8 +337,8 @@ def _fit_and_score_from_forms(driver, session, ds) -> None:
     config = ds.get_run_info("padim_expert").config
     assert fav.list_experts(ds) == ["padim"] and config.num_train + config.num_holdout == len(train)
 
-    set_view(session, None)
-    _wait("the whole dataset", lambda: f"{len(ds)} samples" in _text(driver), 30)
+    set_view(session, None, "the whole dataset",
+             lambda: f"{len(ds)} samples" in _text(driver))
     run_operator(driver, "score samples", "Anomaly: score samples")
     flagged = _notification(driver, "flagged anomalous in 'padim'", timeout=240)
     _click(driver, "button", "Done")
@@ -336,8 +348,8 @@ def _fit_and_score_from_forms(driver, session, ds) -> None:
     assert f"{ds.count_values('padim.label').get('anomalous', 0)} flagged" in flagged
 
     # the top-scored sample in the modal: ticking the heatmap, then the mask, draws colour over the grey part
-    set_view(session, ds.sort_by("padim_score", reverse=True))
-    _wait("the sorted grid", lambda: _thumbnails_drawn(driver), 30)
+    set_view(session, ds.sort_by("padim_score", reverse=True), "the sorted grid",
+             lambda: _thumbnails_drawn(driver))
     tiles = sorted(driver.find_elements(By.CSS_SELECTOR, "[data-cy=looker]"), key=lambda t: (t.rect["y"], t.rect["x"]))
     ActionChains(driver).move_to_element(tiles[0]).click().perform()
     canvas = _wait("the sample's modal", lambda: driver.find_elements(
@@ -352,8 +364,8 @@ def _fit_and_score_from_forms(driver, session, ds) -> None:
         assert shown > plain + 500, (field, plain, shown)
         ActionChains(driver).move_to_element(box).click().perform()  # hidden again: the next overlay on its own
         _wait(f"{field} hidden", lambda: _colourful_pixels(canvas) < plain + 500, 20)
-    set_view(session, None)  # back to the grid of the whole dataset (the App closes the modal)
-    _wait("the modal closed", lambda: not driver.find_elements(By.CSS_SELECTOR, "[data-cy=modal-looker-container]"), 20)
+    set_view(session, None, "the modal closed",  # back to the grid of the whole dataset (the App closes the modal)
+             lambda: not driver.find_elements(By.CSS_SELECTOR, "[data-cy=modal-looker-container]"))
 
 
 def test_review_panel_walkthrough(parts, browser):

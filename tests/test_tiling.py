@@ -208,8 +208,8 @@ def test_fit_form_offers_tiling_with_a_hint_and_checks_the_settings(parts, brows
     ds, driver = parts, browser
     train = ds.match_tags("train")
     with served_app(driver, ds) as session:
-        set_view(session, train)
-        _wait("the training view", lambda: f"{len(train)} samples" in _text(driver), 30)
+        set_view(session, train, "the training view",
+                 lambda: f"{len(train)} samples" in _text(driver))
         open_operator_form(driver, "fit vision", "Anomaly: fit vision expert")
         _click(driver, "label", "None: random backbone (smoke tests)")
         _input_after_label(driver, "Backbone (timm name)").send_keys("resnet18")
