@@ -44,6 +44,7 @@ from fiftyone import ViewField as F  # noqa: E402
 import fiftyone_anomaly_vlm as fav  # noqa: E402
 from fiftyone_anomaly_vlm.datasets import TEXTURE_DEFECTS, TEXTURE_PARAMS, load_elpv, make_texture_dataset  # noqa: E402
 from fiftyone_anomaly_vlm.experts.head import bootstrap_interval, rank_auroc  # noqa: E402
+from fiftyone_anomaly_vlm.experts.selection_report import chosen_text  # noqa: E402
 from fiftyone_anomaly_vlm.metrics import auroc  # noqa: E402
 
 
@@ -86,7 +87,7 @@ def run(ds, name: str, train, test, val_good, val_labelled, kind_field: str, kin
         fav.ensemble_experts(ds, [f"auto_syn__{m}" for m in members], key="baseline", overwrite=True,
                              device=args.device)
         rows.append((label, kind_aurocs(test, "baseline", kind_field, kinds), "ensemble_experts, same subset"))
-    chosen = " + ".join(sel["chosen"]["members"])
+    chosen = chosen_text(sel["chosen"])
     rows.append(("auto-selected, synthetic only", kind_aurocs(test, "auto_syn", kind_field, kinds),
                  f"{chosen}; candidate set {syn_s:.0f} s"))
     t = time.perf_counter()
@@ -96,7 +97,7 @@ def run(ds, name: str, train, test, val_good, val_labelled, kind_field: str, kin
     sel = fav.selection_table(ds, "auto_lab")
     print(fav.format_selection(ds, "auto_lab"), flush=True)
     head = sel["head"]
-    note = " + ".join(sel["chosen"]["members"]) + f"; head {'used' if head['used'] else 'off'}"
+    note = chosen_text(sel["chosen"]) + f"; head {'used' if head['used'] else 'off'}"
     if head.get("auroc") is not None:
         note += " on scores + pooled features" if "PCA" in head.get("pooled_features", "") else ""
         note += f" (head AUROC {head['auroc']:.3f} [{head['auroc_ci95'][0]:.3f}, {head['auroc_ci95'][1]:.3f}])"

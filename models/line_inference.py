@@ -192,7 +192,8 @@ class LineExpert:
             self.run = RUNNERS[self.meta["format"]](self.folder / self.meta["model_file"])
 
     def raw(self, x: np.ndarray, groups: list | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Raw image scores ``(N,)`` and raw maps ``(N, H, W)`` (a composite: mean calibrated member outputs)."""
+        """Raw image scores ``(N,)`` and raw maps ``(N, H, W)`` (a composite: the mean, or with ``routing.combine``
+        ``"max"`` the highest, of its members' calibrated outputs)."""
         if self.kind == ROUTING:
             return self._composite_raw(x, groups)
         out = self.run(np.ascontiguousarray(x, dtype=np.float32))
@@ -217,6 +218,8 @@ class LineExpert:
                 raise ValueError(f"no expert for {self.group_field} = {unknown} (groups: {sorted(self.members)})")
         head = self.meta["routing"].get("head")  # an ensemble's supervised head: sigmoid(coef . scores + b)
         score_sum, map_sum, count = np.zeros(n), np.zeros((n, *self.image_size)), np.zeros(n)
+        score_max, map_max = np.full(n, -np.inf), np.full((n, *self.image_size), -np.inf)
+        use_max = self.meta["routing"].get("combine") == "max"  # folders exported before "max": the mean
         logit = np.full(n, float(head["intercept"])) if head else None
         for key in dict.fromkeys(keys):
             idx = [i for i, g in enumerate(keys) if g == key]
@@ -224,12 +227,19 @@ class LineExpert:
                 raw, raw_map = member.raw(x[idx])
                 scores = calibrated_scores(raw, member.image_scores)
                 score_sum[idx] += scores
+                score_max[idx] = np.maximum(score_max[idx], scores)
                 if logit is not None:
                     logit[idx] += float(head["coef"][j]) * scores
-                map_sum[idx] += normalized_map(raw_map, member.map_low, member.map_high)
+                member_maps = normalized_map(raw_map, member.map_low, member.map_high)
+                map_sum[idx] += member_maps
+                map_max[idx] = np.maximum(map_max[idx], member_maps)
             count[idx] += len(self.members[key])
-        score = score_sum / count if logit is None else 1.0 / (1.0 + np.exp(-logit))
-        return score.astype(np.float32), (map_sum / count[:, None, None]).astype(np.float32)
+        if logit is not None:
+            score = 1.0 / (1.0 + np.exp(-logit))
+        else:
+            score = score_max if use_max else score_sum / count
+        maps = map_max if use_max else map_sum / count[:, None, None]
+        return score.astype(np.float32), maps.astype(np.float32)
 
     def predict(self, x: np.ndarray, groups: list | None = None) -> dict[str, np.ndarray]:
         """``raw_score``, ``score`` (calibrated), ``label`` (True: anomalous), ``heatmap`` ([0, 1]), ``mask``."""

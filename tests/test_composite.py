@@ -122,6 +122,18 @@ def test_ensemble_score_is_the_mean_of_the_members_calibrated_scores(parts):
     # the ensemble is calibrated on its own normals: about 1 % of them above the threshold
     assert parts.load_run_results("ens_expert").calibration["rule"] == "far"
 
+    # combine="max": the highest member calibrated score (one member's alarm is not averaged away), recorded,
+    # reloaded in this process from the record, and shown in the expert's kind
+    fav.ensemble_experts(parts, ["padim", "pv", "patchcore"], key="ens_max", combine="max", device="cpu")
+    assert parts.get_run_info("ens_max_expert").config.combine.startswith("max of")
+    assert fav.load_expert(parts, "ens_max").model.startswith("max-ensemble of")
+    fav.score(test, expert="ens_max", device="cpu")
+    highest = np.max([test.values(f"{m}_score") for m in ("padim", "pv", "patchcore")], axis=0)
+    np.testing.assert_allclose(test.values("ens_max_raw_score"), highest, atol=1e-6)
+    assert not np.allclose(highest, mean, atol=1e-3)
+    with pytest.raises(ValueError, match="combine must be one of"):
+        fav.ensemble_experts(parts, ["padim", "pv"], key="ens_bad", combine="median")
+
 
 def test_ensemble_needs_shared_holdouts_or_calibration_samples(parts):
     train = parts.match_tags("train")

@@ -10,7 +10,10 @@ How scores combine: each member's outputs are first put on its own calibrated sc
 the share of its held-out normals scoring below, its heatmap uses its own two anchors; see
 :mod:`.calibration`), so members of different kinds (PaDiM distances, PatchCore distances, CLIP
 probabilities) and of different groups become comparable. The composite's image score is the mean of its
-members' calibrated scores, its heatmap the mean of their normalised maps. The composite is then
+members' calibrated scores, its heatmap the mean of their normalised maps; with ``combine="max"`` (an ensemble
+of experts that see different kinds of defect: a patch expert for specks, a global one for a changed texture)
+the highest calibrated score and the per-pixel highest map, so one member's alarm is not halved by another
+member that cannot see that kind of defect. The composite is then
 calibrated itself on held-out normals that no member trained on, so its threshold rule (default: 1 %
 false alarms) means what it means for a single expert.
 
@@ -35,6 +38,19 @@ from .head import project
 
 #: group name of members that score every sample (ensembles)
 ALL = "*"
+#: how a composite combines its members' calibrated outputs
+COMBINE_RULES = ("mean", "max")
+
+
+def combine_rule(recorded: str | None) -> str:
+    """The rule of a recorded composite: its ``combine`` text starts with the rule's name (records written before
+    ``"max"`` existed say "mean of calibrated member scores..." or nothing: both mean)."""
+    return "max" if str(recorded or "").startswith("max") else "mean"
+
+
+def combine_text(rule: str) -> str:
+    """What a composite records as its ``combine`` (read back by :func:`combine_rule`)."""
+    return f"{rule} of calibrated member scores and normalised maps"
 
 
 class CompositeExpert(VisionExpert):
@@ -50,11 +66,16 @@ class CompositeExpert(VisionExpert):
             order given; ensembles only); with ``head["pooled"]``, plus ``pooled coef .`` the whitened PCA
             components of the member ``pooled["member"]``'s pooled backbone statistics
             (:mod:`.head`). Heatmaps stay the mean of the members' maps.
+        combine: ``"mean"`` (default) or ``"max"`` of the members' calibrated scores and normalised maps
+            (:data:`COMBINE_RULES`); ignored for the image score when ``head`` is given.
     """
 
     def __init__(self, members: dict[str, list[tuple[Any, Calibration | None, tuple[int, int]]]],
                  image_size: tuple[int, int], group_field: str | None = None,
-                 head: dict[str, Any] | None = None) -> None:
+                 head: dict[str, Any] | None = None, combine: str = "mean") -> None:
+        if combine not in COMBINE_RULES:
+            raise ValueError(f"combine must be one of {COMBINE_RULES}, got {combine!r}")
+        self.combine = combine
         if not members or not all(members.values()):
             raise ValueError("a composite expert needs at least one member per group")
         if head is not None and (group_field is not None or len(head["coef"]) != len(members.get(ALL, []))):
@@ -90,7 +111,7 @@ class CompositeExpert(VisionExpert):
         return out
 
     def predict(self, images: torch.Tensor, fields: dict[str, list] | None = None) -> ExpertOutput:
-        """Score ``(N, 3, H, W)`` images in ``[0, 1]``; raw outputs are the mean calibrated member outputs.
+        """Score ``(N, 3, H, W)`` images in ``[0, 1]``; raw outputs are the mean (or max) of the calibrated member outputs.
 
         Raises:
             ValueError: an image whose group has no expert (check :meth:`unscorable` first).
@@ -101,6 +122,8 @@ class CompositeExpert(VisionExpert):
             raise ValueError(bad[0])
         groups = [self.group_of(v) for v in (fields[self.group_field] if self.group_field else [None] * n)]
         score_sum = np.zeros(n)
+        score_max = np.full(n, -np.inf)
+        map_max = np.full((n, *self.image_size), -np.inf)
         logit = np.full(n, float(self.head["intercept"])) if self.head else None
         map_sum = np.zeros((n, *self.image_size))
         count = np.zeros(n)
@@ -120,16 +143,22 @@ class CompositeExpert(VisionExpert):
                 if tuple(maps_t.shape[-2:]) != self.image_size:
                     maps_t = nnf.interpolate(maps_t, size=self.image_size, mode="bilinear", align_corners=False)
                 score_sum[idx] += scores
+                score_max[idx] = np.maximum(score_max[idx], scores)
                 if logit is not None:
                     logit[idx] += float(self.head["coef"][j]) * scores
                     pooled = self.head.get("pooled")  # recorded by select_experts since its pooled features
                     if pooled is not None and pooled["member"] == j:
                         z = project(model.pooled_features(x).double().numpy(), pooled)
                         logit[idx] += z @ np.asarray(pooled["coef"], dtype=float)
-                map_sum[idx] += maps_t.squeeze(1).double().numpy()
+                member_maps = maps_t.squeeze(1).double().numpy()
+                map_sum[idx] += member_maps
+                map_max[idx] = np.maximum(map_max[idx], member_maps)
             count[idx] += len(self.members[group])
-        mean_score = score_sum / count if logit is None else 1.0 / (1.0 + np.exp(-logit))
-        raw_score = torch.from_numpy(mean_score).float()
-        raw_map = torch.from_numpy(map_sum / count[:, None, None]).float()
+        if logit is not None:
+            score = 1.0 / (1.0 + np.exp(-logit))
+        else:
+            score = score_max if self.combine == "max" else score_sum / count
+        raw_score = torch.from_numpy(score).float()
+        raw_map = torch.from_numpy(map_max if self.combine == "max" else map_sum / count[:, None, None]).float()
         return ExpertOutput(raw_score=raw_score, score=raw_score, label=raw_score > 0.5,
                             anomaly_map=raw_map.clamp(0, 1), mask=raw_map > 0.5, raw_map=raw_map)

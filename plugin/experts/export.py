@@ -9,8 +9,8 @@ runtime only: ``python infer.py part.png --heatmap part_map.png``.
 
 Composite experts (one expert per group, ensembles, nested) export as one folder per member under
 ``members/<member>``, each a complete export of its own, and a top-level ``expert.json`` of kind
-``"composite"`` holding the routing (``group_field``, group -> members, an ensemble's supervised head) and the
-composite's own calibration and thresholds. CLIP experts and tiled experts are refused (their inference is
+``"composite"`` holding the routing (``group_field``, group -> members, an ensemble's supervised head,
+``combine``: ``"mean"`` or ``"max"``) and the composite's own calibration and thresholds. CLIP experts and tiled experts are refused (their inference is
 not one network over the whole image).
 
 Every exported network is checked against the plugin's torch model on a few of the view's images before the
@@ -43,6 +43,7 @@ from ..models import line_inference
 from ..models.anomalib_export import FORMAT_PACKAGES, MODEL_FILES, check_format, export_model
 from ..models.progress import phase_bar
 from ..runs import CLIP_METHOD, COMPOSITE_METHOD, SCORE_METHOD
+from .combined import combine_rule
 from .record import Expert, load_expert
 
 #: relative tolerance of the exported network's raw image scores against the plugin's torch model
@@ -151,7 +152,7 @@ def _write(node: dict, folder: str, fmt: str, probe_paths: list[str], calibratio
                    progress)
         meta["kind"] = line_inference.ROUTING
         meta["routing"] = {"group_field": spec.options.get("group_field"), "groups": spec.options["members"],
-                           "head": spec.options.get("head")}
+                           "head": spec.options.get("head"), "combine": combine_rule(spec.options.get("combine"))}
     else:
         model = spec.load("cpu")
         phase_bar(progress, f"exporting {spec.key} ({fmt})")

@@ -25,7 +25,7 @@ from .._common import check_image_collection, check_key, default_output_dir
 from ..storage import output_folder
 from ..calibration import threshold_from_normals
 from ..runs import COMPOSITE_METHOD, ExpertRunConfig, expert_run_key, expert_state, run_owned_fields
-from .combined import ALL
+from .combined import ALL, COMBINE_RULES, combine_text
 from .fits import FitFolder
 from .record import Expert, load_expert
 from .single import calibrate_expert, decodable_images, fit_single_expert
@@ -62,9 +62,10 @@ def register_composite(samples, key: str, members: dict[str, list[str]], *, grou
               calibration_ids: list[str], owned: list[str], kind: str, threshold: str,
               threshold_param: float | None, batch_size: int, seed: int, device, progress,
               output_dir: str | None = None, selection: dict[str, Any] | None = None,
-              head: dict[str, Any] | None = None) -> Expert:
+              head: dict[str, Any] | None = None, combine: str = "mean") -> Expert:
     """Calibrate the composite on ``calibration_ids`` and record it as the run ``<key>_expert``.
 
+    ``combine``: ``"mean"`` or ``"max"`` of the members' calibrated outputs (:class:`.combined.CompositeExpert`).
     ``selection`` and ``head``: what :func:`~fiftyone_anomaly_vlm.select_experts` records (see
     :class:`~fiftyone_anomaly_vlm.runs.ExpertRunConfig`).
 
@@ -77,13 +78,13 @@ def register_composite(samples, key: str, members: dict[str, list[str]], *, grou
     with FitFolder(samples, out_dir, key) as fit:
         spec_path = fit.file("composite.json")
         with open(spec_path, "w") as f:  # the composite's "checkpoint": what it combines, for identity and humans
-            json.dump({"members": members, "group_field": group_field, "image_size": list(image_size)}, f,
-                      indent=1)
+            json.dump({"members": members, "group_field": group_field, "image_size": list(image_size),
+                       "combine": combine}, f, indent=1)
         size = tuple(int(s) for s in image_size)
         expert = Expert(key=key, run_key=run_key, model=kind, model_class=f"{__name__}.CompositeExpert",
                         checkpoint=spec_path, image_size=size, method=COMPOSITE_METHOD,
                         options={"members": members, "group_field": group_field, "head": head,
-                                 "_dataset_name": dataset.name})
+                                 "combine": combine_text(combine), "_dataset_name": dataset.name})
         model = expert.load(device=device)
         view = dataset.select(calibration_ids)
         ids, _paths, images, errors = decodable_images(view, size, progress)
@@ -105,7 +106,7 @@ def register_composite(samples, key: str, members: dict[str, list[str]], *, grou
         config = ExpertRunConfig(
             method=COMPOSITE_METHOD, expert=key, model=kind, model_class=expert.model_class, checkpoint=spec_path,
             image_size=list(size), members=members, group_field=group_field, member_experts=member_keys,
-            owned_members=owned, combine="mean of calibrated member scores and normalised maps",
+            owned_members=owned, combine=combine_text(combine),
             holdout_ids=ids, num_holdout=len(ids), calibration=calibration.to_dict(), output_dir=out_dir,
             owns_output_dir=output_dir is None, device=str(model.device), fit_id=fit.fit_id, selection=selection,
             head=head,
@@ -182,13 +183,14 @@ def ensemble_experts(
     threshold: str = "far",
     threshold_param: float | None = None,
     image_size: int | tuple[int, int] | None = None,
+    combine: str = "mean",
     batch_size: int = 8,
     seed: int = 51,
     device: str | None = "auto",
     overwrite: bool = False,
     progress: bool | Any = None,
 ) -> Expert:
-    """Combine fitted experts into one: the mean of their calibrated scores and normalised heatmaps.
+    """Combine fitted experts into one: the mean (or max) of their calibrated scores and normalised heatmaps.
 
     Members can be any experts of the dataset (anomalib, CLIP, per-group composites). The ensemble is
     calibrated like a fitted expert, on normal samples no member trained on: by default the samples every
@@ -204,6 +206,9 @@ def ensemble_experts(
         threshold_param: its parameter.
         image_size: the size images are decoded at (default: the largest member's); members that read
             another size get the image resized (antialiased) to theirs.
+        combine: ``"mean"`` (members that see the same defects: their errors average out) or ``"max"`` (members
+            that see different kinds, e.g. a patch expert for specks and a texture expert for a changed grain:
+            the highest calibrated score, so one member's alarm is not diluted by a member blind to it).
         batch_size: images per forward pass during calibration.
         seed: seed of the pixel sample for the heatmap anchors.
         device: ``"auto"``, ``"cpu"``, ``"cuda:0"``...
@@ -214,14 +219,16 @@ def ensemble_experts(
         The ensemble's :class:`~fiftyone_anomaly_vlm.experts.Expert` record.
 
     Raises:
-        ValueError: fewer than two distinct experts, an unknown expert, a key clash, or no calibration
-            sample (members that share no held-out sample need ``calibration_samples``).
+        ValueError: fewer than two distinct experts, an unknown ``combine`` rule, an unknown expert, a key
+            clash, or no calibration sample (members that share no held-out sample need ``calibration_samples``).
     """
     key = check_key(key)
     dataset = samples._root_dataset
     names = list(dict.fromkeys(experts))
     if len(names) < 2:
         raise ValueError(f"an ensemble needs two or more distinct experts, got {names}")
+    if combine not in COMBINE_RULES:
+        raise ValueError(f"combine must be one of {COMBINE_RULES}, got {combine!r}")
     if key in names:
         raise ValueError(f"the ensemble's key {key!r} is one of its members")
     _check_new_key(dataset, key, overwrite)
@@ -253,6 +260,7 @@ def ensemble_experts(
     else:
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     return register_composite(samples, key, {ALL: names}, group_field=None, image_size=size,
-                              calibration_ids=calibration_ids, owned=[], kind="ensemble of " + " + ".join(names),
+                              calibration_ids=calibration_ids, owned=[],
+                              kind=("ensemble of " if combine == "mean" else "max-ensemble of ") + " + ".join(names),
                               threshold=threshold, threshold_param=threshold_param, batch_size=batch_size, seed=seed,
-                              device=device, progress=progress)
+                              device=device, progress=progress, combine=combine)

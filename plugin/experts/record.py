@@ -27,7 +27,7 @@ from ..models.clip_expert import ClipExpert
 from ..runs import (CLIP_METHOD, COMPOSITE_METHOD, EXPERT_METHOD, EXPERT_METHODS, expert_run_key, expert_state,
                     runs_of)
 from ..native import MAP_MAX_SIDE
-from .combined import CompositeExpert
+from .combined import CompositeExpert, combine_rule
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def load_composite(expert: Expert, device) -> CompositeExpert:
                                  "fit it again or make a new composite") from None
             members[group].append((spec.load(device=device), member_calibration(spec), tuple(spec.image_size)))
     return CompositeExpert(members, image_size=tuple(expert.image_size), group_field=expert.options.get("group_field"),
-                           head=expert.options.get("head"))
+                           head=expert.options.get("head"), combine=combine_rule(expert.options.get("combine")))
 
 
 #: run method -> function(Expert, device) returning a VisionExpert

@@ -17,6 +17,14 @@ def selection_table(samples, key: str) -> dict[str, Any] | None:
     return load_expert(samples, key).options.get("selection")
 
 
+def chosen_text(chosen: dict[str, Any]) -> str:
+    """The chosen members, with the ensemble's rule: ``"a + b"`` (mean; records made before the max have no
+    ``combine``) or ``"max(a, b)"``."""
+    if chosen.get("combine") == "max":
+        return "max(" + ", ".join(chosen["members"]) + ")"
+    return " + ".join(chosen["members"])
+
+
 def format_selection(samples, key: str) -> str:
     """The candidate table of expert ``key`` as text (one line per candidate, then the choice)."""
     sel = selection_table(samples, key)
@@ -35,7 +43,7 @@ def format_selection(samples, key: str) -> str:
             parts.append(f"AP {r['ap']:.3f}")
         lines.append(f"  {r['candidate']:<22} " + ", ".join(parts) + f" (fit {r['fit_s']} s)")
     c = sel["chosen"]
-    lines.append(f"chosen: {' + '.join(c['members'])} (objective {c['objective']:.3f})")
+    lines.append(f"chosen: {chosen_text(c)} (objective {c['objective']:.3f})")
     h = sel["head"]
     if h.get("auroc") is not None:
         lines.append(f"supervised head: AUROC {h['auroc']:.3f} [{h['auroc_ci95'][0]:.3f}, {h['auroc_ci95'][1]:.3f}] "
@@ -58,7 +66,7 @@ def selection_markdown(samples, key: str) -> str | None:
         return None
     synthetic = sel["validation"] == "synthetic"
     head = "| candidate | status | AUROC | " + ("local | global |" if synthetic else "AP |") + " fit s |"
-    lines = [f"**{key}**: chosen **{' + '.join(sel['chosen']['members'])}** on {sel['validation']} anomalies "
+    lines = [f"**{key}**: chosen **{chosen_text(sel['chosen'])}** on {sel['validation']} anomalies "
              f"({sel['num_anomalous']} anomalous, {sel['num_normal']} normal)", "", head,
              "|---|---|---:|" + ("---:|---:|" if synthetic else "---:|") + "---:|"]
     for r in sel["candidates"]:
