@@ -69,6 +69,14 @@ def calibrated_scores(raw, image_scores) -> np.ndarray:
     return out
 
 
+def standardized_scores(raw, image_scores) -> np.ndarray:
+    """``(raw - median) / std`` of the calibration normals' ``image_scores``: unlike the calibrated share it keeps
+    *how far* beyond the normals a score lies (a changed texture 30 standard deviations out, a faint speck 1),
+    which a weighted ensemble (``combine="weighted"``) needs to keep one member's noise below another's alarm."""
+    c = np.asarray(image_scores, dtype=np.float64)
+    return (np.asarray(raw, dtype=np.float64) - float(np.median(c))) / (float(c.std()) or 1.0)
+
+
 def normalized_map(raw_map, low: float, high: float) -> np.ndarray:
     """Raw pixel scores -> [0, 1]: ``low`` (median normal pixel) maps to 0, ``high`` to 1, for every image."""
     return np.clip((np.asarray(raw_map, dtype=np.float64) - low) / (high - low), 0, 1)
@@ -193,7 +201,8 @@ class LineExpert:
 
     def raw(self, x: np.ndarray, groups: list | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Raw image scores ``(N,)`` and raw maps ``(N, H, W)`` (a composite: the mean, or with ``routing.combine``
-        ``"max"`` the highest, of its members' calibrated outputs)."""
+        ``"max"`` the highest, of its members' calibrated outputs; ``"weighted"``: the weighted sum of their
+        standardised scores and the weighted mean of their maps)."""
         if self.kind == ROUTING:
             return self._composite_raw(x, groups)
         out = self.run(np.ascontiguousarray(x, dtype=np.float32))
@@ -219,26 +228,30 @@ class LineExpert:
         head = self.meta["routing"].get("head")  # an ensemble's supervised head: sigmoid(coef . scores + b)
         score_sum, map_sum, count = np.zeros(n), np.zeros((n, *self.image_size)), np.zeros(n)
         score_max, map_max = np.full(n, -np.inf), np.full((n, *self.image_size), -np.inf)
-        use_max = self.meta["routing"].get("combine") == "max"  # folders exported before "max": the mean
+        rule = self.meta["routing"].get("combine") or "mean"  # folders exported before the rules: the mean
+        weights = self.meta["routing"].get("weights")
         logit = np.full(n, float(head["intercept"])) if head else None
         for key in dict.fromkeys(keys):
             idx = [i for i, g in enumerate(keys) if g == key]
             for j, member in enumerate(self.members[key]):
                 raw, raw_map = member.raw(x[idx])
                 scores = calibrated_scores(raw, member.image_scores)
-                score_sum[idx] += scores
+                w = 1.0 if rule != "weighted" else float(weights[j])
+                score_sum[idx] += w * (standardized_scores(raw, member.image_scores) if rule == "weighted" else scores)
                 score_max[idx] = np.maximum(score_max[idx], scores)
                 if logit is not None:
                     logit[idx] += float(head["coef"][j]) * scores
                 member_maps = normalized_map(raw_map, member.map_low, member.map_high)
-                map_sum[idx] += member_maps
+                map_sum[idx] += w * member_maps
                 map_max[idx] = np.maximum(map_max[idx], member_maps)
-            count[idx] += len(self.members[key])
+            count[idx] += len(self.members[key]) if rule != "weighted" else sum(weights)
         if logit is not None:
             score = 1.0 / (1.0 + np.exp(-logit))
+        elif rule == "weighted":
+            score = score_sum
         else:
-            score = score_max if use_max else score_sum / count
-        maps = map_max if use_max else map_sum / count[:, None, None]
+            score = score_max if rule == "max" else score_sum / count
+        maps = map_max if rule == "max" else map_sum / count[:, None, None]
         return score.astype(np.float32), maps.astype(np.float32)
 
     def predict(self, x: np.ndarray, groups: list | None = None) -> dict[str, np.ndarray]:

@@ -45,7 +45,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from .floatgrid import largest_at_most
-from .models.line_inference import calibrated_scores, normalized_map, score_scale
+from .models.line_inference import calibrated_scores, normalized_map, score_scale, standardized_scores
 
 logger = logging.getLogger(__name__)
 
@@ -329,6 +329,10 @@ class Calibration:
         The formula lives in :mod:`~fiftyone_anomaly_vlm.models.line_inference`, which exported experts carry
         to the line: the calibrated score there is this one by construction."""
         return calibrated_scores(raw, self.image_scores)
+
+    def standardize_scores(self, raw) -> np.ndarray:
+        """``(raw - median) / std`` of the calibration normals (how far beyond normal; weighted ensembles)."""
+        return standardized_scores(raw, self.image_scores)
 
     def raw_from_normalized(self, values) -> np.ndarray:
         """Inverse of :meth:`normalize_scores`: for each calibrated threshold ``v``, the raw threshold ``t``

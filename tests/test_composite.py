@@ -134,6 +134,22 @@ def test_ensemble_score_is_the_mean_of_the_members_calibrated_scores(parts):
     with pytest.raises(ValueError, match="combine must be one of"):
         fav.ensemble_experts(parts, ["padim", "pv"], key="ens_bad", combine="median")
 
+    # combine="weighted": the weighted sum of each member's standardised score, (raw - median) / std of its
+    # calibration normals (how far beyond normal, which the calibrated share compresses)
+    weights = [1.0, 0.5, 0.25]
+    fav.ensemble_experts(parts, ["padim", "pv", "patchcore"], key="ens_w", combine="weighted", weights=weights,
+                         device="cpu")
+    assert parts.get_run_info("ens_w_expert").config.weights == weights
+    fav.score(test, expert="ens_w", device="cpu")
+    expected = 0.0
+    for w, m in zip(weights, ("padim", "pv", "patchcore")):
+        normals = np.array(parts.load_run_results(f"{m}_expert").calibration["image_scores"])
+        expected = expected + w * (np.array(test.values(f"{m}_raw_score")) - np.median(normals)) / normals.std()
+    np.testing.assert_allclose(test.values("ens_w_raw_score"), expected, rtol=1e-5, atol=1e-5)
+    for bad in (None, [1.0, 0.5], [1.0, 0.0, 1.0]):
+        with pytest.raises(ValueError, match="one positive weight per member"):
+            fav.ensemble_experts(parts, ["padim", "pv", "patchcore"], key="ens_bad", combine="weighted", weights=bad)
+
 
 def test_ensemble_needs_shared_holdouts_or_calibration_samples(parts):
     train = parts.match_tags("train")

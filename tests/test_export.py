@@ -149,16 +149,19 @@ def test_composite_export_routes_by_group(ds, tmp_path):
         line_inference.LineExpert(folder).predict_path(ds.first().filepath)
 
 
-def test_max_ensemble_export_combines_as_the_plugin(ds, tmp_path):
-    # an ensemble that takes the highest member calibrated score: infer.py must take the max too (a line running
-    # the mean would flag other images than the review did)
+def test_max_and_weighted_ensembles_export_combine_as_the_plugin(ds, tmp_path):
+    # ensembles that take the highest member calibrated score, or a weighted sum of standardised ones: infer.py
+    # must combine the same way (a line running the mean would flag other images than the review did)
     fav.fit_expert(ds.match_tags("train"), key="padim_l3", **dict(PADIM, model_kwargs={"layers": ["layer2", "layer3"]}))
-    fav.ensemble_experts(ds, ["padim", "padim_l3"], key="ens_max", combine="max", device="cpu")
-    fav.score(ds, expert="ens_max", device="cpu", num_workers=0)
-    folder = fav.export_expert(ds, "ens_max", format="torch", output_dir=str(tmp_path / "m"))
-    meta = json.loads(open(os.path.join(folder, "expert.json")).read())
-    assert meta["kind"] == "composite" and meta["routing"]["combine"] == "max"
-    assert_parity(folder, ds, "ens_max")
+    for rule, weights in (("max", None), ("weighted", [1.0, 0.25])):
+        key = f"ens_{rule}"
+        fav.ensemble_experts(ds, ["padim", "padim_l3"], key=key, combine=rule, weights=weights, device="cpu")
+        fav.score(ds, expert=key, device="cpu", num_workers=0)
+        folder = fav.export_expert(ds, key, format="torch", output_dir=str(tmp_path / rule))
+        meta = json.loads(open(os.path.join(folder, "expert.json")).read())
+        assert meta["kind"] == "composite" and meta["routing"]["combine"] == rule
+        assert meta["routing"]["weights"] == weights
+        assert_parity(folder, ds, key)
 
 
 def test_patchcore_round_trip_through_torch_export(ds, tmp_path):

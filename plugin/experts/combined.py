@@ -13,7 +13,11 @@ probabilities) and of different groups become comparable. The composite's image 
 members' calibrated scores, its heatmap the mean of their normalised maps; with ``combine="max"`` (an ensemble
 of experts that see different kinds of defect: a patch expert for specks, a global one for a changed texture)
 the highest calibrated score and the per-pixel highest map, so one member's alarm is not halved by another
-member that cannot see that kind of defect. The composite is then
+member that cannot see that kind of defect; with ``combine="weighted"`` the weighted sum of the members'
+*standardised* scores (``(raw - median) / std`` of each member's calibration normals: unlike the calibrated
+share it keeps how far beyond normal a score lies, so a texture member 30 standard deviations out on a changed
+grain still stands out at weight 0.25, while its noise on a speck image shrinks below a patch member's alarm)
+and the weighted mean of the maps. The composite is then
 calibrated itself on held-out normals that no member trained on, so its threshold rule (default: 1 %
 false alarms) means what it means for a single expert.
 
@@ -38,19 +42,36 @@ from .head import project
 
 #: group name of members that score every sample (ensembles)
 ALL = "*"
-#: how a composite combines its members' calibrated outputs
-COMBINE_RULES = ("mean", "max")
+#: how a composite combines its members' outputs
+COMBINE_RULES = ("mean", "max", "weighted")
 
 
 def combine_rule(recorded: str | None) -> str:
     """The rule of a recorded composite: its ``combine`` text starts with the rule's name (records written before
-    ``"max"`` existed say "mean of calibrated member scores..." or nothing: both mean)."""
-    return "max" if str(recorded or "").startswith("max") else "mean"
+    the rules existed say "mean of calibrated member scores..." or nothing: both mean)."""
+    text = str(recorded or "")
+    return next((rule for rule in COMBINE_RULES if text.startswith(rule)), "mean")
 
 
-def combine_text(rule: str) -> str:
+def combine_text(rule: str, weights: list[float] | None = None) -> str:
     """What a composite records as its ``combine`` (read back by :func:`combine_rule`)."""
+    if rule == "weighted":
+        return (f"weighted sum of standardised member scores (weights {', '.join(f'{w:g}' for w in weights)}) "
+                "and weighted mean of normalised maps")
     return f"{rule} of calibrated member scores and normalised maps"
+
+
+def check_combine(rule: str, weights, num_members: int) -> list[float] | None:
+    """``weights`` as floats for ``rule`` ``"weighted"`` (one positive weight per member; None elsewhere)."""
+    if rule not in COMBINE_RULES:
+        raise ValueError(f"combine must be one of {COMBINE_RULES}, got {rule!r}")
+    if rule != "weighted":
+        if weights is not None:
+            raise ValueError(f"weights apply to combine='weighted' only, not {rule!r}")
+        return None
+    if weights is None or len(weights) != num_members or not all(float(w) > 0 for w in weights):
+        raise ValueError(f"combine='weighted' needs one positive weight per member ({num_members}), got {weights}")
+    return [float(w) for w in weights]
 
 
 class CompositeExpert(VisionExpert):
@@ -66,15 +87,19 @@ class CompositeExpert(VisionExpert):
             order given; ensembles only); with ``head["pooled"]``, plus ``pooled coef .`` the whitened PCA
             components of the member ``pooled["member"]``'s pooled backbone statistics
             (:mod:`.head`). Heatmaps stay the mean of the members' maps.
-        combine: ``"mean"`` (default) or ``"max"`` of the members' calibrated scores and normalised maps
-            (:data:`COMBINE_RULES`); ignored for the image score when ``head`` is given.
+        combine: ``"mean"`` (default) or ``"max"`` of the members' calibrated scores and normalised maps, or
+            ``"weighted"`` (:data:`COMBINE_RULES`, see the module documentation); ignored for the image score when
+            ``head`` is given.
+        weights: ``combine="weighted"``: one weight per member of an ensemble (members in the order given).
     """
 
     def __init__(self, members: dict[str, list[tuple[Any, Calibration | None, tuple[int, int]]]],
                  image_size: tuple[int, int], group_field: str | None = None,
-                 head: dict[str, Any] | None = None, combine: str = "mean") -> None:
-        if combine not in COMBINE_RULES:
-            raise ValueError(f"combine must be one of {COMBINE_RULES}, got {combine!r}")
+                 head: dict[str, Any] | None = None, combine: str = "mean",
+                 weights: list[float] | None = None) -> None:
+        if combine == "weighted" and group_field is not None:
+            raise ValueError("combine='weighted' combines an ensemble's members, not groups")
+        self.weights = check_combine(combine, weights, len(members.get(ALL, [])))
         self.combine = combine
         if not members or not all(members.values()):
             raise ValueError("a composite expert needs at least one member per group")
@@ -111,7 +136,7 @@ class CompositeExpert(VisionExpert):
         return out
 
     def predict(self, images: torch.Tensor, fields: dict[str, list] | None = None) -> ExpertOutput:
-        """Score ``(N, 3, H, W)`` images in ``[0, 1]``; raw outputs are the mean (or max) of the calibrated member outputs.
+        """Score ``(N, 3, H, W)`` images in ``[0, 1]``; raw outputs combine the members' by :attr:`combine`.
 
         Raises:
             ValueError: an image whose group has no expert (check :meth:`unscorable` first).
@@ -139,10 +164,15 @@ class CompositeExpert(VisionExpert):
                 else:
                     out = model.predict(x)
                 scores, _, maps, _ = calibrated_arrays(out, calibration)
+                w = self.weights[j] if self.weights else 1.0
                 maps_t = torch.from_numpy(maps).float().unsqueeze(1)
                 if tuple(maps_t.shape[-2:]) != self.image_size:
                     maps_t = nnf.interpolate(maps_t, size=self.image_size, mode="bilinear", align_corners=False)
-                score_sum[idx] += scores
+                if self.weights:  # standardised: how far beyond its normals (a self-calibrating member: its score)
+                    score_sum[idx] += w * (scores if calibration is None or out.raw_score is None else
+                                           calibration.standardize_scores(out.raw_score.numpy()))
+                else:
+                    score_sum[idx] += scores
                 score_max[idx] = np.maximum(score_max[idx], scores)
                 if logit is not None:
                     logit[idx] += float(self.head["coef"][j]) * scores
@@ -151,11 +181,13 @@ class CompositeExpert(VisionExpert):
                         z = project(model.pooled_features(x).double().numpy(), pooled)
                         logit[idx] += z @ np.asarray(pooled["coef"], dtype=float)
                 member_maps = maps_t.squeeze(1).double().numpy()
-                map_sum[idx] += member_maps
+                map_sum[idx] += w * member_maps
                 map_max[idx] = np.maximum(map_max[idx], member_maps)
-            count[idx] += len(self.members[group])
+            count[idx] += sum(self.weights) if self.weights else len(self.members[group])
         if logit is not None:
             score = 1.0 / (1.0 + np.exp(-logit))
+        elif self.weights:
+            score = score_sum
         else:
             score = score_max if self.combine == "max" else score_sum / count
         raw_score = torch.from_numpy(score).float()

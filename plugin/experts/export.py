@@ -10,7 +10,7 @@ runtime only: ``python infer.py part.png --heatmap part_map.png``.
 Composite experts (one expert per group, ensembles, nested) export as one folder per member under
 ``members/<member>``, each a complete export of its own, and a top-level ``expert.json`` of kind
 ``"composite"`` holding the routing (``group_field``, group -> members, an ensemble's supervised head,
-``combine``: ``"mean"`` or ``"max"``) and the composite's own calibration and thresholds. CLIP experts and tiled experts are refused (their inference is
+``combine``: ``"mean"``, ``"max"`` or ``"weighted"`` with its ``weights``) and the composite's own calibration and thresholds. CLIP experts and tiled experts are refused (their inference is
 not one network over the whole image).
 
 Every exported network is checked against the plugin's torch model on a few of the view's images before the
@@ -152,7 +152,8 @@ def _write(node: dict, folder: str, fmt: str, probe_paths: list[str], calibratio
                    progress)
         meta["kind"] = line_inference.ROUTING
         meta["routing"] = {"group_field": spec.options.get("group_field"), "groups": spec.options["members"],
-                           "head": spec.options.get("head"), "combine": combine_rule(spec.options.get("combine"))}
+                           "head": spec.options.get("head"), "combine": combine_rule(spec.options.get("combine")),
+                           "weights": spec.options.get("weights")}
     else:
         model = spec.load("cpu")
         phase_bar(progress, f"exporting {spec.key} ({fmt})")

@@ -25,7 +25,7 @@ from .._common import check_image_collection, check_key, default_output_dir
 from ..storage import output_folder
 from ..calibration import threshold_from_normals
 from ..runs import COMPOSITE_METHOD, ExpertRunConfig, expert_run_key, expert_state, run_owned_fields
-from .combined import ALL, COMBINE_RULES, combine_text
+from .combined import ALL, check_combine, combine_text
 from .fits import FitFolder
 from .record import Expert, load_expert
 from .single import calibrate_expert, decodable_images, fit_single_expert
@@ -62,10 +62,12 @@ def register_composite(samples, key: str, members: dict[str, list[str]], *, grou
               calibration_ids: list[str], owned: list[str], kind: str, threshold: str,
               threshold_param: float | None, batch_size: int, seed: int, device, progress,
               output_dir: str | None = None, selection: dict[str, Any] | None = None,
-              head: dict[str, Any] | None = None, combine: str = "mean") -> Expert:
+              head: dict[str, Any] | None = None, combine: str = "mean",
+              weights: list[float] | None = None) -> Expert:
     """Calibrate the composite on ``calibration_ids`` and record it as the run ``<key>_expert``.
 
-    ``combine``: ``"mean"`` or ``"max"`` of the members' calibrated outputs (:class:`.combined.CompositeExpert`).
+    ``combine`` (``"mean"``, ``"max"``, ``"weighted"`` with ``weights``): how the members' outputs combine
+    (:class:`.combined.CompositeExpert`).
     ``selection`` and ``head``: what :func:`~fiftyone_anomaly_vlm.select_experts` records (see
     :class:`~fiftyone_anomaly_vlm.runs.ExpertRunConfig`).
 
@@ -79,12 +81,13 @@ def register_composite(samples, key: str, members: dict[str, list[str]], *, grou
         spec_path = fit.file("composite.json")
         with open(spec_path, "w") as f:  # the composite's "checkpoint": what it combines, for identity and humans
             json.dump({"members": members, "group_field": group_field, "image_size": list(image_size),
-                       "combine": combine}, f, indent=1)
+                       "combine": combine, "weights": weights}, f, indent=1)
         size = tuple(int(s) for s in image_size)
         expert = Expert(key=key, run_key=run_key, model=kind, model_class=f"{__name__}.CompositeExpert",
                         checkpoint=spec_path, image_size=size, method=COMPOSITE_METHOD,
                         options={"members": members, "group_field": group_field, "head": head,
-                                 "combine": combine_text(combine), "_dataset_name": dataset.name})
+                                 "combine": combine_text(combine, weights), "weights": weights,
+                                 "_dataset_name": dataset.name})
         model = expert.load(device=device)
         view = dataset.select(calibration_ids)
         ids, _paths, images, errors = decodable_images(view, size, progress)
@@ -106,7 +109,7 @@ def register_composite(samples, key: str, members: dict[str, list[str]], *, grou
         config = ExpertRunConfig(
             method=COMPOSITE_METHOD, expert=key, model=kind, model_class=expert.model_class, checkpoint=spec_path,
             image_size=list(size), members=members, group_field=group_field, member_experts=member_keys,
-            owned_members=owned, combine=combine_text(combine),
+            owned_members=owned, combine=combine_text(combine, weights), weights=weights,
             holdout_ids=ids, num_holdout=len(ids), calibration=calibration.to_dict(), output_dir=out_dir,
             owns_output_dir=output_dir is None, device=str(model.device), fit_id=fit.fit_id, selection=selection,
             head=head,
@@ -184,6 +187,7 @@ def ensemble_experts(
     threshold_param: float | None = None,
     image_size: int | tuple[int, int] | None = None,
     combine: str = "mean",
+    weights: Sequence[float] | None = None,
     batch_size: int = 8,
     seed: int = 51,
     device: str | None = "auto",
@@ -208,7 +212,11 @@ def ensemble_experts(
             another size get the image resized (antialiased) to theirs.
         combine: ``"mean"`` (members that see the same defects: their errors average out) or ``"max"`` (members
             that see different kinds, e.g. a patch expert for specks and a texture expert for a changed grain:
-            the highest calibrated score, so one member's alarm is not diluted by a member blind to it).
+            the highest calibrated score, so one member's alarm is not diluted by a member blind to it), or
+            ``"weighted"``: the weighted sum of the members' standardised scores (``(raw - median) / std`` of
+            their calibration normals, so how far beyond normal counts) with ``weights``; ``select_experts``
+            picks rule and weights on validation anomalies.
+        weights: ``combine="weighted"``: one positive weight per expert, in the order of ``experts``.
         batch_size: images per forward pass during calibration.
         seed: seed of the pixel sample for the heatmap anchors.
         device: ``"auto"``, ``"cpu"``, ``"cuda:0"``...
@@ -219,16 +227,16 @@ def ensemble_experts(
         The ensemble's :class:`~fiftyone_anomaly_vlm.experts.Expert` record.
 
     Raises:
-        ValueError: fewer than two distinct experts, an unknown ``combine`` rule, an unknown expert, a key
-            clash, or no calibration sample (members that share no held-out sample need ``calibration_samples``).
+        ValueError: fewer than two distinct experts, an unknown ``combine`` rule or bad ``weights``, an unknown
+            expert, a key clash, or no calibration sample (members that share no held-out sample need
+            ``calibration_samples``).
     """
     key = check_key(key)
     dataset = samples._root_dataset
     names = list(dict.fromkeys(experts))
     if len(names) < 2:
         raise ValueError(f"an ensemble needs two or more distinct experts, got {names}")
-    if combine not in COMBINE_RULES:
-        raise ValueError(f"combine must be one of {COMBINE_RULES}, got {combine!r}")
+    weights = check_combine(combine, weights, len(names))
     if key in names:
         raise ValueError(f"the ensemble's key {key!r} is one of its members")
     _check_new_key(dataset, key, overwrite)
@@ -261,6 +269,7 @@ def ensemble_experts(
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     return register_composite(samples, key, {ALL: names}, group_field=None, image_size=size,
                               calibration_ids=calibration_ids, owned=[],
-                              kind=("ensemble of " if combine == "mean" else "max-ensemble of ") + " + ".join(names),
+                              kind={"mean": "ensemble of ", "max": "max-ensemble of ",
+                                    "weighted": "weighted ensemble of "}[combine] + " + ".join(names),
                               threshold=threshold, threshold_param=threshold_param, batch_size=batch_size, seed=seed,
-                              device=device, progress=progress, combine=combine)
+                              device=device, progress=progress, combine=combine, weights=weights)

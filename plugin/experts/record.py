@@ -109,7 +109,8 @@ def load_composite(expert: Expert, device) -> CompositeExpert:
                                  "fit it again or make a new composite") from None
             members[group].append((spec.load(device=device), member_calibration(spec), tuple(spec.image_size)))
     return CompositeExpert(members, image_size=tuple(expert.image_size), group_field=expert.options.get("group_field"),
-                           head=expert.options.get("head"), combine=combine_rule(expert.options.get("combine")))
+                           head=expert.options.get("head"), combine=combine_rule(expert.options.get("combine")),
+                           weights=expert.options.get("weights"))
 
 
 #: run method -> function(Expert, device) returning a VisionExpert

@@ -11,8 +11,10 @@ dataset needs, with which layers and size, is found here by measuring, not guess
    then AP), otherwise synthetic anomalies made from good images none of the candidates trained on (local
    and global kinds, :mod:`.synthetic`; ranked by the mean of the local and the global AUROC, so both kinds
    count);
-3. the best single candidate and the best mean of 2-``max_members`` of the best candidates' calibrated scores
-   (an ensemble, :mod:`.combined`) are compared; the better one, fewer members on a tie, is recorded as
+3. the best single candidate and the best ensemble of 2-``max_members`` of the best candidates are compared,
+   each ensemble both as the mean and as the max of its members' calibrated scores (:mod:`.combined`: the max
+   keeps a patch member's alarm on a speck that a texture member cannot see, the mean averages out members
+   that see the same defects); the better one, fewer members and then the mean on a tie, is recorded as
    ``<key>_expert``, a composite expert whose members are the kept candidates ``<key>__<candidate>``;
 4. with labelled anomalies, an optional supervised head (a strongly regularised, cross-validated logistic
    regression on the candidates' calibrated scores and 3 PCA components of a candidate's pooled backbone
@@ -63,6 +65,11 @@ _COST = {"patchcore": 2.5, "dfkde": 1.2}
 _FIXED_S = 3.0
 #: ensembles are formed from at most this many of the best single candidates
 _ENSEMBLE_POOL = 5
+#: weights a "weighted" ensemble tries for each member (relative: the largest is 1)
+_WEIGHTS = (1.0, 0.5, 0.25, 0.1)
+#: objectives closer than this are a tie (then fewer members, then the simpler rule, win): validation sets are
+#: small, and hundreds of weighted variants would otherwise win by noise
+_TIE = 0.005
 
 
 @dataclass
@@ -150,18 +157,40 @@ def _forward_seconds(backbone: str, size: int, device: torch.device, batch: int 
     return min(times) / batch
 
 
-def _candidate_scores(spec: Expert, images: list[torch.Tensor], size: int, device, batch_size: int) -> np.ndarray:
-    """Calibrated image scores of a fitted candidate on ``images`` (resized to ``size`` when they differ)."""
+def _candidate_scores(spec: Expert, images: list[torch.Tensor], size: int, device,
+                      batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated and standardised image scores of a fitted candidate on ``images`` (resized to ``size`` when
+    they differ; a candidate that calibrates itself: its score twice)."""
     model = spec.load(device=device)
     cal = member_calibration(spec)
-    out = []
+    out, standard = [], []
     for start in range(0, len(images), batch_size):
         x = torch.stack([t.float() for t in images[start:start + batch_size]])
         if tuple(x.shape[-2:]) != (size, size):
             x = nnf.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        scores, _, _, _ = calibrated_arrays(model.predict(x), cal)
+        output = model.predict(x)
+        scores, _, _, _ = calibrated_arrays(output, cal)
         out.append(scores)
-    return np.concatenate(out)
+        standard.append(scores if cal is None or output.raw_score is None else
+                        cal.standardize_scores(output.raw_score.numpy()))
+    return np.concatenate(out), np.concatenate(standard)
+
+
+def _combined(option: dict[str, Any], columns: dict[str, np.ndarray],
+              standardised: dict[str, np.ndarray]) -> np.ndarray:
+    """The validation scores of a single candidate or an ensemble (``members``, ``combine``, ``weights``), as
+    :class:`~.combined.CompositeExpert` combines them."""
+    members, rule = option["members"], option.get("combine", "mean")
+    if rule == "weighted":
+        return np.sum([w * standardised[n] for w, n in zip(option["weights"], members)], axis=0)
+    stacked = np.stack([columns[n] for n in members])
+    return stacked.max(axis=0) if rule == "max" else stacked.mean(axis=0)
+
+
+def _weight_grid(k: int) -> list[tuple[float, ...]]:
+    """The weights a ``"weighted"`` ensemble of ``k`` members tries: each from :data:`_WEIGHTS`, the largest 1,
+    not all equal to 1 (that is tried as well, it is the plain standardised sum)."""
+    return [w for w in itertools.product(_WEIGHTS, repeat=k) if max(w) == 1.0]
 
 
 def _pooled_features(key: str, order: list[str], sizes: dict[str, int], fit_view, val, device, batch_size: int,
@@ -299,7 +328,8 @@ def select_experts(
                          "raise the budget, lower image_size or fit on fewer images")
 
     rows: list[dict[str, Any]] = []
-    columns: dict[str, np.ndarray] = {}
+    columns: dict[str, np.ndarray] = {}  # calibrated validation scores per candidate
+    standardised: dict[str, np.ndarray] = {}  # and standardised ones (weighted ensembles)
     ratios: list[float] = []  # measured / estimated time of the candidates done so far: corrects the estimates
     for cand in sorted(cands, key=lambda c: estimates[c.name]):
         estimate = estimates[cand.name] * (float(np.median(ratios)) if ratios else 1.0)
@@ -318,7 +348,7 @@ def select_experts(
                                      device=device, batch_size=batch_size, seed=seed, threshold=threshold,
                                      threshold_param=threshold_param, overwrite=True, progress=progress)
             row["fit_s"] = round(time.perf_counter() - t0, 1)
-            scores = _candidate_scores(spec, val.images, cand.image_size, device, batch_size)
+            scores, standard = _candidate_scores(spec, val.images, cand.image_size, device, batch_size)
         except Exception as exc:  # noqa: BLE001 - a candidate that fails is listed, the others go on
             logger.warning("select_experts: candidate %s failed: %s", cand.name, exc)
             row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
@@ -327,23 +357,35 @@ def select_experts(
         row.update(status="fitted", total_s=round(time.perf_counter() - t0, 1), **val.metrics(scores))
         ratios.append(row["total_s"] / estimates[cand.name])
         columns[cand.name] = scores
+        standardised[cand.name] = standard
     if not columns:
         raise ValueError("select_experts: no candidate could be fitted: " + "; ".join(
             f"{r['candidate']}: {r.get('error')}" for r in rows))
 
-    # singles and ensembles (means of calibrated scores), best first; a tie goes to fewer members
+    # singles and ensembles, best first: each ensemble as the mean and the max of its members' calibrated scores
+    # and as weighted sums of their standardised scores; near-ties (_TIE) go to fewer members, then to the
+    # simpler rule (mean, max, weighted; equal weights first): a small validation set cannot tell them apart
     ranked = sorted(columns, key=lambda n: -next(r["objective"] for r in rows if r["candidate"] == n))
-    options = [(n,) for n in ranked]
+    options: list[tuple[tuple[str, ...], str, tuple[float, ...] | None]] = [((n,), "mean", None) for n in ranked]
     pool = ranked[:_ENSEMBLE_POOL]
     for k in range(2, min(max_members, len(pool)) + 1):
-        options += list(itertools.combinations(pool, k))
+        for combo in itertools.combinations(pool, k):
+            options += [(combo, "mean", None), (combo, "max", None)]
+            options += [(combo, "weighted", w) for w in sorted(_weight_grid(k), key=lambda w: -sum(w))]
     tried = []
-    for combo in options:
-        m = val.metrics(np.mean([columns[n] for n in combo], axis=0))
-        tried.append({"members": list(combo), **m})
-    tried.sort(key=lambda t: (-round(t["objective"], 9), len(t["members"])))
+    for order, (combo, rule, weights) in enumerate(options):
+        option = {"members": list(combo)}
+        if len(combo) > 1:
+            option.update(combine=rule, **({"weights": list(weights)} if weights else {}))
+        tried.append({**option, **val.metrics(_combined(option, columns, standardised)), "_order": order})
+    simplicity = {"mean": 0, "max": 1, "weighted": 2}
+    tried.sort(key=lambda t: (-round(t["objective"] / _TIE), len(t["members"]), simplicity[t.get("combine", "mean")],
+                              -sum(t.get("weights", [])), t["_order"]))
+    for t in tried:
+        t.pop("_order")
     chosen = tried[0]
     members = chosen["members"]
+    combine, weights = chosen.get("combine", "mean"), chosen.get("weights")
 
     head = None
     head_info = {"used": False, "reason": "no labelled anomalies" if val.mode == "synthetic" else "switched off"}
@@ -359,7 +401,7 @@ def select_experts(
             features = np.hstack([features, z])
             feature_names += [f"{pooled['member_name']} pooled PC{i + 1}" for i in range(z.shape[1])]
         head_info = fit_supervised_head(features, feature_names, val.labels,
-                                        np.mean([columns[n] for n in members], axis=0), seed)
+                                        _combined(chosen, columns, standardised), seed)
         head_info["pooled_features"] = (f"{pooled['member_name']}'s pooled backbone statistics, PCA to "
                                         f"{z.shape[1]} (fitted on {pooled['num_fit']} training and validation images)"
                                         if pooled is not None else "none (no candidate's backbone could be pooled)")
@@ -384,15 +426,17 @@ def select_experts(
         "num_normal": int((val.labels == 0).sum()), "num_anomalous": int(val.labels.sum()),
         "objective": ("AUROC on labelled anomalies (then AP)" if val.mode == "labelled" else
                       "mean of the local (" + ", ".join(LOCAL_KINDS) + ") and global AUROC on synthetic anomalies"),
-        "candidates": rows, "ensembles": tried[:10], "chosen": chosen, "head": head_info,
+        "candidates": rows, "ensembles": tried[:10], "num_options": len(tried), "chosen": chosen, "head": head_info,
         "budget_s": float(budget_s), "elapsed_s": round(time.perf_counter() - started, 1), "device": str(dev),
     }
-    logger.info("select_experts: %s chosen on %s anomalies (objective %.3f)", " + ".join(members), val.mode,
-                chosen["objective"])
+    logger.info("select_experts: %s chosen on %s anomalies (objective %.3f)",
+                f" {combine} ".join(members) if len(members) > 1 else members[0], val.mode, chosen["objective"])
     size_of = {c.name: c.image_size for c in cands}
     return register_composite(
         train_view, key, {ALL: member_keys}, group_field=None, image_size=(max(size_of[n] for n in members),) * 2,
         calibration_ids=sorted(common or []), owned=member_keys,
-        kind=("head over " if head else "selected: ") + " + ".join(members), threshold=threshold,
-        threshold_param=threshold_param, batch_size=batch_size, seed=seed, device=device, progress=progress,
-        selection=selection, head=head)
+        kind=("head over " if head else f"selected ({combine}): " if len(members) > 1 else "selected: ")
+        + " + ".join(members),
+        threshold=threshold, threshold_param=threshold_param, batch_size=batch_size, seed=seed, device=device,
+        progress=progress, selection=selection, head=head, combine="mean" if head else combine,
+        weights=None if head else weights)

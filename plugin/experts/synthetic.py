@@ -7,6 +7,9 @@ family is often blind to the other (a patch model scores an image by its most un
   (:class:`anomalib.data.utils.generators.PerlinAnomalyGenerator`): a Perlin-noise shaped region blended
   with an augmented texture;
 * ``"cutpaste"`` (local): a small patch of the image pasted elsewhere in it (CutPaste, Li et al. 2021);
+* ``"spot"`` (local, small): a darker or brighter Gaussian spot 2-5 % of the side wide (a speck, a pinhole, a
+  drop of dirt), 3-5 times the image's own grey-level spread;
+* ``"scratch"`` (local, thin): a darker or brighter line about 1 % of the side wide and 10-30 % long;
 * ``"colour"`` (global): a tint and brightness change of a few percent;
 * ``"blur"`` (global): a Gaussian blur (softer focus, finer grain lost);
 * ``"grain"`` (global): the texture's scale changed (the image zoomed by 10-20 %).
@@ -17,12 +20,13 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as nnf
 
-LOCAL_KINDS = ("perlin", "cutpaste")
+LOCAL_KINDS = ("perlin", "cutpaste", "spot", "scratch")
 GLOBAL_KINDS = ("colour", "blur", "grain")
 #: every kind, local first
 KINDS = LOCAL_KINDS + GLOBAL_KINDS
@@ -30,6 +34,8 @@ KINDS = LOCAL_KINDS + GLOBAL_KINDS
 GENERATORS = {
     "perlin": "anomalib.data.utils.generators.PerlinAnomalyGenerator (blend 0.3-0.6)",
     "cutpaste": "CutPaste: a patch of 1/8-1/5 of the side pasted elsewhere in the image",
+    "spot": "Gaussian spot, sigma 1-2 % of the side, peak +- 3-5 x the image's grey standard deviation (0.1-0.6)",
+    "scratch": "line 10-30 % of the side long, Gaussian profile sigma 0.4-0.7 % of the side, peak as a spot's",
     "colour": "per-channel gain 1 +- 0.04-0.08 and brightness 1 +- 0.03-0.06",
     "blur": "Gaussian blur, sigma 0.6-1.2 % of the side",
     "grain": "texture scale changed: zoom 1.10-1.20 (centre crop, resized back)",
@@ -63,6 +69,41 @@ def _uniform(g: torch.Generator, lo: float, hi: float, signed: bool = False) -> 
     return -v if signed and float(torch.rand(1, generator=g)) < 0.5 else v
 
 
+def _peak(img: torch.Tensor, g: torch.Generator) -> float:
+    """A small defect's signed contrast: 3-5 x the image's grey-level standard deviation, kept in 0.1-0.6 (a
+    flat image still gets a visible one, a busy one no blown-out blot)."""
+    spread = float(img.mean(0).std())
+    magnitude = _uniform(g, 3.0, 5.0) * spread
+    return math.copysign(max(0.1, min(0.6, magnitude)), _uniform(g, -1.0, 1.0))
+
+
+def _add_profile(img: torch.Tensor, profile: torch.Tensor, peak: float) -> torch.Tensor:
+    return (img + peak * profile[None]).clamp(0, 1)
+
+
+def _spot(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    _, h, w = img.shape
+    sigma = max(1.0, _uniform(g, 0.01, 0.02) * min(h, w))  # a pixel at least, in small images
+    cy, cx = (_uniform(g, 0.1, 0.9) * n for n in (h, w))
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                            indexing="ij")
+    return _add_profile(img, torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma ** 2)), _peak(img, g))
+
+
+def _scratch(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    _, h, w = img.shape
+    side = min(h, w)
+    length, sigma = _uniform(g, 0.10, 0.30) * side, max(0.7, _uniform(g, 0.004, 0.007) * side)
+    cy, cx = (_uniform(g, 0.2, 0.8) * n for n in (h, w))
+    angle = _uniform(g, 0.0, math.pi)
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32) - cy, torch.arange(w, dtype=torch.float32) - cx,
+                            indexing="ij")
+    along = xx * math.cos(angle) + yy * math.sin(angle)  # distance along the line from its centre
+    across = -xx * math.sin(angle) + yy * math.cos(angle)
+    beyond = (along.abs() - length / 2).clamp(min=0)  # round ends
+    return _add_profile(img, torch.exp(-(across ** 2 + beyond ** 2) / (2 * sigma ** 2)), _peak(img, g))
+
+
 def _colour(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     gains = torch.tensor([1.0 + _uniform(g, 0.04, 0.08, True) for _ in range(3)]).view(3, 1, 1)
     return (img * gains * (1.0 + _uniform(g, 0.03, 0.06, True))).clamp(0, 1)
@@ -91,6 +132,10 @@ def make_anomaly(img: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tens
         return _perlin(img)
     if kind == "cutpaste":
         return _cutpaste(img, g)
+    if kind == "spot":
+        return _spot(img, g)
+    if kind == "scratch":
+        return _scratch(img, g)
     if kind == "colour":
         return _colour(img, g)
     if kind == "blur":
