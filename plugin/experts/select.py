@@ -9,13 +9,14 @@ dataset needs, with which layers and size, is found here by measuring, not guess
    estimated cost no longer fits the time budget is skipped and listed);
 2. each scores a validation set: the labelled anomalies and normals of ``val_view`` when it has some (AUROC,
    then AP), otherwise synthetic anomalies made from good images none of the candidates trained on (local
-   and global kinds, :mod:`.synthetic`; ranked by the mean of the local and the global AUROC, so both kinds
-   count);
+   and global kinds, small spots and scratches among the local ones, :mod:`.synthetic`; ranked by the mean of
+   the local and the global AUROC, so both kinds count);
 3. the best single candidate and the best ensemble of 2-``max_members`` of the best candidates are compared,
-   each ensemble both as the mean and as the max of its members' calibrated scores (:mod:`.combined`: the max
-   keeps a patch member's alarm on a speck that a texture member cannot see, the mean averages out members
-   that see the same defects); the better one, fewer members and then the mean on a tie, is recorded as
-   ``<key>_expert``, a composite expert whose members are the kept candidates ``<key>__<candidate>``;
+   each ensemble as the mean and as the max of its members' calibrated scores and as weighted sums of their
+   standardised scores (:mod:`.combined`: the max and the weights keep a patch member's alarm on a speck that a
+   texture member cannot see, the mean averages out members that see the same defects); the better one (near
+   ties, within :data:`_TIE`, to fewer members and the simpler rule) is recorded as ``<key>_expert``, a
+   composite expert whose members are the kept candidates ``<key>__<candidate>``;
 4. with labelled anomalies, an optional supervised head (a strongly regularised, cross-validated logistic
    regression on the candidates' calibrated scores and 3 PCA components of a candidate's pooled backbone
    statistics, :mod:`.head`) replaces the mean only when its out-of-fold AUROC beats the unsupervised choice

@@ -74,6 +74,9 @@ class ExpertRunConfig(RootRelativePaths, AnomalyRunConfig):
             errors, the candidates skipped by the budget, the ensembles tried and the supervised head's result.
         head: a composite combined by a supervised head instead of the mean: ``{"members", "coef",
             "intercept"}`` of the logistic regression on its members' calibrated scores (None: the mean).
+        combine: how a composite combines its members (a text starting with ``"mean"``, ``"max"`` or
+            ``"weighted"``; runs recorded before the max and the weights say "mean ..."); ``weights``: a weighted
+            ensemble's weights, one per member (:class:`~fiftyone_anomaly_vlm.experts.combined.CompositeExpert`).
         method: the kind (see above).
         **kwargs: the kind's own parameters (backbone, layers, weights, train ids, members...).
     """
