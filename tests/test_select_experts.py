@@ -84,7 +84,7 @@ def test_selection_on_synthetic_anomalies_records_the_table(selected):
     assert set(fav.list_experts(ds)) == {"auto", "auto__texture", f"auto__padim_{SIZE}"}
     assert sel["head"] == {"used": False, "reason": "no labelled anomalies"}
     text = fav.format_selection(ds, "auto")
-    assert "dfkde_bad" in text and "chosen:" in text
+    assert "dfkde_bad" in text and "chosen:" in text and "spot " in text
     # the chosen expert scores like any expert: global defects stand out
     test = ds.match_tags("train", bool=False)
     fav.score(test, expert="auto", progress=False)

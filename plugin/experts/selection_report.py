@@ -18,10 +18,12 @@ def selection_table(samples, key: str) -> dict[str, Any] | None:
 
 
 def chosen_text(chosen: dict[str, Any]) -> str:
-    """The chosen members, with the ensemble's rule: ``"a + b"`` (mean; records made before the max have no
-    ``combine``) or ``"max(a, b)"``."""
+    """The chosen members, with the ensemble's rule: ``"a + b"`` (mean; records made before the other rules have
+    no ``combine``), ``"max(a, b)"`` or ``"1 a + 0.25 b (standardised)"``."""
     if chosen.get("combine") == "max":
         return "max(" + ", ".join(chosen["members"]) + ")"
+    if chosen.get("combine") == "weighted":
+        return " + ".join(f"{w:g} {m}" for w, m in zip(chosen["weights"], chosen["members"])) + " (standardised)"
     return " + ".join(chosen["members"])
 
 
@@ -39,11 +41,14 @@ def format_selection(samples, key: str) -> str:
         parts = [f"AUROC {r['auroc']:.3f}"]
         if "local_auroc" in r:
             parts.append(f"local {r['local_auroc']:.3f} global {r['global_auroc']:.3f}")
+            parts.append("(" + " ".join(f"{kind} {v:.2f}" for kind, v in r.get("per_kind", {}).items()) + ")")
         if r.get("ap") is not None:
             parts.append(f"AP {r['ap']:.3f}")
         lines.append(f"  {r['candidate']:<22} " + ", ".join(parts) + f" (fit {r['fit_s']} s)")
     c = sel["chosen"]
-    lines.append(f"chosen: {chosen_text(c)} (objective {c['objective']:.3f})")
+    kinds = (f"; local {c['local_auroc']:.3f} global {c['global_auroc']:.3f}: " + " ".join(
+        f"{kind} {v:.2f}" for kind, v in c["per_kind"].items())) if "per_kind" in c else ""
+    lines.append(f"chosen: {chosen_text(c)} (objective {c['objective']:.3f}{kinds})")
     h = sel["head"]
     if h.get("auroc") is not None:
         lines.append(f"supervised head: AUROC {h['auroc']:.3f} [{h['auroc_ci95'][0]:.3f}, {h['auroc_ci95'][1]:.3f}] "
