@@ -10,8 +10,9 @@ runtime only: ``python infer.py part.png --heatmap part_map.png``.
 Composite experts (one expert per group, ensembles, nested) export as one folder per member under
 ``members/<member>``, each a complete export of its own, and a top-level ``expert.json`` of kind
 ``"composite"`` holding the routing (``group_field``, group -> members, an ensemble's supervised head,
-``combine``: ``"mean"``, ``"max"`` or ``"weighted"`` with its ``weights``) and the composite's own calibration and thresholds. CLIP experts and tiled experts are refused (their inference is
-not one network over the whole image).
+``combine``: ``"mean"``, ``"max"`` or ``"weighted"`` with its ``weights``) and the composite's own calibration
+and thresholds. CLIP experts and tiled experts are refused (their inference is not one network over the whole
+image).
 
 Every exported network is checked against the plugin's torch model on a few of the view's images before the
 folder appears: a format that cannot reproduce a model fails with one message naming both, and nothing is

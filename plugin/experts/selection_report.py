@@ -48,7 +48,8 @@ def format_selection(samples, key: str) -> str:
     c = sel["chosen"]
     kinds = (f"; local {c['local_auroc']:.3f} global {c['global_auroc']:.3f}: " + " ".join(
         f"{kind} {v:.2f}" for kind, v in c["per_kind"].items())) if "per_kind" in c else ""
-    lines.append(f"chosen: {chosen_text(c)} (objective {c['objective']:.3f}{kinds})")
+    short = f"shortfall {c['shortfall']:.3f} on its worst kind, " if "shortfall" in c else ""
+    lines.append(f"chosen: {chosen_text(c)} ({short}objective {c['objective']:.3f}{kinds})")
     h = sel["head"]
     if h.get("auroc") is not None:
         lines.append(f"supervised head: AUROC {h['auroc']:.3f} [{h['auroc_ci95'][0]:.3f}, {h['auroc_ci95'][1]:.3f}] "
