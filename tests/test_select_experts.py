@@ -144,12 +144,16 @@ def test_selection_on_labelled_anomalies_tries_the_head_on_pooled_features(textu
     ds = textures
     rest = ds.match_tags("train", bool=False)
     val = rest.match(F("defect_type") != "speck")  # 12 good, 6 grain, 6 colour: the texture expert separates them
-    fav.select_experts(ds.match_tags("train"), val, candidates=[TEXTURE], key="lab", **COMMON)
+    fav.select_experts(ds.match_tags("train"), val, candidates=[TEXTURE], key="lab", kind_field="defect_type",
+                       **COMMON)
     sel = fav.selection_table(ds, "lab")
     assert sel["validation"] == "labelled" and sel["generators"] is None
     assert (sel["num_anomalous"], sel["num_normal"]) == (12, 12)
     row = sel["candidates"][0]
     assert row["status"] == "fitted" and row["ap"] > 0.5 and "local_auroc" not in row
+    # kind_field: each named kind measured against the normals, and the shortfall ranks (0 for the only one)
+    assert set(row["per_kind"]) == {"grain", "colour"} and sel["chosen"]["shortfall"] == 0
+    assert sel["objective"].startswith("smallest shortfall on the worst kind of 'defect_type'")
     head = sel["head"]
     # the head (scores + pooled features of the texture expert) is used only when it beats the choice; whether it
     # does here depends on the path-dependent calibration hold-out, so both outcomes are checked: here by
@@ -241,6 +245,8 @@ def test_bad_inputs_fail_before_anything_is_fitted(textures):
                            selection_share=0.4)
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         fav.select_experts(train, candidates=["nope"], key="bad", **COMMON)
+    with pytest.raises(ValueError, match="has no field 'kind' \\(pass kind_field=\\)"):
+        fav.select_experts(train, anomalous, candidates=[TEXTURE], key="bad", kind_field="kind", **COMMON)
     assert not [k for k in ds.list_runs() if k.startswith("bad")]
 
 

@@ -17,7 +17,7 @@ dataset needs, with which layers and size, is found here by measuring, not guess
    texture member cannot see, the mean averages out members that see the same defects). On synthetic anomalies
    the option with the smallest *shortfall* wins: how far it falls, on its worst kind, below the best single
    candidate on that kind (each kind's best candidate is in the ensembles' pool); with labels, the highest
-   AUROC. Near ties (within :data:`_TIE`) go to fewer members, the higher objective, the simpler rule. The
+   AUROC (with ``kind_field`` naming each anomaly's kind, the shortfall first, as on synthetic anomalies). Near ties (within :data:`_TIE`) go to fewer members, the higher objective, the simpler rule. The
    winner is recorded as ``<key>_expert``, a composite expert whose members are the kept candidates
    ``<key>__<candidate>``;
 4. with labelled anomalies, an optional supervised head (a strongly regularised, cross-validated logistic
@@ -235,6 +235,7 @@ def select_experts(
     *,
     gt_field: str = "ground_truth",
     positive: str = "anomalous",
+    kind_field: str | None = None,
     synthetic: bool = True,
     budget_s: float = 600.0,
     image_size: int = 128,
@@ -270,6 +271,11 @@ def select_experts(
             its members (deleted with it), the others are deleted.
         gt_field: the ``fo.Classification`` field of ``val_view`` holding the labels.
         positive: the label meaning anomalous.
+        kind_field: a field of ``val_view`` naming each labelled anomaly's kind (a string, or a classification's
+            label: "speck", "grain"...): the options are then ranked as on synthetic anomalies, by their
+            shortfall on the worst kind against the best single candidate on that kind, then by AUROC. With a
+            handful of anomalies per kind the per-kind AUROCs are coarse; without it, one AUROC over all
+            anomalies favours the kind that has the most of them.
         synthetic: allow synthetic anomalies when no labelled anomaly is given.
         budget_s: wall-clock budget in seconds for fitting and scoring the candidates. Each candidate's cost is
             estimated from a timed forward pass of its backbone; one that would end past the budget is
@@ -317,7 +323,8 @@ def select_experts(
     n_train = train_view.count()
     cands = _candidates(candidates, int(image_size), backbone, int(n_train * (1 - selection_share) * (1 - holdout)))
     size = max(c.image_size for c in cands)
-    val, fit_view = validation_set(train_view, val_view, gt_field, positive, synthetic, selection_share, seed, size)
+    val, fit_view = validation_set(train_view, val_view, gt_field, positive, synthetic, selection_share, seed, size,
+                                   kind_field)
 
     # the budget: every candidate's cost estimated from a timed forward pass of its backbone
     bb = backbone or fbb.default_offline_backbone() or "resnet18"
@@ -375,7 +382,7 @@ def select_experts(
     ranked = sorted(columns, key=lambda n: -next(r["objective"] for r in rows if r["candidate"] == n))
     per_kind = {n: next(r.get("per_kind") for r in rows if r["candidate"] == n) for n in ranked}
     best_of_kind = ({k: max(per_kind[n][k] for n in ranked) for k in per_kind[ranked[0]]}
-                    if val.mode == "synthetic" else {})
+                    if per_kind[ranked[0]] else {})  # synthetic kinds, or labelled ones named by kind_field
     winners = [n for n in ranked if any(per_kind[n][k] >= best for k, best in best_of_kind.items())]
     pool = list(dict.fromkeys(winners[:_ENSEMBLE_POOL] + ranked))[:_ENSEMBLE_POOL]
     options: list[tuple[tuple[str, ...], str, tuple[float, ...] | None]] = [((n,), "mean", None) for n in ranked]
@@ -439,7 +446,9 @@ def select_experts(
         "validation": val.mode,
         "generators": {k: GENERATORS[k] for k in KINDS} if val.mode == "synthetic" else None,
         "num_normal": int((val.labels == 0).sum()), "num_anomalous": int(val.labels.sum()),
-        "objective": ("AUROC on labelled anomalies (then AP)" if val.mode == "labelled" else
+        "objective": ("AUROC on labelled anomalies (then AP)" if val.mode == "labelled" and not best_of_kind else
+                      f"smallest shortfall on the worst kind of {kind_field!r} against the best single candidate on "
+                      "that kind, then AUROC on labelled anomalies" if val.mode == "labelled" else
                       "smallest shortfall on the worst synthetic kind against the best single candidate on that "
                       "kind, then the mean of the local (" + ", ".join(LOCAL_KINDS) + ") and global AUROC"),
         "candidates": rows, "ensembles": tried[:10], "num_options": len(tried), "chosen": chosen, "head": head_info,

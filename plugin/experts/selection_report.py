@@ -41,13 +41,15 @@ def format_selection(samples, key: str) -> str:
         parts = [f"AUROC {r['auroc']:.3f}"]
         if "local_auroc" in r:
             parts.append(f"local {r['local_auroc']:.3f} global {r['global_auroc']:.3f}")
-            parts.append("(" + " ".join(f"{kind} {v:.2f}" for kind, v in r.get("per_kind", {}).items()) + ")")
+        if r.get("per_kind"):
+            parts.append("(" + " ".join(f"{kind} {v:.2f}" for kind, v in r["per_kind"].items()) + ")")
         if r.get("ap") is not None:
             parts.append(f"AP {r['ap']:.3f}")
         lines.append(f"  {r['candidate']:<22} " + ", ".join(parts) + f" (fit {r['fit_s']} s)")
     c = sel["chosen"]
-    kinds = (f"; local {c['local_auroc']:.3f} global {c['global_auroc']:.3f}: " + " ".join(
-        f"{kind} {v:.2f}" for kind, v in c["per_kind"].items())) if "per_kind" in c else ""
+    families = f"local {c['local_auroc']:.3f} global {c['global_auroc']:.3f}: " if "local_auroc" in c else ""
+    kinds = ("; " + families + " ".join(f"{kind} {v:.2f}" for kind, v in c["per_kind"].items())
+             if "per_kind" in c else "")
     short = f"shortfall {c['shortfall']:.3f} on its worst kind, " if "shortfall" in c else ""
     lines.append(f"chosen: {chosen_text(c)} ({short}objective {c['objective']:.3f}{kinds})")
     h = sel["head"]

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+import fiftyone as fo
+
 from .._common import check_image_collection
 from ..images import DecodedImages
 from ..metrics import auroc, binary_image_metrics
@@ -35,41 +37,60 @@ class ValidationSet:
     mode: str  # "labelled" or "synthetic"
     images: list[torch.Tensor]
     labels: np.ndarray  # 1 = anomalous
-    kinds: list[str]  # "normal", "anomalous" (labelled) or a synthetic kind
+    kinds: list[str]  # "normal", the positive label or the anomaly's kind_field value (labelled), a synthetic kind
     normal_ids: list[str]
+
+    def _per_kind(self, scores: np.ndarray, kinds: list[str]) -> dict[str, float]:
+        """AUROC of each kind of anomaly against the normals."""
+        normal = self.labels == 0
+        out = {}
+        for kind in kinds:
+            keep = normal | np.array([k == kind for k in self.kinds])
+            out[kind] = auroc(scores[keep], ~normal[keep])
+        return out
 
     def metrics(self, scores: np.ndarray) -> dict[str, Any]:
         """The metrics of ``scores`` and the objective they are ranked by."""
         if self.mode == "labelled":
             m = binary_image_metrics(scores, self.labels)
-            return {"auroc": m["auroc"], "ap": m["ap"], "objective": m["auroc"] + 1e-3 * m["ap"]}
-        normal = np.array([k == "normal" for k in self.kinds])
-        per_kind = {}
-        for kind in dict.fromkeys(k for k in self.kinds if k != "normal"):
-            keep = normal | np.array([k == kind for k in self.kinds])
-            per_kind[kind] = auroc(scores[keep], ~normal[keep])
+            out = {"auroc": m["auroc"], "ap": m["ap"], "objective": m["auroc"] + 1e-3 * m["ap"]}
+            kinds = list(dict.fromkeys(k for k, y in zip(self.kinds, self.labels) if y))
+            if len(kinds) > 1:  # defect kinds named (kind_field): each kind against the normals
+                out["per_kind"] = self._per_kind(scores, kinds)
+            return out
+        normal = self.labels == 0
+        per_kind = self._per_kind(scores, list(dict.fromkeys(k for k in self.kinds if k != "normal")))
         local = float(np.mean([v for k, v in per_kind.items() if family(k) == "local"]))
         glob = float(np.mean([v for k, v in per_kind.items() if family(k) == "global"]))
         return {"auroc": auroc(scores, ~normal), "local_auroc": local, "global_auroc": glob,
                 "per_kind": per_kind, "objective": (local + glob) / 2}
 
 
-def labels_of(view, gt_field: str, positive: str) -> tuple[list[str], list[str], np.ndarray]:
-    """(ids, paths, labels) of the samples of ``view`` with a ``gt_field`` label (1 = ``positive``)."""
-    if view._root_dataset.get_field(gt_field) is None:
-        raise ValueError(f"the validation view has no field {gt_field!r} (pass gt_field=)")
+def labels_of(view, gt_field: str, positive: str,
+              kind_field: str | None = None) -> tuple[list[str], list[str], np.ndarray, list[str]]:
+    """(ids, paths, labels, kinds) of the samples of ``view`` with a ``gt_field`` label (1 = ``positive``); kinds:
+    ``"normal"`` or, for an anomaly, its ``kind_field`` value (``positive`` without a kind field or value)."""
+    for field in (gt_field, kind_field):
+        if field and view._root_dataset.get_field(field) is None:
+            what = "gt_field" if field == gt_field else "kind_field"
+            raise ValueError(f"the validation view has no field {field!r} (pass {what}=)")
     labelled = view.exists(gt_field)
     ids, paths, labels = labelled.values(["id", "filepath", f"{gt_field}.label"])
-    return ids, paths, np.array([lab == positive for lab in labels], dtype=int)
+    y = np.array([lab == positive for lab in labels], dtype=int)
+    if not kind_field:
+        return ids, paths, y, [positive if v else "normal" for v in y]
+    field = labelled.get_field(kind_field)
+    values = labelled.values(kind_field + (".label" if isinstance(field, fo.EmbeddedDocumentField) else ""))
+    return ids, paths, y, [str(k if k is not None else positive) if v else "normal" for v, k in zip(y, values)]
 
 
 def validation_set(train_view, val_view, gt_field: str, positive: str, synthetic: bool, selection_share: float,
-                    seed: int, size: int) -> tuple[ValidationSet, Any]:
+                    seed: int, size: int, kind_field: str | None = None) -> tuple[ValidationSet, Any]:
     """The validation set and the view the candidates are fitted on (checks the bad inputs first)."""
     train_ids, train_paths = train_view.values(["id", "filepath"])
     if val_view is not None:
         check_image_collection(val_view, "select_experts")
-        ids, paths, labels = labels_of(val_view, gt_field, positive)
+        ids, paths, labels, kinds = labels_of(val_view, gt_field, positive, kind_field)
         n_pos = int(labels.sum())
         n_neg = len(labels) - n_pos
         if n_pos and not n_neg:
@@ -81,8 +102,7 @@ def validation_set(train_view, val_view, gt_field: str, positive: str, synthetic
                 raise ValueError(f"the validation view has {n_pos} anomalous and {n_neg} normal labelled samples; "
                                  "ranking needs 2+ of each")
             images = decode_square(paths, size)
-            return ValidationSet("labelled", images, labels, [positive if y else "normal" for y in labels],
-                                  [i for i, y in zip(ids, labels) if not y]), fit_view
+            return ValidationSet("labelled", images, labels, kinds, [i for i, y in zip(ids, labels) if not y]), fit_view
         if not synthetic:
             raise ValueError(f"the validation view has no sample labelled {positive!r} in {gt_field!r} and "
                              "synthetic=False: nothing to rank the candidates on (label a few anomalies or "
