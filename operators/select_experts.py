@@ -26,8 +26,12 @@ class SelectExperts(foo.Operator):
                  description="Samples with labelled anomalies rank the candidates by AUROC; good samples only, or "
                              f"none: synthetic anomalies are made from good images (of {where} when empty)")
         inputs.str("gt_field", default="ground_truth", label="Labels field of the validation samples")
+        inputs.str("kind_field", required=False, label="Defect kind field of the validation samples (optional)",
+                   description="Names each labelled anomaly's kind (e.g. defect_type): the choice must then be as "
+                               "good as the best single candidate on every kind, not only on all anomalies together")
         inputs.bool("synthetic", default=True, label="Allow synthetic anomalies",
-                    description="Local (Perlin, cut-paste) and global (colour, blur, grain) kinds")
+                    description="Local (Perlin, cut-paste, small spot, thin scratch) and global (colour, blur, grain) "
+                                "kinds")
         inputs.str("candidates", required=False, label="Candidate models (comma-separated; empty: auto)",
                    description="auto: PaDiM at two sizes, PatchCore, DFM, DFKDE and two texture-statistics experts; "
                                "or anomalib model names (padim, patchcore, dfm, dfkde, ...) and texturestats")
@@ -54,6 +58,7 @@ class SelectExperts(foo.Operator):
             ctx, "fitting the candidates", select_experts, ctx.target_view(),
             ctx.dataset.match_tags(tag) if tag else None, candidates=_names(p.get("candidates")) or "auto",
             key=p.get("key") or "auto_ens", gt_field=p.get("gt_field") or "ground_truth",
+            kind_field=(p.get("kind_field") or "").strip() or None,
             synthetic=bool(p.get("synthetic", True)), image_size=int(p.get("image_size", 128)),
             budget_s=float(p.get("budget_s", 600.0)), pretrained=bool(p.get("pretrained", True)),
             device=p.get("device", "auto"), batch_size=int(p.get("batch_size", 8)),

@@ -29,10 +29,12 @@ from fiftyone_anomaly_vlm.experts.record import member_calibration
 from fiftyone_anomaly_vlm.experts.synthetic import KINDS, synthetic_anomalies
 from fiftyone_anomaly_vlm.images import DecodedImages
 from fiftyone_anomaly_vlm.metrics import auroc
-from test_panel_browser import (_input_after_label, _notification, _text, _thumbnails_drawn, _wait, browser,  # noqa: F401 - fixture
+from test_panel_browser import (_click, _input_after_label, _notification, _text, _thumbnails_drawn, _wait, browser,  # noqa: F401 - fixture
                                 open_operator_form, run_operator, save_png, served_app)
 
 try:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 except ImportError:  # the browser test skips, saying why (test_panel_browser.browser)
     pass
@@ -269,3 +271,38 @@ def test_select_experts_from_the_app_shows_the_table(textures, browser):
               in _text(driver), 30)
         assert "Supervised head: not used (no labelled anomalies)" in _text(driver)
         save_png(driver, "app-select-experts-table")
+        _close_form(driver)
+
+        # labelled validation samples picked by tag, their defect kinds named in the form: ranked per kind
+        ds.match_tags("train", bool=False).match(F("defect_type") != "speck").tag_samples("val")
+        open_operator_form(driver, "choose experts", "Anomaly: choose experts by evidence")
+        _pick_after_label(driver, "Validation samples: tag (optional)", "val")
+        for label, value in {"Defect kind field of the validation samples (optional)": "defect_type",
+                             "Candidate models (comma-separated; empty: auto)": "texturestats",
+                             "Image size": str(SIZE), "Expert key": "app_kinds"}.items():
+            field = _input_after_label(driver, label)
+            field.send_keys(Keys.CONTROL, "a")
+            field.send_keys(value)
+        _wait("the form to accept the values", lambda: driver.find_element(
+            By.XPATH, "//button[normalize-space(.)='Execute']").is_enabled(), 30)
+        _click(driver, "button", "Execute")
+        _notification(driver, "Expert 'app_kinds' chosen", timeout=420)
+    ds.reload()
+    sel = fav.selection_table(ds, "app_kinds")
+    assert sel["validation"] == "labelled" and set(sel["candidates"][0]["per_kind"]) == {"grain", "colour"}
+    assert sel["objective"].startswith("smallest shortfall on the worst kind of 'defect_type'")
+
+
+def _close_form(driver) -> None:
+    """Close the operator form (Escape) and wait until it is gone."""
+    ActionChains(driver).send_keys(Keys.ESCAPE).perform()
+    _wait("the form closed", lambda: not driver.find_elements(By.XPATH, "//button[normalize-space(.)='Execute']"), 20)
+
+
+def _pick_after_label(driver, label: str, value: str) -> None:
+    """Open the dropdown that follows the text ``label`` (one without a default) and choose ``value``."""
+    box = driver.find_element(By.XPATH, f"//*[normalize-space(text())='{label}']/following::*[@role='combobox'][1]")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
+    ActionChains(driver).move_to_element(box).click().perform()
+    _wait(f"option {value!r}", lambda: next(
+        (o for o in driver.find_elements(By.CSS_SELECTOR, "li[role=option]") if o.text == value), None), 20).click()
