@@ -70,11 +70,12 @@ def calibrated_scores(raw, image_scores) -> np.ndarray:
 
 
 def standardized_scores(raw, image_scores) -> np.ndarray:
-    """``(raw - median) / std`` of the calibration normals' ``image_scores``: unlike the calibrated share it keeps
+    """``(raw - median) / std`` of the calibration normals' ``image_scores`` (one normal, or all equal: the scale of
+    :func:`calibrated_scores`' tails instead of the std): unlike the calibrated share it keeps
     *how far* beyond the normals a score lies (a changed texture 30 standard deviations out, a faint speck 1),
     which a weighted ensemble (``combine="weighted"``) needs to keep one member's noise below another's alarm."""
-    c = np.asarray(image_scores, dtype=np.float64)
-    return (np.asarray(raw, dtype=np.float64) - float(np.median(c))) / (float(c.std()) or 1.0)
+    c, _, scale = score_scale(image_scores)  # the tails' scale: the std, else 10 % of the largest, else 1
+    return (np.asarray(raw, dtype=np.float64) - float(np.median(c))) / scale
 
 
 def normalized_map(raw_map, low: float, high: float) -> np.ndarray:
