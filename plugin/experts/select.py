@@ -383,8 +383,9 @@ def select_experts(
     per_kind = {n: next(r.get("per_kind") for r in rows if r["candidate"] == n) for n in ranked}
     best_of_kind = ({k: max(per_kind[n][k] for n in ranked) for k in per_kind[ranked[0]]}
                     if per_kind[ranked[0]] else {})  # synthetic kinds, or labelled ones named by kind_field
-    winners = [n for n in ranked if any(per_kind[n][k] >= best for k, best in best_of_kind.items())]
-    pool = list(dict.fromkeys(winners[:_ENSEMBLE_POOL] + ranked))[:_ENSEMBLE_POOL]
+    # each kind's champion (the best-ranked of those tied at the top: several candidates score 1.00 on an easy kind)
+    champions = {next(n for n in ranked if per_kind[n][k] >= best) for k, best in best_of_kind.items()}
+    pool = list(dict.fromkeys([n for n in ranked if n in champions][:_ENSEMBLE_POOL] + ranked))[:_ENSEMBLE_POOL]
     options: list[tuple[tuple[str, ...], str, tuple[float, ...] | None]] = [((n,), "mean", None) for n in ranked]
     for k in range(2, min(max_members, len(pool)) + 1):
         for combo in itertools.combinations(pool, k):
