@@ -17,7 +17,7 @@ dataset needs, with which layers and size, is found here by measuring, not guess
    texture member cannot see, the mean averages out members that see the same defects). On synthetic anomalies
    the option with the smallest *shortfall* wins: how far it falls, on its worst kind, below the best single
    candidate on that kind (each kind's best candidate is in the ensembles' pool); with labels, the highest
-   AUROC (with ``kind_field`` naming each anomaly's kind, the shortfall first, as on synthetic anomalies). Near ties (within :data:`_TIE`) go to fewer members, the higher objective, the simpler rule. The
+   AUROC (with ``kind_field`` naming each anomaly's kind, the shortfall first, as on synthetic anomalies). Near ties (within :data:`.options.TIE`) go to fewer members, the higher objective, the simpler rule. The
    winner is recorded as ``<key>_expert``, a composite expert whose members are the kept candidates
    ``<key>__<candidate>``;
 4. with labelled anomalies, an optional supervised head (a strongly regularised, cross-validated logistic
@@ -36,11 +36,9 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,10 +48,12 @@ import torch.nn.functional as nnf
 from .._common import check_key, check_image_collection
 from ..calibration import calibrated_arrays, threshold_from_normals
 from ..models import backbones as fbb
-from ..models.anomalib_build import available_models, name_key
+from ..models.anomalib_build import name_key
 from ..models.base import resolve_device
 from ..runs import delete_expert_runs, expert_run_key, expert_state
+from .candidates import Candidate, resolve_candidates
 from .combined import ALL
+from .options import combined_scores, rank_options
 from .grouped import register_composite
 from .head import fit_supervised_head, pooled_descriptors, pooled_projection, project
 from .record import Expert, load_expert, member_calibration
@@ -67,82 +67,6 @@ logger = logging.getLogger(__name__)
 _COST = {"patchcore": 2.5, "dfkde": 1.2}
 #: seconds a fit costs beyond its forward passes (Lightning trainer, checkpoint, calibration bookkeeping)
 _FIXED_S = 3.0
-#: ensembles are formed from at most this many of the best single candidates
-_ENSEMBLE_POOL = 5
-#: weights a "weighted" ensemble tries for each member (relative: the largest is 1)
-_WEIGHTS = (1.0, 0.5, 0.25, 0.1)
-#: objectives closer than this are a tie (then fewer members, then the simpler rule, win): validation sets are
-#: small, and hundreds of weighted variants would otherwise win by noise
-_TIE = 0.005
-
-
-@dataclass
-class Candidate:
-    """One candidate expert: an anomalib model (or the plugin's texture model) at a size, with its options.
-
-    Attributes:
-        name: its name in the table; fitted as the expert ``<key>__<name>``.
-        model: the model name (``"padim"``, ``"dfm"``, ``"texturestats"``...).
-        image_size: the side it reads.
-        model_kwargs: other arguments of the model class (``{"layers": [...]}``...).
-    """
-
-    name: str
-    model: str
-    image_size: int
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def row(self) -> dict[str, Any]:
-        """The candidate's identity as a table row starts."""
-        return {"candidate": self.name, "model": self.model, "image_size": self.image_size,
-                "model_kwargs": dict(self.model_kwargs)}
-
-
-def auto_candidates(image_size: int, backbone: str | None, num_train: int) -> list[Candidate]:
-    """The default candidate set: patch models (PaDiM at two sizes, PatchCore) and global ones (DFM, DFKDE,
-    the texture-statistics expert on two layer pairs); DFKDE's PCA is sized to the training images."""
-    bb = backbone or fbb.default_offline_backbone() or "resnet18"
-    lite = bb.startswith("tf_efficientnet_lite")
-    shallow, deep = (["blocks.2", "blocks.4"], ["blocks.4", "blocks.6"]) if lite else (
-        ["layer2", "layer3"], ["layer3", "layer4"])
-    half = max(32, image_size // 2)
-    pca = max(2, min(16, num_train - 1))
-    pool = max(1, min(4, image_size // 32))  # DFM pools its stride-16 layer: at most half the map's side
-    return [
-        Candidate(f"padim_{image_size}", "padim", image_size),
-        Candidate(f"padim_{half}", "padim", half),
-        Candidate(f"patchcore_{image_size}", "patchcore", image_size, {"coreset_sampling_ratio": 0.1}),
-        Candidate(f"dfm_{image_size}", "dfm", image_size, {"pooling_kernel_size": pool}),
-        Candidate(f"dfkde_{image_size}", "dfkde", image_size, {"n_pca_components": pca}),
-        Candidate(f"texture_{image_size}", "texturestats", image_size, {"layers": shallow}),
-        Candidate(f"texture_deep_{image_size}", "texturestats", image_size, {"layers": deep}),
-    ]
-
-
-def _candidates(candidates, image_size: int, backbone: str | None, num_train: int) -> list[Candidate]:
-    if candidates == "auto":
-        return auto_candidates(image_size, backbone, num_train)
-    if isinstance(candidates, (str, dict, Candidate)) or not isinstance(candidates, Sequence) or not candidates:
-        raise ValueError('candidates must be "auto" or a non-empty list of model names, dicts or Candidates')
-    known = set(available_models())
-    out: list[Candidate] = []
-    for c in candidates:
-        if isinstance(c, str):
-            c = Candidate(f"{name_key(c)}_{image_size}", c, image_size)
-        elif isinstance(c, dict):
-            c = Candidate(name=c.get("name") or f"{name_key(c['model'])}_{c.get('image_size', image_size)}",
-                          model=c["model"], image_size=int(c.get("image_size", image_size)),
-                          model_kwargs=dict(c.get("model_kwargs") or {}))
-        if not isinstance(c, Candidate):
-            raise ValueError(f"a candidate must be a model name, a dict or a Candidate, got {c!r}")
-        if name_key(c.model) not in known:
-            raise ValueError(f"candidate {c.name!r}: unknown model {c.model!r}; available: {', '.join(sorted(known))}")
-        check_key(c.name)
-        out.append(c)
-    names = [c.name for c in out]
-    if len(set(names)) != len(names):
-        raise ValueError(f"candidate names must differ, got {names}")
-    return out
 
 
 def _forward_seconds(backbone: str, size: int, device: torch.device, batch: int = 4) -> float:
@@ -178,23 +102,6 @@ def _candidate_scores(spec: Expert, images: list[torch.Tensor], size: int, devic
         standard.append(scores if cal is None or output.raw_score is None else
                         cal.standardize_scores(output.raw_score.numpy()))
     return np.concatenate(out), np.concatenate(standard)
-
-
-def _combined(option: dict[str, Any], columns: dict[str, np.ndarray],
-              standardised: dict[str, np.ndarray]) -> np.ndarray:
-    """The validation scores of a single candidate or an ensemble (``members``, ``combine``, ``weights``), as
-    :class:`~.combined.CompositeExpert` combines them."""
-    members, rule = option["members"], option.get("combine", "mean")
-    if rule == "weighted":
-        return np.sum([w * standardised[n] for w, n in zip(option["weights"], members)], axis=0)
-    stacked = np.stack([columns[n] for n in members])
-    return stacked.max(axis=0) if rule == "max" else stacked.mean(axis=0)
-
-
-def _weight_grid(k: int) -> list[tuple[float, ...]]:
-    """The weights a ``"weighted"`` ensemble of ``k`` members tries: each from :data:`_WEIGHTS`, the largest 1,
-    not all equal to 1 (that is tried as well, it is the plain standardised sum)."""
-    return [w for w in itertools.product(_WEIGHTS, repeat=k) if max(w) == 1.0]
 
 
 def _pooled_features(key: str, order: list[str], sizes: dict[str, int], fit_view, val, device, batch_size: int,
@@ -264,8 +171,8 @@ def select_experts(
             5-20 anomalies are plenty) the candidates are ranked by AUROC (then AP) on them; with good samples
             only, synthetic anomalies are made from those. None: a ``selection_share`` of ``train_view`` is held
             out of fitting and synthetic anomalies are made from it.
-        candidates: ``"auto"`` (:func:`auto_candidates`: PaDiM at two sizes, PatchCore, DFM, DFKDE, two
-            texture-statistics experts) or a list of model names, ``{"name", "model", "image_size",
+        candidates: ``"auto"`` (:func:`.candidates.auto_candidates`: PaDiM at two sizes, PatchCore, DFM, DFKDE,
+            two texture-statistics experts) or a list of model names, ``{"name", "model", "image_size",
             "model_kwargs"}`` dicts or :class:`Candidate` objects.
         key: the selected expert's name; candidates are fitted as ``<key>__<candidate>``; the ones kept are
             its members (deleted with it), the others are deleted.
@@ -321,7 +228,7 @@ def select_experts(
     threshold_from_normals(np.zeros(1), threshold, threshold_param)
     dev = resolve_device(device)
     n_train = train_view.count()
-    cands = _candidates(candidates, int(image_size), backbone, int(n_train * (1 - selection_share) * (1 - holdout)))
+    cands = resolve_candidates(candidates, int(image_size), backbone, int(n_train * (1 - selection_share) * (1 - holdout)))
     size = max(c.image_size for c in cands)
     val, fit_view = validation_set(train_view, val_view, gt_field, positive, synthetic, selection_share, seed, size,
                                    kind_field)
@@ -373,39 +280,7 @@ def select_experts(
         raise ValueError("select_experts: no candidate could be fitted: " + "; ".join(
             f"{r['candidate']}: {r.get('error')}" for r in rows))
 
-    # singles and ensembles, best first: each ensemble as the mean and the max of its members' calibrated scores
-    # and as weighted sums of their standardised scores. On synthetic anomalies the first criterion is the
-    # shortfall: how far the option falls, on its worst kind, below the best single candidate on that kind (the
-    # issue's "as good as the best single expert on every kind"), so the pool holds each kind's best candidate.
-    # Near-ties (_TIE) go to fewer members, then the higher objective, then the simpler rule (mean, max,
-    # weighted; larger weights first): a small validation set cannot tell them apart
-    ranked = sorted(columns, key=lambda n: -next(r["objective"] for r in rows if r["candidate"] == n))
-    per_kind = {n: next(r.get("per_kind") for r in rows if r["candidate"] == n) for n in ranked}
-    best_of_kind = ({k: max(per_kind[n][k] for n in ranked) for k in per_kind[ranked[0]]}
-                    if per_kind[ranked[0]] else {})  # synthetic kinds, or labelled ones named by kind_field
-    # each kind's champion (the best-ranked of those tied at the top: several candidates score 1.00 on an easy kind)
-    champions = {next(n for n in ranked if per_kind[n][k] >= best) for k, best in best_of_kind.items()}
-    pool = list(dict.fromkeys([n for n in ranked if n in champions][:_ENSEMBLE_POOL] + ranked))[:_ENSEMBLE_POOL]
-    options: list[tuple[tuple[str, ...], str, tuple[float, ...] | None]] = [((n,), "mean", None) for n in ranked]
-    for k in range(2, min(max_members, len(pool)) + 1):
-        for combo in itertools.combinations(pool, k):
-            options += [(combo, "mean", None), (combo, "max", None)]
-            options += [(combo, "weighted", w) for w in sorted(_weight_grid(k), key=lambda w: -sum(w))]
-    tried = []
-    for order, (combo, rule, weights) in enumerate(options):
-        option = {"members": list(combo)}
-        if len(combo) > 1:
-            option.update(combine=rule, **({"weights": list(weights)} if weights else {}))
-        m = val.metrics(_combined(option, columns, standardised))
-        if best_of_kind:
-            m["shortfall"] = max(best - m["per_kind"][k] for k, best in best_of_kind.items())
-        tried.append({**option, **m, "_order": order})
-    simplicity = {"mean": 0, "max": 1, "weighted": 2}
-    tried.sort(key=lambda t: (round(t.get("shortfall", 0.0) / _TIE), len(t["members"]),
-                              -round(t["objective"] / _TIE), simplicity[t.get("combine", "mean")],
-                              -sum(t.get("weights", [])), t["_order"]))
-    for t in tried:
-        t.pop("_order")
+    tried = rank_options(rows, columns, standardised, val.metrics, max_members)
     chosen = tried[0]
     members = chosen["members"]
     combine, weights = chosen.get("combine", "mean"), chosen.get("weights")
@@ -415,6 +290,7 @@ def select_experts(
     if val.mode == "labelled" and supervised_head:
         names = list(columns)
         kinds = {c.name: name_key(c.model) for c in cands}
+        ranked = list(dict.fromkeys(m for t in tried if len(t["members"]) == 1 for m in t["members"]))
         order = [n for n in names if kinds[n] == "texturestats"] + [n for n in ranked if kinds[n] != "texturestats"]
         pooled, z = _pooled_features(key, order, {c.name: c.image_size for c in cands}, fit_view, val, device,
                                      batch_size, seed)
@@ -424,7 +300,7 @@ def select_experts(
             features = np.hstack([features, z])
             feature_names += [f"{pooled['member_name']} pooled PC{i + 1}" for i in range(z.shape[1])]
         head_info = fit_supervised_head(features, feature_names, val.labels,
-                                        _combined(chosen, columns, standardised), seed)
+                                        combined_scores(chosen, columns, standardised), seed)
         head_info["pooled_features"] = (f"{pooled['member_name']}'s pooled backbone statistics, PCA to "
                                         f"{z.shape[1]} (fitted on {pooled['num_fit']} training and validation images)"
                                         if pooled is not None else "none (no candidate's backbone could be pooled)")
@@ -447,7 +323,7 @@ def select_experts(
         "validation": val.mode,
         "generators": {k: GENERATORS[k] for k in KINDS} if val.mode == "synthetic" else None,
         "num_normal": int((val.labels == 0).sum()), "num_anomalous": int(val.labels.sum()),
-        "objective": ("AUROC on labelled anomalies (then AP)" if val.mode == "labelled" and not best_of_kind else
+        "objective": ("AUROC on labelled anomalies (then AP)" if val.mode == "labelled" and "shortfall" not in chosen else
                       f"smallest shortfall on the worst kind of {kind_field!r} against the best single candidate on "
                       "that kind, then AUROC on labelled anomalies" if val.mode == "labelled" else
                       "smallest shortfall on the worst synthetic kind against the best single candidate on that "
