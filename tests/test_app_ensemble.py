@@ -14,7 +14,7 @@ except ImportError:  # the browser test skips, saying why (test_panel_browser.br
 import fiftyone_anomaly_vlm as fav
 from conftest import FIT_KWARGS
 from test_panel_browser import (_click, _dismiss_notifications, _input_after_label, _notification, _text,  # noqa: F401
-                                _wait, browser, open_operator_form, served_app)
+                                _wait, browser, fill_and_execute, open_operator_form, served_app)
 
 
 def _pick_experts(driver, names) -> None:
@@ -28,12 +28,6 @@ def _pick_experts(driver, names) -> None:
         option.click()
 
 
-def _execute(driver) -> None:
-    _wait("the form to accept the values", lambda: driver.find_element(
-        By.XPATH, "//button[normalize-space(.)='Execute']").is_enabled(), 30)
-    _click(driver, "button", "Execute")
-
-
 def _set_text(driver, label: str, value: str) -> None:
     field = _input_after_label(driver, label)
     field.send_keys(Keys.CONTROL, "a")
@@ -44,12 +38,12 @@ def test_ensemble_form_combines_by_max_and_by_weights(fitted, browser):
     ds, driver = fitted, browser
     fav.fit_expert(ds.match_tags("train"), key="padim_l3", **dict(FIT_KWARGS, model_kwargs={"layers": ["layer2",
                                                                                                        "layer3"]}))
-    with served_app(driver, ds) as _session:
+    with served_app(driver, ds):
         open_operator_form(driver, "ensemble experts", "Anomaly: ensemble experts")
         _pick_experts(driver, ["padim", "padim_l3"])
         _click(driver, "label", "Max of calibrated scores (members that see different kinds of defect)")
         _set_text(driver, "Ensemble key", "ens_max")
-        _execute(driver)
+        fill_and_execute(driver)
         _notification(driver, "Ensemble 'ens_max' of padim, padim_l3 is ready", timeout=180)
         _click(driver, "button", "Done")
         _dismiss_notifications(driver)
@@ -66,7 +60,7 @@ def test_ensemble_form_combines_by_max_and_by_weights(fitted, browser):
         assert not driver.find_element(By.XPATH, "//button[normalize-space(.)='Execute']").is_enabled()
         _set_text(driver, "Weights", "1, 0.25")
         _set_text(driver, "Ensemble key", "ens_w")
-        _execute(driver)
+        fill_and_execute(driver)
         _notification(driver, "Ensemble 'ens_w' of padim, padim_l3 is ready", timeout=180)
     ds.reload()
     config = ds.get_run_info("ens_w_expert").config

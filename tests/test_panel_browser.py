@@ -200,6 +200,12 @@ def run_operator(driver, search: str, title: str, texts: dict[str, str] | None =
     shown value -> value to choose; ``choices``: radio labels; ``texts``: input label -> text) and click
     Execute (immediate execution, also where the operator offers delegation)."""
     open_operator_form(driver, search, title)
+    fill_and_execute(driver, texts, choices, dropdowns)
+
+
+def fill_and_execute(driver, texts: dict[str, str] | None = None, choices: list[str] | None = None,
+                     dropdowns: dict[str, str] | None = None) -> None:
+    """Fill the open operator form (as :func:`run_operator` describes) and click Execute once it is enabled."""
     for current, value in (dropdowns or {}).items():
         _choose(driver, current, value)
     for label in choices or []:

@@ -29,8 +29,8 @@ from fiftyone_anomaly_vlm.experts.record import member_calibration
 from fiftyone_anomaly_vlm.experts.synthetic import KINDS, synthetic_anomalies
 from fiftyone_anomaly_vlm.images import DecodedImages
 from fiftyone_anomaly_vlm.metrics import auroc
-from test_panel_browser import (_click, _input_after_label, _notification, _text, _thumbnails_drawn, _wait, browser,  # noqa: F401 - fixture
-                                open_operator_form, run_operator, save_png, served_app)
+from test_panel_browser import (_input_after_label, _notification, _text, _thumbnails_drawn, _wait, browser,  # noqa: F401 - fixture
+                                fill_and_execute, open_operator_form, run_operator, save_png, served_app)
 
 try:
     from selenium.webdriver.common.action_chains import ActionChains
@@ -277,15 +277,9 @@ def test_select_experts_from_the_app_shows_the_table(textures, browser):
         ds.match_tags("train", bool=False).match(F("defect_type") != "speck").tag_samples("val")
         open_operator_form(driver, "choose experts", "Anomaly: choose experts by evidence")
         _pick_after_label(driver, "Validation samples: tag (optional)", "val")
-        for label, value in {"Defect kind field of the validation samples (optional)": "defect_type",
-                             "Candidate models (comma-separated; empty: auto)": "texturestats",
-                             "Image size": str(SIZE), "Expert key": "app_kinds"}.items():
-            field = _input_after_label(driver, label)
-            field.send_keys(Keys.CONTROL, "a")
-            field.send_keys(value)
-        _wait("the form to accept the values", lambda: driver.find_element(
-            By.XPATH, "//button[normalize-space(.)='Execute']").is_enabled(), 30)
-        _click(driver, "button", "Execute")
+        fill_and_execute(driver, texts={"Defect kind field of the validation samples (optional)": "defect_type",
+                                        "Candidate models (comma-separated; empty: auto)": "texturestats",
+                                        "Image size": str(SIZE), "Expert key": "app_kinds"})
         _notification(driver, "Expert 'app_kinds' chosen", timeout=420)
     ds.reload()
     sel = fav.selection_table(ds, "app_kinds")
