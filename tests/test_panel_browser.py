@@ -211,9 +211,16 @@ def fill_and_execute(driver, texts: dict[str, str] | None = None, choices: list[
     for label in choices or []:
         _click(driver, "label", label)
     for label, value in (texts or {}).items():
-        field = _input_after_label(driver, label)
-        field.send_keys(Keys.CONTROL, "a")
-        field.send_keys(value)
+        for attempt in range(3):  # a dynamic form re-renders after a choice: the field found may go stale
+            try:
+                field = _input_after_label(driver, label)
+                field.send_keys(Keys.CONTROL, "a")
+                field.send_keys(value)
+                break
+            except StaleElementReferenceException:
+                if attempt == 2:
+                    raise
+                time.sleep(1)
     _wait("the form to accept the values", lambda: driver.find_element(
         By.XPATH, "//button[normalize-space(.)='Execute']").is_enabled(), 30)
     _click(driver, "button", "Execute")
