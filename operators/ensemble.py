@@ -6,6 +6,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fiftyone_anomaly_vlm import ensemble_experts, list_experts
+from fiftyone_anomaly_vlm.experts.combined import check_combine
 
 from ._choices import EXPERT, check_choice, unknown_choice
 from ._forms import check_key, device_and_batch, nothing_to_choose
@@ -40,8 +41,9 @@ def combine_inputs(inputs: types.Object, params: dict, num_experts: int) -> None
                                   "of each member's score in standard deviations of its known-good scores")
     text = params.get("weights")
     if text:
-        weights = parse_weights(text)
-        if weights is None or len(weights) != num_experts or not all(w > 0 for w in weights):
+        try:  # the same check ensemble_experts makes
+            check_combine("weighted", parse_weights(text), num_experts)
+        except ValueError:
             prop.invalid = True
             prop.error_message = f"Give {num_experts} positive numbers separated by commas, one per expert"
 
