@@ -81,7 +81,10 @@ def line_fields(folder, dataset, groups=None):
 def assert_parity(folder, dataset, key, groups=None):
     raw, score, label = plugin_fields(dataset, key)
     lraw, lscore, llabel = line_fields(folder, dataset, groups)
-    np.testing.assert_allclose(lraw, raw, rtol=1e-4)
+    off = np.abs(lraw - raw) > 1e-4 * np.abs(raw)
+    if off.any():  # PatchCore only, so far: see assert_batch_effect
+        assert_batch_effect(dataset, key, lraw, off)
+    np.testing.assert_allclose(lraw[~off], raw[~off], rtol=1e-4)
     calibration = fo.load_dataset(dataset.name).get_run_info(key).config.calibration
     # the calibrated score can jump at the calibration normals themselves (a composite's held-out normals score
     # exactly i/(n+1) on their members' scales, so a few normals tie or nearly tie and the tails' scale is
@@ -95,6 +98,28 @@ def assert_parity(folder, dataset, key, groups=None):
     threshold = calibration["image_threshold"]
     off = np.abs(raw - threshold) > 1e-4 * abs(threshold)
     assert (llabel == label)[off].all() and label.any() and not label.all() and off.sum() >= len(raw) - 2
+
+
+def assert_batch_effect(dataset, key, lraw, off):
+    """Samples whose line score is off the field by more than 1e-4: the plugin's own model, given the line's input
+    alone, must give the line's score.
+
+    anomalib's PatchCore scores an image by its highest patch distance, reweighted by that patch's neighbours in
+    the memory bank; distances come from a matmul expansion (|x|^2 - 2xy + |y|^2, chosen for ONNX export), whose
+    fp32 rounding depends on the batch shape and the CPU's kernels. Where two patches nearly tie for the highest
+    distance, scoring an image alone (the line) or in a batch of 16 (fav.score) can pick the other patch: once in
+    ~20 CI runs, 1 of 17 images moved by 1.5e-4 relative. That is the model's batch dependence, not the export's,
+    so the exported network is held to the plugin's network on the same input; at most one such image per run.
+    """
+    from fiftyone_anomaly_vlm.experts import load_expert
+
+    assert off.sum() <= 1, f"{off.sum()} images off by more than 1e-4"
+    spec = load_expert(dataset, key)
+    model = spec.load("cpu")
+    paths = np.array(dataset.values("filepath"))[off]
+    x = torch.stack([torch.from_numpy(line_inference.load_image(p, tuple(spec.image_size))) for p in paths])
+    alone = np.concatenate([model.predict(x[i:i + 1]).raw_score.numpy() for i in range(len(x))])
+    np.testing.assert_allclose(lraw[off], alone, rtol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino", "torch"])
