@@ -78,6 +78,58 @@ def standardized_scores(raw, image_scores) -> np.ndarray:
     return (np.asarray(raw, dtype=np.float64) - float(np.median(c))) / scale
 
 
+class MemberCombiner:
+    """Combines an ensemble's (or a grouped expert's) member outputs into the composite's image scores and maps,
+    the one way the plugin (:class:`CompositeExpert`), ``select_experts``' ranking and this file's line inference
+    all do it.
+
+    Rules: ``"mean"`` (mean of the members' calibrated scores and [0, 1] maps), ``"max"`` (the highest of each),
+    ``"weighted"`` (``weights``-weighted sum of the members' *standardised* scores, weighted mean of the maps);
+    a supervised ``head`` (``coef`` per member, ``intercept``) replaces the score by sigmoid(coef . calibrated +
+    intercept) (extra logit terms go to :attr:`logit`). ``image_size`` None: scores only.
+
+    Example:
+        >>> comb = MemberCombiner(n=4, image_size=(64, 64), rule="max")
+        >>> comb.add(range(4), 0, scores_a, None, maps_a); comb.add(range(4), 1, scores_b, None, maps_b)
+        >>> score, maps = comb.result()
+    """
+
+    def __init__(self, n: int, image_size: tuple[int, int] | None, rule: str | None = "mean",
+                 weights=None, head: dict | None = None) -> None:
+        self.rule, self.weights, self.head = rule or "mean", weights, head
+        self.score_sum, self.score_max, self.count = np.zeros(n), np.full(n, -np.inf), np.zeros(n)
+        shape = (n, *image_size) if image_size is not None else None
+        self.map_sum = np.zeros(shape) if shape else None
+        self.map_max = np.full(shape, -np.inf) if shape else None
+        self.logit = np.full(n, float(head["intercept"])) if head else None
+
+    def add(self, idx, j: int, scores, standardised=None, maps=None) -> None:
+        """Member ``j``'s calibrated ``scores`` (its ``standardised`` ones under ``"weighted"``) and [0, 1] ``maps``
+        for the images ``idx``."""
+        idx = np.asarray(list(idx), dtype=int)
+        w = float(self.weights[j]) if self.rule == "weighted" else 1.0
+        self.score_sum[idx] += w * np.asarray(standardised if self.rule == "weighted" else scores, dtype=np.float64)
+        self.score_max[idx] = np.maximum(self.score_max[idx], scores)
+        self.count[idx] += w
+        if self.logit is not None:
+            self.logit[idx] += float(self.head["coef"][j]) * np.asarray(scores, dtype=np.float64)
+        if self.map_sum is not None and maps is not None:
+            self.map_sum[idx] += w * maps
+            self.map_max[idx] = np.maximum(self.map_max[idx], maps)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The composite's image scores ``(N,)`` and maps ``(N, H, W)`` (None without ``image_size``)."""
+        if self.logit is not None:
+            score = 1.0 / (1.0 + np.exp(-self.logit))
+        elif self.rule == "weighted":
+            score = self.score_sum
+        else:
+            score = self.score_max if self.rule == "max" else self.score_sum / self.count
+        if self.map_sum is None:
+            return score, None
+        return score, self.map_max if self.rule == "max" else self.map_sum / self.count[:, None, None]
+
+
 def normalized_map(raw_map, low: float, high: float) -> np.ndarray:
     """Raw pixel scores -> [0, 1]: ``low`` (median normal pixel) maps to 0, ``high`` to 1, for every image."""
     return np.clip((np.asarray(raw_map, dtype=np.float64) - low) / (high - low), 0, 1)
@@ -226,33 +278,16 @@ class LineExpert:
             unknown = sorted({g for g in keys if g not in self.members})
             if unknown:
                 raise ValueError(f"no expert for {self.group_field} = {unknown} (groups: {sorted(self.members)})")
-        head = self.meta["routing"].get("head")  # an ensemble's supervised head: sigmoid(coef . scores + b)
-        score_sum, map_sum, count = np.zeros(n), np.zeros((n, *self.image_size)), np.zeros(n)
-        score_max, map_max = np.full(n, -np.inf), np.full((n, *self.image_size), -np.inf)
-        rule = self.meta["routing"].get("combine") or "mean"  # folders exported before the rules: the mean
-        weights = self.meta["routing"].get("weights")
-        logit = np.full(n, float(head["intercept"])) if head else None
+        routing = self.meta["routing"]  # folders exported before the rules have no "combine": the mean
+        comb = MemberCombiner(n, self.image_size, routing.get("combine"), routing.get("weights"), routing.get("head"))
         for key in dict.fromkeys(keys):
             idx = [i for i, g in enumerate(keys) if g == key]
             for j, member in enumerate(self.members[key]):
                 raw, raw_map = member.raw(x[idx])
-                scores = calibrated_scores(raw, member.image_scores)
-                w = 1.0 if rule != "weighted" else float(weights[j])
-                score_sum[idx] += w * (standardized_scores(raw, member.image_scores) if rule == "weighted" else scores)
-                score_max[idx] = np.maximum(score_max[idx], scores)
-                if logit is not None:
-                    logit[idx] += float(head["coef"][j]) * scores
-                member_maps = normalized_map(raw_map, member.map_low, member.map_high)
-                map_sum[idx] += w * member_maps
-                map_max[idx] = np.maximum(map_max[idx], member_maps)
-            count[idx] += len(self.members[key]) if rule != "weighted" else sum(weights)
-        if logit is not None:
-            score = 1.0 / (1.0 + np.exp(-logit))
-        elif rule == "weighted":
-            score = score_sum
-        else:
-            score = score_max if rule == "max" else score_sum / count
-        maps = map_max if rule == "max" else map_sum / count[:, None, None]
+                comb.add(idx, j, calibrated_scores(raw, member.image_scores),
+                         standardized_scores(raw, member.image_scores),
+                         normalized_map(raw_map, member.map_low, member.map_high))
+        score, maps = comb.result()
         return score.astype(np.float32), maps.astype(np.float32)
 
     def predict(self, x: np.ndarray, groups: list | None = None) -> dict[str, np.ndarray]:

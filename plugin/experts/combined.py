@@ -38,6 +38,7 @@ import torch.nn.functional as nnf
 
 from ..calibration import Calibration, calibrated_arrays
 from ..models.base import ExpertOutput, VisionExpert
+from ..models.line_inference import MemberCombiner
 from .head import project
 
 #: group name of members that score every sample (ensembles)
@@ -146,12 +147,7 @@ class CompositeExpert(VisionExpert):
         if bad:
             raise ValueError(bad[0])
         groups = [self.group_of(v) for v in (fields[self.group_field] if self.group_field else [None] * n)]
-        score_sum = np.zeros(n)
-        score_max = np.full(n, -np.inf)
-        map_max = np.full((n, *self.image_size), -np.inf)
-        logit = np.full(n, float(self.head["intercept"])) if self.head else None
-        map_sum = np.zeros((n, *self.image_size))
-        count = np.zeros(n)
+        comb = MemberCombiner(n, self.image_size, self.combine, self.weights, self.head)
         for group in dict.fromkeys(groups):
             idx = [i for i, g in enumerate(groups) if g == group]
             for j, (model, calibration, size) in enumerate(self.members[group]):
@@ -164,33 +160,19 @@ class CompositeExpert(VisionExpert):
                 else:
                     out = model.predict(x)
                 scores, _, maps, _ = calibrated_arrays(out, calibration)
-                w = self.weights[j] if self.weights else 1.0
                 maps_t = torch.from_numpy(maps).float().unsqueeze(1)
                 if tuple(maps_t.shape[-2:]) != self.image_size:
                     maps_t = nnf.interpolate(maps_t, size=self.image_size, mode="bilinear", align_corners=False)
-                if self.weights:  # standardised: how far beyond its normals (a self-calibrating member: its score)
-                    score_sum[idx] += w * (scores if calibration is None or out.raw_score is None else
-                                           calibration.standardize_scores(out.raw_score.numpy()))
-                else:
-                    score_sum[idx] += scores
-                score_max[idx] = np.maximum(score_max[idx], scores)
-                if logit is not None:
-                    logit[idx] += float(self.head["coef"][j]) * scores
-                    pooled = self.head.get("pooled")  # recorded by select_experts since its pooled features
-                    if pooled is not None and pooled["member"] == j:
-                        z = project(model.pooled_features(x).double().numpy(), pooled)
-                        logit[idx] += z @ np.asarray(pooled["coef"], dtype=float)
-                member_maps = maps_t.squeeze(1).double().numpy()
-                map_sum[idx] += w * member_maps
-                map_max[idx] = np.maximum(map_max[idx], member_maps)
-            count[idx] += sum(self.weights) if self.weights else len(self.members[group])
-        if logit is not None:
-            score = 1.0 / (1.0 + np.exp(-logit))
-        elif self.weights:
-            score = score_sum
-        else:
-            score = score_max if self.combine == "max" else score_sum / count
+                # standardised: how far beyond its normals (a self-calibrating member: its score)
+                standard = (scores if calibration is None or out.raw_score is None else
+                            calibration.standardize_scores(out.raw_score.numpy()))
+                comb.add(idx, j, scores, standard, maps_t.squeeze(1).double().numpy())
+                pooled = self.head.get("pooled") if self.head else None  # recorded since select_experts' pooled features
+                if pooled is not None and pooled["member"] == j:
+                    z = project(model.pooled_features(x).double().numpy(), pooled)
+                    comb.logit[idx] += z @ np.asarray(pooled["coef"], dtype=float)
+        score, maps = comb.result()
         raw_score = torch.from_numpy(score).float()
-        raw_map = torch.from_numpy(map_max if self.combine == "max" else map_sum / count[:, None, None]).float()
+        raw_map = torch.from_numpy(maps).float()
         return ExpertOutput(raw_score=raw_score, score=raw_score, label=raw_score > 0.5,
                             anomaly_map=raw_map.clamp(0, 1), mask=raw_map > 0.5, raw_map=raw_map)

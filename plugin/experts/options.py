@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from ..models.line_inference import MemberCombiner
+
 #: ensembles are formed from at most this many candidates (each kind's champion first, then the best ranked)
 ENSEMBLE_POOL = 5
 #: weights a "weighted" ensemble tries for each member (relative: the largest is 1)
@@ -35,11 +37,11 @@ def combined_scores(option: dict[str, Any], columns: dict[str, np.ndarray],
               standardised: dict[str, np.ndarray]) -> np.ndarray:
     """The validation scores of a single candidate or an ensemble (``members``, ``combine``, ``weights``), as
     :class:`~.combined.CompositeExpert` combines them."""
-    members, rule = option["members"], option.get("combine", "mean")
-    if rule == "weighted":
-        return np.sum([w * standardised[n] for w, n in zip(option["weights"], members)], axis=0)
-    stacked = np.stack([columns[n] for n in members])
-    return stacked.max(axis=0) if rule == "max" else stacked.mean(axis=0)
+    members = option["members"]
+    comb = MemberCombiner(len(columns[members[0]]), None, option.get("combine"), option.get("weights"))
+    for j, name in enumerate(members):
+        comb.add(range(len(columns[name])), j, columns[name], standardised[name])
+    return comb.result()[0]
 
 
 def weight_grid(k: int) -> list[tuple[float, ...]]:
