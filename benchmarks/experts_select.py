@@ -80,7 +80,8 @@ def kind_stats(s: np.ndarray, normal: np.ndarray, kinds_of: list, kinds) -> dict
     return out
 
 
-def oracle_row(ds, singles: dict[str, dict], kinds, max_members: int = 3) -> tuple[str, dict, str]:
+def oracle_row(ds, singles: dict[str, dict], kinds, max_members: int = 3,
+               key_prefix: str = "auto_syn") -> tuple[str, dict, str]:
     """The best option of ``select_experts``' own option space (its pool, rules and weights), ranked by its own
     rule (shortfall on the worst kind, then AUROC) but on the TEST labels: the most any selection from these
     candidates could reach on this test set. Where even this row falls short of the best single candidate on a
@@ -89,7 +90,8 @@ def oracle_row(ds, singles: dict[str, dict], kinds, max_members: int = 3) -> tup
     for cand, m in singles.items():
         s, normal, kinds_of = m["_per_sample"]
         columns[cand] = s
-        standardised[cand] = member_calibration(load_expert(ds, f"auto_syn__{cand}")).standardize_scores(m["_raw"])
+        calibration = member_calibration(load_expert(ds, f"{key_prefix}__{cand}"))
+        standardised[cand] = calibration.standardize_scores(m["_raw"])
     labels = (~normal).astype(int)
     test_kinds = [k if y else "normal" for k, y in zip(kinds_of, labels)] if len(kinds) > 1 else \
         ["normal" if not y else kinds[0] for y in labels]
