@@ -27,6 +27,7 @@ from fiftyone_anomaly_vlm.experts.combined import CompositeExpert
 from fiftyone_anomaly_vlm.experts.head import fit_supervised_head, pooled_projection, project
 from fiftyone_anomaly_vlm.experts.record import member_calibration
 from fiftyone_anomaly_vlm.experts.synthetic import KINDS, synthetic_anomalies
+from fiftyone_anomaly_vlm.experts.selection_report import FEW_NORMALS, evidence_note
 from fiftyone_anomaly_vlm.images import DecodedImages
 from fiftyone_anomaly_vlm.metrics import auroc
 from test_panel_browser import (_input_after_label, _notification, _text, _thumbnails_drawn, _wait, browser,  # noqa: F401 - fixture
@@ -90,6 +91,7 @@ def test_selection_on_synthetic_anomalies_records_the_table(selected):
     assert sel["head"] == {"used": False, "reason": "no labelled anomalies"}
     text = fav.format_selection(ds, "auto")
     assert "dfkde_bad" in text and "chosen:" in text and "spot " in text
+    assert sel["num_normal"] < FEW_NORMALS and f"note: few validation normals ({sel['num_normal']})" in text
     # the chosen expert scores like any expert: global defects stand out
     test = ds.match_tags("train", bool=False)
     fav.score(test, expert="auto", progress=False)
@@ -270,6 +272,7 @@ def test_select_experts_from_the_app_shows_the_table(textures, browser):
         _wait("the candidate table in the form", lambda: "chosen texturestats_48 on synthetic anomalies"
               in _text(driver), 30)
         assert "Supervised head: not used (no labelled anomalies)" in _text(driver)
+        assert "Note: few validation normals" in _text(driver)  # the small validation set, said where the user is
         save_png(driver, "app-select-experts-table")
         _close_form(driver)
 
@@ -300,3 +303,11 @@ def _pick_after_label(driver, label: str, value: str) -> None:
     ActionChains(driver).move_to_element(box).click().perform()
     _wait(f"option {value!r}", lambda: next(
         (o for o in driver.find_elements(By.CSS_SELECTOR, "li[role=option]") if o.text == value), None), 20).click()
+
+
+def test_evidence_note_sizes_the_ranking_noise():
+    # 10 normals and 10 anomalies of each of 7 kinds: an AUROC near 0.7 is known to about +-0.23 (Hanley-McNeil)
+    sel = {"num_normal": 10, "num_anomalous": 70, "chosen": {"per_kind": dict.fromkeys("abcdefg", 0.7)}}
+    assert "few validation normals (10)" in evidence_note(sel) and "+-0.23," in evidence_note(sel)
+    assert "+-0.13," in evidence_note({**sel, "num_normal": 29, "num_anomalous": 7 * 29})  # more of both: narrower
+    assert evidence_note({**sel, "num_normal": FEW_NORMALS}) is None

@@ -7,9 +7,14 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .record import load_expert
+
+#: fewer validation normals than this get a note: on the generated 256 px textures, 40 validation normals instead
+#: of 10 halved the chosen option's gap to the best choice on faint specks (benchmarks/selection_noise.py)
+FEW_NORMALS = 30
 
 
 def selection_table(samples, key: str) -> dict[str, Any] | None:
@@ -27,6 +32,22 @@ def chosen_text(chosen: dict[str, Any]) -> str:
     return " + ".join(chosen["members"])
 
 
+def evidence_note(sel: dict[str, Any]) -> str | None:
+    """A note when the validation set is small: the 95 % half-width of one kind's AUROC there (Hanley-McNeil at
+    AUROC 0.7), and what to do. None with :data:`FEW_NORMALS` or more normals."""
+    n_normal = int(sel["num_normal"])
+    if n_normal >= FEW_NORMALS:
+        return None
+    kinds = len(sel["chosen"].get("per_kind") or {}) or 1
+    n_kind = max(1, int(sel["num_anomalous"]) // kinds)
+    a = 0.7
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n_kind - 1) * (q1 - a * a) + (n_normal - 1) * (q2 - a * a)) / (n_kind * n_normal)
+    return (f"few validation normals ({n_normal}): an AUROC on {n_kind} anomalies of a kind is known to about "
+            f"+-{1.96 * math.sqrt(var):.2f}, so near-equal options are ranked partly by chance; hold out "
+            f"{FEW_NORMALS}+ good images (selection_share, or a larger val_view), above all for faint local defects")
+
+
 def format_selection(samples, key: str) -> str:
     """The candidate table of expert ``key`` as text (one line per candidate, then the choice)."""
     sel = selection_table(samples, key)
@@ -34,6 +55,9 @@ def format_selection(samples, key: str) -> str:
         return f"expert {key!r} was not chosen by select_experts"
     lines = [f"validated on {sel['validation']} anomalies ({sel['num_anomalous']} anomalous, "
              f"{sel['num_normal']} normal); ranked by {sel['objective']}"]
+    note = evidence_note(sel)
+    if note:
+        lines.append("note: " + note)
     for r in sel["candidates"]:
         if r["status"] != "fitted":
             lines.append(f"  {r['candidate']:<22} {r['status']}: {r.get('error')}")
@@ -77,6 +101,9 @@ def selection_markdown(samples, key: str) -> str | None:
     lines = [f"**{key}**: chosen **{chosen_text(sel['chosen'])}** on {sel['validation']} anomalies "
              f"({sel['num_anomalous']} anomalous, {sel['num_normal']} normal)", "", head,
              "|---|---|---:|" + ("---:|---:|" if synthetic else "---:|") + "---:|"]
+    note = evidence_note(sel)
+    if note:
+        lines[1:1] = ["", "Note: " + note]
     for r in sel["candidates"]:
         if r["status"] != "fitted":
             cells = ["", ""] if synthetic else [""]
