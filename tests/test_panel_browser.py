@@ -37,8 +37,8 @@ PANEL = fo.Space(children=[fo.Panel(type="Samples", pinned=True), fo.Panel(type=
 
 try:
     from selenium import webdriver
-    from selenium.common.exceptions import (NoSuchElementException, StaleElementReferenceException,
-                                            WebDriverException)
+    from selenium.common.exceptions import (ElementNotInteractableException, NoSuchElementException,
+                                            StaleElementReferenceException, WebDriverException)
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -211,16 +211,20 @@ def fill_and_execute(driver, texts: dict[str, str] | None = None, choices: list[
     for label in choices or []:
         _click(driver, "label", label)
     for label, value in (texts or {}).items():
-        for attempt in range(3):  # a dynamic form re-renders after a choice: the field found may go stale
+        # a dynamic form re-renders after a choice: the field found may go stale, or be there but not yet
+        # interactable (both seen on a loaded machine), or lose what was typed: type again until it holds it
+        for attempt in range(6):
             try:
                 field = _input_after_label(driver, label)
+                driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", field)
                 field.send_keys(Keys.CONTROL, "a")
                 field.send_keys(value)
-                break
-            except StaleElementReferenceException:
-                if attempt == 2:
+                if field.get_attribute("value") == value or attempt >= 2:  # a field may show its value reformatted
+                    break
+            except (StaleElementReferenceException, ElementNotInteractableException):
+                if attempt == 5:
                     raise
-                time.sleep(1)
+            time.sleep(1)
     _wait("the form to accept the values", lambda: driver.find_element(
         By.XPATH, "//button[normalize-space(.)='Execute']").is_enabled(), 30)
     _click(driver, "button", "Execute")
