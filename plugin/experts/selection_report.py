@@ -12,8 +12,9 @@ from typing import Any
 
 from .record import load_expert
 
-#: fewer validation normals than this get a note: on the generated 256 px textures, 40 validation normals instead
-#: of 10 halved the chosen option's gap to the best choice on faint specks (benchmarks/selection_noise.py)
+#: fewer validation normals than this get a note (an AUROC on 10 normals and 10 anomalies of a kind is known to
+#: about +-0.23). More normals narrow that noise; they did not close the gap on faint specks in every run
+#: (benchmarks/selection_noise.py, README)
 FEW_NORMALS = 30
 
 
@@ -45,7 +46,7 @@ def evidence_note(sel: dict[str, Any]) -> str | None:
     var = (a * (1 - a) + (n_kind - 1) * (q1 - a * a) + (n_normal - 1) * (q2 - a * a)) / (n_kind * n_normal)
     return (f"few validation normals ({n_normal}): an AUROC on {n_kind} anomalies of a kind is known to about "
             f"+-{1.96 * math.sqrt(var):.2f}, so near-equal options are ranked partly by chance; hold out "
-            f"{FEW_NORMALS}+ good images (selection_share, or a larger val_view), above all for faint local defects")
+            f"{FEW_NORMALS}+ good images (selection_share, or a larger val_view)")
 
 
 def format_selection(samples, key: str) -> str:
