@@ -51,7 +51,8 @@ def weight_grid(k: int) -> list[tuple[float, ...]]:
 
 
 def rank_options(rows: list[dict[str, Any]], columns: dict[str, np.ndarray], standardised: dict[str, np.ndarray],
-                 metrics: Callable[[np.ndarray], dict[str, Any]], max_members: int) -> list[dict[str, Any]]:
+                 metrics: Callable[[np.ndarray], dict[str, Any]], max_members: int,
+                 tie: float = TIE) -> list[dict[str, Any]]:
     """Every option (``members``, ``combine``, ``weights`` and its ``metrics``; ``shortfall`` where kinds are
     known), best first.
 
@@ -60,6 +61,7 @@ def rank_options(rows: list[dict[str, Any]], columns: dict[str, np.ndarray], sta
         columns: candidate -> calibrated validation scores; ``standardised``: the same, standardised.
         metrics: the validation set's metrics of a score array (:meth:`.validation.ValidationSet.metrics`).
         max_members: the largest ensemble.
+        tie: shortfalls and objectives closer than this are a tie (:data:`TIE`).
     """
     ranked = sorted(columns, key=lambda n: -next(r["objective"] for r in rows if r["candidate"] == n))
     per_kind = {n: next(r.get("per_kind") for r in rows if r["candidate"] == n) for n in ranked}
@@ -82,8 +84,8 @@ def rank_options(rows: list[dict[str, Any]], columns: dict[str, np.ndarray], sta
         if best_of_kind:
             m["shortfall"] = max(best - m["per_kind"][k] for k, best in best_of_kind.items())
         tried.append({**option, **m, "_order": order})
-    tried.sort(key=lambda t: (round(t.get("shortfall", 0.0) / TIE), len(t["members"]),
-                              -round(t["objective"] / TIE), _SIMPLICITY[t.get("combine", "mean")],
+    tried.sort(key=lambda t: (round(t.get("shortfall", 0.0) / tie), len(t["members"]),
+                              -round(t["objective"] / tie), _SIMPLICITY[t.get("combine", "mean")],
                               -sum(t.get("weights", [])), t["_order"]))
     for t in tried:
         t.pop("_order")
