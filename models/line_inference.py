@@ -285,7 +285,7 @@ class LineExpert:
             for j, member in enumerate(self.members[key]):
                 raw, raw_map = member.raw(x[idx])
                 comb.add(idx, j, calibrated_scores(raw, member.image_scores),
-                         standardized_scores(raw, member.image_scores),
+                         standardized_scores(raw, member.image_scores) if comb.rule == "weighted" else None,
                          normalized_map(raw_map, member.map_low, member.map_high))
         score, maps = comb.result()
         return score.astype(np.float32), maps.astype(np.float32)

@@ -164,10 +164,10 @@ class CompositeExpert(VisionExpert):
                 if tuple(maps_t.shape[-2:]) != self.image_size:
                     maps_t = nnf.interpolate(maps_t, size=self.image_size, mode="bilinear", align_corners=False)
                 # standardised: how far beyond its normals (a self-calibrating member: its score)
-                standard = (scores if calibration is None or out.raw_score is None else
-                            calibration.standardize_scores(out.raw_score.numpy()))
+                standard = (None if not self.weights else scores if calibration is None or out.raw_score is None
+                            else calibration.standardize_scores(out.raw_score.numpy()))
                 comb.add(idx, j, scores, standard, maps_t.squeeze(1).double().numpy())
-                pooled = self.head.get("pooled") if self.head else None  # recorded since select_experts' pooled features
+                pooled = self.head.get("pooled") if self.head else None  # select_experts: pooled features
                 if pooled is not None and pooled["member"] == j:
                     z = project(model.pooled_features(x).double().numpy(), pooled)
                     comb.logit[idx] += z @ np.asarray(pooled["coef"], dtype=float)
