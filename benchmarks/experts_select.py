@@ -80,18 +80,24 @@ def kind_stats(s: np.ndarray, normal: np.ndarray, kinds_of: list, kinds) -> dict
     return out
 
 
-def oracle_row(ds, singles: dict[str, dict], kinds, max_members: int = 3,
-               key_prefix: str = "auto_syn") -> tuple[str, dict, str]:
+def test_columns(ds, singles: dict[str, dict], key_prefix: str = "auto_syn") -> tuple[dict, dict]:
+    """Each candidate's calibrated and standardised test scores (``singles``: :func:`kind_aurocs` per candidate,
+    fitted as ``<key_prefix>__<candidate>``), as :func:`~fiftyone_anomaly_vlm.experts.options.rank_options`
+    takes them."""
+    columns = {cand: m["_per_sample"][0] for cand, m in singles.items()}
+    standardised = {cand: member_calibration(load_expert(ds, f"{key_prefix}__{cand}")).standardize_scores(m["_raw"])
+                    for cand, m in singles.items()}
+    return columns, standardised
+
+
+def oracle_row(singles: dict[str, dict], test_scores: tuple[dict, dict], kinds,
+               max_members: int = 3) -> tuple[str, dict, str]:
     """The best option of ``select_experts``' own option space (its pool, rules and weights), ranked by its own
-    rule (shortfall on the worst kind, then AUROC) but on the TEST labels: the most any selection from these
-    candidates could reach on this test set. Where even this row falls short of the best single candidate on a
-    kind, no choice among them meets "as good as the best single on every kind"."""
-    columns, standardised = {}, {}
-    for cand, m in singles.items():
-        s, normal, kinds_of = m["_per_sample"]
-        columns[cand] = s
-        calibration = member_calibration(load_expert(ds, f"{key_prefix}__{cand}"))
-        standardised[cand] = calibration.standardize_scores(m["_raw"])
+    rule (shortfall on the worst kind, then AUROC) but on the TEST labels (``test_scores``: :func:`test_columns`):
+    the most any selection from these candidates could reach on this test set. Where even this row falls short of
+    the best single candidate on a kind, no choice among them meets "as good as the best single on every kind"."""
+    columns, standardised = test_scores
+    _, normal, kinds_of = next(iter(singles.values()))["_per_sample"]
     labels = (~normal).astype(int)
     test_kinds = [k if y else "normal" for k, y in zip(kinds_of, labels)] if len(kinds) > 1 else \
         ["normal" if not y else kinds[0] for y in labels]
@@ -158,7 +164,7 @@ def run(ds, name: str, train, test, val_good, val_labelled, kind_field: str, kin
             note += f" (head AUROC {head['auroc']:.3f} [{head['auroc_ci95'][0]:.3f}, {head['auroc_ci95'][1]:.3f}])"
         rows.append((label + (f" (kind_field={by_kind!r})" if by_kind else ""),
                      kind_aurocs(test, key, kind_field, kinds), note + f"; {lab_s:.0f} s"))
-    rows.append(oracle_row(ds, singles, kinds))
+    rows.append(oracle_row(singles, test_columns(ds, singles), kinds))
     return rows
 
 

@@ -54,15 +54,10 @@ def choose(rule: str, val: dict, idx: np.ndarray) -> dict:
     cols = {c: s[idx] for c, s in val["columns"].items()}
     std = {c: s[idx] for c, s in val["standardised"].items()}
     rows = [{"candidate": c, **vs.metrics(cols[c])} for c in cols]
-    tie = options.TIE
-    options.TIE = 0.02 if rule == "tie 0.02" else tie
-    try:
-        tried = options.rank_options(rows, cols, std, vs.metrics, 3)
-    finally:
-        options.TIE = tie
+    tried = options.rank_options(rows, cols, std, vs.metrics, 3, tie=0.02 if rule == "tie 0.02" else options.TIE)
     if rule != "worst-kind z":
         return tried[0]
-    return min(tried, key=lambda t: (round(t.get("shortfall", 0.0) / tie), len(t["members"]),
+    return min(tried, key=lambda t: (round(t.get("shortfall", 0.0) / options.TIE), len(t["members"]),
                                      -worst_z(options.combined_scores(t, cols, std), labels, kinds)))
 
 
@@ -106,9 +101,7 @@ def main() -> None:
     test_rows = {c: bench.kind_aurocs(test, f"sel__{c}", "defect_type", bench.TEXTURE_DEFECTS)
                  for c in captured["columns"]}
     normal, kinds_of = test_rows[next(iter(test_rows))]["_per_sample"][1:]
-    test_cols = {c: m["_per_sample"][0] for c, m in test_rows.items()}
-    test_std = {c: bench.member_calibration(bench.load_expert(ds, f"sel__{c}")).standardize_scores(m["_raw"])
-                for c, m in test_rows.items()}
+    test_cols, test_std = bench.test_columns(ds, test_rows, "sel")
     best = {k: max(m[k] for m in test_rows.values()) for k in bench.TEXTURE_DEFECTS}
 
     def minus_best(option: dict) -> list[float]:
@@ -132,8 +125,7 @@ def main() -> None:
             d = np.array(diffs)
             print(f"| {size} | {rule} | " + " | ".join(f"{x:+.3f}" for x in d.mean(0))
                   + f" | {d.min(1).mean():+.3f} | {len(d)} |", flush=True)
-    oracle_name, oracle, note = bench.oracle_row(ds, {c: m for c, m in test_rows.items()}, bench.TEXTURE_DEFECTS,
-                                                 key_prefix="sel")
+    oracle_name, oracle, note = bench.oracle_row(test_rows, (test_cols, test_std), bench.TEXTURE_DEFECTS)
     d = [oracle[k] - best[k] for k in bench.TEXTURE_DEFECTS]
     print(f"| - | {oracle_name}: {note} | " + " | ".join(f"{x:+.3f}" for x in d) + f" | {min(d):+.3f} | - |")
     print(f"\nbest single per kind on the test set: {({k: round(v, 3) for k, v in best.items()})}; "
