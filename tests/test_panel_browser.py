@@ -296,15 +296,20 @@ def _expect_run_shown(driver, ds, run: str) -> None:
           lambda: _histogram_title(driver) == title and line in _counts_line(driver), 30)
 
 
+def _grid_tiles(driver) -> list:
+    """The grid's thumbnails in grid order (DOM order is not grid order); call inside :func:`_wait`, which looks
+    again when one goes stale while the grid redraws."""
+    return sorted(driver.find_elements(By.CSS_SELECTOR, "[data-cy=looker]"),
+                  key=lambda t: (round(t.rect["y"]), t.rect["x"]))
+
+
 def _select_tiles(driver, indices) -> None:
     """Tick exactly the grid's thumbnails at ``indices`` (their order is the view's order), one click at a time
     until the ticks shown are those (the grid redraws its thumbnails after each review)."""
     wanted = set(indices)
 
     def step():
-        tiles = sorted(driver.find_elements(By.CSS_SELECTOR, "[data-cy=looker]"),  # DOM order is not grid order
-                       key=lambda t: (round(t.rect["y"]), t.rect["x"]))
-        boxes = [t.find_element(By.CSS_SELECTOR, "input[data-cy^=looker-checkbox-input]") for t in tiles]
+        boxes = [t.find_element(By.CSS_SELECTOR, "input[data-cy^=looker-checkbox-input]") for t in _grid_tiles(driver)]
         wrong = [b for i, b in enumerate(boxes) if b.is_selected() != (i in wanted)]
         if boxes and not wrong:
             return True
@@ -367,8 +372,9 @@ def _fit_and_score_from_forms(driver, session, ds) -> None:
     # the top-scored sample in the modal: ticking the heatmap, then the mask, draws colour over the grey part
     set_view(session, ds.sort_by("padim_score", reverse=True), "the sorted grid",
              lambda: _thumbnails_drawn(driver))
-    tiles = sorted(driver.find_elements(By.CSS_SELECTOR, "[data-cy=looker]"), key=lambda t: (t.rect["y"], t.rect["x"]))
-    ActionChains(driver).move_to_element(tiles[0]).click().perform()
+    # the grid may still redraw its thumbnails (a stale one, seen on CI): find and click again until it takes
+    _wait("the top thumbnail clicked", lambda: ActionChains(driver).move_to_element(
+        _grid_tiles(driver)[0]).click().perform() or True, 30)
     canvas = _wait("the sample's modal", lambda: driver.find_elements(
         By.CSS_SELECTOR, "[data-cy=modal-looker-container] canvas"), 30)[0]
     time.sleep(1)
