@@ -10,19 +10,23 @@ with its own synthetic anomalies) and on all of them, under:
 * ``tie 0.02``: the same with near-ties of shortfall / objective at 0.02 instead of 0.005;
 * ``worst-kind z``: among options tied on shortfall and member count, the largest worst-kind separation
   (mean of a synthetic kind minus the normals' mean, in the normals' standard deviations) instead of the
-  higher mean AUROC: a continuous criterion that does not saturate at AUROC 1 on the strong synthetic kinds.
+  higher mean AUROC: a continuous criterion that does not saturate at AUROC 1 on the strong synthetic kinds;
+* ``z cap 3``: the current rule, with each member's standardised validation scores capped at 3 when the weighted
+  sums are ranked: a synthetic anomaly a member scores far beyond its normals then cannot carry a small weight
+  of that member past the others' noise (a faint real defect would not).
 
 Each row: the chosen option's test AUROC minus the best single candidate's, per kind, averaged over draws,
 and the mean of the worst kind; the last row is the option ranked first on the test labels (the oracle: the
 most any choice among these candidates reaches). ~15 min on 2 CPU cores.
 
 Usage:
-    .venv/bin/python benchmarks/selection_noise.py [--val-normals 40] [--draws 8] [--normal 200]
+    .venv/bin/python benchmarks/selection_noise.py [--val-normals 40] [--draws 8] [--normal 200] [--dump F]
 """
 
 from __future__ import annotations
 
 import argparse
+import pickle
 import time
 import warnings
 
@@ -41,6 +45,9 @@ from fiftyone_anomaly_vlm.experts.synthetic import KINDS  # noqa: E402
 KIND_COUNT = len(KINDS)  # synthetic anomalies per validation normal, in this order after the normals
 
 
+RULES = ("current", "tie 0.02", "worst-kind z", "z cap 3")
+
+
 def worst_z(scores: np.ndarray, labels: np.ndarray, kinds: list[str]) -> float:
     normal = scores[labels == 0]
     sd = normal.std(ddof=1) + 1e-12
@@ -52,7 +59,7 @@ def choose(rule: str, val: dict, idx: np.ndarray) -> dict:
     labels, kinds = val["labels"][idx], [val["kinds"][i] for i in idx]
     vs = ValidationSet("synthetic", [], labels, kinds, [])
     cols = {c: s[idx] for c, s in val["columns"].items()}
-    std = {c: s[idx] for c, s in val["standardised"].items()}
+    std = {c: s[idx] if rule != "z cap 3" else np.clip(s[idx], -3.0, 3.0) for c, s in val["standardised"].items()}
     rows = [{"candidate": c, **vs.metrics(cols[c])} for c in cols]
     tried = options.rank_options(rows, cols, std, vs.metrics, 3, tie=0.02 if rule == "tie 0.02" else options.TIE)
     if rule != "worst-kind z":
@@ -70,6 +77,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--budget", type=float, default=1500.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dump", help="pickle the validation and test scores here (to study other rules offline)")
     bench.add_speck_argument(p)
     args = p.parse_args()
     if args.speck_px is None and args.speck_contrast is None:
@@ -109,6 +117,10 @@ def main() -> None:
         stats = bench.kind_stats(s, normal, kinds_of, bench.TEXTURE_DEFECTS)
         return [stats[k] - best[k] for k in bench.TEXTURE_DEFECTS]
 
+    if args.dump:
+        with open(args.dump, "wb") as f:
+            pickle.dump(dict(val=captured, test_cols=test_cols, test_std=test_std, normal=normal, kinds=kinds_of,
+                             best=best), f)
     n_val = int((captured["labels"] == 0).sum())
     rng = np.random.default_rng(args.seed)
     print("\n| validation normals | rule | " + " | ".join(f"{k} minus best single" for k in bench.TEXTURE_DEFECTS)
@@ -117,7 +129,7 @@ def main() -> None:
     for size in sorted({min(10, n_val), min(20, n_val), n_val}):
         draws = [np.arange(n_val)] if size == n_val else \
             [np.sort(rng.choice(n_val, size, replace=False)) for _ in range(args.draws)]
-        for rule in ("current", "tie 0.02", "worst-kind z"):
+        for rule in RULES:
             diffs = []
             for normals in draws:
                 idx = np.r_[normals, [n_val + KIND_COUNT * i + j for i in normals for j in range(KIND_COUNT)]]
