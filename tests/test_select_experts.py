@@ -25,7 +25,9 @@ from fiftyone_anomaly_vlm.datasets import make_texture_dataset
 from fiftyone_anomaly_vlm.calibration import calibrated_arrays
 from fiftyone_anomaly_vlm.experts.combined import CompositeExpert
 from fiftyone_anomaly_vlm.experts.head import fit_supervised_head, pooled_projection, project
+from fiftyone_anomaly_vlm.experts import select as select_module
 from fiftyone_anomaly_vlm.experts.record import member_calibration
+from fiftyone_anomaly_vlm.models.line_inference import score_scale
 from fiftyone_anomaly_vlm.experts.synthetic import KINDS, synthetic_anomalies
 from fiftyone_anomaly_vlm.experts.selection_report import FEW_NORMALS, evidence_note
 from fiftyone_anomaly_vlm.images import DecodedImages
@@ -58,9 +60,34 @@ def selected(textures):
     """select_experts on synthetic anomalies: the texture expert, PaDiM and a DFKDE that cannot fit."""
     ds = textures
     bad = {"name": "dfkde_bad", "model": "dfkde", "model_kwargs": {"n_pca_components": 500}}
-    fav.select_experts(ds.match_tags("good"), candidates=[TEXTURE, "padim", bad], key="auto", selection_share=0.4,
-                       keep_candidates=True, **COMMON)
+    rank = select_module.rank_options
+
+    def keep_ranked(rows, columns, standardised, *args):  # what the options were ranked on, checked below
+        RANKED.update(columns=dict(columns), standardised=dict(standardised))
+        return rank(rows, columns, standardised, *args)
+    select_module.rank_options = keep_ranked
+    try:
+        fav.select_experts(ds.match_tags("good"), candidates=[TEXTURE, "padim", bad], key="auto",
+                           selection_share=0.4, keep_candidates=True, **COMMON)
+    finally:
+        select_module.rank_options = rank
     return ds
+
+
+RANKED: dict = {}
+
+
+def test_options_are_ranked_on_the_candidates_recorded_calibration(selected):
+    # the scales the chosen composite combines at scoring time: each candidate's calibrated share of its own
+    # held-out normals and its standardised score, from its recorded calibration (they were once anomalib's
+    # own [0, 1] normalisation, clipped, for both: the fit's return carried no calibration)
+    assert set(RANKED["columns"]) == {"texture", f"padim_{SIZE}"}
+    for name, calibrated in RANKED["columns"].items():
+        cal = member_calibration(fav.load_expert(selected, f"auto__{name}"))
+        c, _, scale = score_scale(cal.image_scores)
+        raw = np.median(c) + scale * RANKED["standardised"][name]
+        np.testing.assert_allclose(cal.normalize_scores(raw), calibrated, rtol=1e-6, atol=1e-9)
+        assert ((calibrated > 0) & (calibrated < 1)).all() and np.ptp(RANKED["standardised"][name]) > 1
 
 
 def test_selection_on_synthetic_anomalies_records_the_table(selected):

@@ -266,6 +266,7 @@ def select_experts(
                                      device=device, batch_size=batch_size, seed=seed, threshold=threshold,
                                      threshold_param=threshold_param, overwrite=True, progress=progress)
             row["fit_s"] = round(time.perf_counter() - t0, 1)
+            # on the recorded calibration: the scales the chosen composite combines at scoring time
             scores, standard = _candidate_scores(spec, val.images, cand.image_size, device, batch_size)
         except Exception as exc:  # noqa: BLE001 - a candidate that fails is listed, the others go on
             logger.warning("select_experts: candidate %s failed: %s", cand.name, exc)

@@ -38,7 +38,7 @@ from ..models.anomalib_build import min_training_images
 from ..models.progress import phase_bar
 from ..runs import ExpertRunConfig, expert_run_key
 from .fits import FitFolder
-from .record import Expert, jsonable
+from .record import Expert, jsonable, load_expert
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +184,7 @@ def fit_single_expert(
             tile_image_score=tile_image_score if tiling else None,
         )
         fit.commit(config, run_key)
-    return Expert(key=key, run_key=run_key, model=model, model_class=expert.model_class, checkpoint=checkpoint,
-                  image_size=size)
+    return load_expert(dataset, key)  # as recorded: with its calibration and the rest of its options
 
 
 def holdout_split(paths: list[str], holdout: float, seed: int, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
