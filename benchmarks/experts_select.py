@@ -201,7 +201,7 @@ def textures(args) -> None:
     good = ds.match_tags("good")
     train = ds.match_tags("train")
     rest_ids = good.match_tags("train", bool=False).values("id")
-    val_good_ids = rest_ids[:10]
+    val_good_ids = rest_ids[:args.val_normals]
     anomalous_ids = ds.match(F("ground_truth.label") == "anomalous").values("id")
     rng = np.random.default_rng(args.seed)
     val_anom_ids = list(rng.choice(anomalous_ids, 10, replace=False))
@@ -251,6 +251,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--normal", type=int, default=120)
     p.add_argument("--per-defect", type=int, default=30)
+    p.add_argument("--val-normals", type=int, default=10, help="good validation images (textures)")
     p.add_argument("--budget", type=float, default=900.0)
     p.add_argument("--elpv-train", type=int, default=150)
     p.add_argument("--elpv-test", type=int, default=300)

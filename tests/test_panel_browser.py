@@ -261,18 +261,19 @@ def _choose(driver, current: str, value: str) -> None:
         return next((o for o in driver.find_elements(By.CSS_SELECTOR, "li[role=option]") if o.text == value), None)
 
     for attempt in range(3):  # on 2 loaded cores a click during a re-render can land before the menu listens
-        box = _combobox(driver, current)
-        driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
-        ActionChains(driver).move_to_element(box).click().perform()
         try:
-            option = _wait(f"option {value!r}", listed, 10)
+            box = _combobox(driver, current)
+            driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
+            ActionChains(driver).move_to_element(box).click().perform()
+            _wait(f"option {value!r}", listed, 10)
             break
-        except AssertionError:
+        except (AssertionError, StaleElementReferenceException):  # no menu, or the box redrawn under the click
             if attempt == 2:
                 raise
             if driver.find_elements(By.CSS_SELECTOR, "li[role=option]"):  # a menu without it: close, reopen
                 ActionChains(driver).move_to_element(_combobox(driver, current)).click().perform()
-    option.click()
+    # the option itself may be redrawn between finding and clicking it: find it again
+    _wait(f"option {value!r} clicked", lambda: (lambda o: o is not None and (o.click() or True))(listed()), 10)
     _combobox(driver, value)
 
 
