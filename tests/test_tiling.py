@@ -84,7 +84,7 @@ def _save(path, arr, **kw):
 def tiled():
     """Tiny parts set with a tiled PaDiM expert (random resnet18 layer1, 64 px tiles every 32 px)."""
     name = f"fav-tiling-{uuid.uuid4().hex[:6]}"
-    ds = make_parts_dataset(name, num_normal=6, num_anomalous=2, size=96, seed=5, train_fraction=0.67)
+    ds = make_parts_dataset(name, num_normal=9, num_anomalous=2, size=96, seed=5, train_fraction=0.67)
     fav.fit_expert(ds.match_tags("train"), key="tiled", tile_size=TILE, tile_stride=STRIDE, **KW)
     yield ds
     fo.delete_dataset(name)
