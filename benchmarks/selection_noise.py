@@ -15,6 +15,10 @@ with its own synthetic anomalies) and on all of them, under:
   sums are ranked: a synthetic anomaly a member scores far beyond its normals then cannot carry a small weight
   of that member past the others' noise (a faint real defect would not).
 
+* ``current + calibration normals``: the current rule on the set ``select_experts`` now ranks on: those
+  validation normals plus the good images the candidates held out for calibration (and their synthetic
+  anomalies).
+
 Each row: the chosen option's test AUROC minus the best single candidate's, per kind, averaged over draws,
 and the mean of the worst kind; the last row is the option ranked first on the test labels (the oracle: the
 most any choice among these candidates reaches). ~15 min on 2 CPU cores.
@@ -121,7 +125,9 @@ def main() -> None:
         with open(args.dump, "wb") as f:
             pickle.dump(dict(val=captured, test_cols=test_cols, test_std=test_std, normal=normal, kinds=kinds_of,
                              best=best), f)
-    n_val = int((captured["labels"] == 0).sum())
+    n_all = int((captured["labels"] == 0).sum())  # the validation normals, then the calibration hold-out's
+    n_val = len(val_ids)
+    calibration = np.arange(n_val, n_all)
     rng = np.random.default_rng(args.seed)
     print("\n| validation normals | rule | " + " | ".join(f"{k} minus best single" for k in bench.TEXTURE_DEFECTS)
           + " | worst kind, mean | draws |")
@@ -129,13 +135,16 @@ def main() -> None:
     for size in sorted({min(10, n_val), min(20, n_val), n_val}):
         draws = [np.arange(n_val)] if size == n_val else \
             [np.sort(rng.choice(n_val, size, replace=False)) for _ in range(args.draws)]
-        for rule in RULES:
+        for rule in RULES + ("current + calibration normals",):
             diffs = []
             for normals in draws:
-                idx = np.r_[normals, [n_val + KIND_COUNT * i + j for i in normals for j in range(KIND_COUNT)]]
-                diffs.append(minus_best(choose(rule, captured, idx)))
+                if rule.endswith("calibration normals"):  # select_experts' own set: these and the hold-out's
+                    normals = np.r_[normals, calibration]
+                idx = np.r_[normals, [n_all + KIND_COUNT * i + j for i in normals for j in range(KIND_COUNT)]]
+                diffs.append(minus_best(choose(rule.split(" + ")[0], captured, idx)))
             d = np.array(diffs)
-            print(f"| {size} | {rule} | " + " | ".join(f"{x:+.3f}" for x in d.mean(0))
+            label = f"{size} + {len(calibration)}" if rule.endswith("normals") else str(size)
+            print(f"| {label} | {rule} | " + " | ".join(f"{x:+.3f}" for x in d.mean(0))
                   + f" | {d.min(1).mean():+.3f} | {len(d)} |", flush=True)
     oracle_name, oracle, note = bench.oracle_row(test_rows, (test_cols, test_std), bench.TEXTURE_DEFECTS)
     d = [oracle[k] - best[k] for k in bench.TEXTURE_DEFECTS]

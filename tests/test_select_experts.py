@@ -32,6 +32,7 @@ from fiftyone_anomaly_vlm.experts.synthetic import KINDS, synthetic_anomalies
 from fiftyone_anomaly_vlm.experts.selection_report import FEW_NORMALS, evidence_note
 from fiftyone_anomaly_vlm.images import DecodedImages
 from fiftyone_anomaly_vlm.metrics import auroc
+from fiftyone_anomaly_vlm.runs import expert_run_key, expert_state
 from test_panel_browser import (_input_after_label, _notification, _text, _thumbnails_drawn, _wait, browser,  # noqa: F401 - fixture
                                 fill_and_execute, open_operator_form, run_operator, save_png, served_app)
 
@@ -119,6 +120,15 @@ def test_selection_on_synthetic_anomalies_records_the_table(selected):
     text = fav.format_selection(ds, "auto")
     assert "dfkde_bad" in text and "chosen:" in text and "spot " in text
     assert sel["num_normal"] < FEW_NORMALS and f"note: few validation normals ({sel['num_normal']})" in text
+    # the validation normals: the held-out selection share, then the good images every candidate held out for its
+    # calibration (none trained on them; the same for all: the hold-out is per image)
+    good = ds.match_tags("good").count()
+    held = {name: set(expert_state(ds, expert_run_key(f"auto__{name}"))["holdout_ids"])
+            for name in ("texture", f"padim_{SIZE}")}
+    assert held["texture"] == held[f"padim_{SIZE}"] and sel["num_calibration_normals"] == len(held["texture"]) > 0
+    assert sel["num_normal"] == round(0.4 * good) + len(held["texture"])
+    assert sel["num_anomalous"] == len(KINDS) * sel["num_normal"]
+    assert f"{len(held['texture'])} of them the candidates' calibration hold-out" in text
     # the chosen expert scores like any expert: global defects stand out
     test = ds.match_tags("train", bool=False)
     fav.score(test, expert="auto", progress=False)

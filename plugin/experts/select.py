@@ -231,7 +231,7 @@ def select_experts(
     cands = resolve_candidates(candidates, int(image_size), backbone, int(n_train * (1 - selection_share) * (1 - holdout)))
     size = max(c.image_size for c in cands)
     val, fit_view = validation_set(train_view, val_view, gt_field, positive, synthetic, selection_share, seed, size,
-                                   kind_field)
+                                   kind_field, holdout)
 
     # the budget: every candidate's cost estimated from a timed forward pass of its backbone
     bb = backbone or fbb.default_offline_backbone() or "resnet18"
@@ -324,6 +324,7 @@ def select_experts(
         "validation": val.mode,
         "generators": {k: GENERATORS[k] for k in KINDS} if val.mode == "synthetic" else None,
         "num_normal": int((val.labels == 0).sum()), "num_anomalous": int(val.labels.sum()),
+        "num_calibration_normals": val.num_calibration_normals,
         "objective": ("AUROC on labelled anomalies (then AP)" if val.mode == "labelled" and "shortfall" not in chosen else
                       f"smallest shortfall on the worst kind of {kind_field!r} against the best single candidate on "
                       "that kind, then AUROC on labelled anomalies" if val.mode == "labelled" else

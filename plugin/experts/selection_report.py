@@ -33,6 +33,13 @@ def chosen_text(chosen: dict[str, Any]) -> str:
     return " + ".join(chosen["members"])
 
 
+def normals_text(sel: dict[str, Any]) -> str:
+    """``"40 normal"``, or ``"40 normal, 12 of them the candidates' calibration hold-out"`` (records from before
+    that reuse have no count)."""
+    n = sel.get("num_calibration_normals") or 0
+    return f"{sel['num_normal']} normal" + (f", {n} of them the candidates' calibration hold-out" if n else "")
+
+
 def evidence_note(sel: dict[str, Any]) -> str | None:
     """A note when the validation set is small: the 95 % half-width of one kind's AUROC there (Hanley-McNeil at
     AUROC 0.7), and what to do. None with :data:`FEW_NORMALS` or more normals."""
@@ -55,7 +62,7 @@ def format_selection(samples, key: str) -> str:
     if not sel:
         return f"expert {key!r} was not chosen by select_experts"
     lines = [f"validated on {sel['validation']} anomalies ({sel['num_anomalous']} anomalous, "
-             f"{sel['num_normal']} normal); ranked by {sel['objective']}"]
+             f"{normals_text(sel)}); ranked by {sel['objective']}"]
     note = evidence_note(sel)
     if note:
         lines.append("note: " + note)
@@ -100,7 +107,7 @@ def selection_markdown(samples, key: str) -> str | None:
     synthetic = sel["validation"] == "synthetic"
     head = "| candidate | status | AUROC | " + ("local | global |" if synthetic else "AP |") + " fit s |"
     lines = [f"**{key}**: chosen **{chosen_text(sel['chosen'])}** on {sel['validation']} anomalies "
-             f"({sel['num_anomalous']} anomalous, {sel['num_normal']} normal)", "", head,
+             f"({sel['num_anomalous']} anomalous, {normals_text(sel)})", "", head,
              "|---|---|---:|" + ("---:|---:|" if synthetic else "---:|") + "---:|"]
     note = evidence_note(sel)
     if note:

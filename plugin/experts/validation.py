@@ -18,7 +18,7 @@ import torch
 import fiftyone as fo
 
 from .._common import check_image_collection
-from ..images import DecodedImages
+from ..images import DecodedImages, ImageLoadError, check_image
 from ..metrics import auroc, binary_image_metrics
 from .single import holdout_split
 from .synthetic import KINDS, family, synthetic_anomalies
@@ -39,6 +39,8 @@ class ValidationSet:
     labels: np.ndarray  # 1 = anomalous
     kinds: list[str]  # "normal", the positive label or the anomaly's kind_field value (labelled), a synthetic kind
     normal_ids: list[str]
+    #: of the normals (synthetic mode), how many are the candidates' calibration hold-out (the last ones)
+    num_calibration_normals: int = 0
 
     def _per_kind(self, scores: np.ndarray, kinds: list[str]) -> dict[str, float]:
         """AUROC of each kind of anomaly against the normals."""
@@ -84,9 +86,32 @@ def labels_of(view, gt_field: str, positive: str,
     return ids, paths, y, [str(k if k is not None else positive) if v else "normal" for v, k in zip(y, values)]
 
 
+def calibration_normals(fit_view, holdout: float, seed: int) -> tuple[list[str], list[str]]:
+    """(ids, paths) of the good images every candidate fitted on ``fit_view`` holds out for its calibration: of
+    the images that decode, those :func:`.single.holdout_split` holds out with the same ``holdout`` and ``seed``
+    (per image, so the same for every candidate), as ``fit_expert`` chooses them."""
+    ids, paths = [], []
+    for sid, path in zip(*fit_view.values(["id", "filepath"])):
+        try:
+            check_image(path, None)
+        except ImageLoadError:  # fit_expert skips it too
+            continue
+        ids.append(sid)
+        paths.append(path)
+    held = holdout_split(paths, holdout, seed)[0]
+    return [ids[i] for i in held], [paths[i] for i in held]
+
+
 def validation_set(train_view, val_view, gt_field: str, positive: str, synthetic: bool, selection_share: float,
-                    seed: int, size: int, kind_field: str | None = None) -> tuple[ValidationSet, Any]:
-    """The validation set and the view the candidates are fitted on (checks the bad inputs first)."""
+                    seed: int, size: int, kind_field: str | None = None,
+                    holdout: float | None = None) -> tuple[ValidationSet, Any]:
+    """The validation set and the view the candidates are fitted on (checks the bad inputs first).
+
+    On synthetic anomalies, ``holdout`` (the candidates' calibration share) adds the good images the candidates
+    hold out for calibration to the validation normals, each with its synthetic anomalies: none of the
+    candidates trained on them either, and with ten validation normals the choice between near-equal options is
+    mostly chance (benchmarks/selection_noise.py). A candidate's own AUROC is unchanged by its calibration having
+    seen them (the calibration is monotone in its raw score)."""
     train_ids, train_paths = train_view.values(["id", "filepath"])
     if val_view is not None:
         check_image_collection(val_view, "select_experts")
@@ -120,10 +145,11 @@ def validation_set(train_view, val_view, gt_field: str, positive: str, synthetic
         fit_view = train_view.select([train_ids[i] for i in rest], ordered=False)
     if len(normal_paths) < 3:
         raise ValueError(f"synthetic anomalies need 3+ good validation images, got {len(normal_paths)}")
-    normals = decode_square(normal_paths, size)
+    extra_ids, extra_paths = calibration_normals(fit_view, holdout, seed) if holdout else ([], [])
+    normals = decode_square(list(normal_paths) + extra_paths, size)
     anomalies, kinds = synthetic_anomalies(normals, KINDS, seed=seed)
     labels = np.array([0] * len(normals) + [1] * len(anomalies))
     return ValidationSet("synthetic", normals + anomalies, labels, ["normal"] * len(normals) + kinds,
-                          list(normal_ids)), fit_view
+                          list(normal_ids) + extra_ids, len(extra_ids)), fit_view
 
 
