@@ -310,6 +310,8 @@ def test_select_experts_from_the_app_shows_the_table(textures, browser):
               in _text(driver), 30)
         assert "Supervised head: not used (no labelled anomalies)" in _text(driver)
         assert "Note: few validation normals" in _text(driver)  # the small validation set, said where the user is
+        n_cal = sel["num_calibration_normals"]  # the normals include the candidates' calibration hold-out, and say so
+        assert n_cal > 0 and f"{n_cal} of them the candidates' calibration hold-out" in _text(driver)
         save_png(driver, "app-select-experts-table")
         _close_form(driver)
 

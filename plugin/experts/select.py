@@ -8,9 +8,10 @@ dataset needs, with which layers and size, is found here by measuring, not guess
    :func:`~fiftyone_anomaly_vlm.fit_expert` does (a candidate that fails is listed with its error; one whose
    estimated cost no longer fits the time budget is skipped and listed);
 2. each scores a validation set: the labelled anomalies and normals of ``val_view`` when it has some (AUROC,
-   then AP), otherwise synthetic anomalies made from good images none of the candidates trained on (local
-   and global kinds, small spots and scratches among the local ones, :mod:`.synthetic`; a candidate's
-   objective is the mean of its local and its global AUROC, so both kinds count);
+   then AP), otherwise synthetic anomalies made from good images none of the candidates trained on: the
+   validation images and the candidates' calibration hold-out (local and global kinds, small spots and
+   scratches among the local ones, :mod:`.synthetic`; a candidate's objective is the mean of its local and
+   its global AUROC, so both kinds count);
 3. the best single candidate and the best ensemble of 2-``max_members`` of the best candidates are compared,
    each ensemble as the mean and as the max of its members' calibrated scores and as weighted sums of their
    standardised scores (:mod:`.combined`: the max and the weights keep a patch member's alarm on a speck that a
@@ -170,7 +171,8 @@ def select_experts(
         val_view: validation samples: with labelled anomalies (``gt_field`` label ``positive``; 2+ of each class,
             5-20 anomalies are plenty) the candidates are ranked by AUROC (then AP) on them; with good samples
             only, synthetic anomalies are made from those. None: a ``selection_share`` of ``train_view`` is held
-            out of fitting and synthetic anomalies are made from it.
+            out of fitting and synthetic anomalies are made from it. On synthetic anomalies the good images the
+            candidates hold out for calibration (``holdout``) join the validation normals, with theirs.
         candidates: ``"auto"`` (:func:`.candidates.auto_candidates`: PaDiM at two sizes, PatchCore, DFM, DFKDE,
             two texture-statistics experts) or a list of model names, ``{"name", "model", "image_size",
             "model_kwargs"}`` dicts or :class:`Candidate` objects.
