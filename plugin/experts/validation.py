@@ -18,9 +18,9 @@ import torch
 import fiftyone as fo
 
 from .._common import check_image_collection
-from ..images import DecodedImages, ImageLoadError, check_image
+from ..images import DecodedImages
 from ..metrics import auroc, binary_image_metrics
-from .single import holdout_split
+from .single import decodable_images, holdout_split
 from .synthetic import KINDS, family, synthetic_anomalies
 
 
@@ -90,14 +90,7 @@ def calibration_normals(fit_view, holdout: float, seed: int) -> tuple[list[str],
     """(ids, paths) of the good images every candidate fitted on ``fit_view`` holds out for its calibration: of
     the images that decode, those :func:`.single.holdout_split` holds out with the same ``holdout`` and ``seed``
     (per image, so the same for every candidate), as ``fit_expert`` chooses them."""
-    ids, paths = [], []
-    for sid, path in zip(*fit_view.values(["id", "filepath"])):
-        try:
-            check_image(path, None)
-        except ImageLoadError:  # fit_expert skips it too
-            continue
-        ids.append(sid)
-        paths.append(path)
+    ids, paths, _images, _errors = decodable_images(fit_view, None, False)
     held = holdout_split(paths, holdout, seed)[0]
     return [ids[i] for i in held], [paths[i] for i in held]
 
