@@ -272,8 +272,14 @@ def _choose(driver, current: str, value: str) -> None:
                 raise
             if driver.find_elements(By.CSS_SELECTOR, "li[role=option]"):  # a menu without it: close, reopen
                 ActionChains(driver).move_to_element(_combobox(driver, current)).click().perform()
-    # the option itself may be redrawn between finding and clicking it: find it again
-    _wait(f"option {value!r} clicked", lambda: (lambda o: o is not None and (o.click() or True))(listed()), 10)
+    def click_listed() -> bool:  # the option may be redrawn between finding and clicking it: _wait finds it again
+        option = listed()
+        if option is None:
+            return False
+        option.click()
+        return True
+
+    _wait(f"option {value!r} clicked", click_listed, 10)
     _combobox(driver, value)
 
 
