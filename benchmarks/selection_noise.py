@@ -135,16 +135,17 @@ def main() -> None:
     for size in sorted({min(10, n_val), min(20, n_val), n_val}):
         draws = [np.arange(n_val)] if size == n_val else \
             [np.sort(rng.choice(n_val, size, replace=False)) for _ in range(args.draws)]
-        for rule in RULES + ("current + calibration normals",):
+        # each rule on the drawn validation normals; the current one also with the calibration hold-out's added
+        # (select_experts' own set)
+        for rule, extra in [(r, np.arange(0)) for r in RULES] + [("current", calibration)]:
             diffs = []
             for normals in draws:
-                if rule.endswith("calibration normals"):  # select_experts' own set: these and the hold-out's
-                    normals = np.r_[normals, calibration]
+                normals = np.r_[normals, extra]
                 idx = np.r_[normals, [n_all + KIND_COUNT * i + j for i in normals for j in range(KIND_COUNT)]]
-                diffs.append(minus_best(choose(rule.split(" + ")[0], captured, idx)))
+                diffs.append(minus_best(choose(rule, captured, idx)))
             d = np.array(diffs)
-            label = f"{size} + {len(calibration)}" if rule.endswith("normals") else str(size)
-            print(f"| {label} | {rule} | " + " | ".join(f"{x:+.3f}" for x in d.mean(0))
+            label, name = (f"{size} + {len(extra)}", f"{rule} + calibration normals") if len(extra) else (size, rule)
+            print(f"| {label} | {name} | " + " | ".join(f"{x:+.3f}" for x in d.mean(0))
                   + f" | {d.min(1).mean():+.3f} | {len(d)} |", flush=True)
     oracle_name, oracle, note = bench.oracle_row(test_rows, (test_cols, test_std), bench.TEXTURE_DEFECTS)
     d = [oracle[k] - best[k] for k in bench.TEXTURE_DEFECTS]
