@@ -58,6 +58,22 @@ def _holdout_ids(dataset, key: str) -> set[str]:
     return set(expert_state(dataset, expert_run_key(key))["holdout_ids"] or [])
 
 
+def group_values(view, group_by: str) -> list:
+    """The values of ``group_by`` on ``view`` (None left out), as ``fit_expert(group_by=...)`` fits one expert per
+    value.
+
+    Raises:
+        ValueError: ``group_by`` is not a field of the samples, or holds no value on them.
+    """
+    try:
+        values = [v for v in view.distinct(group_by) if v is not None]
+    except Exception as exc:  # noqa: BLE001 - FiftyOne raises several kinds for a bad path
+        raise ValueError(f"group_by {group_by!r} is not a field of the samples: {exc}") from None
+    if not values:
+        raise ValueError(f"group_by {group_by!r} holds no value on these samples")
+    return values
+
+
 def register_composite(samples, key: str, members: dict[str, list[str]], *, group_field: str | None, image_size,
               calibration_ids: list[str], owned: list[str], kind: str, threshold: str,
               threshold_param: float | None, batch_size: int, seed: int, device, progress,
@@ -141,12 +157,7 @@ def fit_grouped_expert(samples, group_by: str, model: str = "padim", key: str | 
     key = check_key(key or model.replace("-", "_"))
     dataset = samples._root_dataset
     _check_new_key(dataset, key, overwrite)
-    try:
-        values = [v for v in samples.distinct(group_by) if v is not None]
-    except Exception as exc:  # noqa: BLE001 - FiftyOne raises several kinds for a bad path
-        raise ValueError(f"group_by {group_by!r} is not a field of the samples: {exc}") from None
-    if not values:
-        raise ValueError(f"group_by {group_by!r} holds no value on these samples")
+    values = group_values(samples, group_by)
     missing = samples.exists(group_by, False).count()
     if missing:
         logger.warning("fit_expert: %d samples have no %s value and are left out of training", missing, group_by)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -55,9 +56,9 @@ from ..runs import delete_expert_runs, expert_run_key, expert_state
 from .candidates import Candidate, resolve_candidates
 from .combined import ALL
 from .options import combined_scores, rank_options
-from .grouped import register_composite
+from .grouped import fit_grouped_expert, register_composite
 from .head import fit_supervised_head, pooled_descriptors, pooled_projection, project
-from .record import Expert, load_expert, member_calibration
+from .record import Expert, list_experts, load_expert, member_calibration
 from .single import fit_single_expert
 from .synthetic import GENERATORS, KINDS, LOCAL_KINDS
 from .validation import decode_square, validation_set
@@ -86,10 +87,11 @@ def _forward_seconds(backbone: str, size: int, device: torch.device, batch: int 
     return min(times) / batch
 
 
-def _candidate_scores(spec: Expert, images: list[torch.Tensor], size: int, device,
-                      batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _candidate_scores(spec: Expert, images: list[torch.Tensor], size: int, device, batch_size: int,
+                      group_by: str | None = None, groups: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Calibrated and standardised image scores of a fitted candidate on ``images`` (resized to ``size`` when
-    they differ; a candidate that calibrates itself: its score twice)."""
+    they differ; a candidate that calibrates itself: its score twice). A candidate fitted per group
+    (``group_by``) scores each image with its group's member, picked by ``groups``, as at scoring time."""
     model = spec.load(device=device)
     cal = member_calibration(spec)
     out, standard = [], []
@@ -97,7 +99,8 @@ def _candidate_scores(spec: Expert, images: list[torch.Tensor], size: int, devic
         x = torch.stack([t.float() for t in images[start:start + batch_size]])
         if tuple(x.shape[-2:]) != (size, size):
             x = nnf.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        output = model.predict(x)
+        output = (model.predict(x, fields={group_by: groups[start:start + batch_size]}) if group_by else
+                  model.predict(x))
         scores, _, _, _ = calibrated_arrays(output, cal)
         out.append(scores)
         standard.append(scores if cal is None or output.raw_score is None else
@@ -144,6 +147,7 @@ def select_experts(
     gt_field: str = "ground_truth",
     positive: str = "anomalous",
     kind_field: str | None = None,
+    group_by: str | None = None,
     synthetic: bool = True,
     budget_s: float = 600.0,
     image_size: int = 128,
@@ -185,6 +189,11 @@ def select_experts(
             shortfall on the worst kind against the best single candidate on that kind, then by AUROC. With a
             handful of anomalies per kind the per-kind AUROCs are coarse; without it, one AUROC over all
             anomalies favours the kind that has the most of them.
+        group_by: a sample field (``"cell_type.label"``, ``"camera"``...): every candidate is fitted one expert per
+            group, as ``fit_expert(group_by=...)`` does, and the options combine these per-group candidates (on
+            ELPV: PaDiM and PatchCore per cell type). Each validation image is scored by its group's member (a
+            synthetic anomaly by its good image's); labelled validation samples of a group without training
+            samples fail before any fit. No pooled features for the supervised head (scores only).
         synthetic: allow synthetic anomalies when no labelled anomaly is given.
         budget_s: wall-clock budget in seconds for fitting and scoring the candidates. Each candidate's cost is
             estimated from a timed forward pass of its backbone; one that would end past the budget is
@@ -233,14 +242,14 @@ def select_experts(
     cands = resolve_candidates(candidates, int(image_size), backbone, int(n_train * (1 - selection_share) * (1 - holdout)))
     size = max(c.image_size for c in cands)
     val, fit_view = validation_set(train_view, val_view, gt_field, positive, synthetic, selection_share, seed, size,
-                                   kind_field, holdout)
+                                   kind_field, holdout, group_by)
 
     # the budget: every candidate's cost estimated from a timed forward pass of its backbone
     bb = backbone or fbb.default_offline_backbone() or "resnet18"
     n_fit = fit_view.count()
     per_image = {s: _forward_seconds(bb, s, dev) for s in {c.image_size for c in cands}}
     estimates = {c.name: _FIXED_S + per_image[c.image_size] * _COST.get(name_key(c.model), 1.0)
-                 * (n_fit * (1 + holdout) + len(val.images)) * 1.5 for c in cands}
+                 * (n_fit * (1 + holdout * (2 if group_by else 1)) + len(val.images)) * 1.5 for c in cands}
     cheapest = min(estimates.values())
     if cheapest > budget_s:
         raise ValueError(f"budget_s={budget_s:g} s is too small for any candidate: the cheapest "
@@ -262,18 +271,21 @@ def select_experts(
             continue
         member = f"{key}__{cand.name}"
         t0 = time.perf_counter()
+        fit = partial(fit_grouped_expert, fit_view, group_by) if group_by else partial(fit_single_expert, fit_view)
         try:
-            spec = fit_single_expert(fit_view, cand.model, member, pretrained=pretrained, backbone=backbone,
+            spec = fit(cand.model, member, pretrained=pretrained, backbone=backbone,
                                      image_size=cand.image_size, model_kwargs=cand.model_kwargs, holdout=holdout,
                                      device=device, batch_size=batch_size, seed=seed, threshold=threshold,
                                      threshold_param=threshold_param, overwrite=True, progress=progress)
             row["fit_s"] = round(time.perf_counter() - t0, 1)
             # on the recorded calibration: the scales the chosen composite combines at scoring time
-            scores, standard = _candidate_scores(spec, val.images, cand.image_size, device, batch_size)
+            scores, standard = _candidate_scores(spec, val.images, cand.image_size, device, batch_size, group_by,
+                                                 val.groups)
         except Exception as exc:  # noqa: BLE001 - a candidate that fails is listed, the others go on
             logger.warning("select_experts: candidate %s failed: %s", cand.name, exc)
             row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-            delete_expert_runs(dataset, [member])
+            # with its groups' experts when a later group failed
+            delete_expert_runs(dataset, [member] + [e for e in list_experts(dataset) if e.startswith(member + "__")])
             continue
         row.update(status="fitted", total_s=round(time.perf_counter() - t0, 1), **val.metrics(scores))
         ratios.append(row["total_s"] / estimates[cand.name])
@@ -295,8 +307,8 @@ def select_experts(
         kinds = {c.name: name_key(c.model) for c in cands}
         ranked = list(dict.fromkeys(m for t in tried if len(t["members"]) == 1 for m in t["members"]))
         order = [n for n in names if kinds[n] == "texturestats"] + [n for n in ranked if kinds[n] != "texturestats"]
-        pooled, z = _pooled_features(key, order, {c.name: c.image_size for c in cands}, fit_view, val, device,
-                                     batch_size, seed)
+        pooled, z = (None, None) if group_by else _pooled_features(
+            key, order, {c.name: c.image_size for c in cands}, fit_view, val, device, batch_size, seed)
         features = np.stack([columns[n] for n in names], axis=1)
         feature_names = list(names)
         if pooled is not None:
@@ -306,7 +318,8 @@ def select_experts(
                                         combined_scores(chosen, columns, standardised), seed)
         head_info["pooled_features"] = (f"{pooled['member_name']}'s pooled backbone statistics, PCA to "
                                         f"{z.shape[1]} (fitted on {pooled['num_fit']} training and validation images)"
-                                        if pooled is not None else "none (no candidate's backbone could be pooled)")
+                                        if pooled is not None else "none (candidates fitted per group)" if group_by
+                                        else "none (no candidate's backbone could be pooled)")
         if head_info["used"]:
             members = names
             coef = head_info["coef"]
@@ -326,7 +339,7 @@ def select_experts(
         "validation": val.mode,
         "generators": {k: GENERATORS[k] for k in KINDS} if val.mode == "synthetic" else None,
         "num_normal": int((val.labels == 0).sum()), "num_anomalous": int(val.labels.sum()),
-        "num_calibration_normals": val.num_calibration_normals,
+        "num_calibration_normals": val.num_calibration_normals, "group_by": group_by,
         "objective": ("AUROC on labelled anomalies (then AP)" if val.mode == "labelled" and "shortfall" not in chosen else
                       f"smallest shortfall on the worst kind of {kind_field!r} against the best single candidate on "
                       "that kind, then AUROC on labelled anomalies" if val.mode == "labelled" else

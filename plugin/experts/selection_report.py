@@ -40,6 +40,13 @@ def normals_text(sel: dict[str, Any]) -> str:
     return f"{sel['num_normal']} normal" + (f", {n} of them the candidates' calibration hold-out" if n else "")
 
 
+def validated_text(sel: dict[str, Any]) -> str:
+    """``"synthetic anomalies (70 anomalous, 10 normal)"``, with ``"; candidates fitted one per <field>"`` when they
+    were (``group_by``)."""
+    per = f"; candidates fitted one per {sel['group_by']}" if sel.get("group_by") else ""
+    return f"{sel['validation']} anomalies ({sel['num_anomalous']} anomalous, {normals_text(sel)}{per})"
+
+
 def evidence_note(sel: dict[str, Any]) -> str | None:
     """A note when the validation set is small: the 95 % half-width of one kind's AUROC there (Hanley-McNeil at
     AUROC 0.7), and what to do. None with :data:`FEW_NORMALS` or more normals."""
@@ -61,8 +68,7 @@ def format_selection(samples, key: str) -> str:
     sel = selection_table(samples, key)
     if not sel:
         return f"expert {key!r} was not chosen by select_experts"
-    lines = [f"validated on {sel['validation']} anomalies ({sel['num_anomalous']} anomalous, "
-             f"{normals_text(sel)}); ranked by {sel['objective']}"]
+    lines = [f"validated on {validated_text(sel)}; ranked by {sel['objective']}"]
     note = evidence_note(sel)
     if note:
         lines.append("note: " + note)
@@ -106,8 +112,7 @@ def selection_markdown(samples, key: str) -> str | None:
         return None
     synthetic = sel["validation"] == "synthetic"
     head = "| candidate | status | AUROC | " + ("local | global |" if synthetic else "AP |") + " fit s |"
-    lines = [f"**{key}**: chosen **{chosen_text(sel['chosen'])}** on {sel['validation']} anomalies "
-             f"({sel['num_anomalous']} anomalous, {normals_text(sel)})", "", head,
+    lines = [f"**{key}**: chosen **{chosen_text(sel['chosen'])}** on {validated_text(sel)}", "", head,
              "|---|---|---:|" + ("---:|---:|" if synthetic else "---:|") + "---:|"]
     note = evidence_note(sel)
     if note:
