@@ -26,7 +26,9 @@ from fiftyone_anomaly_vlm.calibration import calibrated_arrays
 from fiftyone_anomaly_vlm.experts.combined import CompositeExpert
 from fiftyone_anomaly_vlm.experts.head import fit_supervised_head, pooled_projection, project
 from fiftyone_anomaly_vlm.experts import select as select_module
+from fiftyone_anomaly_vlm.experts.options import rank_options
 from fiftyone_anomaly_vlm.experts.record import member_calibration
+from fiftyone_anomaly_vlm.experts.validation import ValidationSet
 from fiftyone_anomaly_vlm.models.line_inference import score_scale
 from fiftyone_anomaly_vlm.experts.synthetic import KINDS, synthetic_anomalies
 from fiftyone_anomaly_vlm.experts.selection_report import FEW_NORMALS, evidence_note
@@ -209,6 +211,27 @@ def test_selection_on_labelled_anomalies_tries_the_head_on_pooled_features(textu
     assert (recorded is None) == (not head["used"])
     if recorded is not None:
         assert recorded["members"] == ["texture"] and len(recorded["pooled"]["coef"]) == 3
+
+
+def test_labelled_anomalies_of_one_kind_rank_ensembles_by_auroc():
+    # two candidates that each see half of the anomalies: their max sees all. With labelled anomalies of one kind
+    # (no shortfall to rank by) the higher AUROC wins; fewer members win only a near-tie (once every single
+    # outranked every ensemble here, whatever their AUROCs)
+    rng = np.random.default_rng(0)
+    normal = rng.uniform(0, 0.5, (2, 20))
+    seen, unseen = rng.uniform(0.6, 1.0, (2, 10)), rng.uniform(0, 0.5, (2, 10))
+    columns = {"a": np.concatenate([normal[0], seen[0], unseen[0]]),
+               "b": np.concatenate([normal[1], unseen[1], seen[1]])}
+    labels = np.array([0] * 20 + [1] * 20)
+    val = ValidationSet("labelled", [], labels, ["normal"] * 20 + ["anomalous"] * 20, [])
+    rows = [{"candidate": n, **val.metrics(c)} for n, c in columns.items()]
+    tried = rank_options(rows, columns, columns, val.metrics, 2)
+    assert max(r["auroc"] for r in rows) < 0.85 and tried[0]["auroc"] == 1.0
+    assert sorted(tried[0]["members"]) == ["a", "b"] and tried[0]["combine"] == "max"
+    # a near-tie still goes to the single candidate
+    columns["b"] = columns["a"] + 1e-3 * rng.uniform(size=40)
+    rows = [{"candidate": n, **val.metrics(c)} for n, c in columns.items()]
+    assert len(rank_options(rows, columns, columns, val.metrics, 2)[0]["members"]) == 1
 
 
 def test_supervised_head_is_switched_on_only_when_it_beats_the_mean():

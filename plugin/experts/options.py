@@ -5,8 +5,9 @@ mean and the max of its members' calibrated scores and as weighted sums of their
 (:mod:`.combined`). On synthetic anomalies (or labelled ones named by kind) the first criterion is the
 *shortfall*: how far the option falls, on its worst kind, below the best single candidate on that kind (the
 issue's "as good as the best single expert on every kind"), so the pool holds each kind's best candidate.
-Near-ties (:data:`TIE`) go to fewer members, then the higher objective, then the simpler rule (mean, max,
-weighted; larger weights first): a small validation set cannot tell them apart.
+Without kinds (labelled anomalies of one kind) the first criterion is the objective (AUROC, then AP).
+Near-ties (:data:`TIE`) on the first criterion go to fewer members, then the higher objective, then the simpler
+rule (mean, max, weighted; larger weights first): a small validation set cannot tell them apart.
 
 Example:
     >>> tried = rank_options(rows, columns, standardised, val.metrics, max_members=3)
@@ -84,8 +85,10 @@ def rank_options(rows: list[dict[str, Any]], columns: dict[str, np.ndarray], sta
         if best_of_kind:
             m["shortfall"] = max(best - m["per_kind"][k] for k, best in best_of_kind.items())
         tried.append({**option, **m, "_order": order})
-    tried.sort(key=lambda t: (round(t.get("shortfall", 0.0) / tie), len(t["members"]),
-                              -round(t["objective"] / tie), _SIMPLICITY[t.get("combine", "mean")],
+    # first the shortfall where kinds are known, else the objective (labelled anomalies of one kind): near-ties on
+    # that first criterion only go to fewer members
+    tried.sort(key=lambda t: (round(t["shortfall"] / tie) if best_of_kind else -round(t["objective"] / tie),
+                              len(t["members"]), -round(t["objective"] / tie), _SIMPLICITY[t.get("combine", "mean")],
                               -sum(t.get("weights", [])), t["_order"]))
     for t in tried:
         t.pop("_order")
