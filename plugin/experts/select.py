@@ -6,7 +6,8 @@ dataset needs, with which layers and size, is found here by measuring, not guess
 
 1. every candidate is fitted on the known-good training samples and calibrated on its held-out normals, as
    :func:`~fiftyone_anomaly_vlm.fit_expert` does (a candidate that fails is listed with its error; one whose
-   estimated cost no longer fits the time budget is skipped and listed);
+   estimated cost no longer fits the time budget is skipped and listed; with ``group_by``, one expert per group,
+   as ``fit_expert(group_by=...)`` fits them, each validation image scored by its group's expert);
 2. each scores a validation set: the labelled anomalies and normals of ``val_view`` when it has some (AUROC,
    then AP), otherwise synthetic anomalies made from good images none of the candidates trained on: the
    validation images and the candidates' calibration hold-out (local and global kinds, small spots and
