@@ -135,6 +135,7 @@ def run(ds, name: str, train, test, val_good, val_labelled, kind_field: str, kin
     syn_s = time.perf_counter() - t
     sel = fav.selection_table(ds, "auto_syn")
     print(fav.format_selection(ds, "auto_syn"), flush=True)
+    print_options(sel)
     for r in sel["candidates"]:
         if r["status"] != "fitted":
             rows.append((f"{r['candidate']} (single)", {}, f"{r['status']}: {r.get('error')}"))
@@ -162,6 +163,7 @@ def run(ds, name: str, train, test, val_good, val_labelled, kind_field: str, kin
         lab_s = time.perf_counter() - t
         sel = fav.selection_table(ds, key)
         print(fav.format_selection(ds, key), flush=True)
+        print_options(sel)
         head = sel["head"]
         note = chosen_text(sel["chosen"]) + f"; head {'used' if head['used'] else 'off'}"
         if head.get("auroc") is not None:
@@ -173,12 +175,22 @@ def run(ds, name: str, train, test, val_good, val_labelled, kind_field: str, kin
     return rows
 
 
+def print_options(sel: dict, top: int = 10) -> None:
+    """The best options the selection ranked (its table keeps the first 10), with their per-kind AUROCs."""
+    for t in sel["ensembles"][:top]:
+        kinds = " ".join(f"{k} {v:.2f}" for k, v in (t.get("per_kind") or {}).items())
+        short = f"shortfall {t['shortfall']:.3f}, " if "shortfall" in t else ""
+        print(f"  option {chosen_text(t)}: {short}objective {t['objective']:.3f}; {kinds}", flush=True)
+
+
 def print_differences(rows, kinds) -> None:
     """Each auto-selected row minus the best single candidate on each kind, with a paired 95 % interval: the
     issue's target is "at least as good as the best single candidate on every kind"."""
     singles = [(name, m) for name, m, _ in rows if name.endswith("(single)") and m]
-    print("\n| auto-selected row | " + " | ".join(f"{k}: minus best single" for k in kinds) + " |")
-    print("|---|" + "---:|" * len(kinds))
+    today = next((m for name, m, _ in rows if name.startswith("today's best") and m), None)  # ELPV: the ensemble
+    print("\n| auto-selected row | " + " | ".join(f"{k}: minus best single" for k in kinds)
+          + (" | minus today's best |" if today else " |"))
+    print("|---|" + "---:|" * (len(kinds) + bool(today)))
     for name, m, _ in rows:
         if not (name.startswith("auto-selected") or "oracle" in name) or not m:
             continue
@@ -187,6 +199,9 @@ def print_differences(rows, kinds) -> None:
             best_name, best = max(singles, key=lambda nm: nm[1][kind])
             d, lo, hi = paired_difference(m, best, kind)
             cells.append(f"{d:+.3f} [{lo:+.2f}, {hi:+.2f}] vs {best_name.replace(' (single)', '')}")
+        if today:
+            d, lo, hi = paired_difference(m, today, kinds[0])
+            cells.append(f"{d:+.3f} [{lo:+.2f}, {hi:+.2f}]")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

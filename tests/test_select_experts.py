@@ -371,6 +371,9 @@ def _pick_after_label(driver, label: str, value: str) -> None:
     ActionChains(driver).move_to_element(box).click().perform()
     _wait(f"option {value!r}", lambda: next(
         (o for o in driver.find_elements(By.CSS_SELECTOR, "li[role=option]") if o.text == value), None), 20).click()
+    # the menu gone and the choice shown before the next input: an open menu's backdrop takes the next click
+    _wait(f"the dropdown closed on {value!r}", lambda: not driver.find_elements(By.CSS_SELECTOR, "li[role=option]")
+          and value in _text(driver), 20)
 
 
 def test_evidence_note_sizes_the_ranking_noise():
