@@ -27,6 +27,10 @@ budget (``--budget``); the chosen expert is scored on the test set afterwards.
 Usage:
     .venv/bin/python benchmarks/experts_select.py [--size 96] [--normal 120] [--per-defect 30] [--budget 900]
         [--no-elpv] [--device cpu] [--speck-px 10] [--speck-contrast 0.10 0.16] [--elpv-group-by cell_type.label]
+        [--synthetic-kinds local] [--no-labelled]
+
+``--synthetic-kinds local`` adds a row: the selection ranked on the local synthetic kinds only
+(``select_experts(synthetic_kinds=...)``, the user's knowledge that the line's defects are local).
 """
 
 from __future__ import annotations
@@ -150,11 +154,22 @@ def run(ds, name: str, train, test, val_good, val_labelled, kind_field: str, kin
     chosen = chosen_text(sel["chosen"])
     rows.append(("auto-selected, synthetic only", kind_aurocs(test, "auto_syn", kind_field, kinds),
                  f"{chosen}; candidate set {syn_s:.0f} s"))
-    t = time.perf_counter()
+    if args.synthetic_kinds:  # the user's product knowledge: rank on these synthetic kinds only
+        t = time.perf_counter()
+        fav.select_experts(train, val_good, candidates=candidates, key="auto_kinds", image_size=args.size_of[name],
+                           budget_s=args.budget, device=args.device, overwrite=True, group_by=args.group_of[name],
+                           synthetic_kinds=args.synthetic_kinds)
+        kinds_s = time.perf_counter() - t
+        sel = fav.selection_table(ds, "auto_kinds")
+        print(fav.format_selection(ds, "auto_kinds"), flush=True)
+        print_options(sel)
+        rows.append((f"auto-selected, synthetic only, synthetic_kinds={' '.join(args.synthetic_kinds)}",
+                     kind_aurocs(test, "auto_kinds", kind_field, kinds),
+                     f"{chosen_text(sel['chosen'])}; candidate set {kinds_s:.0f} s"))
     for label, key, by_kind in (("auto-selected, 10 labelled anomalies", "auto_lab", None),
                                 ("auto-selected, 10 labelled anomalies, kinds named", "auto_kind",
                                  kind_field if len(kinds) > 1 else None)):
-        if key == "auto_kind" and by_kind is None:
+        if key == "auto_kind" and by_kind is None or args.no_labelled:
             continue  # one kind of defect (ELPV): naming it changes nothing
         t = time.perf_counter()
         fav.select_experts(train, val_labelled, candidates=candidates, key=key, image_size=args.size_of[name],
@@ -278,6 +293,9 @@ def main() -> None:
     p.add_argument("--elpv-test", type=int, default=300)
     p.add_argument("--elpv-size", type=int, default=128)
     p.add_argument("--elpv-group-by", default=None, help="e.g. cell_type.label: candidates fitted one per cell type")
+    p.add_argument("--synthetic-kinds", nargs="+", default=None,
+                   help="also select on these synthetic kinds only (e.g. local): a row of its own")
+    p.add_argument("--no-labelled", action="store_true", help="skip the rows with 10 labelled anomalies")
     p.add_argument("--no-elpv", action="store_true")
     p.add_argument("--no-textures", action="store_true")
     p.add_argument("--device", default="cpu")

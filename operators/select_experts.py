@@ -34,6 +34,11 @@ class SelectExperts(foo.Operator):
         inputs.bool("synthetic", default=True, label="Allow synthetic anomalies",
                     description="Local (Perlin, cut-paste, small spot, thin scratch) and global (colour, blur, grain) "
                                 "kinds")
+        if ctx.params.get("synthetic", True):
+            dropdown(inputs, "synthetic_kinds", ["all", "local", "global"], "all", "Synthetic defects to rank on",
+                     description="local: your defects are small (cracks, specks, scratches), so no option has to "
+                                 "protect a whole-image change the line never sees; global: only whole-image changes "
+                                 "(colour, grain, focus)")
         inputs.str("candidates", required=False, label="Candidate models (comma-separated; empty: auto)",
                    description="auto: PaDiM at two sizes, PatchCore, DFM, DFKDE and two texture-statistics experts; "
                                "or anomalib model names (padim, patchcore, dfm, dfkde, ...) and texturestats")
@@ -61,7 +66,8 @@ class SelectExperts(foo.Operator):
             ctx.dataset.match_tags(tag) if tag else None, candidates=_names(p.get("candidates")) or "auto",
             key=p.get("key") or "auto_ens", gt_field=p.get("gt_field") or "ground_truth",
             kind_field=(p.get("kind_field") or "").strip() or None, group_by=p.get("group_by") or None,
-            synthetic=bool(p.get("synthetic", True)), image_size=int(p.get("image_size", 128)),
+            synthetic=bool(p.get("synthetic", True)), synthetic_kinds=p.get("synthetic_kinds") or "all",
+            image_size=int(p.get("image_size", 128)),
             budget_s=float(p.get("budget_s", 600.0)), pretrained=bool(p.get("pretrained", True)),
             device=p.get("device", "auto"), batch_size=int(p.get("batch_size", 8)),
             overwrite=bool(p.get("overwrite", False)),

@@ -30,13 +30,13 @@ from fiftyone_anomaly_vlm.experts.options import rank_options
 from fiftyone_anomaly_vlm.experts.record import member_calibration
 from fiftyone_anomaly_vlm.experts.validation import ValidationSet
 from fiftyone_anomaly_vlm.models.line_inference import score_scale
-from fiftyone_anomaly_vlm.experts.synthetic import KINDS, synthetic_anomalies
+from fiftyone_anomaly_vlm.experts.synthetic import KINDS, LOCAL_KINDS, synthetic_anomalies
 from fiftyone_anomaly_vlm.experts.selection_report import FEW_NORMALS, evidence_note
 from fiftyone_anomaly_vlm.images import DecodedImages
 from fiftyone_anomaly_vlm.metrics import auroc
 from fiftyone_anomaly_vlm.runs import expert_run_key, expert_state
 from test_panel_browser import (_input_after_label, _notification, _text, _thumbnails_drawn, _wait, browser,  # noqa: F401 - fixture
-                                fill_and_execute, open_operator_form, run_operator, save_png, served_app)
+                                fill_and_execute, open_operator_form, save_png, served_app)
 
 try:
     from selenium.webdriver.common.action_chains import ActionChains
@@ -318,13 +318,16 @@ def test_select_experts_from_the_app_shows_the_table(textures, browser):
     ds, driver = textures, browser
     with served_app(driver, ds.match_tags("good")):  # the App opened on the known-good samples: the target view
         _wait("the thumbnails drawn", lambda: _thumbnails_drawn(driver), 60)
-        run_operator(driver, "choose experts", "Anomaly: choose experts by evidence",
-                     texts={"Candidate models (comma-separated; empty: auto)": "texturestats", "Image size": str(SIZE),
-                            "Expert key": "app_sel"})
+        # the user's defects are local: ranked on the local synthetic kinds only, picked in the form
+        open_operator_form(driver, "choose experts", "Anomaly: choose experts by evidence")
+        _pick_after_label(driver, "Synthetic defects to rank on", "local")
+        fill_and_execute(driver, texts={"Candidate models (comma-separated; empty: auto)": "texturestats",
+                                        "Image size": str(SIZE), "Expert key": "app_sel"})
         _notification(driver, "Expert 'app_sel' chosen", timeout=420)
         ds.reload()
         sel = fav.selection_table(ds, "app_sel")
         assert sel["validation"] == "synthetic" and sel["candidates"][0]["candidate"] == f"texturestats_{SIZE}"
+        assert sel["synthetic_kinds"] == list(LOCAL_KINDS) and set(sel["candidates"][0]["per_kind"]) == set(LOCAL_KINDS)
         open_operator_form(driver, "choose experts", "Anomaly: choose experts by evidence")
         field = _input_after_label(driver, "Expert key")
         field.send_keys(Keys.CONTROL, "a")
@@ -332,6 +335,7 @@ def test_select_experts_from_the_app_shows_the_table(textures, browser):
         _wait("the candidate table in the form", lambda: "chosen texturestats_48 on synthetic anomalies"
               in _text(driver), 30)
         assert "Supervised head: not used (no labelled anomalies)" in _text(driver)
+        assert "of the kinds perlin, cutpaste, spot, scratch only" in _text(driver)
         assert "Note: few validation normals" in _text(driver)  # the small validation set, said where the user is
         n_cal = sel["num_calibration_normals"]  # the normals include the candidates' calibration hold-out, and say so
         assert n_cal > 0 and f"{n_cal} of them the candidates' calibration hold-out" in _text(driver)

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from .record import load_expert
+from .synthetic import KINDS
 
 #: fewer validation normals than this get a note (an AUROC on 10 normals and 10 anomalies of a kind is known to
 #: about +-0.23). More normals narrow that noise; they did not close the gap on faint specks in every run
@@ -44,7 +45,14 @@ def validated_text(sel: dict[str, Any]) -> str:
     """``"synthetic anomalies (70 anomalous, 10 normal)"``, with ``"; candidates fitted one per <field>"`` when they
     were (``group_by``)."""
     per = f"; candidates fitted one per {sel['group_by']}" if sel.get("group_by") else ""
-    return f"{sel['validation']} anomalies ({sel['num_anomalous']} anomalous, {normals_text(sel)}{per})"
+    made = sel.get("synthetic_kinds")  # records from before synthetic_kinds made every kind
+    only = f" of the kinds {', '.join(made)} only" if made and set(made) != set(KINDS) else ""
+    return f"{sel['validation']} anomalies{only} ({sel['num_anomalous']} anomalous, {normals_text(sel)}{per})"
+
+
+def families_text(m: dict[str, Any]) -> str:
+    """``"local 0.712 global 0.905"``: the mean AUROC of each synthetic family that was made (``""`` on labels)."""
+    return " ".join(f"{fam} {m[f'{fam}_auroc']:.3f}" for fam in ("local", "global") if f"{fam}_auroc" in m)
 
 
 def evidence_note(sel: dict[str, Any]) -> str | None:
@@ -77,15 +85,15 @@ def format_selection(samples, key: str) -> str:
             lines.append(f"  {r['candidate']:<22} {r['status']}: {r.get('error')}")
             continue
         parts = [f"AUROC {r['auroc']:.3f}"]
-        if "local_auroc" in r:
-            parts.append(f"local {r['local_auroc']:.3f} global {r['global_auroc']:.3f}")
+        if families_text(r):
+            parts.append(families_text(r))
         if r.get("per_kind"):
             parts.append("(" + " ".join(f"{kind} {v:.2f}" for kind, v in r["per_kind"].items()) + ")")
         if r.get("ap") is not None:
             parts.append(f"AP {r['ap']:.3f}")
         lines.append(f"  {r['candidate']:<22} " + ", ".join(parts) + f" (fit {r['fit_s']} s)")
     c = sel["chosen"]
-    families = f"local {c['local_auroc']:.3f} global {c['global_auroc']:.3f}: " if "local_auroc" in c else ""
+    families = f"{families_text(c)}: " if families_text(c) else ""
     kinds = ("; " + families + " ".join(f"{kind} {v:.2f}" for kind, v in c["per_kind"].items())
              if "per_kind" in c else "")
     short = f"shortfall {c['shortfall']:.3f} on its worst kind, " if "shortfall" in c else ""
@@ -122,7 +130,8 @@ def selection_markdown(samples, key: str) -> str | None:
             cells = ["", ""] if synthetic else [""]
             lines.append(f"| {r['candidate']} | {r['status']}: {r.get('error', '')} | | " + " | ".join(cells) + " | |")
             continue
-        cells = ([f"{r['local_auroc']:.3f}", f"{r['global_auroc']:.3f}"] if synthetic else [f"{r['ap']:.3f}"])
+        cells = ([f"{r[k]:.3f}" if k in r else "-" for k in ("local_auroc", "global_auroc")] if synthetic
+                 else [f"{r['ap']:.3f}"])  # "-": a family not synthesised (synthetic_kinds)
         lines.append(f"| {r['candidate']} | fitted | {r['auroc']:.3f} | " + " | ".join(cells) + f" | {r['fit_s']} |")
     h = sel["head"]
     lines += ["", f"Supervised head: {'used' if h['used'] else 'not used'} ({h['reason']})"

@@ -43,6 +43,26 @@ GENERATORS = {
 }
 
 
+def resolve_kinds(kinds: str | Sequence[str] | None = "all") -> tuple[str, ...]:
+    """The synthetic kinds named by ``kinds``: ``"all"`` (or None), ``"local"``, ``"global"``, or kind names and
+    these words mixed (``["local", "colour"]``), in :data:`KINDS` order.
+
+    Raises:
+        ValueError: an unknown name, or nothing named.
+    """
+    if kinds is None:
+        kinds = "all"
+    names = [kinds] if isinstance(kinds, str) else list(kinds)
+    groups = {"all": KINDS, "local": LOCAL_KINDS, "global": GLOBAL_KINDS}
+    unknown = [n for n in names if n not in groups and n not in KINDS]
+    if unknown or not names:
+        raise ValueError((f"unknown synthetic anomaly kind {', '.join(map(repr, unknown))}" if unknown else
+                          "synthetic_kinds names no kind") +
+                         f"; name 'all', 'local', 'global' or kinds among {', '.join(KINDS)}")
+    chosen = {k for n in names for k in groups.get(n, (n,))}
+    return tuple(k for k in KINDS if k in chosen)
+
+
 def family(kind: str) -> str:
     """``"local"`` or ``"global"``."""
     return "local" if kind in LOCAL_KINDS else "global"

@@ -67,10 +67,11 @@ class ValidationSet:
             return out
         normal = self.labels == 0
         per_kind = self._per_kind(scores, list(dict.fromkeys(k for k in self.kinds if k != "normal")))
-        local = float(np.mean([v for k, v in per_kind.items() if family(k) == "local"]))
-        glob = float(np.mean([v for k, v in per_kind.items() if family(k) == "global"]))
-        return {"auroc": auroc(scores, ~normal), "local_auroc": local, "global_auroc": glob,
-                "per_kind": per_kind, "objective": (local + glob) / 2}
+        # each family's mean AUROC, of the families synthesised (synthetic_kinds may leave one out)
+        families = {f"{fam}_auroc": float(np.mean([v for k, v in per_kind.items() if family(k) == fam]))
+                    for fam in ("local", "global") if any(family(k) == fam for k in per_kind)}
+        return {"auroc": auroc(scores, ~normal), **families, "per_kind": per_kind,
+                "objective": float(np.mean(list(families.values())))}
 
 
 def labels_of(view, gt_field: str, positive: str,
@@ -119,7 +120,7 @@ def _groups_of(view, ids: list[str], group_by: str | None) -> list | None:
 
 def validation_set(train_view, val_view, gt_field: str, positive: str, synthetic: bool, selection_share: float,
                     seed: int, size: int, kind_field: str | None = None, holdout: float | None = None,
-                    group_by: str | None = None) -> tuple[ValidationSet, Any]:
+                    group_by: str | None = None, synthetic_kinds: Sequence[str] = KINDS) -> tuple[ValidationSet, Any]:
     """The validation set and the view the candidates are fitted on (checks the bad inputs first).
 
     On synthetic anomalies, ``holdout`` (the candidates' calibration share) adds the good images the candidates
@@ -130,7 +131,8 @@ def validation_set(train_view, val_view, gt_field: str, positive: str, synthetic
 
     With ``group_by`` (candidates fitted one expert per group) each image carries its group value: a labelled
     sample whose group no training sample has fails here, before any fit; good images without a group value (no
-    expert can score them) are left out of the validation normals."""
+    expert can score them) are left out of the validation normals. ``synthetic_kinds``: the kinds made (one
+    anomaly of each per good image)."""
     train_ids, train_paths = train_view.values(["id", "filepath"])
     fitted = {str(v) for v in group_values(train_view, group_by)} if group_by else None
     if val_view is not None:
@@ -181,11 +183,12 @@ def validation_set(train_view, val_view, gt_field: str, positive: str, synthetic
     extra_ids, extra_paths, extra_groups = (calibration_normals(fit_view, holdout, seed, group_by) if holdout
                                             else ([], [], []))
     normals = decode_square(list(normal_paths) + extra_paths, size)
-    anomalies, kinds = synthetic_anomalies(normals, KINDS, seed=seed)  # len(KINDS) per good image, in its order
+    # one anomaly of each kind per good image, in its order
+    anomalies, kinds = synthetic_anomalies(normals, synthetic_kinds, seed=seed)
     labels = np.array([0] * len(normals) + [1] * len(anomalies))
     groups = None if normal_groups is None else list(normal_groups) + extra_groups
     return ValidationSet("synthetic", normals + anomalies, labels, ["normal"] * len(normals) + kinds,
                          list(normal_ids) + extra_ids, len(extra_ids),
-                         groups=None if groups is None else groups + [g for g in groups for _ in KINDS]), fit_view
+                         groups=None if groups is None else groups + [g for g in groups for _ in synthetic_kinds]), fit_view
 
 
