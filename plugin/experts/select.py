@@ -209,7 +209,8 @@ def select_experts(
             cutpaste, spot, scratch), ``"global"`` (colour, blur, grain) or a list of kind names and these words.
             Your product knowledge: when the defects you expect are all local (cracks, specks), ranking on the
             global kinds too asks every option to protect a kind the line never sees (on ELPV per cell type, the
-            blur kind alone kept the PaDiM + PatchCore mean from being chosen). Unused with labelled anomalies.
+            blur kind decided the choice; ranked on the local kinds only it stayed the same, README). Unused with
+            labelled anomalies.
         budget_s: wall-clock budget in seconds for fitting and scoring the candidates. Each candidate's cost is
             estimated from a timed forward pass of its backbone; one that would end past the budget is
             skipped and listed.
