@@ -9,22 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-import fiftyone as fo
-
 import fiftyone_anomaly_vlm as fav
-from fiftyone_anomaly_vlm.datasets import make_texture_dataset
 from fiftyone_anomaly_vlm.experts.synthetic import GLOBAL_KINDS, KINDS, LOCAL_KINDS, resolve_kinds
+from test_select_experts import SIZE, TEXTURE, textures  # noqa: F401 - the module's own copy of the fixture
 
-SIZE = 48
 COMMON = dict(image_size=SIZE, device="cpu", budget_s=3600, selection_share=0.4)
-TEXTURE = {"name": "texture", "model": "texturestats", "model_kwargs": {"layers": ["blocks.2", "blocks.4"]}}
-
-
-@pytest.fixture(scope="module")
-def textures():
-    ds = make_texture_dataset("fav-select-kinds", num_normal=24, num_per_defect=4, size=SIZE, seed=4)
-    yield ds
-    fo.delete_dataset(ds.name)
 
 
 def test_local_kinds_only_rank_the_options_and_are_recorded(textures):
