@@ -52,6 +52,7 @@ from fiftyone import ViewField as F  # noqa: E402
 
 import fiftyone_anomaly_vlm as fav  # noqa: E402
 from fiftyone_anomaly_vlm.datasets import TEXTURE_DEFECTS, TEXTURE_PARAMS, load_elpv, make_texture_dataset  # noqa: E402
+from fiftyone_anomaly_vlm.engine import field_key  # noqa: E402
 from fiftyone_anomaly_vlm.experts import load_expert  # noqa: E402
 from fiftyone_anomaly_vlm.experts.head import bootstrap_interval, rank_auroc  # noqa: E402
 from fiftyone_anomaly_vlm.experts.options import combined_scores, rank_options  # noqa: E402
@@ -65,8 +66,9 @@ def kind_aurocs(test, key: str, kind_field: str, kinds) -> dict[str, float]:
     """Image AUROC of ``key``'s scores per defect kind (normals vs that kind) and over all anomalies, with a 95 %
     bootstrap interval per kind (``<kind>_ci``): with a few dozen defects of a kind, differences smaller than
     that interval's half-width are noise."""
-    fav.score(test, expert=key, key=key, overwrite=True, progress=False)
-    scores, raw, labels, kinds_of = test.values([f"{key}_score", f"{key}_raw_score", "ground_truth.label", kind_field])
+    run = field_key(key)  # a candidate auto_syn__padim scores into auto_syn_padim (no "__" in field names)
+    fav.score(test, expert=key, key=run, overwrite=True, progress=False)
+    scores, raw, labels, kinds_of = test.values([f"{run}_score", f"{run}_raw_score", "ground_truth.label", kind_field])
     out = kind_stats(np.array(scores, dtype=float), np.array([lab == "normal" for lab in labels]), list(kinds_of),
                      kinds)
     out["_raw"] = np.array(raw, dtype=float)

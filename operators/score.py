@@ -6,6 +6,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fiftyone_anomaly_vlm import list_experts, score
+from fiftyone_anomaly_vlm.engine import field_key
 from fiftyone_anomaly_vlm.regions import check_min_area
 from fiftyone_anomaly_vlm.runs import EXPERT_METHODS, runs_of
 
@@ -37,11 +38,11 @@ class ScoreSamples(foo.Operator):
         prop = dropdown(inputs, "expert", experts, experts[0], "Expert", required=True)
         check_choice(prop, asked, experts, what=EXPERT, dataset=ctx.dataset)
         expert = ctx.params.get("expert") or experts[0]
-        key_prop = inputs.str("key", default=expert, required=True, label="Run key",
+        key_prop = inputs.str("key", default=field_key(expert), required=True, label="Run key",
                               description="Fields: <key>, <key>_score, <key>_map, <key>_mask, <key>_regions, "
                                           "<key>_num_regions, <key>_explanation, <key>_error")
         inputs.bool("overwrite", default=False, label="Score again samples already scored under this key")
-        key = ctx.params.get("key", expert)
+        key = ctx.params.get("key", field_key(expert))
         taken = runs_of(ctx.dataset, *EXPERT_METHODS)
         check_key(key_prop, key, taken, "Run")
         area_prop = inputs.float("min_region_area", default=0.0, label="Smallest defect region (share of the image)",
@@ -62,13 +63,13 @@ class ScoreSamples(foo.Operator):
         shard, shards = shard_params(p)
         if shard is None and shards > 1:  # queue one delegated operation per shard
             yield from report_queued(ctx, score(
-                ctx.target_view(), expert=p["expert"], key=p.get("key") or p["expert"], device=p.get("device", "auto"),
+                ctx.target_view(), expert=p["expert"], key=p.get("key") or field_key(p["expert"]), device=p.get("device", "auto"),
                 batch_size=int(p.get("batch_size", 16)), overwrite=bool(p.get("overwrite", False)),
                 min_region_area=p.get("min_region_area") or 0.0, shards=shards,
                 output_dir=p.get("output_dir") or None))
             return
         results = yield from run_with_progress(
-            ctx, "scoring", score, ctx.target_view(), expert=p["expert"], key=p.get("key") or p["expert"],
+            ctx, "scoring", score, ctx.target_view(), expert=p["expert"], key=p.get("key") or field_key(p["expert"]),
             device=p.get("device", "auto"), batch_size=int(p.get("batch_size", 16)),
             num_workers=None if ctx.delegated else 0, overwrite=bool(p.get("overwrite", False)),
             min_region_area=p.get("min_region_area") or 0.0, shard=shard, output_dir=p.get("output_dir") or None,

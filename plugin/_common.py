@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import fiftyone as fo
 from fiftyone.core.odm import DatasetSampleDocument, get_default_fields
@@ -37,6 +38,27 @@ def check_image_collection(samples, what: str) -> int:
 #: fields every FiftyOne sample (or frame) has, and names FiftyOne reserves for them: no run may write these
 BUILTIN_FIELDS = frozenset(set(get_default_fields(DatasetSampleDocument, include_private=True))
                            | {"id", "_id", "media_type", "frames", "frame_number"})
+
+
+def field_key(name: str) -> str:
+    """The run key whose fields an expert named ``name`` writes by default: runs of underscores collapsed
+    (``"auto__padim_128"`` -> ``"auto_padim_128"``; names without ``"__"`` unchanged). See :func:`check_field_key`."""
+    return re.sub(r"__+", "_", name)
+
+
+def check_field_key(key: str) -> str:
+    """A run key that names sample fields must not contain ``"__"``: FiftyOne cannot reload the samples of a
+    dataset with such a field (mongoengine reads ``"__"`` as a path separator), so ``sample.reload()``, and every
+    ``set_values`` while a ``Sample`` of the dataset is in memory, would fail with ``LookUpError`` from then on.
+
+    Raises:
+        ValueError: ``key`` contains ``"__"`` (the message names the key to use instead).
+    """
+    if "__" in key:
+        raise ValueError(f"run key {key!r} would name sample fields with '__', which FiftyOne cannot reload "
+                         f"(mongoengine reads '__' as a path: sample.reload() and set_values would fail from then "
+                         f"on); use {field_key(key)!r}")
+    return key
 
 
 def check_key(key: str) -> str:

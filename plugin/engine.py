@@ -45,7 +45,7 @@ from typing import Any, ClassVar, Iterable, Iterator
 import fiftyone as fo
 import fiftyone.core.utils as fou
 
-from ._common import check_key  # noqa: F401 - re-exported: the engine's key rule
+from ._common import check_field_key, check_key, field_key  # noqa: F401 - re-exported: the engine's key rules
 from .fields import FieldSpec
 from .leases import RunLease
 from .shards import (QueuedShards, check_shard, complete_shard, in_shard, queue_shards, set_shard, shard_ids,
@@ -196,7 +196,8 @@ def check_run_key(dataset, key: str, job: Job, overwrite: bool) -> None:
             raise ValueError(f"run {key!r} holds results of {job.describe_identity(recorded)}, not of "
                              f"{job.describe_identity(job.config())}; pass overwrite=True to replace them, or "
                              "choose another key")
-        return
+        return  # a run recorded before field keys were checked keeps its key
+    check_field_key(key)
     schema = dataset.get_field_schema()
     fschema = (dataset.get_frame_field_schema() or {}) if dataset._has_frame_fields() else {}
     clash = [s.path for s in job.fields if (fschema if s.frame else schema).get(s.name) is not None]

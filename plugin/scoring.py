@@ -34,7 +34,7 @@ import torch
 import fiftyone as fo
 import fiftyone.utils.image as foui
 
-from ._common import check_image_collection, check_key, default_output_dir
+from ._common import check_image_collection, check_key, default_output_dir, field_key
 from .engine import BatchOutput, Job, check_positive_int, queue_run_shards, run_job
 from .experts import Expert, load_expert
 from .fields import FieldNames
@@ -254,7 +254,8 @@ def score(
     Args:
         samples: a dataset or view of images.
         expert: the name given to :func:`fit_expert` (or the :class:`Expert` it returned).
-        key: run key and field prefix (default: the expert's name).
+        key: run key and field prefix (default: the expert's name, runs of underscores collapsed: expert
+            ``auto__padim_128`` scores into ``auto_padim_128``; FiftyOne cannot reload fields named with ``__``).
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda:0"``...
         batch_size: images per forward pass (and per database write).
         num_workers: image-decoding worker processes (default: up to 4, 0 decodes in this process).
@@ -290,7 +291,7 @@ def score(
     if num_workers is None:
         num_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
     spec = resolve_expert(samples, expert)
-    key = check_key(key or spec.key)
+    key = check_key(key or field_key(spec.key))  # no "__" in field names (a selection candidate, a group member)
     dataset = samples._root_dataset
     out_dir, owns_dir = output_folder(output_dir, default_output_dir(samples, "scores", key))
     if shards is not None:

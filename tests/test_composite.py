@@ -39,10 +39,10 @@ def test_grouped_expert_routes_each_sample_to_its_group(parts):
     for group in ("a", "b"):
         view = test.match(F("variant.label") == group)
         fav.score(view, expert=f"pv__{group}", device="cpu")
-        alone, combined = view.values(f"pv__{group}_raw_score"), view.values("pv_raw_score")
+        alone, combined = view.values(f"pv_{group}_raw_score"), view.values("pv_raw_score")  # no "__" in fields
         assert np.array_equal(np.argsort(alone, kind="stable"), np.argsort(combined, kind="stable"))
         # and its raw score is the member's calibrated score
-        np.testing.assert_allclose(combined, view.values(f"pv__{group}_score"), atol=1e-6)
+        np.testing.assert_allclose(combined, view.values(f"pv_{group}_score"), atol=1e-6)
     m = fav.image_metrics(test, "pv")
     assert 0.0 <= m["auroc"] <= 1.0
     heat = test.first()["pv_map"]

@@ -38,9 +38,6 @@ def stations():
         if i % 2:  # station b's camera sees everything darker
             img = np.asarray(Image.open(sample.filepath).convert("RGB"), dtype=np.float32)
             Image.fromarray((img * 0.45).astype(np.uint8)).save(sample.filepath)
-    # no Sample object may stay in memory: FiftyOne then reloads it on every set_values, and its mongoengine
-    # lookup cannot resolve field names with "__" (grp__texture_score, written when a candidate is scored)
-    del sample
     yield ds
     fo.delete_dataset(ds.name)
 
@@ -82,7 +79,7 @@ def test_each_validation_image_is_scored_by_its_groups_expert(selected):
         # what selection ranked = what scoring the same good images with the candidate gives (routed by station)
         normals = ds.select(val.normal_ids, ordered=True)
         fav.score(normals, expert=f"grp__{name}", progress=False)
-        scored = np.array(normals.values(f"grp__{name}_score"))
+        scored = np.array(normals.values(f"grp_{name}_score"))  # scored under the name without "__"
         np.testing.assert_allclose(SEEN["columns"][name][:n_normal], scored, rtol=1e-4, atol=1e-5)
     # routed to the other station's expert, a dark good image is far from normal: routing matters here (raw
     # distances: calibrated shares of a few held-out normals saturate near 1)

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._common import check_image_collection, default_output_dir
+from .._common import check_image_collection, default_output_dir, field_key
 from ..calibration import Calibration
 from ..images import ImageLoadError, load_image
 from ..models import line_inference
@@ -130,7 +130,8 @@ def _plan(dataset, spec: Expert, fmt: str) -> dict[str, Any]:
 def _current_calibration(dataset, spec: Expert, score_key: str | None) -> tuple[Calibration, str]:
     """The calibration whose thresholds go with the export, and where they come from."""
     runs = dataset.list_runs()
-    key = score_key or spec.key
+    # by default the expert's own scoring run: under its default key, or its name (runs recorded before field_key)
+    key = score_key or next((k for k in (field_key(spec.key), spec.key) if k in runs), spec.key)
     config = dataset.get_run_info(key).config if key in runs else None
     is_own = (config is not None and config.method == SCORE_METHOD and config.expert == spec.key
               and config.expert_fit_id == spec.options.get("fit_id") and bool(config.calibration))
