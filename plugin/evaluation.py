@@ -35,7 +35,7 @@ import numpy as np
 
 import fiftyone.core.runs as fors
 
-from ._common import check_image_collection, check_key
+from ._common import check_image_collection, check_key, field_key
 from .engine import record_run
 from .eval_samples import without_fit_samples
 from .fields import FieldNames, JudgeFieldNames
@@ -227,7 +227,7 @@ def evaluate(
         runs = [k for k in dataset.list_runs() if f"{k}_score" in schema]
         raise ValueError(f"no score field {score_field!r}: {key!r} is not a scoring run on this dataset "
                          f"(scoring runs: {runs})")
-    eval_key = check_key(eval_key or f"{key}_eval")
+    eval_key = check_key(eval_key or field_key(f"{key}_eval"))  # a run recorded under "a__b": "a_b_eval"
     _check_eval_key(dataset, eval_key, reserved=reserved)
 
     gt_kind = field_kind(dataset, gt_field, "ground-truth")

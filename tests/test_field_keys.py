@@ -43,5 +43,8 @@ def test_a_run_recorded_under_double_underscores_still_resumes_and_deletes(parts
         parts.rename_sample_field(field, field.replace("sel_padim", "sel__padim", 1))
     res = fav.score(parts, expert="sel__padim", key="sel__padim", **SCORE_KW)  # resumes: nothing left to do
     assert res.num_scored == 0 and res.num_skipped == len(parts)
+    fav.evaluate(parts, "sel__padim")  # its evaluation writes under sel_padim_eval
+    assert "sel_padim_eval" in parts.list_runs() and "sel_padim_eval" in parts.get_field_schema()
+    parts.delete_run("sel_padim_eval")
     parts.delete_run("sel__padim")
     assert not [f for f in parts.get_field_schema() if f.startswith("sel_")]
