@@ -35,7 +35,7 @@ from fiftyone_anomaly_vlm.experts.selection_report import FEW_NORMALS, evidence_
 from fiftyone_anomaly_vlm.images import DecodedImages
 from fiftyone_anomaly_vlm.metrics import auroc
 from fiftyone_anomaly_vlm.runs import expert_run_key, expert_state
-from test_panel_browser import (_input_after_label, _notification, _text, _thumbnails_drawn, _wait, browser,  # noqa: F401 - fixture
+from test_panel_browser import (_click, _input_after_label, _notification, _text, _thumbnails_drawn, _wait, browser,  # noqa: F401 - fixture
                                 fill_and_execute, open_operator_form, save_png, served_app)
 
 try:
@@ -341,6 +341,19 @@ def test_select_experts_from_the_app_shows_the_table(textures, browser):
         assert n_cal > 0 and f"{n_cal} of them the candidates' calibration hold-out" in _text(driver)
         save_png(driver, "app-select-experts-table")
         _close_form(driver)
+
+        # the chosen candidate scored on its own from the Score form: the run key offered is its name without "__"
+        # (FiftyOne cannot reload samples once a field is named with "__")
+        member, run = f"app_sel__texturestats_{SIZE}", f"app_sel_texturestats_{SIZE}"
+        open_operator_form(driver, "score samples", "Anomaly: score samples")
+        _pick_after_label(driver, "Expert", member)
+        _wait("the run key offered for it", lambda: _input_after_label(driver, "Run key").get_attribute("value") == run,
+              30)
+        _click(driver, "button", "Execute")
+        _notification(driver, f"flagged anomalous in '{run}'", timeout=240)
+        _click(driver, "button", "Done")
+        ds.reload()
+        assert ds.get_run_info(run).config.expert == member and not [f for f in ds.get_field_schema() if "__" in f]
 
         # labelled validation samples picked by tag, their defect kinds named in the form: ranked per kind; the
         # candidates fitted one per station, a field picked in the form
