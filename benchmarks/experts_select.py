@@ -131,17 +131,24 @@ def paired_difference(a: dict, b: dict, kind: str, reps: int = 1000) -> tuple[fl
     return rank_auroc(xa, y) - rank_auroc(xb, y), lo, hi
 
 
+def select(ds, name: str, train, val, key: str, args, candidates, **kwargs) -> tuple[dict, float]:
+    """``select_experts`` with the benchmark's arguments under ``key``; prints its table and best options, returns
+    (the selection table, seconds)."""
+    t = time.perf_counter()
+    fav.select_experts(train, val, candidates=candidates, key=key, image_size=args.size_of[name],
+                       budget_s=args.budget, device=args.device, overwrite=True, group_by=args.group_of[name],
+                       **kwargs)
+    seconds = time.perf_counter() - t
+    sel = fav.selection_table(ds, key)
+    print(fav.format_selection(ds, key), flush=True)
+    print_options(sel)
+    return sel, seconds
+
+
 def run(ds, name: str, train, test, val_good, val_labelled, kind_field: str, kinds, args, candidates,
         baseline: tuple[str, list[str]] | None = None) -> list[tuple[str, dict, str]]:
     rows, singles = [], {}
-    t = time.perf_counter()
-    fav.select_experts(train, val_good, candidates=candidates, key="auto_syn", image_size=args.size_of[name],
-                       budget_s=args.budget, device=args.device, keep_candidates=True, overwrite=True,
-                       group_by=args.group_of[name])
-    syn_s = time.perf_counter() - t
-    sel = fav.selection_table(ds, "auto_syn")
-    print(fav.format_selection(ds, "auto_syn"), flush=True)
-    print_options(sel)
+    sel, syn_s = select(ds, name, train, val_good, "auto_syn", args, candidates, keep_candidates=True)
     for r in sel["candidates"]:
         if r["status"] != "fitted":
             rows.append((f"{r['candidate']} (single)", {}, f"{r['status']}: {r.get('error')}"))
@@ -157,14 +164,8 @@ def run(ds, name: str, train, test, val_good, val_labelled, kind_field: str, kin
     rows.append(("auto-selected, synthetic only", kind_aurocs(test, "auto_syn", kind_field, kinds),
                  f"{chosen}; candidate set {syn_s:.0f} s"))
     if args.synthetic_kinds:  # the user's product knowledge: rank on these synthetic kinds only
-        t = time.perf_counter()
-        fav.select_experts(train, val_good, candidates=candidates, key="auto_kinds", image_size=args.size_of[name],
-                           budget_s=args.budget, device=args.device, overwrite=True, group_by=args.group_of[name],
-                           synthetic_kinds=args.synthetic_kinds)
-        kinds_s = time.perf_counter() - t
-        sel = fav.selection_table(ds, "auto_kinds")
-        print(fav.format_selection(ds, "auto_kinds"), flush=True)
-        print_options(sel)
+        sel, kinds_s = select(ds, name, train, val_good, "auto_kinds", args, candidates,
+                              synthetic_kinds=args.synthetic_kinds)
         rows.append((f"auto-selected, synthetic only, synthetic_kinds={' '.join(args.synthetic_kinds)}",
                      kind_aurocs(test, "auto_kinds", kind_field, kinds),
                      f"{chosen_text(sel['chosen'])}; candidate set {kinds_s:.0f} s"))
@@ -173,14 +174,7 @@ def run(ds, name: str, train, test, val_good, val_labelled, kind_field: str, kin
                                  kind_field if len(kinds) > 1 else None)):
         if key == "auto_kind" and by_kind is None or args.no_labelled:
             continue  # one kind of defect (ELPV): naming it changes nothing
-        t = time.perf_counter()
-        fav.select_experts(train, val_labelled, candidates=candidates, key=key, image_size=args.size_of[name],
-                           budget_s=args.budget, device=args.device, overwrite=True, kind_field=by_kind,
-                           group_by=args.group_of[name])
-        lab_s = time.perf_counter() - t
-        sel = fav.selection_table(ds, key)
-        print(fav.format_selection(ds, key), flush=True)
-        print_options(sel)
+        sel, lab_s = select(ds, name, train, val_labelled, key, args, candidates, kind_field=by_kind)
         head = sel["head"]
         note = chosen_text(sel["chosen"]) + f"; head {'used' if head['used'] else 'off'}"
         if head.get("auroc") is not None:

@@ -61,15 +61,16 @@ class ScoreSamples(foo.Operator):
     def execute(self, ctx):
         p = ctx.params
         shard, shards = shard_params(p)
+        key = p.get("key") or field_key(p["expert"])
         if shard is None and shards > 1:  # queue one delegated operation per shard
             yield from report_queued(ctx, score(
-                ctx.target_view(), expert=p["expert"], key=p.get("key") or field_key(p["expert"]), device=p.get("device", "auto"),
+                ctx.target_view(), expert=p["expert"], key=key, device=p.get("device", "auto"),
                 batch_size=int(p.get("batch_size", 16)), overwrite=bool(p.get("overwrite", False)),
                 min_region_area=p.get("min_region_area") or 0.0, shards=shards,
                 output_dir=p.get("output_dir") or None))
             return
         results = yield from run_with_progress(
-            ctx, "scoring", score, ctx.target_view(), expert=p["expert"], key=p.get("key") or field_key(p["expert"]),
+            ctx, "scoring", score, ctx.target_view(), expert=p["expert"], key=key,
             device=p.get("device", "auto"), batch_size=int(p.get("batch_size", 16)),
             num_workers=None if ctx.delegated else 0, overwrite=bool(p.get("overwrite", False)),
             min_region_area=p.get("min_region_area") or 0.0, shard=shard, output_dir=p.get("output_dir") or None,

@@ -72,7 +72,7 @@ _COST = {"patchcore": 2.5, "dfkde": 1.2}
 _FIXED_S = 3.0
 
 
-def _families_text(kinds: Sequence[str]) -> str:
+def _objective_text(kinds: Sequence[str]) -> str:
     """How a synthetic option's objective is made, naming the kinds of each family that were synthesised."""
     families = [f"{fam} ({', '.join(k for k in kinds if k in of)})" for fam, of in
                 (("local", LOCAL_KINDS), ("global", GLOBAL_KINDS)) if set(kinds) & set(of)]
@@ -362,7 +362,7 @@ def select_experts(
                       f"smallest shortfall on the worst kind of {kind_field!r} against the best single candidate on "
                       "that kind, then AUROC on labelled anomalies" if val.mode == "labelled" else
                       "smallest shortfall on the worst synthetic kind against the best single candidate on that "
-                      "kind, then " + _families_text(made_kinds)),
+                      "kind, then " + _objective_text(made_kinds)),
         "candidates": rows, "ensembles": tried[:10], "num_options": len(tried), "chosen": chosen, "head": head_info,
         "budget_s": float(budget_s), "elapsed_s": round(time.perf_counter() - started, 1), "device": str(dev),
     }
